@@ -1,0 +1,137 @@
+"""The coordinator's gRPC clients of the participant agents (``ParticipantPort`` over gRPC).
+
+One persistent HTTP/2 channel per agent. Calls fail fast when an agent is down (the engine decides
+what a failure means: abort before the decision, retry after it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from coordinator.api import twopc_pb2 as pb
+from coordinator.api import twopc_pb2_grpc as pb_grpc
+from coordinator.engine.ports import (
+    CommitReply,
+    Presence,
+    Results,
+    Statements,
+    Vote,
+    VoteReply,
+)
+from coordinator.errors import InvalidArgument
+from coordinator.serving import channel
+from coordinator.status import error_from_rpc
+
+_VOTES = {
+    pb.VOTE_PREPARED: Vote.PREPARED,
+    pb.VOTE_READ_ONLY: Vote.READ_ONLY,
+    pb.VOTE_ABORT: Vote.ABORT,
+    pb.VOTE_ALREADY_COMMITTED: Vote.ALREADY_COMMITTED,
+}
+_PRESENCE = {
+    pb.BRANCH_STATE_UNKNOWN: Presence.UNKNOWN,
+    pb.BRANCH_STATE_ACTIVE: Presence.ACTIVE,
+    pb.BRANCH_STATE_PREPARED: Presence.PREPARED,
+    pb.BRANCH_STATE_COMMITTED: Presence.COMMITTED,
+    pb.BRANCH_STATE_ROLLED_BACK: Presence.ROLLED_BACK,
+}
+_MIN_TIMEOUT_S = 0.001
+
+
+class AgentClients:
+    def __init__(self, addresses: Mapping[str, str]) -> None:
+        if not addresses:
+            raise InvalidArgument(
+                "no participants configured: set participants = { name = address }"
+            )
+        self._names = tuple(sorted(addresses))
+        self._channels: dict[str, aio.Channel] = {n: channel(a) for n, a in addresses.items()}
+        self._stubs = {n: pb_grpc.ParticipantStub(c) for n, c in self._channels.items()}
+
+    def names(self) -> Sequence[str]:
+        return self._names
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close(grace=None)
+
+    async def execute(
+        self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float
+    ) -> Results:
+        request = pb.BranchExecuteRequest(
+            txid=txid,
+            participant=participant,
+            statements=statements,  # type: ignore[arg-type]
+            sequence=sequence,
+            timeout_ms=_ms(timeout),
+        )
+        reply = await self._call(self._stubs[participant].Execute, request, timeout)
+        return list(reply.results)
+
+    async def prepare(
+        self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float
+    ) -> VoteReply:
+        request = pb.PrepareRequest(
+            txid=txid,
+            participant=participant,
+            statements=statements,  # type: ignore[arg-type]
+            sequence=sequence,
+            timeout_ms=_ms(timeout),
+        )
+        reply = await self._call(self._stubs[participant].Prepare, request, timeout)
+        return VoteReply(
+            _VOTES.get(reply.vote, Vote.ABORT), reply.reason, reply.mysql_errno, list(reply.results)
+        )
+
+    async def commit(
+        self,
+        participant: str,
+        txid: str,
+        *,
+        one_phase: bool,
+        statements: Statements = (),
+        sequence: int = 0,
+        timeout: float,
+    ) -> CommitReply:
+        request = pb.BranchCommitRequest(
+            txid=txid,
+            participant=participant,
+            one_phase=one_phase,
+            statements=statements,  # type: ignore[arg-type]
+            sequence=sequence,
+            timeout_ms=_ms(timeout),
+        )
+        reply = await self._call(self._stubs[participant].Commit, request, timeout)
+        return CommitReply(list(reply.results), reply.already_committed)
+
+    async def rollback(self, participant: str, txid: str, timeout: float) -> bool:
+        request = pb.BranchRollbackRequest(txid=txid, participant=participant)
+        reply = await self._call(self._stubs[participant].Rollback, request, timeout)
+        return bool(reply.already_rolled_back)
+
+    async def recover(self, participant: str, txid_prefix: str, timeout: float) -> list[str]:
+        request = pb.RecoverRequest(txid_prefix=txid_prefix)
+        reply = await self._call(self._stubs[participant].Recover, request, timeout)
+        return [b.txid for b in reply.branches]
+
+    async def inspect(
+        self, participant: str, txids: Sequence[str], timeout: float
+    ) -> dict[str, Presence]:
+        request = pb.InspectRequest(txids=list(txids))
+        reply = await self._call(self._stubs[participant].Inspect, request, timeout)
+        return {b.txid: _PRESENCE.get(b.state, Presence.UNKNOWN) for b in reply.branches}
+
+    @staticmethod
+    async def _call(method: Any, request: Any, timeout: float) -> Any:
+        try:
+            return await method(request, timeout=max(timeout, _MIN_TIMEOUT_S))
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)

@@ -1,0 +1,61 @@
+"""The coordinator's configuration: one frozen value, loaded once at start (file, then TWOPC_*)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from coordinator.engine.manager import EngineSettings
+from coordinator.settings import load_settings
+from coordinator.txid import check_coordinator_id, check_participant_name
+
+ENV_PREFIX = "TWOPC_COORDINATOR_"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Settings of one coordinator.
+
+    ``participants`` maps each participant (region) name to its agent's address, host:port.
+    """
+
+    coordinator_id: str = "c1"
+    listen: str = "127.0.0.1:7100"
+    data_dir: Path = Path("twopc-coordinator")
+    participants: Mapping[str, str] = field(default_factory=dict)
+    default_timeout_ms: int = 10_000
+    max_timeout_ms: int = 300_000
+    max_active: int = 10_000
+    rpc_timeout_s: float = 10.0
+    recovery_interval_s: float = 2.0
+    reaper_interval_s: float = 0.2
+    phase2_attempts: int = 8
+    finished_memory: int = 100_000
+    log_max_bytes: int = 64 * 1024 * 1024
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        check_coordinator_id(self.coordinator_id)
+        for name in self.participants:
+            check_participant_name(name)
+        object.__setattr__(self, "participants", MappingProxyType(dict(self.participants)))
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(
+            coordinator_id=self.coordinator_id,
+            default_timeout_ms=self.default_timeout_ms,
+            max_timeout_ms=self.max_timeout_ms,
+            max_active=self.max_active,
+            rpc_timeout_s=self.rpc_timeout_s,
+            phase2_attempts=self.phase2_attempts,
+            finished_memory=self.finished_memory,
+        )
+
+
+def load_coordinator_config(
+    path: Path | None, environ: Mapping[str, str] = os.environ
+) -> CoordinatorConfig:
+    return load_settings(CoordinatorConfig, path, environ, ENV_PREFIX)

@@ -1,0 +1,98 @@
+"""``twopc coordinator``: the coordinator daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+
+from coordinator.agents import AgentClients
+from coordinator.api import twopc_pb2_grpc as pb_grpc
+from coordinator.config import CoordinatorConfig, load_coordinator_config
+from coordinator.decision_log import DecisionLogCorrupted
+from coordinator.decision_log.file_log import FileDecisionLog
+from coordinator.engine.manager import TransactionManager
+from coordinator.engine.recovery import Recovery
+from coordinator.errors import InvalidArgument
+from coordinator.failpoints import Failpoints
+from coordinator.logs import configure_logging
+from coordinator.servicer import CoordinatorServicer
+from coordinator.serving import listen, new_server, wait_for_stop_signal
+
+log = structlog.get_logger("twopc.coordinator")
+
+
+def _die(err: BaseException) -> None:
+    """The decision log cannot tell what is durable any more: stop now, so that the restart
+    learns from the log which decisions survived (continuing could contradict one)."""
+    log.critical("stopping_after_log_failure", error=str(err))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def serve(config: CoordinatorConfig, environ: Mapping[str, str]) -> None:
+    failpoints = Failpoints.from_env(environ)
+    agents = AgentClients(config.participants)
+    decision_log = FileDecisionLog(config.data_dir, max_bytes=config.log_max_bytes)
+    manager = TransactionManager(
+        config.engine_settings(),
+        agents,
+        decision_log,
+        failpoints=failpoints,
+        on_fatal=_die,
+    )
+    await manager.start()
+    server = new_server()
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(manager), server)
+    port = listen(server, config.listen)
+    await server.start()
+    log.info(
+        "coordinator_listening",
+        address=config.listen,
+        port=port,
+        participants=dict(config.participants),
+    )
+    recovery = Recovery(manager, rpc_timeout=config.rpc_timeout_s, failpoints=failpoints)
+    tasks = [
+        asyncio.create_task(recovery.run_forever(config.recovery_interval_s)),
+        asyncio.create_task(_reap_forever(manager, config.reaper_interval_s)),
+    ]
+    try:
+        sig = await wait_for_stop_signal()
+        log.info("coordinator_stopping", signal=sig.name)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await server.stop(grace=5)
+        await manager.close()
+        await agents.close()
+
+
+async def _reap_forever(manager: TransactionManager, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await manager.reap_expired()
+        except Exception:
+            log.exception("reaper_failed")
+
+
+def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> int:
+    try:
+        config = load_coordinator_config(config_path, environ)
+    except (InvalidArgument, ValueError) as err:
+        print(f"twopc coordinator: {err}")
+        return 2
+    configure_logging(config.log_level, component=f"coordinator:{config.coordinator_id}")
+    try:
+        asyncio.run(serve(config, environ))
+    except DecisionLogCorrupted as err:
+        log.critical("decision_log_corrupted", error=err.message)
+        return 3
+    except OSError as err:
+        log.critical("coordinator_cannot_start", error=str(err))
+        return 2
+    return 0

@@ -1,0 +1,85 @@
+"""The decision log: durable record of every commit decision (presumed abort).
+
+Only COMMIT decisions are forced to disk, before the first XA COMMIT is sent (invariant I4). END
+records, written after every branch acknowledged, are not forced; they let the log forget a
+transaction. The interface is small so that a replicated backend can replace the file later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from coordinator.errors import Internal, ResourceExhausted
+
+__all__ = [
+    "CommitRecord",
+    "DecisionLog",
+    "DecisionLogCorrupted",
+    "DecisionLogFailed",
+    "DecisionLogFull",
+    "Replay",
+]
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """A COMMIT decision: the transaction and the participants whose branches must commit."""
+
+    txid: str
+    participants: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What the log holds when opened.
+
+    Attributes:
+        open_commits: COMMIT records without an END record, in log order: phase 2 must be re-driven.
+        ended: txids whose COMMIT and END records are both still in the log (committed everywhere).
+        torn_bytes: bytes of a torn last write that were cut from the end of the log (0 if none).
+    """
+
+    open_commits: list[CommitRecord] = field(default_factory=list)
+    ended: set[str] = field(default_factory=set)
+    torn_bytes: int = 0
+
+
+class DecisionLogFull(ResourceExhausted):
+    """A decision could not be written (no space, write error); nothing of it is in the log."""
+
+
+class DecisionLogFailed(Internal):
+    """The log can no longer tell what is durable (fsync failed). The process must stop: its
+    restart reads the log to learn which decisions survived."""
+
+
+class DecisionLogCorrupted(Internal):
+    """A record in the middle of the log fails its checksum: the log is refused, not truncated."""
+
+
+class DecisionLog(Protocol):
+    async def open(self) -> Replay:
+        """Reads the log, cuts a torn tail, and makes the log ready for appends."""
+        ...
+
+    async def record_commit(self, record: CommitRecord) -> None:
+        """Returns once the record is durable. Many concurrent calls share one fsync.
+
+        Raises:
+            DecisionLogFull: the record is not in the log; the transaction must abort.
+            DecisionLogFailed: durability unknown; the caller must stop the process.
+        """
+        ...
+
+    async def record_end(self, txid: str) -> None:
+        """Notes that every branch of ``txid`` committed. Not forced to disk."""
+        ...
+
+    def open_commits(self) -> list[CommitRecord]:
+        """COMMIT records without END, as the log knows them now."""
+        ...
+
+    async def close(self) -> None:
+        """Writes what is buffered, syncs, and closes."""
+        ...

@@ -1,0 +1,786 @@
+"""The transaction manager: presumed-abort two-phase commit over participant agents.
+
+One asyncio task at a time touches a transaction's state (the event loop is single-threaded, and
+every check-then-move below happens without an ``await`` in between). ``Transaction.lock``
+serialises a client's calls on one transaction (a retried Execute waits for the first); Rollback and
+the deadline reaper do not take it, so they can stop a statement that hangs.
+
+The rules that make it correct (PROTOCOL.md):
+- The decision is COMMIT only if every branch voted PREPARED or READ_ONLY before the deadline.
+- A COMMIT decision of a transaction with more than one participant is durable in the decision log
+  before the first XA COMMIT is sent; phase 2 is retried until every branch acknowledged, then END.
+- Nothing is rolled back that has a COMMIT record; everything without one may be.
+- A transaction stays in the live table until its fate is sealed, so recovery never touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from coordinator.decision_log import (
+    CommitRecord,
+    DecisionLog,
+    DecisionLogFailed,
+    DecisionLogFull,
+)
+from coordinator.engine.ports import (
+    CommitReply,
+    ParticipantPort,
+    Presence,
+    Results,
+    Statements,
+    Vote,
+    VoteReply,
+)
+from coordinator.engine.states import Outcome, TxState, check_transition, outcome_of
+from coordinator.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StatementFailed,
+    TransactionAborted,
+    TwopcError,
+    Unavailable,
+    is_transport_failure,
+)
+from coordinator.failpoints import Failpoints
+from coordinator.txid import new_txid, parse_txid, txid_for_request, txid_prefix
+
+log = structlog.get_logger("twopc.coordinator")
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    def wall_ms(self) -> int: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wall_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    coordinator_id: str
+    default_timeout_ms: int = 10_000
+    max_timeout_ms: int = 300_000
+    max_active: int = 10_000
+    rpc_timeout_s: float = 10.0
+    phase2_attempts: int = 8
+    phase2_backoff_s: float = 0.05
+    finished_memory: int = 100_000
+
+
+@dataclass
+class Transaction:
+    txid: str
+    deadline: float
+    timeout_ms: int
+    request_id: str = ""
+    state: TxState = TxState.ACTIVE
+    participants: list[str] = field(default_factory=list)
+    # Participants whose branch needs no rollback: voted READ_ONLY or ABORT, or rolled back.
+    settled_branches: set[str] = field(default_factory=set)
+    prepared: tuple[str, ...] = ()
+    abort_reason: str = ""
+    abort_errno: int = 0
+    abort_requested: bool = False
+    results: dict[str, Results] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    decided: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def move_to(self, target: TxState) -> None:
+        check_transition(self.txid, self.state, target)
+        self.state = target
+        if target in (TxState.COMMITTING, TxState.ABORTING) or target.final:
+            self.decided.set()
+        if target.final:
+            self.done.set()
+
+    def touch(self, participant: str) -> None:
+        if participant not in self.participants:
+            self.participants.append(participant)
+
+
+@dataclass(frozen=True)
+class TransactionView:
+    """What GetTransaction answers."""
+
+    txid: str
+    state: TxState
+    participants: tuple[str, ...] = ()
+    abort_reason: str = ""
+    presumed: bool = False
+
+    @property
+    def outcome(self) -> Outcome:
+        return outcome_of(self.state)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    txid: str
+    state: TxState
+    results: dict[str, Results]
+
+
+FatalHandler = Callable[[BaseException], None]
+
+
+class TransactionManager:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        participants: ParticipantPort,
+        decision_log: DecisionLog,
+        *,
+        clock: Clock | None = None,
+        failpoints: Failpoints | None = None,
+        on_fatal: FatalHandler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.coordinator_id = settings.coordinator_id
+        self._ports = participants
+        self._log = decision_log
+        self._clock: Clock = clock or SystemClock()
+        self._failpoints = failpoints or Failpoints()
+        self._on_fatal = on_fatal
+        self._live: dict[str, Transaction] = {}
+        self._finished: OrderedDict[str, TransactionView] = OrderedDict()
+        self._open_commits: dict[str, CommitRecord] = {}
+        self._phase2_running: set[str] = set()
+        self._recovering: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        replay = await self._log.open()
+        if replay.torn_bytes:
+            log.warning("decision_log_torn_tail_cut", bytes=replay.torn_bytes)
+        for record in replay.open_commits:
+            self._open_commits[record.txid] = record
+        for txid in replay.ended:
+            self._remember(TransactionView(txid, TxState.COMMITTED))
+        log.info(
+            "coordinator_started",
+            coordinator_id=self.coordinator_id,
+            open_commits=len(self._open_commits),
+        )
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._log.close()
+
+    # --- client operations -------------------------------------------------------------------
+
+    def begin(self, timeout_ms: int, request_id: str = "") -> Transaction:
+        """A new transaction, or the one that ``request_id`` named already."""
+        if request_id:
+            txid = txid_for_request(self.coordinator_id, request_id)
+            existing = self._live.get(txid)
+            if existing is not None:
+                return existing
+            if txid in self._recovering:
+                raise Unavailable(
+                    f"an earlier attempt of request {request_id} is being recovered; retry",
+                    txid=txid,
+                )
+            if txid in self._finished or txid in self._open_commits:
+                raise FailedPrecondition(
+                    f"request {request_id} already ran as transaction {txid}, which has "
+                    f"finished ({self.view(txid).state.value}); use a new request id",
+                    txid=txid,
+                )
+        else:
+            txid = new_txid(self.coordinator_id, self._clock.wall_ms())
+        if timeout_ms < 0 or timeout_ms > self.settings.max_timeout_ms:
+            raise InvalidArgument(
+                f"timeout_ms must be between 0 and {self.settings.max_timeout_ms}, got {timeout_ms}"
+            )
+        if len(self._live) >= self.settings.max_active:
+            raise ResourceExhausted(
+                f"the coordinator runs {len(self._live)} transactions, its max_active; retry later"
+            )
+        timeout_ms = timeout_ms or self.settings.default_timeout_ms
+        tx = Transaction(
+            txid=txid,
+            deadline=self._clock.monotonic() + timeout_ms / 1000,
+            timeout_ms=timeout_ms,
+            request_id=request_id,
+        )
+        self._live[txid] = tx
+        log.debug("transaction_begun", txid=txid)
+        self._failpoints.hit("coordinator.after_begin")
+        return tx
+
+    async def execute(
+        self, txid: str, participant: str, statements: Statements, sequence: int
+    ) -> Results:
+        tx = self._live_transaction(txid)
+        self._check_participant(participant)
+        if sequence < 1:
+            raise InvalidArgument("Execute sequence numbers start at 1", txid=txid)
+        if not statements:
+            raise InvalidArgument("Execute needs at least one statement", txid=txid)
+        async with tx.lock:
+            self._require_active(tx)
+            remaining = self._remaining(tx)
+            if remaining <= 0:
+                await self._abort(tx, "the transaction's deadline passed")
+                self._require_active(tx)
+            try:
+                results = await self._ports.execute(
+                    participant, txid, statements, sequence, remaining
+                )
+            except (InvalidArgument, FailedPrecondition, NotFound):
+                raise  # refused before anything ran: the transaction is as it was
+            except TwopcError as err:
+                tx.touch(participant)
+                if isinstance(err, TransactionAborted) or not is_transport_failure(err):
+                    tx.settled_branches.add(participant)  # the agent rolled its branch back
+                await self._abort(tx, f"participant {participant}: {err.message}", err.mysql_errno)
+                cls = StatementFailed if err.mysql_errno else TransactionAborted
+                raise cls(tx.abort_reason, txid=txid, mysql_errno=err.mysql_errno) from err
+            tx.touch(participant)
+            if tx.state is not TxState.ACTIVE:
+                # Rolled back while the statement ran: the branch may have started after the
+                # rollback reached the agent, so roll it back again.
+                self._spawn(self._rollback_quietly(participant, txid))
+                self._require_active(tx)
+            self._failpoints.hit("coordinator.after_execute")
+            return results
+
+    async def commit(self, txid: str, *, wait_for_phase2: bool) -> TxState:
+        tx = self._live.get(txid)
+        if tx is None:
+            return self._settled_state(await self.lookup(txid))
+        async with tx.lock:
+            if tx.state is TxState.ACTIVE:
+                await self._shielded(self._decide(tx, work=None))
+        return await self._answer(tx, wait_for_phase2)
+
+    async def rollback(self, txid: str) -> TxState:
+        tx = self._live.get(txid)
+        if tx is None:
+            view = await self.lookup(txid)
+            if view.outcome is Outcome.COMMITTED:
+                raise FailedPrecondition(
+                    f"transaction {txid} committed; it cannot roll back", txid=txid
+                )
+            self._settled_state(view)  # raises while the outcome is not known
+            return TxState.ABORTED
+        if tx.state is TxState.ACTIVE:
+            await self._shielded(self._abort(tx, "rolled back by the client"))
+        elif tx.state is TxState.PREPARING:
+            tx.abort_requested = True
+        await tx.decided.wait()
+        if outcome_of(tx.state) is Outcome.COMMITTED:
+            raise FailedPrecondition(
+                f"transaction {txid} committed; it cannot roll back", txid=txid
+            )
+        return TxState.ABORTED
+
+    async def run(
+        self,
+        work: Sequence[tuple[str, Statements]],
+        *,
+        timeout_ms: int,
+        request_id: str = "",
+        wait_for_phase2: bool = False,
+    ) -> RunOutcome:
+        """A one-shot transaction: every participant's statements and the commit together."""
+        names = [participant for participant, _ in work]
+        if not work:
+            raise InvalidArgument("RunTransaction needs statements for at least one participant")
+        if len(set(names)) != len(names):
+            raise InvalidArgument("each participant may appear once in RunTransaction")
+        for participant, statements in work:
+            self._check_participant(participant)
+            if not statements:
+                raise InvalidArgument(f"no statements for participant {participant}")
+        if request_id:
+            txid = txid_for_request(self.coordinator_id, request_id)
+            if txid not in self._live and (txid in self._finished or txid in self._open_commits):
+                view = self.view(txid)
+                if view.outcome is Outcome.ABORTED:
+                    raise TransactionAborted(view.abort_reason or "aborted", txid=txid)
+                return RunOutcome(txid, view.state, {})
+        tx = self.begin(timeout_ms, request_id)
+        async with tx.lock:
+            if tx.state is TxState.ACTIVE:
+                for participant in names:
+                    tx.touch(participant)
+                await self._shielded(self._decide(tx, work=dict(work)))
+        state = await self._answer(tx, wait_for_phase2)
+        return RunOutcome(tx.txid, state, dict(tx.results))
+
+    def view(self, txid: str) -> TransactionView:
+        """What this coordinator knows of a transaction without asking the agents."""
+        tx = self._live.get(txid)
+        if tx is not None:
+            return TransactionView(tx.txid, tx.state, tuple(tx.participants), tx.abort_reason)
+        if txid in self._open_commits:
+            return TransactionView(txid, TxState.COMMITTING, self._open_commits[txid].participants)
+        known = self._finished.get(txid)
+        if known is not None:
+            return known
+        return TransactionView(txid, TxState.ABORTED, presumed=True)
+
+    async def lookup(self, txid: str) -> TransactionView:
+        """GetTransaction: memory and the decision log first, then the participants' markers."""
+        parsed = parse_txid(txid)
+        if parsed.coordinator_id != self.coordinator_id:
+            raise NotFound(
+                f"transaction {txid} belongs to coordinator {parsed.coordinator_id!r}, "
+                f"not to this one ({self.coordinator_id!r})",
+                txid=txid,
+            )
+        view = self.view(txid)
+        if not view.presumed:
+            return view
+        return await self._lookup_on_participants(txid)
+
+    def request_txid(self, request_id: str) -> str:
+        return txid_for_request(self.coordinator_id, request_id)
+
+    # --- the decision ------------------------------------------------------------------------
+
+    async def _decide(self, tx: Transaction, work: dict[str, Statements] | None) -> None:
+        """Phase 1 and the decision. ``work`` carries one-shot statements per participant."""
+        if not tx.participants:
+            tx.move_to(TxState.COMMITTED)
+            self._retire(tx)
+            return
+        if self._remaining(tx) <= 0:
+            await self._abort(tx, "the transaction's deadline passed before commit")
+            return
+        tx.move_to(TxState.PREPARING)
+        if len(tx.participants) == 1:
+            await self._commit_one_phase(tx, (work or {}).get(tx.participants[0], ()))
+            return
+        votes = await asyncio.gather(
+            *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
+        )
+        self._failpoints.hit("coordinator.before_commit_record")
+        prepared = []
+        refusal: VoteReply | None = None
+        for participant, reply in zip(tx.participants, votes, strict=True):
+            if reply.results:
+                tx.results[participant] = reply.results
+            if reply.vote is Vote.PREPARED:
+                prepared.append(participant)
+            elif reply.vote in (Vote.READ_ONLY, Vote.ABORT, Vote.ALREADY_COMMITTED):
+                tx.settled_branches.add(participant)
+            if reply.vote in (Vote.ABORT, Vote.ALREADY_COMMITTED) and (
+                refusal is None or refusal.vote is Vote.ABORT
+            ):
+                refusal = reply
+        if refusal is not None and refusal.vote is Vote.ALREADY_COMMITTED:
+            # A retried request whose first attempt committed: undo this attempt, report COMMITTED.
+            await self._abort(tx, "duplicate of a committed request", seal=TxState.COMMITTED)
+            return
+        if refusal is not None or tx.abort_requested:
+            reason = refusal.reason if refusal is not None else "rolled back by the client"
+            await self._abort(tx, reason, refusal.mysql_errno if refusal is not None else 0)
+            return
+        if not prepared:
+            tx.move_to(TxState.COMMITTED)  # every branch read-only: nothing to commit
+            self._retire(tx)
+            return
+        tx.prepared = tuple(prepared)
+        record = CommitRecord(tx.txid, tx.prepared)
+        try:
+            await self._log.record_commit(record)
+        except DecisionLogFull as err:
+            await self._abort(tx, f"the decision log could not be written: {err.message}")
+            return
+        except DecisionLogFailed as err:
+            self._fatal(err)
+            raise
+        self._open_commits[tx.txid] = record
+        tx.move_to(TxState.COMMITTING)
+        log.debug("commit_decided", txid=tx.txid, participants=list(tx.prepared))
+        self._failpoints.hit("coordinator.after_commit_record")
+        self._phase2_running.add(tx.txid)
+        self._spawn(self._phase2(tx, record))
+
+    async def _prepare_one(
+        self, tx: Transaction, participant: str, statements: Statements
+    ) -> VoteReply:
+        remaining = self._remaining(tx)
+        if remaining <= 0:
+            return VoteReply(Vote.ABORT, "the transaction's deadline passed before prepare")
+        try:
+            reply = await self._ports.prepare(
+                participant, tx.txid, statements, 1 if statements else 0, remaining
+            )
+        except TwopcError as err:
+            return VoteReply(Vote.ABORT, f"participant {participant}: {err.message}")
+        if reply.vote is Vote.ABORT:
+            return VoteReply(
+                Vote.ABORT,
+                f"participant {participant} voted no: {reply.reason}",
+                reply.mysql_errno,
+                reply.results,
+            )
+        self._failpoints.hit("coordinator.mid_prepare")
+        return reply
+
+    async def _commit_one_phase(self, tx: Transaction, statements: Statements) -> None:
+        participant = tx.participants[0]
+        try:
+            reply: CommitReply = await self._ports.commit(
+                participant,
+                tx.txid,
+                one_phase=True,
+                statements=statements,
+                sequence=1 if statements else 0,
+                timeout=self._remaining(tx),
+            )
+        except TwopcError as err:
+            if is_transport_failure(err):
+                # The commit may have happened: find out from the marker before answering.
+                await self._settle_unknown_one_phase(tx, participant, err)
+                return
+            tx.settled_branches.add(participant)
+            await self._abort(tx, f"participant {participant}: {err.message}", err.mysql_errno)
+            return
+        if reply.results:
+            tx.results[participant] = reply.results
+        tx.move_to(TxState.COMMITTED)
+        self._retire(tx)
+
+    async def _settle_unknown_one_phase(
+        self, tx: Transaction, participant: str, err: TwopcError
+    ) -> None:
+        try:
+            presence = await self._ports.inspect(
+                participant, [tx.txid], self.settings.rpc_timeout_s
+            )
+        except TwopcError:
+            presence = {}
+        state = presence.get(tx.txid)
+        if state is Presence.COMMITTED:
+            tx.move_to(TxState.COMMITTED)
+            self._retire(tx)
+        elif state in (Presence.UNKNOWN, Presence.ROLLED_BACK):
+            tx.settled_branches.add(participant)
+            await self._abort(tx, f"participant {participant}: {err.message}")
+        else:
+            # Still running there, or unreachable: the agent rolls it back at the deadline unless
+            # it committed; GetTransaction reads the marker. Leave it in doubt.
+            self._retire_in_doubt(tx)
+            raise Unavailable(
+                f"the one-phase commit on {participant} did not answer ({err.message}); "
+                f"look the outcome of {tx.txid} up later",
+                txid=tx.txid,
+            ) from err
+
+    # --- phase 2 -----------------------------------------------------------------------------
+
+    async def _phase2(self, tx: Transaction | None, record: CommitRecord) -> None:
+        try:
+            if await self.drive_commit(record) and tx is not None:
+                tx.move_to(TxState.COMMITTED)
+        finally:
+            self._phase2_running.discard(record.txid)
+            if tx is not None:
+                self._retire(tx)
+                tx.done.set()  # COMMITTING stays the answer; recovery finishes phase 2
+
+    async def drive_commit(self, record: CommitRecord) -> bool:
+        """Sends XA COMMIT to every branch of a decided transaction until all acknowledged, then
+        writes END. False when some branch could not be reached (recovery tries again later)."""
+        pending = list(record.participants)
+        backoff = self.settings.phase2_backoff_s
+        for attempt in range(self.settings.phase2_attempts):
+            replies = await asyncio.gather(
+                *(
+                    self._ports.commit(
+                        p, record.txid, one_phase=False, timeout=self.settings.rpc_timeout_s
+                    )
+                    for p in pending
+                ),
+                return_exceptions=True,
+            )
+            still = []
+            for participant, reply in zip(pending, replies, strict=True):
+                if isinstance(reply, FailedPrecondition):
+                    log.error(
+                        "heuristic_hazard",
+                        txid=record.txid,
+                        participant=participant,
+                        error=reply.message,
+                    )
+                elif isinstance(reply, BaseException):
+                    if not isinstance(reply, TwopcError):
+                        raise reply
+                    still.append(participant)
+                    if attempt == 0:
+                        log.warning(
+                            "phase2_retry",
+                            txid=record.txid,
+                            participant=participant,
+                            error=reply.message,
+                        )
+                elif attempt == 0 and participant == pending[0]:
+                    self._failpoints.hit("coordinator.mid_commit")
+            pending = still
+            if not pending:
+                break
+            await self._clock.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+        if pending:
+            log.warning("phase2_incomplete", txid=record.txid, participants=pending)
+            return False
+        self._failpoints.hit("coordinator.before_end_record")
+        try:
+            await self._log.record_end(record.txid)
+        except DecisionLogFailed as err:
+            self._fatal(err)
+            raise
+        self._open_commits.pop(record.txid, None)
+        self._remember(TransactionView(record.txid, TxState.COMMITTED, record.participants))
+        return True
+
+    # --- abort -------------------------------------------------------------------------------
+
+    async def _abort(
+        self,
+        tx: Transaction,
+        reason: str,
+        mysql_errno: int = 0,
+        *,
+        seal: TxState = TxState.ABORTED,
+    ) -> None:
+        """Decides ABORT (no log write) and rolls back every branch that may hold something."""
+        if tx.state in (TxState.ABORTING, TxState.ABORTED):
+            await tx.done.wait()
+            return
+        if tx.txid in self._open_commits:
+            raise AssertionError(f"refusing to roll back {tx.txid}: it has a COMMIT record")
+        tx.abort_reason = reason
+        tx.abort_errno = mysql_errno
+        if seal is TxState.ABORTED:
+            tx.move_to(TxState.ABORTING)
+        log.info("transaction_aborted", txid=tx.txid, reason=reason)
+        targets = [p for p in tx.participants if p not in tx.settled_branches]
+        await asyncio.gather(*(self._rollback_quietly(p, tx.txid) for p in targets))
+        if seal is TxState.ABORTED:
+            tx.move_to(TxState.ABORTED)
+        else:
+            tx.abort_reason = ""
+            tx.state = TxState.PREPARING
+            tx.move_to(seal)
+        self._retire(tx)
+
+    async def _rollback_quietly(self, participant: str, txid: str) -> None:
+        try:
+            await self._ports.rollback(participant, txid, self.settings.rpc_timeout_s)
+        except TwopcError as err:
+            # Left to the agent's deadline reaper (active branch) or to recovery (prepared).
+            log.warning("rollback_failed", txid=txid, participant=participant, error=err.message)
+
+    async def reap_expired(self) -> int:
+        """Aborts ACTIVE transactions past their deadline."""
+        now = self._clock.monotonic()
+        expired = [
+            tx for tx in self._live.values() if tx.state is TxState.ACTIVE and now > tx.deadline
+        ]
+        await asyncio.gather(
+            *(self._abort(tx, "the transaction's deadline passed") for tx in expired)
+        )
+        return len(expired)
+
+    # --- recovery support --------------------------------------------------------------------
+
+    def claim_for_recovery(self, txid: str) -> bool:
+        """Reserves ``txid`` for recovery; False when it is live here (recovery keeps off)."""
+        if txid in self._live:
+            return False
+        self._recovering.add(txid)
+        return True
+
+    def release_from_recovery(self, txid: str) -> None:
+        self._recovering.discard(txid)
+
+    def commit_record(self, txid: str) -> CommitRecord | None:
+        return self._open_commits.get(txid)
+
+    def open_commits_to_drive(self) -> list[CommitRecord]:
+        return [r for t, r in self._open_commits.items() if t not in self._phase2_running]
+
+    async def redrive(self, record: CommitRecord) -> bool:
+        if record.txid in self._phase2_running:
+            return False
+        self._phase2_running.add(record.txid)
+        try:
+            return await self.drive_commit(record)
+        finally:
+            self._phase2_running.discard(record.txid)
+
+    @property
+    def participants(self) -> ParticipantPort:
+        return self._ports
+
+    @property
+    def prefix(self) -> str:
+        return txid_prefix(self.coordinator_id)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    async def _answer(self, tx: Transaction, wait_for_phase2: bool) -> TxState:
+        await (tx.done.wait() if wait_for_phase2 else tx.decided.wait())
+        if outcome_of(tx.state) is Outcome.ABORTED:
+            cls = StatementFailed if tx.abort_errno else TransactionAborted
+            raise cls(tx.abort_reason or "aborted", txid=tx.txid, mysql_errno=tx.abort_errno)
+        return tx.state
+
+    async def _lookup_on_participants(self, txid: str) -> TransactionView:
+        names = list(self._ports.names())
+        answers = await asyncio.gather(
+            *(self._ports.inspect(p, [txid], self.settings.rpc_timeout_s) for p in names),
+            return_exceptions=True,
+        )
+        unreachable = []
+        holding = []
+        active = []
+        for participant, answer in zip(names, answers, strict=True):
+            if isinstance(answer, BaseException):
+                unreachable.append(participant)
+                continue
+            presence = answer.get(txid, Presence.UNKNOWN)
+            if presence is Presence.COMMITTED:
+                return TransactionView(txid, TxState.COMMITTED, (participant,))
+            if presence is Presence.ACTIVE:
+                active.append(participant)
+            if presence is Presence.PREPARED:
+                holding.append(participant)
+        if active:
+            # An unprepared branch of a transaction this coordinator no longer runs: a one-phase
+            # commit sent before a crash may still land, or the agent rolls it back at its deadline.
+            return TransactionView(
+                txid,
+                TxState.PREPARING,
+                tuple(active),
+                f"a branch is still active on {', '.join(active)}",
+            )
+        if unreachable:
+            raise Unavailable(
+                f"cannot tell the outcome of {txid}: participant(s) {', '.join(unreachable)} "
+                "did not answer; ask again later",
+                txid=txid,
+            )
+        reason = "no commit decision exists (presumed abort)"
+        if holding:
+            reason += f"; branches on {', '.join(holding)} are being rolled back"
+        return TransactionView(txid, TxState.ABORTED, tuple(holding), reason, presumed=True)
+
+    def _settled_state(self, view: TransactionView) -> TxState:
+        """The state to answer a Commit with, for a transaction no longer live here."""
+        if view.outcome is Outcome.ABORTED:
+            raise TransactionAborted(view.abort_reason or "aborted", txid=view.txid)
+        if view.outcome is Outcome.PENDING:
+            raise Unavailable(
+                f"the outcome of {view.txid} is not known yet: {view.abort_reason}; ask again",
+                txid=view.txid,
+            )
+        return view.state
+
+    def _live_transaction(self, txid: str) -> Transaction:
+        tx = self._live.get(txid)
+        if tx is not None:
+            return tx
+        parse_txid(txid)
+        known = self._finished.get(txid)
+        if known is not None and known.outcome is Outcome.ABORTED:
+            raise TransactionAborted(
+                f"transaction {txid} was aborted: {known.abort_reason}", txid=txid
+            )
+        if known is not None or txid in self._open_commits:
+            raise FailedPrecondition(f"transaction {txid} has committed", txid=txid)
+        raise NotFound(
+            f"no live transaction {txid} on this coordinator (finished long ago, or begun before "
+            "a restart of the coordinator, which aborted it)",
+            txid=txid,
+        )
+
+    def _require_active(self, tx: Transaction) -> None:
+        if tx.state is TxState.ACTIVE:
+            return
+        if outcome_of(tx.state) is Outcome.ABORTED:
+            cls = StatementFailed if tx.abort_errno else TransactionAborted
+            raise cls(
+                f"transaction {tx.txid} was aborted: {tx.abort_reason}",
+                txid=tx.txid,
+                mysql_errno=tx.abort_errno,
+            )
+        raise FailedPrecondition(
+            f"transaction {tx.txid} is {tx.state.value}; it takes no more statements", txid=tx.txid
+        )
+
+    def _check_participant(self, participant: str) -> None:
+        if participant not in self._ports.names():
+            known = ", ".join(sorted(self._ports.names()))
+            raise NotFound(f"unknown participant {participant!r}; this coordinator knows: {known}")
+
+    def _remaining(self, tx: Transaction) -> float:
+        return tx.deadline - self._clock.monotonic()
+
+    def _retire(self, tx: Transaction) -> None:
+        """Moves a transaction whose fate is sealed out of the live table."""
+        if tx.txid in self._phase2_running:
+            return
+        if self._live.get(tx.txid) is tx:
+            del self._live[tx.txid]
+        self._remember(TransactionView(tx.txid, tx.state, tuple(tx.participants), tx.abort_reason))
+
+    def _retire_in_doubt(self, tx: Transaction) -> None:
+        """A one-phase commit whose answer was lost: only the participant's marker can tell."""
+        if self._live.get(tx.txid) is tx:
+            del self._live[tx.txid]
+        tx.decided.set()
+        tx.done.set()
+
+    def _remember(self, view: TransactionView) -> None:
+        self._finished[view.txid] = view
+        self._finished.move_to_end(view.txid)
+        while len(self._finished) > self.settings.finished_memory:
+            self._finished.popitem(last=False)
+
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _shielded(self, work: Awaitable[None]) -> None:
+        """Runs ``work`` to its end even if the caller's RPC is cancelled: a decision half-made
+        (a COMMIT record written, its phase 2 not started) must never be abandoned."""
+        await asyncio.shield(self._spawn(work))
+
+    def _fatal(self, err: BaseException) -> None:
+        log.critical("decision_log_failed", error=str(err))
+        if self._on_fatal is not None:
+            self._on_fatal(err)

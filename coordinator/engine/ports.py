@@ -1,0 +1,82 @@
+"""How the engine reaches participant agents: an interface, implemented over gRPC elsewhere.
+
+Statements and results pass through the coordinator untouched: they are opaque to the engine
+(``Statements``, ``Results``), so the relay costs no conversion.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+Statements = Sequence[object]
+Results = Sequence[object]
+
+
+class Vote(enum.Enum):
+    PREPARED = "prepared"
+    READ_ONLY = "read-only"
+    ABORT = "abort"
+    ALREADY_COMMITTED = "already committed"
+
+
+class Presence(enum.Enum):
+    UNKNOWN = "unknown"
+    ACTIVE = "active"
+    PREPARED = "prepared"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled back"
+
+
+@dataclass(frozen=True)
+class VoteReply:
+    vote: Vote
+    reason: str = ""
+    mysql_errno: int = 0
+    results: Results = ()
+
+
+@dataclass(frozen=True)
+class CommitReply:
+    results: Results = ()
+    already_committed: bool = False
+
+
+class ParticipantPort(Protocol):
+    """Calls to agents. Every method raises a ``TwopcError`` on failure (``Unavailable`` or
+    ``DeadlineExceeded`` when the agent could not be reached or did not answer in time)."""
+
+    def names(self) -> Sequence[str]:
+        """The configured participants."""
+        ...
+
+    async def execute(
+        self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float
+    ) -> Results: ...
+
+    async def prepare(
+        self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float
+    ) -> VoteReply: ...
+
+    async def commit(
+        self,
+        participant: str,
+        txid: str,
+        *,
+        one_phase: bool,
+        statements: Statements = (),
+        sequence: int = 0,
+        timeout: float,
+    ) -> CommitReply: ...
+
+    async def rollback(self, participant: str, txid: str, timeout: float) -> bool: ...
+
+    async def recover(self, participant: str, txid_prefix: str, timeout: float) -> list[str]:
+        """Txids of the prepared branches on that participant whose txid has the prefix."""
+        ...
+
+    async def inspect(
+        self, participant: str, txids: Sequence[str], timeout: float
+    ) -> dict[str, Presence]: ...

@@ -1,0 +1,142 @@
+"""The one error hierarchy of twopc, shared by the daemons and the SDK.
+
+Each class declares the gRPC status code it travels as (by name, so that this module needs no grpc).
+Servers turn a ``TwopcError`` into a status in one place; the SDK turns the status back into the
+same class::
+
+    TwopcError                      UNKNOWN
+    ├── InvalidArgument             INVALID_ARGUMENT     malformed request, statement twopc refuses
+    ├── NotFound                    NOT_FOUND            unknown transaction or participant
+    ├── FailedPrecondition          FAILED_PRECONDITION  wrong state (execute after commit, ...)
+    ├── TransactionAborted          ABORTED              rolled back; the message says why
+    │   └── StatementFailed         ABORTED              a statement failed (carries mysql_errno)
+    ├── DeadlineExceeded            DEADLINE_EXCEEDED
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED   too many transactions, decision log full
+    ├── Unavailable                 UNAVAILABLE          a component or database cannot be reached
+    ├── OutcomeUnknown              UNKNOWN              SDK only: the commit may or may not
+    │                                                    have happened; look it up by txid
+    └── Internal                    INTERNAL
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutcomeUnknown",
+    "ResourceExhausted",
+    "StatementFailed",
+    "TransactionAborted",
+    "TwopcError",
+    "Unavailable",
+    "error_class_named",
+    "error_for_code",
+    "is_transport_failure",
+]
+
+
+class TwopcError(Exception):
+    """Root of every twopc error.
+
+    Attributes:
+        txid: the transaction concerned, when there is one.
+        mysql_errno: the MySQL error number behind the error, when there is one.
+    """
+
+    code: ClassVar[str] = "UNKNOWN"
+
+    def __init__(self, message: str, *, txid: str = "", mysql_errno: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.txid = txid
+        self.mysql_errno = mysql_errno
+
+
+class InvalidArgument(TwopcError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(TwopcError):
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(TwopcError):
+    code = "FAILED_PRECONDITION"
+
+
+class TransactionAborted(TwopcError):
+    code = "ABORTED"
+
+
+class StatementFailed(TransactionAborted):
+    """A statement failed on a participant; the transaction was rolled back everywhere."""
+
+
+class DeadlineExceeded(TwopcError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhausted(TwopcError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(TwopcError):
+    code = "UNAVAILABLE"
+
+
+class OutcomeUnknown(TwopcError):
+    """The request may or may not have taken effect (the connection broke after it was sent).
+
+    ``txid`` names the transaction when it is known; ``request_id`` is the idempotency key that was
+    sent. Look the outcome up with ``Client.get_transaction`` or retry with the same request id.
+    """
+
+    code = "UNKNOWN"
+
+    def __init__(self, message: str, *, txid: str = "", request_id: str = "") -> None:
+        super().__init__(message, txid=txid)
+        self.request_id = request_id
+
+
+class Internal(TwopcError):
+    code = "INTERNAL"
+
+
+_BY_CODE: dict[str, type[TwopcError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        TransactionAborted,
+        DeadlineExceeded,
+        ResourceExhausted,
+        Unavailable,
+        Internal,
+    )
+}
+
+
+def error_for_code(code: str, *, statement_failed: bool = False) -> type[TwopcError]:
+    """The error class a status code maps back to (``TwopcError`` for codes twopc does not use)."""
+    if code == "ABORTED" and statement_failed:
+        return StatementFailed
+    return _BY_CODE.get(code, TwopcError)
+
+
+def is_transport_failure(error: TwopcError) -> bool:
+    """True when the request may not have reached the server, or its answer was lost."""
+    return isinstance(error, Unavailable | DeadlineExceeded)
+
+
+def error_class_named(name: str) -> type[TwopcError] | None:
+    """The twopc error class of that name (as sent in the ``twopc-error`` metadata), if any."""
+    cls = globals().get(name)
+    if isinstance(cls, type) and issubclass(cls, TwopcError):
+        return cls
+    return None

@@ -1,0 +1,141 @@
+"""The gRPC face of the coordinator: protobuf in, ``TransactionManager`` calls, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from grpc import aio
+
+from coordinator.api import twopc_pb2 as pb
+from coordinator.api import twopc_pb2_grpc as pb_grpc
+from coordinator.engine.manager import TransactionManager, TransactionView
+from coordinator.engine.states import Outcome, TxState
+from coordinator.errors import Internal, InvalidArgument, TwopcError
+from coordinator.status import abort_with
+
+T = TypeVar("T")
+Context = aio.ServicerContext[object, object]
+log = structlog.get_logger("twopc.coordinator.rpc")
+
+STATES = {
+    TxState.ACTIVE: pb.TRANSACTION_STATE_ACTIVE,
+    TxState.PREPARING: pb.TRANSACTION_STATE_PREPARING,
+    TxState.COMMITTING: pb.TRANSACTION_STATE_COMMITTING,
+    TxState.COMMITTED: pb.TRANSACTION_STATE_COMMITTED,
+    TxState.ABORTING: pb.TRANSACTION_STATE_ABORTING,
+    TxState.ABORTED: pb.TRANSACTION_STATE_ABORTED,
+}
+OUTCOMES = {
+    Outcome.PENDING: pb.OUTCOME_PENDING,
+    Outcome.COMMITTED: pb.OUTCOME_COMMITTED,
+    Outcome.ABORTED: pb.OUTCOME_ABORTED,
+}
+
+
+def transaction_info(view: TransactionView) -> pb.TransactionInfo:
+    return pb.TransactionInfo(
+        txid=view.txid,
+        state=STATES[view.state],
+        outcome=OUTCOMES[view.outcome],
+        participants=list(view.participants),
+        abort_reason=view.abort_reason,
+        presumed=view.presumed,
+    )
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, manager: TransactionManager) -> None:
+        self._manager = manager
+
+    async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
+        async def run() -> pb.BeginResponse:
+            tx = self._manager.begin(request.timeout_ms, request.request_id)
+            return pb.BeginResponse(txid=tx.txid, timeout_ms=tx.timeout_ms)
+
+        return await _guard(context, "", run)
+
+    async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
+        async def run() -> pb.ExecuteResponse:
+            results = await self._manager.execute(
+                _txid(request.txid), request.participant, request.statements, request.sequence
+            )
+            return pb.ExecuteResponse(results=results)  # type: ignore[arg-type]
+
+        return await _guard(context, request.txid, run)
+
+    async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
+        async def run() -> pb.CommitResponse:
+            state = await self._manager.commit(
+                _txid(request.txid), wait_for_phase2=request.wait_for_phase2
+            )
+            return pb.CommitResponse(txid=request.txid, state=STATES[state])
+
+        return await _guard(context, request.txid, run)
+
+    async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.RollbackResponse:
+        async def run() -> pb.RollbackResponse:
+            state = await self._manager.rollback(_txid(request.txid))
+            return pb.RollbackResponse(txid=request.txid, state=STATES[state])
+
+        return await _guard(context, request.txid, run)
+
+    async def GetTransaction(
+        self, request: pb.GetTransactionRequest, context: Context
+    ) -> pb.TransactionInfo:
+        async def run() -> pb.TransactionInfo:
+            if request.txid and request.request_id:
+                raise InvalidArgument("give txid or request_id, not both")
+            if request.request_id:
+                txid = self._manager.request_txid(request.request_id)
+            else:
+                txid = _txid(request.txid)
+            return transaction_info(await self._manager.lookup(txid))
+
+        return await _guard(context, request.txid, run)
+
+    async def RunTransaction(
+        self, request: pb.RunTransactionRequest, context: Context
+    ) -> pb.RunTransactionResponse:
+        async def run() -> pb.RunTransactionResponse:
+            outcome = await self._manager.run(
+                [(w.participant, w.statements) for w in request.work],
+                timeout_ms=request.timeout_ms,
+                request_id=request.request_id,
+                wait_for_phase2=request.wait_for_phase2,
+            )
+            return pb.RunTransactionResponse(
+                txid=outcome.txid,
+                state=STATES[outcome.state],
+                results=[
+                    pb.ParticipantResults(participant=p, results=r)  # type: ignore[arg-type]
+                    for p, r in outcome.results.items()
+                ],
+            )
+
+        return await _guard(context, "", run)
+
+
+def _txid(txid: str) -> str:
+    if not txid:
+        raise InvalidArgument("txid is required")
+    return txid
+
+
+async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
+    """Runs a handler with ``txid`` bound in the logs and errors turned into statuses."""
+    with structlog.contextvars.bound_contextvars(txid=txid or None):
+        try:
+            return await run()
+        except TwopcError as err:
+            err.txid = err.txid or txid
+            if err.code in ("INTERNAL", "UNKNOWN"):
+                log.error("rpc_failed", error=err.message)
+            await abort_with(context, err)
+        except Exception as err:
+            log.exception("rpc_crashed")
+            await abort_with(
+                context, Internal(f"coordinator error: {type(err).__name__}: {err}", txid=txid)
+            )
+    raise AssertionError("unreachable: abort_with raises")

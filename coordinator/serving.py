@@ -1,0 +1,68 @@
+"""What both daemons do around their gRPC server: options, listening, stopping on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from grpc import aio
+
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),
+]
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+def new_server() -> aio.Server:
+    return aio.server(options=SERVER_OPTIONS)
+
+
+def listen(server: aio.Server, address: str) -> int:
+    """Binds ``address`` (host:port); returns the port. Raises a clear error when it is taken."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise OSError(f"cannot listen on {address}: {err} (is another process using it?)") from err
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (is another process using it?)")
+    return port
+
+
+async def wait_for_stop_signal() -> signal.Signals:
+    """Waits for SIGTERM or SIGINT and returns which one came."""
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def note(sig: signal.Signals) -> None:
+        if not stopped.done():
+            stopped.set_result(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, note, sig)
+    try:
+        return await stopped
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def channel(target: str) -> aio.Channel:
+    return aio.insecure_channel(target, options=CHANNEL_OPTIONS)

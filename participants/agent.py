@@ -1,0 +1,847 @@
+"""The participant agent: runs the XA branches of one MySQL/MariaDB server for the coordinator.
+
+Each public method is one RPC of the Participant service, blocking (the gRPC adapter runs it in a
+thread), thread-safe and idempotent. Operations on one branch are serialised by the branch's lock; a
+statement that runs too long is interrupted with KILL QUERY from another session.
+
+What happens to a branch:
+- Execute: XA START on the first call (the branch is pinned to one pooled session), statements run.
+  A statement that fails rolls the branch back at once (nothing half-done is ever prepared).
+- Prepare: a branch that ran a writing statement gets its marker row (txid, branch, owner session),
+  then XA END and XA PREPARE; it votes PREPARED. A branch that only read votes READ_ONLY and is
+  finished by its own session (a read-only prepared branch is not durable on MariaDB).
+- Commit / Rollback: by the owning session when the agent has it; otherwise from any session. When
+  the server answers XAER_NOTA, the marker row tells committed (present) from rolled back (absent);
+  a branch still listed by XA RECOVER is held by a live session (a frozen or partitioned agent):
+  the marker names that session, the agent kills it, and then finishes the branch.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import structlog
+
+from coordinator.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    StatementFailed,
+    TransactionAborted,
+    TwopcError,
+    Unavailable,
+)
+from coordinator.failpoints import Failpoints
+from coordinator.txid import Xid, check_participant_name, parse_txid
+from coordinator.values import SqlValue
+from participants.branches import Branch, BranchRegistry, BranchState, FinishedBranch
+from participants.config import AgentConfig
+from participants.sql_guard import StatementKind, check_statement
+from participants.xa import (
+    ER_DUP_ENTRY,
+    ER_XA_RBROLLBACK,
+    ER_XAER_DUPID,
+    ER_XAER_NOTA,
+    ConnectionLost,
+    DbError,
+    Session,
+    SessionPool,
+    StatementOutput,
+    committed_markers,
+    durable_xa_problem,
+    kill,
+    marker_owner,
+    marker_table_ddl,
+    prepared_xids,
+    session_exists,
+)
+
+Clock = Callable[[], float]
+
+
+class Vote(enum.Enum):
+    PREPARED = "prepared"
+    READ_ONLY = "read-only"
+    ABORT = "abort"
+    ALREADY_COMMITTED = "already committed"
+
+
+class Presence(enum.Enum):
+    """What the agent can tell of a branch (Inspect)."""
+
+    UNKNOWN = "unknown"
+    ACTIVE = "active"
+    PREPARED = "prepared"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled back"
+
+
+@dataclass(frozen=True)
+class StatementRequest:
+    sql: str
+    params: list[SqlValue]
+
+
+@dataclass(frozen=True)
+class _Work:
+    sql: str
+    params: list[SqlValue]
+    kind: StatementKind
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    vote: Vote
+    reason: str = ""
+    mysql_errno: int = 0
+    outputs: tuple[StatementOutput, ...] = ()
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    outputs: tuple[StatementOutput, ...] = ()
+    already_committed: bool = False
+
+
+@dataclass(frozen=True)
+class RecoveredBranch:
+    xid: Xid
+    held_by_this_agent: bool
+
+
+_KILL_SETTLE_S = 5.0
+_LOCK_WAIT_S = 60.0
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        pool: SessionPool,
+        *,
+        clock: Clock = time.monotonic,
+        failpoints: Failpoints | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.instance_id = instance_id or secrets.token_hex(16)
+        self._pool = pool
+        self._clock = clock
+        self._failpoints = failpoints or Failpoints()
+        self._registry = BranchRegistry(
+            capacity=config.max_branches, finished_memory=config.finished_branch_memory
+        )
+        self._log = structlog.get_logger("twopc.agent").bind(participant=self.name)
+        self.server_version = ""
+
+    # --- start and stop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Checks the server and creates the marker table. Raises FailedPrecondition when the
+        server's XA PREPARE is not durable, Unavailable when it cannot be reached."""
+        with self._admin() as session:
+            version = str(session.execute("SELECT VERSION()").rows[0][0])
+            problem = durable_xa_problem(version)
+            if problem is not None:
+                raise FailedPrecondition(problem)
+            session.execute(marker_table_ddl(self.config.marker_table))
+            flush = session.execute("SELECT @@innodb_flush_log_at_trx_commit").rows[0][0]
+        self.server_version = version
+        if int(flush) != 1:
+            self._log.warning(
+                "prepare_not_crash_safe",
+                innodb_flush_log_at_trx_commit=int(flush),
+                detail="prepared branches may be lost if the database host crashes; set it to 1",
+            )
+        self._log.info("agent_ready", server_version=version, instance=self.instance_id)
+
+    def close(self) -> None:
+        """Rolls back active branches and lets prepared ones go (they stay prepared on the
+        server, where recovery finishes them)."""
+        for branch in self._registry.live():
+            with self._locked(branch):
+                if branch.state is BranchState.ACTIVE:
+                    self._abort(branch, "agent shutting down")
+                elif branch.session is not None:
+                    branch.session.discard()
+                    branch.session = None
+        self._pool.dispose()
+
+    # --- RPCs -------------------------------------------------------------------------------------
+
+    def execute(
+        self,
+        txid: str,
+        participant: str,
+        statements: Sequence[StatementRequest],
+        sequence: int,
+        timeout_ms: int,
+    ) -> list[StatementOutput]:
+        xid = self._xid(txid, participant)
+        work = self._check(statements)
+        if sequence < 1:
+            raise InvalidArgument("sequence numbers start at 1", txid=txid)
+        found = self._registry.create(xid, self._deadline(timeout_ms))
+        if isinstance(found, FinishedBranch):
+            raise self._finished_error(txid, found)
+        with self._locked(found):
+            self._ensure_started(found)
+            if found.state is not BranchState.ACTIVE:
+                raise self._not_active_error(found)
+            return self._run_or_abort(found, work, sequence)
+
+    def prepare(
+        self,
+        txid: str,
+        participant: str,
+        statements: Sequence[StatementRequest],
+        sequence: int,
+        timeout_ms: int,
+    ) -> VoteResult:
+        xid = self._xid(txid, participant)
+        work = self._check(statements)
+        found = self._registry.get(txid)
+        if found is None:
+            if not work:
+                return self._vote_without_branch(xid)
+            found = self._registry.create(xid, self._deadline(timeout_ms))
+        if isinstance(found, FinishedBranch):
+            return _vote_of_finished(found)
+        with self._locked(found):
+            if found.state.finished:
+                return _vote_of_finished(FinishedBranch(found.state, found.reason))
+            if found.state is BranchState.PREPARED:
+                return VoteResult(Vote.PREPARED, outputs=tuple(found.last_outputs))
+            try:
+                self._ensure_started(found)
+                outputs = self._run_or_abort(found, work, sequence) if work else []
+            except StatementFailed as err:
+                return VoteResult(Vote.ABORT, err.message, err.mysql_errno)
+            except TransactionAborted as err:
+                return VoteResult(Vote.ABORT, err.message)
+            return self._prepare_locked(found, tuple(outputs))
+
+    def commit(
+        self,
+        txid: str,
+        participant: str,
+        *,
+        one_phase: bool,
+        statements: Sequence[StatementRequest] = (),
+        sequence: int = 0,
+        timeout_ms: int = 0,
+    ) -> CommitResult:
+        xid = self._xid(txid, participant)
+        work = self._check(statements)
+        if work and not one_phase:
+            raise InvalidArgument("statements come with a one-phase commit only", txid=txid)
+        if one_phase:
+            return self._commit_one_phase(xid, work, sequence, timeout_ms)
+        found = self._registry.get(txid)
+        if isinstance(found, FinishedBranch):
+            if found.state is BranchState.ROLLED_BACK:
+                raise FailedPrecondition(
+                    f"branch {txid} on {self.name} was rolled back ({found.reason}); "
+                    "it cannot commit",
+                    txid=txid,
+                )
+            return CommitResult(already_committed=True)
+        if found is None:
+            already = self._commit_on_server(xid)
+            self._log.info("branch_committed", txid=txid, by="recovery", already=already)
+            return CommitResult(already_committed=already)
+        with self._locked(found):
+            return self._commit_prepared_locked(found)
+
+    def rollback(self, txid: str, participant: str) -> bool:
+        """Rolls the branch back; True when there was nothing left to roll back."""
+        xid = self._xid(txid, participant)
+        found = self._registry.get(txid)
+        if isinstance(found, FinishedBranch):
+            if found.state is BranchState.COMMITTED:
+                raise FailedPrecondition(
+                    f"branch {txid} on {self.name} committed; it cannot be rolled back", txid=txid
+                )
+            return True
+        if found is None:
+            return self._rollback_on_server(xid)
+        self._interrupt_if_running(found)
+        with self._locked(found):
+            if found.state is BranchState.COMMITTED:
+                raise FailedPrecondition(
+                    f"branch {txid} on {self.name} committed; it cannot be rolled back", txid=txid
+                )
+            if found.state.finished:
+                return True
+            if found.state is BranchState.ACTIVE:
+                self._abort(found, "rolled back on request")
+                return False
+            return self._rollback_prepared_locked(found)
+
+    def recover(self, txid_prefix: str) -> list[RecoveredBranch]:
+        with self._admin() as session:
+            xids = prepared_xids(session)
+        held = {
+            b.txid
+            for b in self._registry.live()
+            if b.state is BranchState.PREPARED and b.session is not None
+        }
+        return [
+            RecoveredBranch(xid, xid.txid in held)
+            for xid in xids
+            if xid.txid.startswith(txid_prefix) and xid.branch == self.name
+        ]
+
+    def inspect(self, txids: Sequence[str]) -> dict[str, Presence]:
+        result: dict[str, Presence] = {}
+        unknown = []
+        for txid in txids:
+            found = self._registry.get(txid)
+            if isinstance(found, Branch):
+                result[txid] = (
+                    Presence.PREPARED if found.state is BranchState.PREPARED else Presence.ACTIVE
+                )
+            elif isinstance(found, FinishedBranch) and found.state is not BranchState.READ_ONLY:
+                result[txid] = (
+                    Presence.COMMITTED
+                    if found.state is BranchState.COMMITTED
+                    else Presence.ROLLED_BACK
+                )
+            else:
+                unknown.append(txid)
+        if unknown:
+            with self._admin() as session:
+                committed = committed_markers(session, self.config.marker_table, unknown)
+                prepared = {x.txid for x in prepared_xids(session) if x.branch == self.name}
+            for txid in unknown:
+                if txid in committed:
+                    result[txid] = Presence.COMMITTED
+                elif txid in prepared:
+                    result[txid] = Presence.PREPARED
+                else:
+                    result[txid] = Presence.UNKNOWN
+        return result
+
+    def counts(self) -> tuple[int, int]:
+        return self._registry.counts()
+
+    # --- housekeeping -----------------------------------------------------------------------------
+
+    def reap_expired(self) -> int:
+        """Rolls back active branches past their deadline (a statement still running is
+        interrupted first). Returns how many were rolled back now."""
+        reaped = 0
+        now = self._clock()
+        for branch in self._registry.live():
+            if branch.state is not BranchState.ACTIVE or now <= branch.deadline:
+                continue
+            if branch.lock.acquire(blocking=False):
+                try:
+                    if branch.state is BranchState.ACTIVE:
+                        self._abort(branch, "the transaction's deadline passed")
+                        reaped += 1
+                finally:
+                    branch.lock.release()
+            else:
+                self._interrupt_if_running(branch)
+        return reaped
+
+    def collect_markers(self, limit: int = 1000) -> int:
+        """Deletes marker rows older than the retention; returns how many went."""
+        with self._admin() as session:
+            output = session.execute(
+                f"DELETE FROM `{self.config.marker_table}` "
+                "WHERE created_at < NOW(6) - INTERVAL %s SECOND LIMIT %s",
+                [self.config.marker_retention_s, limit],
+            )
+        return output.affected_rows
+
+    # --- branch steps (caller holds the branch lock) --------------------------------------------
+
+    def _ensure_started(self, branch: Branch) -> None:
+        if branch.forgotten:
+            raise Unavailable(
+                f"branch {branch.txid} on {self.name} could not be started; retry",
+                txid=branch.txid,
+            )
+        if branch.session is not None or branch.state is not BranchState.ACTIVE:
+            return
+        try:
+            session = self._pool.session()
+        except DbError as err:
+            self._registry.forget(branch)
+            raise Unavailable(
+                f"participant {self.name} cannot reach its database: {err}", txid=branch.txid
+            ) from err
+        try:
+            session.xa("START", branch.xid)
+        except DbError as err:
+            session.discard() if isinstance(err, ConnectionLost) else session.release()
+            # The XID may belong to a prepared branch of an earlier life: never record this
+            # branch as finished, or a later commit of that prepared branch would be refused.
+            self._registry.forget(branch)
+            if err.errno == ER_XAER_DUPID:
+                raise TransactionAborted(
+                    f"a branch of {branch.txid} already exists on {self.name} (prepared by an "
+                    "earlier attempt, or held by another session); this attempt was not started",
+                    txid=branch.txid,
+                ) from err
+            raise Unavailable(
+                f"participant {self.name} could not start the branch: {err}", txid=branch.txid
+            ) from err
+        branch.session = session
+        self._log.debug("branch_started", txid=branch.txid, session=session.thread_id)
+
+    def _run_or_abort(
+        self, branch: Branch, work: Sequence[_Work], sequence: int
+    ) -> list[StatementOutput]:
+        if sequence == branch.last_sequence and sequence > 0:
+            return branch.last_outputs
+        if sequence != branch.last_sequence + 1:
+            raise FailedPrecondition(
+                f"statements out of order on {self.name}: expected sequence "
+                f"{branch.last_sequence + 1}, got {sequence}",
+                txid=branch.txid,
+            )
+        session = branch.session
+        assert session is not None
+        outputs = []
+        for index, item in enumerate(work, start=1):
+            if self._clock() > branch.deadline:
+                self._abort(branch, "the transaction's deadline passed")
+                raise TransactionAborted(
+                    f"the transaction's deadline passed on {self.name}; branch rolled back",
+                    txid=branch.txid,
+                )
+            self._failpoints.hit("agent.mid_statement")
+            branch.running_statement = True
+            try:
+                output = session.execute(
+                    item.sql, item.params, max_rows=self.config.max_result_rows
+                )
+            except DbError as err:
+                expired = self._clock() > branch.deadline
+                reason = (
+                    "the transaction's deadline passed during a statement"
+                    if expired
+                    else f"statement {index} failed: {err}"
+                )
+                self._abort(branch, reason)
+                raise StatementFailed(
+                    f"{reason} on participant {self.name}; the transaction is rolled back",
+                    txid=branch.txid,
+                    mysql_errno=err.errno,
+                ) from err
+            finally:
+                branch.running_statement = False
+            if item.kind is StatementKind.WRITE:
+                branch.wrote = True
+            outputs.append(output)
+        branch.last_sequence = sequence
+        branch.last_outputs = outputs
+        return outputs
+
+    def _prepare_locked(self, branch: Branch, outputs: tuple[StatementOutput, ...]) -> VoteResult:
+        session = branch.session
+        assert session is not None
+        if self._clock() > branch.deadline:
+            self._abort(branch, "the transaction's deadline passed before prepare")
+            return VoteResult(Vote.ABORT, branch.reason)
+        if not branch.wrote:
+            try:
+                session.xa("END", branch.xid)
+                session.xa("COMMIT", branch.xid, "ONE PHASE")
+            except DbError as err:
+                self._abort(branch, f"read-only finish failed: {err}")
+                return VoteResult(Vote.ABORT, branch.reason, err.errno)
+            self._finish(branch, BranchState.READ_ONLY, release=True)
+            return VoteResult(Vote.READ_ONLY, outputs=outputs)
+        try:
+            self._insert_marker(session, branch.xid)
+        except DbError as err:
+            if err.errno == ER_DUP_ENTRY:
+                self._abort(branch, "this transaction committed here before (a retried request)")
+                return VoteResult(Vote.ALREADY_COMMITTED, branch.reason)
+            self._abort(branch, f"writing the commit marker failed: {err}")
+            return VoteResult(Vote.ABORT, branch.reason, err.errno)
+        try:
+            session.xa("END", branch.xid)
+            self._failpoints.hit("agent.after_end")
+            session.xa("PREPARE", branch.xid)
+        except ConnectionLost:
+            session.discard()
+            branch.session = None
+            return self._vote_after_lost_prepare(branch)
+        except DbError as err:
+            self._abort(branch, f"prepare failed: {err}")
+            return VoteResult(Vote.ABORT, branch.reason, err.errno)
+        branch.move_to(BranchState.PREPARED)
+        self._log.debug("branch_prepared", txid=branch.txid)
+        self._failpoints.hit("agent.after_prepare")
+        return VoteResult(Vote.PREPARED, outputs=outputs)
+
+    def _vote_after_lost_prepare(self, branch: Branch) -> VoteResult:
+        """The connection broke during XA END/PREPARE: the server either prepared the branch (it
+        is then detached and listed by XA RECOVER) or rolled it back."""
+        try:
+            with self._admin() as admin:
+                prepared = branch.xid in prepared_xids(admin)
+        except DbError as err:
+            # Cannot tell: say no. If it did prepare, recovery rolls it back (no commit record).
+            self._registry.forget(branch)
+            return VoteResult(Vote.ABORT, f"lost the database during prepare: {err}")
+        if prepared:
+            branch.move_to(BranchState.PREPARED)
+            return VoteResult(Vote.PREPARED)
+        self._finish(branch, BranchState.ROLLED_BACK, "lost the database during prepare")
+        return VoteResult(Vote.ABORT, branch.reason)
+
+    def _commit_one_phase(
+        self, xid: Xid, work: Sequence[_Work], sequence: int, timeout_ms: int
+    ) -> CommitResult:
+        found = self._registry.get(xid.txid)
+        if found is None and not work:
+            with self._admin() as admin:
+                if committed_markers(admin, self.config.marker_table, [xid.txid]):
+                    return CommitResult(already_committed=True)
+            raise TransactionAborted(
+                f"participant {self.name} has no branch of {xid.txid}: it was rolled back "
+                "(the agent or its database restarted)",
+                txid=xid.txid,
+            )
+        if found is None:
+            found = self._registry.create(xid, self._deadline(timeout_ms))
+        if isinstance(found, FinishedBranch):
+            return self._one_phase_result_of_finished(xid.txid, found)
+        with self._locked(found):
+            if found.state.finished:
+                return self._one_phase_result_of_finished(
+                    xid.txid, FinishedBranch(found.state, found.reason)
+                )
+            if found.state is BranchState.PREPARED:
+                raise FailedPrecondition(
+                    f"branch {xid.txid} is prepared: it takes a two-phase commit", txid=xid.txid
+                )
+            self._ensure_started(found)
+            outputs = tuple(self._run_or_abort(found, work, sequence) if work else ())
+            session = found.session
+            assert session is not None
+            if self._clock() > found.deadline:
+                self._abort(found, "the transaction's deadline passed before commit")
+                raise TransactionAborted(found.reason, txid=xid.txid)
+            try:
+                if found.wrote:
+                    self._insert_marker(session, xid)
+                session.xa("END", xid)
+                session.xa("COMMIT", xid, "ONE PHASE")
+            except ConnectionLost as err:
+                session.discard()
+                found.session = None
+                return self._one_phase_after_lost_commit(found, outputs, err)
+            except DbError as err:
+                if err.errno == ER_DUP_ENTRY:
+                    self._abort(found, "this transaction committed here before")
+                    return CommitResult(outputs, already_committed=True)
+                self._abort(found, f"one-phase commit failed: {err}")
+                raise TransactionAborted(
+                    f"one-phase commit on {self.name} failed: {err}; rolled back",
+                    txid=xid.txid,
+                    mysql_errno=err.errno,
+                ) from err
+            self._finish(found, BranchState.COMMITTED, release=True)
+            self._failpoints.hit("agent.after_commit")
+            return CommitResult(outputs)
+
+    def _one_phase_after_lost_commit(
+        self, branch: Branch, outputs: tuple[StatementOutput, ...], err: DbError
+    ) -> CommitResult:
+        if not branch.wrote:
+            self._finish(branch, BranchState.READ_ONLY)
+            return CommitResult(outputs)
+        try:
+            with self._admin() as admin:
+                committed = bool(committed_markers(admin, self.config.marker_table, [branch.txid]))
+        except DbError as again:
+            self._registry.forget(branch)
+            raise Unavailable(
+                f"lost the database during a one-phase commit on {self.name} and cannot tell "
+                f"whether it committed ({again}); ask again later",
+                txid=branch.txid,
+            ) from err
+        if committed:
+            self._finish(branch, BranchState.COMMITTED)
+            return CommitResult(outputs)
+        self._finish(branch, BranchState.ROLLED_BACK, "lost the database during commit")
+        raise TransactionAborted(
+            f"lost the database during a one-phase commit on {self.name}; it rolled back",
+            txid=branch.txid,
+        ) from err
+
+    def _one_phase_result_of_finished(self, txid: str, found: FinishedBranch) -> CommitResult:
+        if found.state is BranchState.ROLLED_BACK:
+            raise TransactionAborted(
+                f"branch {txid} on {self.name} was rolled back: {found.reason}", txid=txid
+            )
+        return CommitResult(already_committed=True)
+
+    def _commit_prepared_locked(self, branch: Branch) -> CommitResult:
+        if branch.state is BranchState.ROLLED_BACK:
+            raise FailedPrecondition(
+                f"branch {branch.txid} on {self.name} was rolled back ({branch.reason}); "
+                "it cannot commit",
+                txid=branch.txid,
+            )
+        if branch.state.finished:
+            return CommitResult(already_committed=True)
+        if branch.state is BranchState.ACTIVE:
+            raise FailedPrecondition(
+                f"branch {branch.txid} on {self.name} is not prepared; a two-phase commit needs "
+                "a prepared branch",
+                txid=branch.txid,
+            )
+        session = branch.session
+        if session is not None:
+            try:
+                session.xa("COMMIT", branch.xid)
+            except DbError:
+                session.discard()
+                branch.session = None
+            else:
+                self._failpoints.hit("agent.after_commit")
+                self._finish(branch, BranchState.COMMITTED, release=True)
+                return CommitResult()
+        already = self._commit_on_server(branch.xid)
+        self._finish(branch, BranchState.COMMITTED)
+        return CommitResult(already_committed=already)
+
+    def _rollback_prepared_locked(self, branch: Branch) -> bool:
+        session = branch.session
+        if session is not None:
+            try:
+                session.xa("ROLLBACK", branch.xid)
+            except DbError:
+                session.discard()
+                branch.session = None
+            else:
+                self._finish(
+                    branch, BranchState.ROLLED_BACK, "rolled back on request", release=True
+                )
+                return False
+        already = self._rollback_on_server(branch.xid)
+        self._finish(branch, BranchState.ROLLED_BACK, "rolled back on request")
+        return already
+
+    def _abort(self, branch: Branch, reason: str) -> None:
+        """Rolls back an ACTIVE branch. Dropping the session is the fallback: the server rolls
+        back an unprepared branch whose session ends."""
+        session = branch.session
+        branch.session = None
+        if session is not None:
+            try:
+                try:
+                    session.xa("END", branch.xid)
+                except ConnectionLost:
+                    raise
+                except DbError:
+                    pass  # already ended, or rollback-only after a deadlock: ROLLBACK still works
+                session.xa("ROLLBACK", branch.xid)
+            except DbError:
+                session.discard()
+            else:
+                session.release()
+        self._finish(branch, BranchState.ROLLED_BACK, reason)
+        self._log.info("branch_rolled_back", txid=branch.txid, reason=reason)
+
+    def _finish(
+        self, branch: Branch, state: BranchState, reason: str = "", *, release: bool = False
+    ) -> None:
+        if release and branch.session is not None:
+            branch.session.release()
+        branch.session = None
+        branch.move_to(state, reason)
+        self._registry.finish(branch)
+
+    # --- finishing a branch from another session -------------------------------------------------
+
+    def _commit_on_server(self, xid: Xid) -> bool:
+        """XA COMMIT from a pooled session; True if it had committed already."""
+        return self._finish_on_server(xid, "COMMIT")
+
+    def _rollback_on_server(self, xid: Xid) -> bool:
+        """XA ROLLBACK from a pooled session; True if there was nothing to roll back."""
+        return self._finish_on_server(xid, "ROLLBACK")
+
+    def _finish_on_server(self, xid: Xid, command: str) -> bool:
+        committing = command == "COMMIT"
+        deadline = self._clock() + _KILL_SETTLE_S
+        with self._admin() as session:
+            while True:
+                try:
+                    session.xa(command, xid)
+                except DbError as err:
+                    if err.errno == ER_XA_RBROLLBACK and not committing:
+                        return True
+                    if err.errno not in (ER_XAER_NOTA, ER_XA_RBROLLBACK):
+                        raise self._db_unavailable(xid, err) from err
+                else:
+                    if committing:
+                        self._failpoints.hit("agent.after_commit")
+                    self._log.info("branch_finished_by_recovery", txid=xid.txid, how=command)
+                    return False
+                if committed_markers(session, self.config.marker_table, [xid.txid]):
+                    if committing:
+                        return True
+                    raise FailedPrecondition(
+                        f"branch {xid.txid} on {self.name} committed; it cannot be rolled back",
+                        txid=xid.txid,
+                    )
+                if xid not in prepared_xids(session):
+                    if not committing:
+                        return True
+                    raise FailedPrecondition(
+                        f"branch {xid.txid} is not prepared on {self.name} and left no commit "
+                        "marker: it was rolled back, so it cannot commit (heuristic outcome)",
+                        txid=xid.txid,
+                    )
+                self._detach_from_owner(session, xid)
+                if self._clock() > deadline:
+                    raise Unavailable(
+                        f"branch {xid.txid} on {self.name} is still held by another session",
+                        txid=xid.txid,
+                    )
+                time.sleep(0.02)
+
+    def _detach_from_owner(self, session: Session, xid: Xid) -> None:
+        """A prepared branch answered XAER_NOTA while XA RECOVER lists it: a live session (a frozen
+        or cut-off agent) still owns it. Kill that session, found by the branch's marker row."""
+        owner = marker_owner(session, self.config.marker_table, xid)
+        if owner is None or owner == session.thread_id:
+            raise Unavailable(
+                f"branch {xid.txid} on {self.name} is held by a session the agent cannot "
+                "identify; it is finished once that session ends",
+                txid=xid.txid,
+            )
+        if session_exists(session, owner):
+            self._log.warning("killing_branch_owner", txid=xid.txid, session=owner)
+            kill(session, owner, query_only=False)
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _insert_marker(self, session: Session, xid: Xid) -> None:
+        session.execute(
+            f"INSERT INTO `{self.config.marker_table}` "
+            "(gtrid, bqual, owner_thread, agent_instance) VALUES (%s, %s, CONNECTION_ID(), %s)",
+            [xid.gtrid, xid.bqual, self.instance_id],
+        )
+
+    def _vote_without_branch(self, xid: Xid) -> VoteResult:
+        """Prepare for a branch this agent does not hold: prepared in an earlier life of the agent
+        (a retried prepare), or lost with it."""
+        with self._admin() as session:
+            if xid in prepared_xids(session):
+                return VoteResult(Vote.PREPARED)
+        return VoteResult(
+            Vote.ABORT,
+            f"participant {self.name} has no branch of {xid.txid} (its agent or database "
+            "restarted before prepare)",
+        )
+
+    def _interrupt_if_running(self, branch: Branch) -> None:
+        session = branch.session
+        if branch.running_statement and session is not None:
+            try:
+                with self._admin() as admin:
+                    kill(admin, session.thread_id, query_only=True)
+            except DbError as err:
+                self._log.warning("interrupt_failed", txid=branch.txid, error=str(err))
+
+    @contextmanager
+    def _locked(self, branch: Branch) -> Iterator[None]:
+        if not branch.lock.acquire(timeout=_LOCK_WAIT_S):
+            raise Unavailable(
+                f"branch {branch.txid} on {self.name} is busy (a statement has run for over "
+                f"{_LOCK_WAIT_S:.0f} s)",
+                txid=branch.txid,
+            )
+        try:
+            yield
+        finally:
+            branch.lock.release()
+
+    @contextmanager
+    def _admin(self) -> Iterator[Session]:
+        try:
+            session = self._pool.session()
+        except DbError as err:
+            raise Unavailable(f"participant {self.name} cannot reach its database: {err}") from err
+        try:
+            yield session
+        except ConnectionLost:
+            session.discard()
+            raise
+        except BaseException:
+            session.release()
+            raise
+        else:
+            session.release()
+
+    def _db_unavailable(self, xid: Xid, err: DbError) -> TwopcError:
+        return Unavailable(
+            f"participant {self.name} could not finish branch {xid.txid}: {err}", txid=xid.txid
+        )
+
+    def _xid(self, txid: str, participant: str) -> Xid:
+        if participant != self.name:
+            check_participant_name(participant)
+            raise InvalidArgument(
+                f"this agent serves participant {self.name!r}, not {participant!r}: check the "
+                "coordinator's participants map",
+                txid=txid,
+            )
+        parse_txid(txid)
+        return Xid(txid, participant)
+
+    def _check(self, statements: Sequence[StatementRequest]) -> list[_Work]:
+        work = []
+        for statement in statements:
+            checked = check_statement(
+                statement.sql,
+                placeholders=len(statement.params),
+                protected_tables=(self.config.marker_table.lower(),),
+            )
+            work.append(_Work(statement.sql, statement.params, checked.kind))
+        return work
+
+    def _deadline(self, timeout_ms: int) -> float:
+        return self._clock() + (timeout_ms or self.config.default_timeout_ms) / 1000
+
+    def _finished_error(self, txid: str, found: FinishedBranch) -> TwopcError:
+        if found.state is BranchState.ROLLED_BACK:
+            return TransactionAborted(
+                f"branch {txid} on {self.name} was rolled back: {found.reason}", txid=txid
+            )
+        return FailedPrecondition(
+            f"branch {txid} on {self.name} is finished ({found.state.value})", txid=txid
+        )
+
+    def _not_active_error(self, branch: Branch) -> TwopcError:
+        if branch.state is BranchState.ROLLED_BACK:
+            return self._finished_error(branch.txid, FinishedBranch(branch.state, branch.reason))
+        return FailedPrecondition(
+            f"branch {branch.txid} on {self.name} is {branch.state.value}; it takes no more "
+            "statements",
+            txid=branch.txid,
+        )
+
+
+def _vote_of_finished(found: FinishedBranch) -> VoteResult:
+    if found.state is BranchState.READ_ONLY:
+        return VoteResult(Vote.READ_ONLY)
+    if found.state is BranchState.COMMITTED:
+        return VoteResult(Vote.ALREADY_COMMITTED, "the branch committed already")
+    return VoteResult(Vote.ABORT, found.reason or "the branch was rolled back")

@@ -1,0 +1,145 @@
+"""The branches an agent holds: their states, the one transition table, and the registry.
+
+A branch lives here from its XA START until it is finished (committed, rolled back, or read-only
+finished at prepare). Finished branches are remembered, a bounded number of them, so that a retried
+request gets the first answer without asking the server.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from coordinator.errors import FailedPrecondition, ResourceExhausted
+from coordinator.txid import Xid
+from participants.xa import Session, StatementOutput
+
+
+class BranchState(enum.Enum):
+    ACTIVE = "active"  # XA START done, statements may run
+    PREPARED = "prepared"  # XA PREPARE done: durable, waits for the decision
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled back"
+    READ_ONLY = "read-only"  # changed nothing; finished by its own session at prepare
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({BranchState.COMMITTED, BranchState.ROLLED_BACK, BranchState.READ_ONLY})
+
+TRANSITIONS: dict[BranchState, frozenset[BranchState]] = {
+    BranchState.ACTIVE: frozenset(
+        {
+            BranchState.PREPARED,
+            BranchState.COMMITTED,
+            BranchState.ROLLED_BACK,
+            BranchState.READ_ONLY,
+        }
+    ),
+    BranchState.PREPARED: frozenset({BranchState.COMMITTED, BranchState.ROLLED_BACK}),
+    BranchState.COMMITTED: frozenset(),
+    BranchState.ROLLED_BACK: frozenset(),
+    BranchState.READ_ONLY: frozenset(),
+}
+
+
+class IllegalTransition(FailedPrecondition):
+    pass
+
+
+@dataclass
+class Branch:
+    """A live branch. Every field but ``state`` is touched only while holding ``lock``."""
+
+    xid: Xid
+    deadline: float
+    session: Session | None = None
+    state: BranchState = BranchState.ACTIVE
+    wrote: bool = False
+    last_sequence: int = 0
+    last_outputs: list[StatementOutput] = field(default_factory=list)
+    running_statement: bool = False
+    forgotten: bool = False
+    reason: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def txid(self) -> str:
+        return self.xid.txid
+
+    def move_to(self, target: BranchState, reason: str = "") -> None:
+        if target not in TRANSITIONS[self.state]:
+            raise IllegalTransition(
+                f"branch {self.txid} cannot go from {self.state.value} to {target.value}",
+                txid=self.txid,
+            )
+        self.state = target
+        if reason:
+            self.reason = reason
+
+
+@dataclass(frozen=True)
+class FinishedBranch:
+    state: BranchState
+    reason: str
+
+
+class BranchRegistry:
+    """Live branches by txid, and a bounded memory of finished ones. Thread-safe."""
+
+    def __init__(self, *, capacity: int, finished_memory: int) -> None:
+        self._capacity = capacity
+        self._finished_memory = finished_memory
+        self._live: dict[str, Branch] = {}
+        self._finished: OrderedDict[str, FinishedBranch] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, txid: str) -> Branch | FinishedBranch | None:
+        with self._lock:
+            return self._live.get(txid) or self._finished.get(txid)
+
+    def create(self, xid: Xid, deadline: float) -> Branch | FinishedBranch:
+        """The branch of ``xid``: the existing one (live or finished), or a new live one."""
+        with self._lock:
+            existing = self._live.get(xid.txid) or self._finished.get(xid.txid)
+            if existing is not None:
+                return existing
+            if len(self._live) >= self._capacity:
+                raise ResourceExhausted(
+                    f"the agent holds {len(self._live)} branches, its max_branches; retry later",
+                    txid=xid.txid,
+                )
+            branch = Branch(xid=xid, deadline=deadline)
+            self._live[xid.txid] = branch
+            return branch
+
+    def finish(self, branch: Branch) -> None:
+        """Moves a branch whose state is final from the live set to the finished memory."""
+        assert branch.state.finished, branch.state
+        with self._lock:
+            self._live.pop(branch.txid, None)
+            self._finished[branch.txid] = FinishedBranch(branch.state, branch.reason)
+            while len(self._finished) > self._finished_memory:
+                self._finished.popitem(last=False)
+
+    def forget(self, branch: Branch) -> None:
+        """Drops a live branch without recording an outcome: what became of its XID on the server
+        is not known (XA START failed, or the connection broke at prepare)."""
+        with self._lock:
+            if self._live.get(branch.txid) is branch:
+                del self._live[branch.txid]
+            branch.forgotten = True
+
+    def live(self) -> list[Branch]:
+        with self._lock:
+            return list(self._live.values())
+
+    def counts(self) -> tuple[int, int]:
+        """(active, prepared) live branches."""
+        with self._lock:
+            prepared = sum(b.state is BranchState.PREPARED for b in self._live.values())
+            return len(self._live) - prepared, prepared

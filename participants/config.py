@@ -1,0 +1,63 @@
+"""The agent's configuration: one frozen value, loaded once at start (file, then TWOPC_AGENT_*)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.settings import load_settings
+from coordinator.txid import check_participant_name
+
+ENV_PREFIX = "TWOPC_AGENT_"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of one participant agent.
+
+    The MySQL password is never written in the file: it comes from the variable that
+    ``mysql_password_env`` names (TWOPC_MYSQL_PASSWORD by default).
+    """
+
+    name: str = "region"
+    listen: str = "127.0.0.1:7201"
+    mysql_host: str = "127.0.0.1"
+    mysql_port: int = 3306
+    mysql_user: str = "root"
+    mysql_password_env: str = "TWOPC_MYSQL_PASSWORD"  # noqa: S105 (a variable name)
+    mysql_database: str = "twopc"
+    mysql_connect_timeout_s: float = 5.0
+    mysql_read_timeout_s: float = 120.0
+    pool_size: int = 32
+    pool_overflow: int = 32
+    pool_checkout_timeout_s: float = 5.0
+    max_branches: int = 2000
+    default_timeout_ms: int = 30_000
+    lock_wait_timeout_s: int = 10
+    session_idle_timeout_s: int = 600
+    max_result_rows: int = 10_000
+    marker_table: str = "twopc_branch_marker"
+    marker_retention_s: int = 7 * 24 * 3600
+    reaper_interval_s: float = 0.2
+    finished_branch_memory: int = 50_000
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        check_participant_name(self.name)
+        if not self.marker_table.replace("_", "").isalnum():
+            raise ValueError(f"marker_table {self.marker_table!r} must be letters, digits and '_'")
+        if not self.mysql_database.replace("_", "").isalnum():
+            raise ValueError(
+                f"mysql_database {self.mysql_database!r} must be letters, digits and '_'"
+            )
+        if self.pool_size < 1 or self.max_branches < 1:
+            raise ValueError("pool_size and max_branches must be at least 1")
+
+    def mysql_password(self, environ: Mapping[str, str]) -> str:
+        return environ.get(self.mysql_password_env, "")
+
+
+def load_agent_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> AgentConfig:
+    return load_settings(AgentConfig, path, environ, ENV_PREFIX)

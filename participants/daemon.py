@@ -1,0 +1,115 @@
+"""``twopc agent``: the participant agent daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+
+from coordinator.api import twopc_pb2_grpc as pb_grpc
+from coordinator.errors import FailedPrecondition, InvalidArgument, Unavailable
+from coordinator.failpoints import Failpoints
+from coordinator.logs import configure_logging
+from coordinator.serving import listen, new_server, wait_for_stop_signal
+from participants.agent import Agent
+from participants.config import AgentConfig, load_agent_config
+from participants.servicer import ParticipantServicer
+from participants.xa import DbError, SessionPool
+
+_STARTUP_PATIENCE_S = 60.0
+_MARKER_GC_INTERVAL_S = 3600.0
+
+log = structlog.get_logger("twopc.agent")
+
+
+def build_agent(config: AgentConfig, environ: Mapping[str, str]) -> Agent:
+    pool = SessionPool(
+        host=config.mysql_host,
+        port=config.mysql_port,
+        user=config.mysql_user,
+        password=config.mysql_password(environ),
+        database=config.mysql_database,
+        pool_size=config.pool_size,
+        overflow=config.pool_overflow,
+        checkout_timeout=config.pool_checkout_timeout_s,
+        connect_timeout=config.mysql_connect_timeout_s,
+        read_timeout=config.mysql_read_timeout_s,
+        lock_wait_timeout=config.lock_wait_timeout_s,
+        idle_timeout=config.session_idle_timeout_s,
+    )
+    return Agent(config, pool, failpoints=Failpoints.from_env(environ))
+
+
+def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> None:
+    """Starts the agent, waiting for its database to come up (it may be restarting too)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            agent.start()
+        except (Unavailable, DbError) as err:
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"database of participant {agent.name} unreachable for {patience:.0f} s: {err}"
+                ) from err
+            log.warning("database_unreachable", error=str(err))
+            time.sleep(0.5)
+        else:
+            return
+
+
+async def serve(agent: Agent, config: AgentConfig) -> None:
+    workers = ThreadPoolExecutor(
+        max_workers=config.pool_size + config.pool_overflow + 4, thread_name_prefix="branch"
+    )
+    housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper")
+    server = new_server()
+    pb_grpc.add_ParticipantServicer_to_server(ParticipantServicer(agent, workers), server)
+    port = listen(server, config.listen)
+    await server.start()
+    log.info("agent_listening", address=config.listen, port=port)
+    reaper = asyncio.create_task(_housekeeping(agent, config, housekeeping))
+    try:
+        sig = await wait_for_stop_signal()
+        log.info("agent_stopping", signal=sig.name)
+    finally:
+        reaper.cancel()
+        await server.stop(grace=5)
+        await asyncio.get_running_loop().run_in_executor(housekeeping, agent.close)
+        workers.shutdown(wait=False, cancel_futures=True)
+        housekeeping.shutdown(wait=False)
+
+
+async def _housekeeping(agent: Agent, config: AgentConfig, executor: ThreadPoolExecutor) -> None:
+    loop = asyncio.get_running_loop()
+    next_gc = 0.0
+    while True:
+        await asyncio.sleep(config.reaper_interval_s)
+        try:
+            await loop.run_in_executor(executor, agent.reap_expired)
+            if loop.time() >= next_gc:
+                await loop.run_in_executor(executor, agent.collect_markers)
+                next_gc = loop.time() + _MARKER_GC_INTERVAL_S
+        except Exception:
+            log.exception("housekeeping_failed")
+
+
+def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> int:
+    try:
+        config = load_agent_config(config_path, environ)
+    except (InvalidArgument, ValueError) as err:
+        print(f"twopc agent: {err}")
+        return 2
+    configure_logging(config.log_level, component=f"agent:{config.name}")
+    agent = build_agent(config, environ)
+    try:
+        start_agent(agent)
+    except (FailedPrecondition, Unavailable) as err:
+        log.error("agent_cannot_start", error=err.message)
+        return 2
+    asyncio.run(serve(agent, config))
+    return 0

@@ -1,0 +1,178 @@
+"""The gRPC face of the agent: protobuf in, ``Agent`` calls in worker threads, protobuf out.
+
+Blocking database work runs in a thread pool so that the event loop keeps answering; every
+``TwopcError`` becomes a status here, and nothing else does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import TypeVar
+
+import structlog
+from grpc import aio
+
+from coordinator.api import twopc_pb2 as pb
+from coordinator.api import twopc_pb2_grpc as pb_grpc
+from coordinator.errors import Internal, TwopcError
+from coordinator.status import abort_with
+from coordinator.values import from_values, to_values
+from participants.agent import Agent, Presence, StatementRequest, Vote
+from participants.xa import StatementOutput
+
+T = TypeVar("T")
+Context = aio.ServicerContext[object, object]
+
+_VOTES = {
+    Vote.PREPARED: pb.VOTE_PREPARED,
+    Vote.READ_ONLY: pb.VOTE_READ_ONLY,
+    Vote.ABORT: pb.VOTE_ABORT,
+    Vote.ALREADY_COMMITTED: pb.VOTE_ALREADY_COMMITTED,
+}
+_PRESENCE = {
+    Presence.UNKNOWN: pb.BRANCH_STATE_UNKNOWN,
+    Presence.ACTIVE: pb.BRANCH_STATE_ACTIVE,
+    Presence.PREPARED: pb.BRANCH_STATE_PREPARED,
+    Presence.COMMITTED: pb.BRANCH_STATE_COMMITTED,
+    Presence.ROLLED_BACK: pb.BRANCH_STATE_ROLLED_BACK,
+}
+
+
+def statement_requests(statements: Sequence[pb.Statement]) -> list[StatementRequest]:
+    return [StatementRequest(s.sql, from_values(s.params)) for s in statements]
+
+
+def statement_results(outputs: Sequence[StatementOutput]) -> list[pb.StatementResult]:
+    return [
+        pb.StatementResult(
+            affected_rows=o.affected_rows,
+            last_insert_id=o.last_insert_id,
+            columns=o.columns,
+            rows=[pb.Row(values=to_values(row)) for row in o.rows],
+        )
+        for o in outputs
+    ]
+
+
+class ParticipantServicer(pb_grpc.ParticipantServicer):
+    def __init__(self, agent: Agent, executor: Executor) -> None:
+        self._agent = agent
+        self._executor = executor
+        self._log = structlog.get_logger("twopc.agent.rpc")
+
+    async def Execute(
+        self, request: pb.BranchExecuteRequest, context: Context
+    ) -> pb.BranchExecuteResponse:
+        def run() -> pb.BranchExecuteResponse:
+            outputs = self._agent.execute(
+                request.txid,
+                request.participant,
+                statement_requests(request.statements),
+                request.sequence,
+                request.timeout_ms,
+            )
+            return pb.BranchExecuteResponse(results=statement_results(outputs))
+
+        return await self._call(context, request.txid, run)
+
+    async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
+        def run() -> pb.PrepareResponse:
+            result = self._agent.prepare(
+                request.txid,
+                request.participant,
+                statement_requests(request.statements),
+                request.sequence,
+                request.timeout_ms,
+            )
+            return pb.PrepareResponse(
+                vote=_VOTES[result.vote],
+                reason=result.reason,
+                mysql_errno=result.mysql_errno,
+                results=statement_results(result.outputs),
+            )
+
+        return await self._call(context, request.txid, run)
+
+    async def Commit(
+        self, request: pb.BranchCommitRequest, context: Context
+    ) -> pb.BranchCommitResponse:
+        def run() -> pb.BranchCommitResponse:
+            result = self._agent.commit(
+                request.txid,
+                request.participant,
+                one_phase=request.one_phase,
+                statements=statement_requests(request.statements),
+                sequence=request.sequence,
+                timeout_ms=request.timeout_ms,
+            )
+            return pb.BranchCommitResponse(
+                results=statement_results(result.outputs),
+                already_committed=result.already_committed,
+            )
+
+        return await self._call(context, request.txid, run)
+
+    async def Rollback(
+        self, request: pb.BranchRollbackRequest, context: Context
+    ) -> pb.BranchRollbackResponse:
+        def run() -> pb.BranchRollbackResponse:
+            already = self._agent.rollback(request.txid, request.participant)
+            return pb.BranchRollbackResponse(already_rolled_back=already)
+
+        return await self._call(context, request.txid, run)
+
+    async def Recover(self, request: pb.RecoverRequest, context: Context) -> pb.RecoverResponse:
+        def run() -> pb.RecoverResponse:
+            branches = self._agent.recover(request.txid_prefix)
+            return pb.RecoverResponse(
+                branches=[
+                    pb.PreparedBranch(
+                        txid=b.xid.txid,
+                        participant=b.xid.branch,
+                        held_by_this_agent=b.held_by_this_agent,
+                    )
+                    for b in branches
+                ]
+            )
+
+        return await self._call(context, "", run)
+
+    async def Inspect(self, request: pb.InspectRequest, context: Context) -> pb.InspectResponse:
+        def run() -> pb.InspectResponse:
+            states = self._agent.inspect(list(request.txids))
+            return pb.InspectResponse(
+                branches=[
+                    pb.BranchStatus(txid=txid, state=_PRESENCE[state])
+                    for txid, state in states.items()
+                ]
+            )
+
+        return await self._call(context, "", run)
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: Context) -> pb.AgentInfo:
+        active, prepared = self._agent.counts()
+        return pb.AgentInfo(
+            participant=self._agent.name,
+            server_version=self._agent.server_version,
+            agent_instance=self._agent.instance_id,
+            active_branches=active,
+            prepared_branches=prepared,
+        )
+
+    async def _call(self, context: Context, txid: str, run: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, run)
+        except TwopcError as err:
+            err.txid = err.txid or txid
+            if err.code in ("INTERNAL", "UNKNOWN"):
+                self._log.error("rpc_failed", txid=txid, error=err.message)
+            await abort_with(context, err)
+        except Exception as err:
+            self._log.exception("rpc_crashed", txid=txid)
+            await abort_with(
+                context, Internal(f"agent error: {type(err).__name__}: {err}", txid=txid)
+            )
+        raise AssertionError("unreachable: abort_with raises")

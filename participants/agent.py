@@ -9,7 +9,8 @@ What happens to a branch:
   A statement that fails rolls the branch back at once (nothing half-done is ever prepared).
 - Prepare: a branch that ran a writing statement gets its marker row (txid, branch, owner session),
   then XA END and XA PREPARE; it votes PREPARED. A branch that only read votes READ_ONLY and is
-  finished by its own session (a read-only prepared branch is not durable on MariaDB).
+  rolled back by its own session (a read-only prepared branch is not durable on MariaDB, and
+  rolling back keeps a write hidden in a stored function from committing early).
 - Commit / Rollback: by the owning session when the agent has it; otherwise from any session. When
   the server answers XAER_NOTA, the marker row tells committed (present) from rolled back (absent);
   a branch still listed by XA RECOVER is held by a live session (a frozen or partitioned agent):
@@ -401,11 +402,11 @@ class Agent:
         self, branch: Branch, work: Sequence[_Work], sequence: int
     ) -> list[StatementOutput]:
         if sequence == branch.last_sequence and sequence > 0:
-            return branch.last_outputs
-        if sequence != branch.last_sequence + 1:
+            return branch.last_outputs  # a retry of the last call: its first answer
+        if sequence < branch.last_sequence:
             raise FailedPrecondition(
-                f"statements out of order on {self.name}: expected sequence "
-                f"{branch.last_sequence + 1}, got {sequence}",
+                f"stale Execute on {self.name}: sequence {sequence} comes after "
+                f"{branch.last_sequence} already ran",
                 txid=branch.txid,
             )
         session = branch.session
@@ -453,9 +454,11 @@ class Agent:
             self._abort(branch, "the transaction's deadline passed before prepare")
             return VoteResult(Vote.ABORT, branch.reason)
         if not branch.wrote:
+            # Rolled back, not committed: a SELECT that called a writing stored function must
+            # not commit that write ahead of the global decision.
             try:
                 session.xa("END", branch.xid)
-                session.xa("COMMIT", branch.xid, "ONE PHASE")
+                session.xa("ROLLBACK", branch.xid)
             except DbError as err:
                 self._abort(branch, f"read-only finish failed: {err}")
                 return VoteResult(Vote.ABORT, branch.reason, err.errno)

@@ -134,9 +134,13 @@ class SessionPool:
         lock_wait_timeout: int,
         idle_timeout: int,
     ) -> None:
+        # sql_mode: the statement guard lexes quotes as MySQL does by default; the two modes
+        # that change quoting are removed so that the server splits statements the same way.
         init = (
             f"SET SESSION innodb_lock_wait_timeout = {int(lock_wait_timeout)}, "
-            f"wait_timeout = {int(idle_timeout)}"
+            f"wait_timeout = {int(idle_timeout)}, "
+            "sql_mode = REPLACE(REPLACE(@@SESSION.sql_mode, 'NO_BACKSLASH_ESCAPES', ''), "
+            "'ANSI_QUOTES', '')"
         )
 
         def connect() -> Any:

@@ -372,8 +372,9 @@ class ExecuteRequest(_message.Message):
     txid: _builtins.str
     participant: _builtins.str
     sequence: _builtins.int
-    """1 for the first Execute of this transaction on this participant, then 2, 3, ...
-    A retried Execute repeats its number and gets the first answer without running anything twice.
+    """Numbers the Execute calls of this transaction on this participant: 1, then larger numbers
+    (gaps are allowed, e.g. after a refused call). A retried Execute repeats its number and gets
+    the first answer without running anything twice; a number below the last one is refused.
     """
     @_builtins.property
     def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]: ...

@@ -288,7 +288,8 @@ class TransactionManager:
                 raise FailedPrecondition(
                     f"transaction {txid} committed; it cannot roll back", txid=txid
                 )
-            self._settled_state(view)  # raises while the outcome is not known
+            if view.outcome is Outcome.PENDING:
+                self._settled_state(view)  # raises Unavailable: the outcome is not known yet
             return TxState.ABORTED
         if tx.state is TxState.ACTIVE:
             await self._shielded(self._abort(tx, "rolled back by the client"))

@@ -1,0 +1,180 @@
+"""Every RPC of the protocol is idempotent: a retried request has the effect of one request and
+gets the same answer. Driven with raw gRPC stubs, as a client library with its own retries would."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from coordinator.api import twopc_pb2 as pb
+from coordinator.api import twopc_pb2_grpc as pb_grpc
+from coordinator.playground.cluster import Cluster
+from coordinator.values import to_values
+from tests.support import balance, markers, prepared
+
+
+def statement(sql: str, *params: object) -> pb.Statement:
+    return pb.Statement(sql=sql, params=to_values(params))
+
+
+@pytest.fixture
+def coordinator(live_cluster: Cluster) -> Iterator[pb_grpc.CoordinatorStub]:
+    with grpc.insecure_channel(live_cluster.coordinator_address) as channel:
+        yield pb_grpc.CoordinatorStub(channel)
+
+
+@pytest.fixture
+def agent_us(live_cluster: Cluster) -> Iterator[pb_grpc.ParticipantStub]:
+    with grpc.insecure_channel(live_cluster.component("agent-us").address) as channel:
+        yield pb_grpc.ParticipantStub(channel)
+
+
+def test_coordinator_rpcs_retried(
+    live_cluster: Cluster, coordinator: pb_grpc.CoordinatorStub, bank: int
+) -> None:
+    first = coordinator.Begin(pb.BeginRequest(timeout_ms=5000, request_id="idem-begin"))
+    again = coordinator.Begin(pb.BeginRequest(timeout_ms=5000, request_id="idem-begin"))
+    assert first.txid == again.txid
+    txid = first.txid
+
+    debit = pb.ExecuteRequest(
+        txid=txid,
+        participant="eu",
+        sequence=1,
+        statements=[statement("UPDATE accounts SET balance = balance - %s WHERE id = %s", 10, 0)],
+    )
+    credit = pb.ExecuteRequest(
+        txid=txid,
+        participant="us",
+        sequence=1,
+        statements=[statement("UPDATE accounts SET balance = balance + %s WHERE id = %s", 10, 0)],
+    )
+    for request in (debit, debit, credit, credit, credit):
+        assert coordinator.Execute(request).results[0].affected_rows == 1
+
+    gap = pb.ExecuteRequest(
+        txid=txid,
+        participant="eu",
+        sequence=3,
+        statements=[statement("SELECT balance FROM accounts WHERE id = 0")],
+    )
+    assert coordinator.Execute(gap).results[0].rows[0].values[0].int_value == 990
+    stale = pb.ExecuteRequest(txid=txid, participant="eu", sequence=2, statements=gap.statements)
+    with pytest.raises(grpc.RpcError) as caught:
+        coordinator.Execute(stale)
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "stale Execute" in caught.value.details()
+
+    commits = [
+        coordinator.Commit(pb.CommitRequest(txid=txid, wait_for_phase2=True)) for _ in range(3)
+    ]
+    assert {c.state for c in commits} == {pb.TRANSACTION_STATE_COMMITTED}
+    assert balance(live_cluster, "eu", 0) == 990  # debited once, not twice
+    assert balance(live_cluster, "us", 0) == 1010
+
+    with pytest.raises(grpc.RpcError) as caught:
+        coordinator.Rollback(pb.RollbackRequest(txid=txid))
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+    infos = [coordinator.GetTransaction(pb.GetTransactionRequest(txid=txid)) for _ in range(2)]
+    assert all(i.outcome == pb.OUTCOME_COMMITTED for i in infos)
+
+
+def test_rollback_retried(coordinator: pb_grpc.CoordinatorStub, bank: int) -> None:
+    txid = coordinator.Begin(pb.BeginRequest(timeout_ms=5000)).txid
+    coordinator.Execute(
+        pb.ExecuteRequest(
+            txid=txid,
+            participant="ap",
+            sequence=1,
+            statements=[statement("UPDATE accounts SET balance = 0 WHERE id = 1")],
+        )
+    )
+    states = [coordinator.Rollback(pb.RollbackRequest(txid=txid)).state for _ in range(3)]
+    assert states == [pb.TRANSACTION_STATE_ABORTED] * 3
+    with pytest.raises(grpc.RpcError) as caught:
+        coordinator.Commit(pb.CommitRequest(txid=txid))
+    assert caught.value.code() is grpc.StatusCode.ABORTED
+
+
+def test_one_shot_retried_with_the_same_request_id_applies_once(
+    live_cluster: Cluster, coordinator: pb_grpc.CoordinatorStub, bank: int
+) -> None:
+    request = pb.RunTransactionRequest(
+        timeout_ms=5000,
+        request_id="idem-run",
+        wait_for_phase2=True,
+        work=[
+            pb.ParticipantStatements(
+                participant="eu",
+                statements=[statement("UPDATE accounts SET balance = balance - 1 WHERE id = 9")],
+            ),
+            pb.ParticipantStatements(
+                participant="ap",
+                statements=[statement("UPDATE accounts SET balance = balance + 1 WHERE id = 9")],
+            ),
+        ],
+    )
+    answers = [coordinator.RunTransaction(request) for _ in range(3)]
+    assert len({a.txid for a in answers}) == 1
+    assert balance(live_cluster, "eu", 9) == 999
+    assert balance(live_cluster, "ap", 9) == 1001
+
+
+def test_participant_rpcs_retried(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
+) -> None:
+    txid = "c1.r-idem-agent"
+    work = [statement("UPDATE accounts SET balance = balance + 100 WHERE id = 4")]
+    execute = pb.BranchExecuteRequest(
+        txid=txid, participant="us", sequence=1, timeout_ms=10_000, statements=work
+    )
+    agent_us.Execute(execute)
+    agent_us.Execute(execute)
+    votes = [agent_us.Prepare(pb.PrepareRequest(txid=txid, participant="us")) for _ in range(2)]
+    assert [v.vote for v in votes] == [pb.VOTE_PREPARED] * 2
+    assert prepared(live_cluster) == {"us": [txid]}
+    recovered = agent_us.Recover(pb.RecoverRequest(txid_prefix="c1.r-idem"))
+    assert [(b.txid, b.held_by_this_agent) for b in recovered.branches] == [(txid, True)]
+
+    commit = pb.BranchCommitRequest(txid=txid, participant="us")
+    assert agent_us.Commit(commit).already_committed is False
+    assert agent_us.Commit(commit).already_committed is True
+    assert balance(live_cluster, "us", 4) == 1100
+    assert markers(live_cluster, txid) == {"us"}
+    with pytest.raises(grpc.RpcError) as caught:
+        agent_us.Rollback(pb.BranchRollbackRequest(txid=txid, participant="us"))
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    state = agent_us.Inspect(pb.InspectRequest(txids=[txid])).branches[0].state
+    assert state == pb.BRANCH_STATE_COMMITTED
+
+
+def test_participant_rollback_retried_and_misrouted_calls_refused(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
+) -> None:
+    txid = "c1.r-idem-agent-rb"
+    agent_us.Execute(
+        pb.BranchExecuteRequest(
+            txid=txid,
+            participant="us",
+            sequence=1,
+            timeout_ms=10_000,
+            statements=[statement("UPDATE accounts SET balance = 0 WHERE id = 5")],
+        )
+    )
+    agent_us.Prepare(pb.PrepareRequest(txid=txid, participant="us"))
+    rollback = pb.BranchRollbackRequest(txid=txid, participant="us")
+    assert agent_us.Rollback(rollback).already_rolled_back is False
+    assert agent_us.Rollback(rollback).already_rolled_back is True
+    assert balance(live_cluster, "us", 5) == 1000
+    vote = agent_us.Prepare(pb.PrepareRequest(txid=txid, participant="us"))
+    assert vote.vote == pb.VOTE_ABORT
+
+    with pytest.raises(grpc.RpcError) as caught:
+        agent_us.Execute(
+            pb.BranchExecuteRequest(txid="c1.r-x", participant="eu", sequence=1, statements=[])
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "serves participant 'us', not 'eu'" in caught.value.details()

@@ -1,0 +1,201 @@
+"""Distributed transactions on real MariaDB regions, through the SDK, a real coordinator and agents.
+
+Every outcome is checked on the databases themselves: balances, marker rows (which branch
+committed) and XA RECOVER (nothing left prepared; the ``live_cluster`` fixture checks that too).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.client import (
+    Client,
+    InvalidArgument,
+    NotFound,
+    Outcome,
+    StatementFailed,
+    TransactionAborted,
+    TransactionState,
+)
+from coordinator.playground.cluster import Cluster, wait_until
+from tests.support import balance, markers, prepared, transfer_sql
+
+DUPLICATE_KEY = 1062
+
+
+def test_commit_across_three_participants(live_cluster: Cluster, client: Client, bank: int) -> None:
+    with client.transaction(timeout=5) as tx:
+        before = tx.execute("eu", "SELECT balance FROM accounts WHERE id = %s", [1]).scalar()
+        tx.execute("eu", "UPDATE accounts SET balance = balance - %s WHERE id = %s", [30, 1])
+        tx.execute("us", "UPDATE accounts SET balance = balance + %s WHERE id = %s", [10, 2])
+        tx.execute("ap", "UPDATE accounts SET balance = balance + %s WHERE id = %s", [20, 3])
+
+    assert before == 1000
+    assert tx.state in (TransactionState.COMMITTING, TransactionState.COMMITTED)
+    wait_until(lambda: markers(live_cluster, tx.txid) == {"eu", "us", "ap"}, 5, "phase 2")
+    assert balance(live_cluster, "eu", 1) == 970
+    assert balance(live_cluster, "us", 2) == 1010
+    assert balance(live_cluster, "ap", 3) == 1020
+    info = client.get_transaction(tx.txid)
+    assert info.outcome is Outcome.COMMITTED
+    assert not prepared(live_cluster)
+
+
+def test_commit_waiting_for_phase2_is_applied_when_it_returns(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    tx = client.begin(timeout=5)
+    tx.execute("eu", "UPDATE accounts SET balance = balance - 5 WHERE id = 0")
+    tx.execute("us", "UPDATE accounts SET balance = balance + 5 WHERE id = 0")
+    assert tx.commit(wait_for_phase2=True) is TransactionState.COMMITTED
+    assert markers(live_cluster, tx.txid) == {"eu", "us"}
+    assert not prepared(live_cluster)
+
+
+def test_exception_in_block_rolls_back_everywhere(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    with (  # noqa: PT012
+        pytest.raises(RuntimeError, match="changed my mind"),
+        client.transaction(timeout=5) as tx,
+    ):
+        tx.execute("eu", "UPDATE accounts SET balance = balance - 7 WHERE id = 4")
+        tx.execute("ap", "UPDATE accounts SET balance = balance + 7 WHERE id = 4")
+        raise RuntimeError("changed my mind")
+
+    assert balance(live_cluster, "eu", 4) == 1000
+    assert balance(live_cluster, "ap", 4) == 1000
+    assert markers(live_cluster, tx.txid) == set()
+    assert client.get_transaction(tx.txid).outcome is Outcome.ABORTED
+
+
+def test_explicit_rollback_releases_row_locks(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    tx = client.begin(timeout=30)
+    tx.execute("us", "UPDATE accounts SET balance = 0 WHERE id = 5")
+    tx.rollback()
+    # The row lock is gone: another transaction updates the row at once (lock wait would be 5 s).
+    started = time.monotonic()
+    client.run({"us": transfer_sql(1, 5)}, timeout=5)
+    assert time.monotonic() - started < 2.0
+    assert balance(live_cluster, "us", 5) == 1001
+
+
+def test_duplicate_key_in_one_branch_votes_no_and_aborts_everywhere(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    work = {
+        "eu": transfer_sql(-50, 6),
+        "us": [("INSERT INTO accounts (id, balance) VALUES (%s, %s)", [6, 1])],  # id 6 exists
+        "ap": transfer_sql(50, 6),
+    }
+    with pytest.raises(TransactionAborted) as caught:
+        client.run(work, timeout=5, request_id="dup-key-vote")
+    assert isinstance(caught.value, StatementFailed)
+    assert caught.value.mysql_errno == DUPLICATE_KEY
+    assert "us" in caught.value.message
+    txid = caught.value.txid
+    assert txid
+    assert markers(live_cluster, txid) == set()
+    assert balance(live_cluster, "eu", 6) == 1000
+    assert balance(live_cluster, "ap", 6) == 1000
+    assert client.get_transaction(request_id="dup-key-vote").outcome is Outcome.ABORTED
+
+
+def test_failed_statement_aborts_the_interactive_transaction(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    tx = client.begin(timeout=5)
+    tx.execute("eu", "UPDATE accounts SET balance = balance - 1 WHERE id = 7")
+    with pytest.raises(StatementFailed) as caught:
+        tx.execute("us", "INSERT INTO accounts (id, balance) VALUES (7, 0)")
+    assert caught.value.mysql_errno == DUPLICATE_KEY
+    with pytest.raises(TransactionAborted):
+        tx.commit()
+    assert balance(live_cluster, "eu", 7) == 1000
+    assert client.get_transaction(tx.txid).outcome is Outcome.ABORTED
+
+
+def test_deadline_aborts_and_releases_locks(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    tx = client.begin(timeout=0.5)
+    tx.execute("eu", "UPDATE accounts SET balance = 0 WHERE id = 8")
+    wait_until(
+        lambda: client.get_transaction(tx.txid).outcome is Outcome.ABORTED,
+        5,
+        "the coordinator's reaper aborting the expired transaction",
+    )
+    with pytest.raises(TransactionAborted, match="deadline"):
+        tx.commit()
+    started = time.monotonic()
+    client.run({"eu": transfer_sql(1, 8)}, timeout=5)
+    assert time.monotonic() - started < 2.0
+    assert balance(live_cluster, "eu", 8) == 1001
+
+
+def test_single_participant_takes_the_one_phase_path(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    log_file = Path(live_cluster.component("coordinator").data_dir) / "decisions.log"
+    size_before = log_file.stat().st_size if log_file.exists() else 0
+    result = client.run({"ap": transfer_sql(9, 9)}, timeout=5)
+    assert result.state is TransactionState.COMMITTED  # no phase 2: done when it returns
+    assert markers(live_cluster, result.txid) == {"ap"}
+    assert balance(live_cluster, "ap", 9) == 1009
+    size_after = log_file.stat().st_size if log_file.exists() else 0
+    assert size_after == size_before, "a one-phase commit must not write the decision log"
+
+
+def test_read_only_branch_leaves_phase_two(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    result = client.run(
+        {
+            "eu": [("SELECT balance FROM accounts WHERE id = %s FOR UPDATE", [1])],
+            "us": transfer_sql(3, 1),
+        },
+        timeout=5,
+        wait_for_phase2=True,
+    )
+    assert result.results["eu"][0].rows == [(1000,)]
+    assert markers(live_cluster, result.txid) == {"us"}  # the read-only branch wrote no marker
+    assert balance(live_cluster, "us", 1) == 1003
+
+
+def test_refused_statement_leaves_the_transaction_usable(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    tx = client.begin(timeout=5)
+    tx.execute("eu", "UPDATE accounts SET balance = balance + 2 WHERE id = 2")
+    for sql in (
+        "XA COMMIT 'x'",
+        "COMMIT",
+        "SET autocommit = 1",
+        "DROP TABLE accounts",
+        "SELECT 1; SELECT 2",
+        "DELETE FROM twopc_branch_marker",
+    ):
+        with pytest.raises(InvalidArgument):
+            tx.execute("eu", sql)
+    tx.execute("us", "UPDATE accounts SET balance = balance - 2 WHERE id = 2")
+    tx.commit(wait_for_phase2=True)
+    assert balance(live_cluster, "eu", 2) == 1002
+    assert balance(live_cluster, "us", 2) == 998
+
+
+def test_unknown_participant_and_transaction_are_named(client: Client, bank: int) -> None:
+    with pytest.raises(NotFound, match="unknown participant 'mars'"):
+        client.run({"mars": transfer_sql(1, 1)}, timeout=5)
+    tx = client.begin(timeout=5)
+    with pytest.raises(NotFound, match="mars"):
+        tx.execute("mars", "SELECT 1")
+    tx.rollback()
+    with pytest.raises(InvalidArgument, match="not a twopc transaction id"):
+        client.get_transaction("not-a-txid")
+    with pytest.raises(NotFound, match="belongs to coordinator 'elsewhere'"):
+        client.get_transaction("elsewhere.r-x")

@@ -1,7 +1,9 @@
 """The coordinator's gRPC clients of the participant agents (``ParticipantPort`` over gRPC).
 
-One persistent HTTP/2 channel per agent. Calls fail fast when an agent is down (the engine decides
-what a failure means: abort before the decision, retry after it).
+One persistent HTTP/2 channel per agent. Calls made on behalf of a transaction (execute, prepare,
+commit) wait for the channel to connect, within the transaction's time: an agent that restarts
+is reached as soon as it is back. Rollback, Recover and Inspect fail fast: their callers have
+another way (the agent's deadline reaper, the next recovery pass).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class AgentClients:
             sequence=sequence,
             timeout_ms=_ms(timeout),
         )
-        reply = await self._call(self._stubs[participant].Execute, request, timeout)
+        reply = await self._call(self._stubs[participant].Execute, request, timeout, wait=True)
         return list(reply.results)
 
     async def prepare(
@@ -82,7 +84,7 @@ class AgentClients:
             sequence=sequence,
             timeout_ms=_ms(timeout),
         )
-        reply = await self._call(self._stubs[participant].Prepare, request, timeout)
+        reply = await self._call(self._stubs[participant].Prepare, request, timeout, wait=True)
         return VoteReply(
             _VOTES.get(reply.vote, Vote.ABORT), reply.reason, reply.mysql_errno, list(reply.results)
         )
@@ -105,7 +107,7 @@ class AgentClients:
             sequence=sequence,
             timeout_ms=_ms(timeout),
         )
-        reply = await self._call(self._stubs[participant].Commit, request, timeout)
+        reply = await self._call(self._stubs[participant].Commit, request, timeout, wait=True)
         return CommitReply(list(reply.results), reply.already_committed)
 
     async def rollback(self, participant: str, txid: str, timeout: float) -> bool:
@@ -126,9 +128,9 @@ class AgentClients:
         return {b.txid: _PRESENCE.get(b.state, Presence.UNKNOWN) for b in reply.branches}
 
     @staticmethod
-    async def _call(method: Any, request: Any, timeout: float) -> Any:
+    async def _call(method: Any, request: Any, timeout: float, *, wait: bool = False) -> Any:
         try:
-            return await method(request, timeout=max(timeout, _MIN_TIMEOUT_S))
+            return await method(request, timeout=max(timeout, _MIN_TIMEOUT_S), wait_for_ready=wait)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
 

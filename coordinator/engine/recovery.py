@@ -58,8 +58,7 @@ class Recovery:
             report.redriven = sum(done)
             report.left += len(done) - sum(done)
             ports = self._manager.participants
-            for participant in ports.names():
-                await self._resolve_prepared(participant, report)
+            await asyncio.gather(*(self._resolve_prepared(p, report) for p in ports.names()))
             if report.redriven or report.committed or report.rolled_back or not report.clean:
                 log.info("recovery_pass", **report.__dict__)
             return report

@@ -258,15 +258,19 @@ class Cluster:
         with self.mysql(component.region, database="") as conn, conn.cursor() as cursor:
             cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
 
-    def restart(self, name: str, *, timeout: float = 60.0, save: bool = True) -> int:
-        """Starts a component from its recorded command line and waits until it answers."""
+    def restart(
+        self, name: str, *, timeout: float = 60.0, save: bool = True, wait: bool = True
+    ) -> int:
+        """Starts a component from its recorded command line and (unless ``wait`` is false)
+        waits until it answers."""
         component = self.component(name)
         if component.alive():
             raise PlaygroundError(f"{name} is running (pid {component.pid}); kill it first")
         pid = component.spawn()
         if save:
             self.save()
-        self.wait_ready(name, timeout)
+        if wait:
+            self.wait_ready(name, timeout)
         return pid
 
     def kill(self, name: str, sig: int = signal.SIGKILL, *, wait: bool = True) -> None:

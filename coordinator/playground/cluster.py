@@ -5,6 +5,7 @@ state file records (``state.json`` in the cluster's directory), so that an outsi
 any part with a real signal and start it again exactly as the cluster did::
 
     {"version": 1, "directory": ..., "coordinator_id": "c1", "regions": ["eu", "us", "ap"],
+     "database": "twopc",
      "components": {
         "mariadb-eu": {"kind": "mariadb", "region": "eu", "address": "127.0.0.1:41234",
                        "pid": 1234, "data_dir": ..., "command": [...], "cwd": ..., "env": {...},
@@ -319,6 +320,7 @@ class Cluster:
             "directory": str(self.directory),
             "coordinator_id": self.coordinator_id,
             "regions": self.regions,
+            "database": DATABASE,
             "components": {n: asdict(c) for n, c in self.components.items()},
         }
         scratch = self.state_path.with_suffix(".tmp")

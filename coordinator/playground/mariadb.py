@@ -350,15 +350,13 @@ class MariaDBInstance:
         self.binaries.check()
         self.initialize()
         deadline = time.monotonic() + timeout
-        attempts = _PORT_ATTEMPTS if self._auto_port else 1
-        for attempt in range(1, attempts + 1):
+        retries = _PORT_ATTEMPTS - 1 if self._auto_port else 0
+        for _ in range(retries):
             try:
                 return self._start_once(deadline, timeout)
             except _PortTaken:
-                if attempt == attempts:
-                    raise
                 self._port = free_port()
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._start_once(deadline, timeout)
 
     def pid(self) -> int | None:
         """The running server's pid, or None.

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian/Ubuntu machine for twopc's demo and tests, installing only what is
+# missing:
+#   - the MariaDB server binaries (mariadbd, mariadb-install-db), from apt. The system service is
+#     left stopped and disabled: the tests start throwaway servers of their own;
+#   - Python >= 3.11 with venv support (python3-venv);
+#   - .venv in the repository root, with pip upgraded and `pip install -e '.[dev]'`.
+# Safe to run again: a second run finds everything in place and changes nothing. The editable
+# install is redone only when pyproject.toml changed since the last run.
+# Environment: PYTHON names the interpreter to build .venv with (default: the first python3,
+# python3.13, python3.12 or python3.11 on PATH that is at least 3.11).
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$repo_root/.venv"
+stamp="$venv/.twopc-setup-stamp"
+policy=/usr/sbin/policy-rc.d
+policy_backup="$policy.twopc-setup-backup"
+
+say() { printf 'setup: %s\n' "$*"; }
+die() {
+    printf 'setup: error: %s\n' "$*" >&2
+    exit 1
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root or sudo to run: $*"
+    fi
+}
+
+apt_updated=0
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 ||
+        die "apt-get not found; install these yourself: $*"
+    if [ "$apt_updated" -eq 0 ]; then
+        say "apt-get update"
+        as_root apt-get update
+        apt_updated=1
+    fi
+    say "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "$@"
+}
+
+# Where a binary is: PATH first, then the sbin/bin directories Debian uses (often not on PATH for
+# ordinary users). Prints nothing and fails when it is nowhere.
+find_binary() {
+    local name="$1" dir
+    if command -v "$name" 2>/dev/null; then
+        return 0
+    fi
+    for dir in /usr/sbin /usr/bin; do
+        if [ -x "$dir/$name" ]; then
+            printf '%s\n' "$dir/$name"
+            return 0
+        fi
+    done
+    return 1
+}
+
+have_mariadb() {
+    find_binary mariadbd >/dev/null && find_binary mariadb-install-db >/dev/null
+}
+
+restore_policy() {
+    if [ -e "$policy_backup" ]; then
+        as_root mv -f "$policy_backup" "$policy"
+    else
+        as_root rm -f "$policy"
+    fi
+}
+
+install_mariadb() {
+    # Package scripts start services through invoke-rc.d / deb-systemd-invoke, which ask
+    # policy-rc.d first: exit code 101 means "do not start anything". Keep whatever policy the
+    # machine had and put it back afterwards.
+    if [ -e "$policy" ]; then
+        as_root cp -p "$policy" "$policy_backup"
+    fi
+    trap restore_policy EXIT
+    printf '#!/bin/sh\n# deploy/setup.sh: no service starts while packages install.\nexit 101\n' |
+        as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+
+    apt_install mariadb-server
+
+    restore_policy
+    trap - EXIT
+    # policy-rc.d stops the start but not the enabling; on a systemd machine undo that too (the
+    # service was not running before: there was no server to run).
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        say "systemctl disable --now mariadb.service (the tests run their own servers)"
+        as_root systemctl disable --now mariadb.service >/dev/null 2>&1 || true
+    fi
+}
+
+python_ok() { # at least 3.11
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1
+}
+
+find_python() {
+    local candidate
+    for candidate in ${PYTHON:-} python3 python3.13 python3.12 python3.11; do
+        if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# --- MariaDB ------------------------------------------------------------------------------------
+if have_mariadb; then
+    say "MariaDB: found $(find_binary mariadbd) and $(find_binary mariadb-install-db)"
+else
+    say "MariaDB: mariadbd or mariadb-install-db missing; installing mariadb-server"
+    install_mariadb
+    have_mariadb || die "mariadb-server installed, yet mariadbd or mariadb-install-db is missing"
+    say "MariaDB: installed $(find_binary mariadbd) and $(find_binary mariadb-install-db)"
+fi
+
+# --- Python -------------------------------------------------------------------------------------
+if ! python="$(find_python)"; then
+    say "Python: no python >= 3.11 found; installing python3 and python3-venv"
+    apt_install python3 python3-venv
+    python="$(find_python)" || die "python3 from apt is older than 3.11; install Python >= 3.11"
+fi
+say "Python: $python ($("$python" -c 'import sys; print(sys.version.split()[0])'))"
+
+if [ ! -x "$venv/bin/python" ]; then
+    # Debian moves ensurepip, which venv needs, into python3.X-venv.
+    if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        version="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+        if [ "$(command -v python3 || true)" = "$python" ]; then
+            apt_install python3-venv
+        else
+            apt_install "python$version-venv"
+        fi
+    fi
+    say "creating $venv"
+    "$python" -m venv "$venv"
+    rm -f "$stamp"
+else
+    say "virtualenv: $venv exists"
+fi
+
+# --- the project --------------------------------------------------------------------------------
+wanted="$(sha256sum "$repo_root/pyproject.toml" | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+    say "dependencies: up to date (pyproject.toml unchanged since the last install)"
+else
+    say "upgrading pip"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    say "pip install -e '.[dev]'"
+    (cd "$repo_root" && "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -e '.[dev]')
+    printf '%s\n' "$wanted" >"$stamp"
+fi
+
+say "done; run the tests with deploy/test.sh"

@@ -142,23 +142,20 @@ class CoordinatorKiller:
             self.downtime.append(self.last_restart - killed)
 
 
-def test_200_transfers_with_the_coordinator_killed_at_random_moments(
-    playground: dict[str, Any], spawned: list[subprocess.Popen[bytes]]
-) -> None:
-    regions = playground["regions"]
-    for region in regions:
-        with database(playground, region) as cursor:
+Plan = tuple[str, str, int, str, int, int]  # request id, source region and id, target, amount
+
+
+def seed_accounts(state: dict[str, Any]) -> int:
+    for region in state["regions"]:
+        with database(state, region) as cursor:
             cursor.execute("CREATE TABLE accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
             cursor.executemany(
                 "INSERT INTO accounts VALUES (%s, %s)", [(i, 1000) for i in range(ACCOUNTS)]
             )
-    expected_total = 1000 * ACCOUNTS * len(regions)
-    rng = random.Random(20261129)
-    killer = CoordinatorKiller(
-        playground["components"]["coordinator"],
-        rng.sample(range(10, TRANSFERS - 10), KILLS),
-        spawned,
-    )
+    return 1000 * ACCOUNTS * len(state["regions"])
+
+
+def plan_transfers(regions: list[str], rng: random.Random) -> list[Plan]:
     plans = []
     for index in range(TRANSFERS):
         source, target = rng.sample(regions, 2)
@@ -172,83 +169,110 @@ def test_200_transfers_with_the_coordinator_killed_at_random_moments(
                 rng.randint(1, 100),
             )
         )
+    return plans
+
+
+def run_transfers(client: Client, plans: list[Plan], killer: CoordinatorKiller) -> dict[str, str]:
+    """Runs the transfers on WORKERS threads; returns what the client saw of each."""
+    queue = list(plans)
     seen: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                request_id, source, source_id, target, target_id, amount = queue.pop()
+            try:
+                client.run(
+                    {
+                        source: [
+                            (
+                                "UPDATE accounts SET balance = balance - %s WHERE id = %s",
+                                [amount, source_id],
+                            )
+                        ],
+                        target: [
+                            (
+                                "UPDATE accounts SET balance = balance + %s WHERE id = %s",
+                                [amount, target_id],
+                            )
+                        ],
+                    },
+                    timeout=5,
+                    request_id=request_id,
+                )
+                outcome = "committed"
+            except TransactionAborted:
+                outcome = "aborted"
+            except (OutcomeUnknown, TwopcError):
+                outcome = "unknown"
+            with lock:
+                seen[request_id] = outcome
+            killer.transfer_done()
+
+    threads = [threading.Thread(target=worker) for _ in range(WORKERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    return seen
+
+
+def prepared(state: dict[str, Any]) -> list[str]:
+    left = []
+    for region in state["regions"]:
+        with database(state, region) as cursor:
+            cursor.execute("XA RECOVER")
+            left += [
+                f"{region}:{row[3]!r}" for row in cursor.fetchall() if int(row[0]) == FORMAT_ID
+            ]
+    return left
+
+
+def applied_txids(state: dict[str, Any]) -> dict[str, set[str]]:
+    applied = {}
+    for region in state["regions"]:
+        with database(state, region) as cursor:
+            cursor.execute("SELECT gtrid FROM twopc_branch_marker")
+            applied[region] = {bytes(r[0]).decode() for r in cursor.fetchall()}
+    return applied
+
+
+def total_balance(state: dict[str, Any]) -> int:
+    total = 0
+    for region in state["regions"]:
+        with database(state, region) as cursor:
+            cursor.execute("SELECT SUM(balance) FROM accounts")
+            total += int(cursor.fetchone()[0])
+    return total
+
+
+def test_200_transfers_with_the_coordinator_killed_at_random_moments(
+    playground: dict[str, Any], spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    expected_total = seed_accounts(playground)
+    rng = random.Random(20261129)
+    coordinator = playground["components"]["coordinator"]
+    killer = CoordinatorKiller(coordinator, rng.sample(range(10, TRANSFERS - 10), KILLS), spawned)
+    plans = plan_transfers(playground["regions"], rng)
     policy = RetryPolicy(attempts=200, initial_backoff=0.02, max_backoff=0.3, deadline=30.0)
-    address = playground["components"]["coordinator"]["address"]
-    with Client(address, retry_policy=policy, rpc_timeout=10) as client:
-        queue = list(plans)
-        lock = threading.Lock()
-
-        def worker() -> None:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    request_id, source, source_id, target, target_id, amount = queue.pop()
-                try:
-                    client.run(
-                        {
-                            source: [
-                                (
-                                    "UPDATE accounts SET balance = balance - %s WHERE id = %s",
-                                    [amount, source_id],
-                                )
-                            ],
-                            target: [
-                                (
-                                    "UPDATE accounts SET balance = balance + %s WHERE id = %s",
-                                    [amount, target_id],
-                                )
-                            ],
-                        },
-                        timeout=5,
-                        request_id=request_id,
-                    )
-                    outcome = "committed"
-                except TransactionAborted:
-                    outcome = "aborted"
-                except (OutcomeUnknown, TwopcError):
-                    outcome = "unknown"
-                with lock:
-                    seen[request_id] = outcome
-                killer.transfer_done()
-
+    with Client(coordinator["address"], retry_policy=policy, rpc_timeout=10) as client:
         chaos = threading.Thread(target=killer.run)
         chaos.start()
-        threads = [threading.Thread(target=worker) for _ in range(WORKERS)]
         started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=240)
+        seen = run_transfers(client, plans, killer)
         elapsed = time.monotonic() - started
         chaos.join(timeout=60)
         assert len(seen) == TRANSFERS
         assert len(killer.downtime) == KILLS, "every kill happened during the run"
 
-        def prepared() -> list[str]:
-            left = []
-            for region in regions:
-                with database(playground, region) as cursor:
-                    cursor.execute("XA RECOVER")
-                    left += [
-                        f"{region}:{row[3]!r}"
-                        for row in cursor.fetchall()
-                        if int(row[0]) == FORMAT_ID
-                    ]
-            return left
-
-        while prepared() and time.monotonic() < killer.last_restart + QUIESCENCE_S:
+        while prepared(playground) and time.monotonic() < killer.last_restart + QUIESCENCE_S:
             time.sleep(0.05)
         quiet_after = time.monotonic() - killer.last_restart
-        assert prepared() == [], f"prepared branches left {quiet_after:.1f} s after the restart"
+        assert prepared(playground) == [], f"branches left {quiet_after:.1f} s after the restart"
 
-        coordinator_id = playground["coordinator_id"]
-        applied: dict[str, set[str]] = {region: set() for region in regions}
-        for region in regions:
-            with database(playground, region) as cursor:
-                cursor.execute("SELECT gtrid FROM twopc_branch_marker")
-                applied[region] = {bytes(r[0]).decode() for r in cursor.fetchall()}
         resolved = {}
         for request_id, outcome in seen.items():
             if outcome == "unknown":
@@ -256,17 +280,14 @@ def test_200_transfers_with_the_coordinator_killed_at_random_moments(
                 assert info.outcome in (Outcome.COMMITTED, Outcome.ABORTED), request_id
                 resolved[request_id] = info.outcome.name.lower()
 
+    applied = applied_txids(playground)
     for request_id, source, _, target, _, _ in plans:
-        txid = f"{coordinator_id}.r-{request_id}"
+        txid = f"{playground['coordinator_id']}.r-{request_id}"
         sides = {txid in applied[source], txid in applied[target]}
         assert len(sides) == 1, f"{request_id} applied on one side only"
         outcome = resolved.get(request_id, seen[request_id])
         assert sides == {outcome == "committed"}, f"{request_id}: client saw {seen[request_id]}"
-    total = 0
-    for region in regions:
-        with database(playground, region) as cursor:
-            cursor.execute("SELECT SUM(balance) FROM accounts")
-            total += int(cursor.fetchone()[0])
+    total = total_balance(playground)
     assert total == expected_total
 
     counts = Counter(seen.values())

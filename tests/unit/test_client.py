@@ -727,7 +727,7 @@ def test_statement_failure_carries_mysql_errno_and_is_not_retried(
     # The coordinator rolled it back already: no Rollback sent, nothing more allowed.
     assert tx.state is TransactionState.ABORTED
     assert fake.count("Rollback") == 0
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(TransactionAborted, match="Duplicate entry"):
         tx.execute("eu", "SELECT 1")
 
 

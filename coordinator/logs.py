@@ -7,6 +7,7 @@ Production chain: contextvars (``txid`` is bound there), level, ISO UTC timestam
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
@@ -35,3 +36,12 @@ def configure_logging(level: str = "info", *, console: bool = False, component: 
     )
     if component:
         structlog.contextvars.bind_contextvars(component=component)
+
+
+_DATABASE_MESSAGE = re.compile(r"\((\d{3,5})\) [^;]*")
+
+
+def redact(reason: str) -> str:
+    """``reason`` without the database's own message text, which may quote row data
+    ("Duplicate entry 'alice@example.com' for key ..."): only the error number stays."""
+    return _DATABASE_MESSAGE.sub(r"(\1) [database message not logged]", reason)

@@ -13,6 +13,7 @@ from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.engine.manager import TransactionManager, TransactionView
 from coordinator.engine.states import Outcome, TxState
 from coordinator.errors import Internal, InvalidArgument, TwopcError
+from coordinator.logs import redact
 from coordinator.status import abort_with
 
 T = TypeVar("T")
@@ -131,7 +132,7 @@ async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]]) -
         except TwopcError as err:
             err.txid = err.txid or txid
             if err.code in ("INTERNAL", "UNKNOWN"):
-                log.error("rpc_failed", error=err.message)
+                log.error("rpc_failed", error=redact(err.message))
             await abort_with(context, err)
         except Exception as err:
             log.exception("rpc_crashed")

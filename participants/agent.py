@@ -37,6 +37,7 @@ from coordinator.errors import (
     Unavailable,
 )
 from coordinator.failpoints import Failpoints
+from coordinator.logs import redact
 from coordinator.txid import Xid, check_participant_name, parse_txid
 from coordinator.values import SqlValue
 from participants.branches import Branch, BranchRegistry, BranchState, FinishedBranch
@@ -658,7 +659,7 @@ class Agent:
             else:
                 session.release()
         self._finish(branch, BranchState.ROLLED_BACK, reason)
-        self._log.info("branch_rolled_back", txid=branch.txid, reason=reason)
+        self._log.info("branch_rolled_back", txid=branch.txid, reason=redact(reason))
 
     def _finish(
         self, branch: Branch, state: BranchState, reason: str = "", *, release: bool = False

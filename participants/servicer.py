@@ -17,6 +17,7 @@ from grpc import aio
 from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.errors import Internal, TwopcError
+from coordinator.logs import redact
 from coordinator.status import abort_with
 from coordinator.values import from_values, to_values
 from participants.agent import Agent, Presence, StatementRequest, Vote
@@ -168,7 +169,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         except TwopcError as err:
             err.txid = err.txid or txid
             if err.code in ("INTERNAL", "UNKNOWN"):
-                self._log.error("rpc_failed", txid=txid, error=err.message)
+                self._log.error("rpc_failed", txid=txid, error=redact(err.message))
             await abort_with(context, err)
         except Exception as err:
             self._log.exception("rpc_crashed", txid=txid)

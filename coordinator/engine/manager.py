@@ -52,6 +52,7 @@ from coordinator.errors import (
     is_transport_failure,
 )
 from coordinator.failpoints import Failpoints
+from coordinator.logs import redact
 from coordinator.txid import new_txid, parse_txid, txid_for_request, txid_prefix
 
 log = structlog.get_logger("twopc.coordinator")
@@ -585,7 +586,7 @@ class TransactionManager:
         tx.abort_errno = mysql_errno
         if seal is TxState.ABORTED:
             tx.move_to(TxState.ABORTING)
-        log.info("transaction_aborted", txid=tx.txid, reason=reason)
+        log.info("transaction_aborted", txid=tx.txid, reason=redact(reason))
         targets = [p for p in tx.participants if p not in tx.settled_branches]
         await asyncio.gather(*(self._rollback_quietly(p, tx.txid) for p in targets))
         if seal is TxState.ABORTED:

@@ -42,6 +42,8 @@ def test_commit_across_three_participants(live_cluster: Cluster, client: Client,
     info = client.get_transaction(tx.txid)
     assert info.outcome is Outcome.COMMITTED
     assert not prepared(live_cluster)
+    log_file = Path(live_cluster.component("coordinator").data_dir) / "decisions.log"
+    assert tx.txid.encode() in log_file.read_bytes(), "a 2PC commit decision is logged"
 
 
 def test_commit_waiting_for_phase2_is_applied_when_it_returns(

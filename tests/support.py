@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import grpc
+
+from coordinator.api import twopc_pb2 as pb
+from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.playground.cluster import Cluster
 from coordinator.playground.invariants import committed_markers, prepared_branches
+from coordinator.values import to_values
 
 
 def balance(cluster: Cluster, region: str, account: int) -> int:
@@ -25,3 +30,26 @@ def prepared(cluster: Cluster) -> dict[str, list[str]]:
 
 def transfer_sql(amount: int, account: int) -> list[tuple[str, list[int]]]:
     return [("UPDATE accounts SET balance = balance + %s WHERE id = %s", [amount, account])]
+
+
+def prepare_on_agent(cluster: Cluster, region: str, txid: str, amount: int, account: int) -> None:
+    """Executes a balance change in a branch on ``region``'s agent and prepares it, straight
+    through the Participant API (as a coordinator would, and then forgets it)."""
+    with grpc.insecure_channel(cluster.component(f"agent-{region}").address) as channel:
+        agent = pb_grpc.ParticipantStub(channel)
+        agent.Execute(
+            pb.BranchExecuteRequest(
+                txid=txid,
+                participant=region,
+                sequence=1,
+                timeout_ms=30_000,
+                statements=[
+                    pb.Statement(
+                        sql="UPDATE accounts SET balance = balance + %s WHERE id = %s",
+                        params=to_values([amount, account]),
+                    )
+                ],
+            )
+        )
+        vote = agent.Prepare(pb.PrepareRequest(txid=txid, participant=region))
+    assert vote.vote == pb.VOTE_PREPARED

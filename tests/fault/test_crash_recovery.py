@@ -11,11 +11,8 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.client import (
     Client,
     Outcome,
@@ -26,8 +23,7 @@ from coordinator.client import (
 )
 from coordinator.playground.bank import total_balance
 from coordinator.playground.cluster import Cluster, wait_until
-from coordinator.values import to_values
-from tests.support import balance, markers, prepared, transfer_sql
+from tests.support import balance, markers, prepare_on_agent, prepared, transfer_sql
 
 RECOVERY_DEADLINE_S = 10.0
 
@@ -198,25 +194,7 @@ def test_database_killed_with_a_prepared_branch(
     server is SIGKILLed and restarted; the branch survives with its lock, and recovery rolls it
     back once the agent reaches the server again."""
     txid = f"{live_cluster.coordinator_id}.r-db-kill-prepared"
-    with grpc.insecure_channel(live_cluster.component("agent-eu").address) as channel:
-        agent = pb_grpc.ParticipantStub(channel)
-        agent.Execute(
-            pb.BranchExecuteRequest(
-                txid=txid,
-                participant="eu",
-                sequence=1,
-                timeout_ms=30_000,
-                statements=[
-                    pb.Statement(
-                        sql="UPDATE accounts SET balance = balance + %s WHERE id = 4",
-                        params=to_values([500]),
-                    )
-                ],
-            )
-        )
-        assert agent.Prepare(pb.PrepareRequest(txid=txid, participant="eu")).vote == (
-            pb.VOTE_PREPARED
-        )
+    prepare_on_agent(live_cluster, "eu", txid, amount=500, account=4)
     live_cluster.kill("mariadb-eu", signal.SIGKILL)
     live_cluster.restart("mariadb-eu")
     wait_recovered(live_cluster)

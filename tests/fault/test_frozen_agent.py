@@ -18,29 +18,7 @@ from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.playground.cluster import Cluster
 from coordinator.playground.ports import free_port
-from coordinator.values import to_values
-from tests.support import balance, markers, prepared
-
-
-def prepare_branch(cluster: Cluster, txid: str) -> None:
-    with grpc.insecure_channel(cluster.component("agent-eu").address) as channel:
-        agent = pb_grpc.ParticipantStub(channel)
-        agent.Execute(
-            pb.BranchExecuteRequest(
-                txid=txid,
-                participant="eu",
-                sequence=1,
-                timeout_ms=30_000,
-                statements=[
-                    pb.Statement(
-                        sql="UPDATE accounts SET balance = balance + %s WHERE id = %s",
-                        params=to_values([77, 6]),
-                    )
-                ],
-            )
-        )
-        vote = agent.Prepare(pb.PrepareRequest(txid=txid, participant="eu"))
-    assert vote.vote == pb.VOTE_PREPARED
+from tests.support import balance, markers, prepare_on_agent, prepared
 
 
 @pytest.fixture
@@ -85,7 +63,7 @@ def test_replacement_agent_frees_a_branch_held_by_a_frozen_one(
     # Another coordinator's txid: this cluster's coordinator keeps off it (its recovery would
     # roll back a branch of its own that has no commit record before the test looks).
     txid = f"elsewhere.r-frozen-{decision}"
-    prepare_branch(live_cluster, txid)
+    prepare_on_agent(live_cluster, "eu", txid, amount=77, account=6)
     assert not lock_is_free(live_cluster, 6)
     # The replacement is asked directly, as a coordinator would ask it after taking over the
     # region; the frozen agent can answer nobody.

@@ -137,6 +137,6 @@ def is_transport_failure(error: TwopcError) -> bool:
 def error_class_named(name: str) -> type[TwopcError] | None:
     """The twopc error class of that name (as sent in the ``twopc-error`` metadata), if any."""
     cls = globals().get(name)
-    if isinstance(cls, type) and issubclass(cls, TwopcError):
-        return cls
+    if isinstance(cls, type) and issubclass(cls, TwopcError) and cls is not OutcomeUnknown:
+        return cls  # OutcomeUnknown is the SDK's own conclusion, never a server's answer
     return None

@@ -73,8 +73,8 @@ def _convert(hint: Any, value: Any, where: str, from_text: bool) -> Any:
             return value
         raise InvalidArgument(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float):
-        if isinstance(value, bool):
-            raise InvalidArgument(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, bool) or (hint is int and isinstance(value, float)):
+            raise InvalidArgument(f"{where}: expected {hint.__name__}, got {value!r}")
         try:
             return hint(value)
         except (TypeError, ValueError) as err:

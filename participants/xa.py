@@ -61,7 +61,7 @@ def translate(err: Exception) -> DbError:
     args: tuple[object, ...] = getattr(err, "args", ())
     errno = args[0] if args and isinstance(args[0], int) else 0
     message = str(args[1]) if len(args) > 1 else str(err)
-    if isinstance(err, pymysql.err.InterfaceError) or errno in _CONNECTION_LOST:
+    if isinstance(err, pymysql.err.InterfaceError | OSError) or errno in _CONNECTION_LOST:
         return ConnectionLost(errno, message or "connection to the database lost")
     return DbError(errno, message)
 

@@ -55,7 +55,8 @@ class DecisionLogFailed(Internal):
 
 
 class DecisionLogCorrupted(Internal):
-    """A record in the middle of the log fails its checksum: the log is refused, not truncated."""
+    """A batch before the last one fails its checksum: the log is refused, not truncated (damage
+    in the last batch is a torn write, which is cut)."""
 
 
 class DecisionLog(Protocol):

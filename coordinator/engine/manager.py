@@ -99,6 +99,8 @@ class Transaction:
     participants: list[str] = field(default_factory=list)
     # Participants whose branch needs no rollback: voted READ_ONLY or ABORT, or rolled back.
     settled_branches: set[str] = field(default_factory=set)
+    # Participants whose Prepare got no answer: they may have prepared, so they get a rollback.
+    unreached: set[str] = field(default_factory=set)
     prepared: tuple[str, ...] = ()
     abort_reason: str = ""
     abort_errno: int = 0
@@ -297,6 +299,7 @@ class TransactionManager:
         elif tx.state is TxState.PREPARING:
             tx.abort_requested = True
         await tx.decided.wait()
+        self._raise_if_in_doubt(tx)
         if outcome_of(tx.state) is Outcome.COMMITTED:
             raise FailedPrecondition(
                 f"transaction {txid} committed; it cannot roll back", txid=txid
@@ -392,8 +395,8 @@ class TransactionManager:
                 tx.results[participant] = reply.results
             if reply.vote is Vote.PREPARED:
                 prepared.append(participant)
-            elif reply.vote in (Vote.READ_ONLY, Vote.ABORT, Vote.ALREADY_COMMITTED):
-                tx.settled_branches.add(participant)
+            elif participant not in tx.unreached:
+                tx.settled_branches.add(participant)  # finished by the agent itself
             if reply.vote in (Vote.ABORT, Vote.ALREADY_COMMITTED) and (
                 refusal is None or refusal.vote is Vote.ABORT
             ):
@@ -438,6 +441,8 @@ class TransactionManager:
                 participant, tx.txid, statements, 1 if statements else 0, remaining
             )
         except TwopcError as err:
+            if is_transport_failure(err):
+                tx.unreached.add(participant)
             return VoteReply(Vote.ABORT, f"participant {participant}: {err.message}")
         if reply.vote is Vote.ABORT:
             return VoteReply(
@@ -476,28 +481,27 @@ class TransactionManager:
     async def _settle_unknown_one_phase(
         self, tx: Transaction, participant: str, err: TwopcError
     ) -> None:
+        """The one-phase commit's answer was lost: it may have committed, may still be on its
+        way, or may never arrive. A rollback settles it: the agent refuses to roll back a branch
+        that committed, and after rolling back (or finding nothing) it refuses the txid for good,
+        so a request still in flight cannot commit after this answer."""
         try:
-            presence = await self._ports.inspect(
-                participant, [tx.txid], self.settings.rpc_timeout_s
-            )
-        except TwopcError:
-            presence = {}
-        state = presence.get(tx.txid)
-        if state is Presence.COMMITTED:
+            await self._ports.rollback(participant, tx.txid, self.settings.rpc_timeout_s)
+        except FailedPrecondition:
             tx.move_to(TxState.COMMITTED)
             self._retire(tx)
-        elif state in (Presence.UNKNOWN, Presence.ROLLED_BACK):
-            tx.settled_branches.add(participant)
-            await self._abort(tx, f"participant {participant}: {err.message}")
-        else:
-            # Still running there, or unreachable: the agent rolls it back at the deadline unless
-            # it committed; GetTransaction reads the marker. Leave it in doubt.
+            return
+        except TwopcError as again:
+            # Unreachable: the agent rolls the branch back at its deadline unless it committed;
+            # GetTransaction reads the marker. Leave it in doubt.
             self._retire_in_doubt(tx)
             raise Unavailable(
-                f"the one-phase commit on {participant} did not answer ({err.message}); "
-                f"look the outcome of {tx.txid} up later",
+                f"the one-phase commit on {participant} did not answer ({err.message}) and the "
+                f"agent cannot be asked ({again.message}); look the outcome of {tx.txid} up later",
                 txid=tx.txid,
             ) from err
+        tx.settled_branches.add(participant)
+        await self._abort(tx, f"participant {participant}: {err.message}")
 
     # --- phase 2 -----------------------------------------------------------------------------
 
@@ -549,7 +553,7 @@ class TransactionManager:
                 elif attempt == 0 and participant == pending[0]:
                     self._failpoints.hit("coordinator.mid_commit")
             pending = still
-            if not pending:
+            if not pending or attempt == self.settings.phase2_attempts - 1:
                 break
             await self._clock.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
@@ -654,6 +658,7 @@ class TransactionManager:
 
     async def _answer(self, tx: Transaction, wait_for_phase2: bool) -> TxState:
         await (tx.done.wait() if wait_for_phase2 else tx.decided.wait())
+        self._raise_if_in_doubt(tx)
         if outcome_of(tx.state) is Outcome.ABORTED:
             cls = StatementFailed if tx.abort_errno else TransactionAborted
             raise cls(tx.abort_reason or "aborted", txid=tx.txid, mysql_errno=tx.abort_errno)
@@ -698,6 +703,15 @@ class TransactionManager:
         if holding:
             reason += f"; branches on {', '.join(holding)} are being rolled back"
         return TransactionView(txid, TxState.ABORTED, tuple(holding), reason, presumed=True)
+
+    @staticmethod
+    def _raise_if_in_doubt(tx: Transaction) -> None:
+        if outcome_of(tx.state) is Outcome.PENDING:
+            raise Unavailable(
+                f"the outcome of {tx.txid} is not known yet (a one-phase commit did not "
+                "answer); look it up later",
+                txid=tx.txid,
+            )
 
     def _settled_state(self, view: TransactionView) -> TxState:
         """The state to answer a Commit with, for a transaction no longer live here."""

@@ -95,8 +95,10 @@ class Recovery:
                     self._failpoints.hit("coordinator.recovery")
                     record = self._manager.commit_record(txid)
                     if record is not None:
-                        await self._manager.redrive(record)
-                        report.committed += 1
+                        if await self._manager.redrive(record):
+                            report.committed += 1
+                        else:
+                            report.left += 1
                     else:
                         await ports.rollback(participant, txid, self._rpc_timeout)
                         report.rolled_back += 1

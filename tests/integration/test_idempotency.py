@@ -126,7 +126,7 @@ def test_one_shot_retried_with_the_same_request_id_applies_once(
 def test_participant_rpcs_retried(
     live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
 ) -> None:
-    txid = "c1.r-idem-agent"
+    txid = "elsewhere.r-idem-agent"  # not this coordinator's: its recovery keeps off
     work = [statement("UPDATE accounts SET balance = balance + 100 WHERE id = 4")]
     execute = pb.BranchExecuteRequest(
         txid=txid, participant="us", sequence=1, timeout_ms=10_000, statements=work
@@ -136,7 +136,7 @@ def test_participant_rpcs_retried(
     votes = [agent_us.Prepare(pb.PrepareRequest(txid=txid, participant="us")) for _ in range(2)]
     assert [v.vote for v in votes] == [pb.VOTE_PREPARED] * 2
     assert prepared(live_cluster) == {"us": [txid]}
-    recovered = agent_us.Recover(pb.RecoverRequest(txid_prefix="c1.r-idem"))
+    recovered = agent_us.Recover(pb.RecoverRequest(txid_prefix="elsewhere.r-idem"))
     assert [(b.txid, b.held_by_this_agent) for b in recovered.branches] == [(txid, True)]
 
     commit = pb.BranchCommitRequest(txid=txid, participant="us")
@@ -154,7 +154,7 @@ def test_participant_rpcs_retried(
 def test_participant_rollback_retried_and_misrouted_calls_refused(
     live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
 ) -> None:
-    txid = "c1.r-idem-agent-rb"
+    txid = "elsewhere.r-idem-agent-rb"
     agent_us.Execute(
         pb.BranchExecuteRequest(
             txid=txid,

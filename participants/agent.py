@@ -263,15 +263,21 @@ class Agent:
     def rollback(self, txid: str, participant: str) -> bool:
         """Rolls the branch back; True when there was nothing left to roll back."""
         xid = self._xid(txid, participant)
-        found = self._registry.get(txid)
+        found = self._registry.tombstone(txid, "rolled back before this agent saw it")
+        if found is None:
+            # Nothing held here: what the server holds (a branch prepared in an earlier life of
+            # the agent) is rolled back, and the tombstone refuses a request still on its way.
+            try:
+                return self._rollback_on_server(xid)
+            except FailedPrecondition:
+                self._registry.remember(txid, FinishedBranch(BranchState.COMMITTED, ""))
+                raise
         if isinstance(found, FinishedBranch):
             if found.state is BranchState.COMMITTED:
                 raise FailedPrecondition(
                     f"branch {txid} on {self.name} committed; it cannot be rolled back", txid=txid
                 )
             return True
-        if found is None:
-            return self._rollback_on_server(xid)
         self._interrupt_if_running(found)
         with self._locked(found):
             if found.state is BranchState.COMMITTED:

@@ -122,9 +122,26 @@ class BranchRegistry:
         assert branch.state.finished, branch.state
         with self._lock:
             self._live.pop(branch.txid, None)
-            self._finished[branch.txid] = FinishedBranch(branch.state, branch.reason)
-            while len(self._finished) > self._finished_memory:
-                self._finished.popitem(last=False)
+            self._remember(branch.txid, FinishedBranch(branch.state, branch.reason))
+
+    def _remember(self, txid: str, finished: FinishedBranch) -> None:
+        self._finished[txid] = finished
+        self._finished.move_to_end(txid)
+        while len(self._finished) > self._finished_memory:
+            self._finished.popitem(last=False)
+
+    def tombstone(self, txid: str, reason: str) -> Branch | FinishedBranch | None:
+        """Records ``txid`` as rolled back unless the agent holds it: a request for it that is
+        still on its way is then refused. Returns what the agent held instead, if anything."""
+        with self._lock:
+            existing = self._live.get(txid) or self._finished.get(txid)
+            if existing is None:
+                self._remember(txid, FinishedBranch(BranchState.ROLLED_BACK, reason))
+            return existing
+
+    def remember(self, txid: str, finished: FinishedBranch) -> None:
+        with self._lock:
+            self._remember(txid, finished)
 
     def forget(self, branch: Branch) -> None:
         """Drops a live branch without recording an outcome: what became of its XID on the server

@@ -178,3 +178,30 @@ def test_participant_rollback_retried_and_misrouted_calls_refused(
         )
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "serves participant 'us', not 'eu'" in caught.value.details()
+
+
+def test_rollback_that_overtakes_its_request_refuses_the_request_later(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
+) -> None:
+    """A one-phase commit whose answer was lost is settled by a rollback; if the commit request
+    is still on its way, it must not commit when it finally arrives."""
+    txid = "elsewhere.r-overtaken"
+    rollback = agent_us.Rollback(pb.BranchRollbackRequest(txid=txid, participant="us"))
+    assert rollback.already_rolled_back is True
+    late = pb.BranchCommitRequest(
+        txid=txid,
+        participant="us",
+        one_phase=True,
+        sequence=1,
+        timeout_ms=10_000,
+        statements=[statement("UPDATE accounts SET balance = balance + 1 WHERE id = 8")],
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        agent_us.Commit(late)
+    assert caught.value.code() is grpc.StatusCode.ABORTED
+    vote = agent_us.Prepare(
+        pb.PrepareRequest(txid=txid, participant="us", sequence=1, statements=late.statements)
+    )
+    assert vote.vote == pb.VOTE_ABORT
+    assert balance(live_cluster, "us", 8) == 1000
+    assert markers(live_cluster, txid) == set()

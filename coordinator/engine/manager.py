@@ -104,6 +104,8 @@ class Transaction:
     prepared: tuple[str, ...] = ()
     abort_reason: str = ""
     abort_errno: int = 0
+    # Set when the abort was caused by a request the agent refused (the client's own error).
+    refused: bool = False
     abort_requested: bool = False
     results: dict[str, Results] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -443,6 +445,7 @@ class TransactionManager:
         except TwopcError as err:
             if is_transport_failure(err):
                 tx.unreached.add(participant)
+            tx.refused = tx.refused or isinstance(err, InvalidArgument)
             return VoteReply(Vote.ABORT, f"participant {participant}: {err.message}")
         if reply.vote is Vote.ABORT:
             return VoteReply(
@@ -660,8 +663,7 @@ class TransactionManager:
         await (tx.done.wait() if wait_for_phase2 else tx.decided.wait())
         self._raise_if_in_doubt(tx)
         if outcome_of(tx.state) is Outcome.ABORTED:
-            cls = StatementFailed if tx.abort_errno else TransactionAborted
-            raise cls(tx.abort_reason or "aborted", txid=tx.txid, mysql_errno=tx.abort_errno)
+            raise self._abort_error(tx, tx.abort_reason or "aborted")
         return tx.state
 
     async def _lookup_on_participants(self, txid: str) -> TransactionView:
@@ -705,6 +707,14 @@ class TransactionManager:
         return TransactionView(txid, TxState.ABORTED, tuple(holding), reason, presumed=True)
 
     @staticmethod
+    def _abort_error(tx: Transaction, message: str) -> TwopcError:
+        """The error that tells a client its transaction was aborted, and why."""
+        if tx.refused:
+            return InvalidArgument(f"{message}; the transaction was rolled back", txid=tx.txid)
+        cls = StatementFailed if tx.abort_errno else TransactionAborted
+        return cls(message, txid=tx.txid, mysql_errno=tx.abort_errno)
+
+    @staticmethod
     def _raise_if_in_doubt(tx: Transaction) -> None:
         if outcome_of(tx.state) is Outcome.PENDING:
             raise Unavailable(
@@ -746,12 +756,7 @@ class TransactionManager:
         if tx.state is TxState.ACTIVE:
             return
         if outcome_of(tx.state) is Outcome.ABORTED:
-            cls = StatementFailed if tx.abort_errno else TransactionAborted
-            raise cls(
-                f"transaction {tx.txid} was aborted: {tx.abort_reason}",
-                txid=tx.txid,
-                mysql_errno=tx.abort_errno,
-            )
+            raise self._abort_error(tx, f"transaction {tx.txid} was aborted: {tx.abort_reason}")
         raise FailedPrecondition(
             f"transaction {tx.txid} is {tx.state.value}; it takes no more statements", txid=tx.txid
         )

@@ -189,6 +189,19 @@ def test_refused_statement_leaves_the_transaction_usable(
     assert balance(live_cluster, "us", 2) == 998
 
 
+def test_refused_statement_in_a_one_shot_is_invalid_argument_and_nothing_applies(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    with pytest.raises(InvalidArgument, match="rolled back") as caught:
+        client.run(
+            {"eu": transfer_sql(-4, 5), "us": [("UPDATE accounts SET balance = 0; COMMIT", [])]},
+            timeout=5,
+        )
+    assert caught.value.txid
+    assert markers(live_cluster, caught.value.txid) == set()
+    assert balance(live_cluster, "eu", 5) == 1000
+
+
 def test_unknown_participant_and_transaction_are_named(client: Client, bank: int) -> None:
     with pytest.raises(NotFound, match="unknown participant 'mars'"):
         client.run({"mars": transfer_sql(1, 1)}, timeout=5)

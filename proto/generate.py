@@ -19,10 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-SOURCES = ["twopc/v1/twopc.proto"]
+SOURCES = ["twopc/v1/twopc.proto", "twopc/chaos/v1/chaos.proto"]
 TARGET = ROOT / "coordinator" / "api"
 PACKAGE = "coordinator.api"
-INIT = '"""Generated from proto/twopc/v1/twopc.proto by proto/generate.py. Do not edit."""\n'
+INIT = '"""Generated from proto/twopc/ by proto/generate.py. Do not edit."""\n'
 
 
 def generate(target: Path) -> None:

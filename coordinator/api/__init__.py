@@ -1,1 +1,1 @@
-"""Generated from proto/twopc/v1/twopc.proto by proto/generate.py. Do not edit."""
+"""Generated from proto/twopc/ by proto/generate.py. Do not edit."""

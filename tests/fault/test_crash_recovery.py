@@ -1,10 +1,7 @@
-"""SIGKILL at the protocol's crash points, then recovery, checked on the databases.
-
-A failpoint armed through a component's environment makes the process SIGKILL itself at an exact
-point (no cleanup, no flush); the component is then started again from the command line in the
-state file, as an operator or a supervisor would. After recovery: each transfer is applied in
-both regions or in neither (marker rows), nothing stays prepared, and the money is all there.
-"""
+"""Crash cases beyond the matrix of crash points (test_crash_points.py): a request retried after
+the coordinator died past its decision, a crash during recovery itself, and a database SIGKILLed
+while it holds a prepared branch. Failpoints are armed through a component's environment; the
+component is started again from the command line in the state file."""
 
 from __future__ import annotations
 
@@ -18,8 +15,6 @@ from coordinator.client import (
     Outcome,
     OutcomeUnknown,
     RetryPolicy,
-    TransactionAborted,
-    TwopcError,
 )
 from coordinator.playground.bank import total_balance
 from coordinator.playground.cluster import Cluster, wait_until
@@ -69,28 +64,7 @@ def wait_recovered(cluster: Cluster) -> None:
     wait_until(lambda: not prepared(cluster), RECOVERY_DEADLINE_S, "recovery of every branch")
 
 
-def test_coordinator_killed_before_the_commit_record_rolls_back_everywhere(
-    live_cluster: Cluster, impatient: Client, client: Client, bank: int
-) -> None:
-    arm(live_cluster, "coordinator", "coordinator.before_commit_record")
-    with pytest.raises(OutcomeUnknown):
-        transfer(impatient, "crash-before-record")
-    wait_dead(live_cluster, "coordinator")
-    txid = f"{live_cluster.coordinator_id}.r-crash-before-record"
-    assert prepared(live_cluster) == {"eu": [txid], "us": [txid]}, "both branches voted yes"
-
-    disarm_and_restart(live_cluster, "coordinator")
-    wait_recovered(live_cluster)
-    assert markers(live_cluster, txid) == set()
-    assert balance(live_cluster, "eu", 1) == 1000
-    assert balance(live_cluster, "us", 1) == 1000
-    assert total_balance(live_cluster) == bank
-    info = client.get_transaction(request_id="crash-before-record")
-    assert info.outcome is Outcome.ABORTED
-    assert info.presumed
-
-
-def test_coordinator_killed_after_the_commit_record_commits_everywhere(
+def test_request_retried_after_a_crash_past_the_commit_record_is_answered_not_rerun(
     live_cluster: Cluster, impatient: Client, client: Client, bank: int
 ) -> None:
     arm(live_cluster, "coordinator", "coordinator.after_commit_record")
@@ -110,63 +84,6 @@ def test_coordinator_killed_after_the_commit_record_commits_everywhere(
     # The client retrying its request after the restart is answered, not run a second time.
     transfer(client, "crash-after-record")
     assert balance(live_cluster, "us", 1) == 1025
-
-
-def test_coordinator_killed_part_way_through_phase_two(
-    live_cluster: Cluster, client: Client, bank: int
-) -> None:
-    arm(live_cluster, "coordinator", "coordinator.mid_commit")
-    with pytest.raises(TwopcError):
-        client.run(
-            {"eu": transfer_sql(-5, 2), "us": transfer_sql(5, 2)},
-            timeout=5,
-            request_id="crash-mid-commit",
-            wait_for_phase2=True,
-        )
-    wait_dead(live_cluster, "coordinator")
-    disarm_and_restart(live_cluster, "coordinator")
-    wait_recovered(live_cluster)
-    txid = f"{live_cluster.coordinator_id}.r-crash-mid-commit"
-    assert markers(live_cluster, txid) == {"eu", "us"}
-    assert total_balance(live_cluster) == bank
-
-
-def test_agent_killed_after_xa_prepare_is_rolled_back_by_recovery(
-    live_cluster: Cluster, client: Client, bank: int
-) -> None:
-    arm(live_cluster, "agent-us", "agent.after_prepare")
-    with pytest.raises(TransactionAborted, match="us"):
-        transfer(client, "agent-crash-after-prepare")
-    wait_dead(live_cluster, "agent-us")
-    txid = f"{live_cluster.coordinator_id}.r-agent-crash-after-prepare"
-    # The branch was durably prepared before the agent died, and nobody can finish it yet.
-    assert prepared(live_cluster) == {"us": [txid]}
-    disarm_and_restart(live_cluster, "agent-us")
-    wait_recovered(live_cluster)
-    assert markers(live_cluster, txid) == set()
-    assert balance(live_cluster, "us", 1) == 1000
-    assert total_balance(live_cluster) == bank
-    assert client.get_transaction(txid).outcome is Outcome.ABORTED
-
-
-def test_agent_killed_after_xa_commit_before_its_reply(
-    live_cluster: Cluster, client: Client, bank: int
-) -> None:
-    arm(live_cluster, "agent-us", "agent.after_commit")
-    result = client.run(
-        {"eu": transfer_sql(-3, 3), "us": transfer_sql(3, 3)},
-        timeout=5,
-        request_id="agent-crash-after-commit",
-    )
-    wait_dead(live_cluster, "agent-us")
-    disarm_and_restart(live_cluster, "agent-us")
-    wait_recovered(live_cluster)
-    assert markers(live_cluster, result.txid) == {"eu", "us"}
-    assert balance(live_cluster, "us", 3) == 1003
-    assert total_balance(live_cluster) == bank
-    wait_until(
-        lambda: client.get_transaction(result.txid).outcome is Outcome.COMMITTED, 5, "lookup"
-    )
 
 
 def test_crash_during_recovery_then_recovery_again(

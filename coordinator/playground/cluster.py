@@ -5,14 +5,18 @@ state file records (``state.json`` in the cluster's directory), so that an outsi
 any part with a real signal and start it again exactly as the cluster did::
 
     {"version": 1, "directory": ..., "coordinator_id": "c1", "regions": ["eu", "us", "ap"],
-     "database": "twopc",
+     "database": "twopc", "client_address": "127.0.0.1:40001",
+     "links": [{"name": "coordinator-agent-eu", "listen": ..., "upstream": ...}, ...],
      "components": {
         "mariadb-eu": {"kind": "mariadb", "region": "eu", "address": "127.0.0.1:41234",
                        "pid": 1234, "data_dir": ..., "command": [...], "cwd": ..., "env": {...},
                        "log": ...},
-        "agent-eu": {...}, ..., "coordinator": {...}}}
+        "agent-eu": {...}, ..., "coordinator": {...}, "proxy": {...}}}
 
-Start a component again: ``subprocess.Popen(c["command"], cwd=c["cwd"], env=os.environ | c["env"])``
+``client_address`` is where the SDK connects (the proxy's end of the client link when the
+cluster was made with fault proxies; ``links`` is empty otherwise). The ``proxy`` component's
+address is its FaultProxy control endpoint. Start a component again:
+``subprocess.Popen(c["command"], cwd=c["cwd"], env=os.environ | c["env"])``
 (or ``twopc playground --restart NAME``, which also records the new pid).
 """
 
@@ -34,6 +38,8 @@ from typing import Any
 import grpc
 import pymysql
 
+from coordinator.api import chaos_pb2 as cpb
+from coordinator.api import chaos_pb2_grpc as cpb_grpc
 from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.playground.mariadb import MariaDBInstance, PlaygroundError
@@ -41,7 +47,18 @@ from coordinator.playground.ports import LOOPBACK, free_port
 
 STATE_FILE = "state.json"
 DATABASE = "twopc"
+PROXY = "proxy"
+CLIENT_LINK = "client-coordinator"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """A fault-proxy link: the proxy accepts on ``listen`` and forwards to ``upstream``."""
+
+    name: str
+    listen: str
+    upstream: str
 
 
 @dataclass
@@ -122,11 +139,13 @@ class Cluster:
         regions: Sequence[str],
         components: Mapping[str, Component],
         coordinator_id: str = "c1",
+        links: Sequence[LinkPlan] = (),
     ) -> None:
         self.directory = directory.resolve()
         self.regions = list(regions)
         self.components = dict(components)
         self.coordinator_id = coordinator_id
+        self.links = list(links)
 
     # --- building -----------------------------------------------------------------------------
 
@@ -139,14 +158,30 @@ class Cluster:
         coordinator_id: str = "c1",
         coordinator_settings: Mapping[str, object] | None = None,
         agent_settings: Mapping[str, object] | None = None,
+        proxied: bool = False,
         python: str = sys.executable,
     ) -> Cluster:
-        """Lays out directories and configuration files; starts nothing."""
+        """Lays out directories and configuration files; starts nothing.
+
+        With ``proxied``, a fault proxy sits on every hop: client -> coordinator
+        (``client-coordinator``), coordinator -> each agent (``coordinator-agent-<region>``) and
+        each agent -> its database (``agent-<region>-mariadb``). The daemons are configured with
+        the proxy's addresses, and ``coordinator_address`` is the proxied one.
+        """
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
         env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(_REPO_ROOT)}
         components: dict[str, Component] = {}
         agents: dict[str, str] = {}
+        links: list[LinkPlan] = []
+
+        def through_proxy(name: str, upstream: str) -> str:
+            if not proxied:
+                return upstream
+            link = LinkPlan(name, f"{LOOPBACK}:{free_port()}", upstream)
+            links.append(link)
+            return link.listen
+
         for region in regions:
             base = directory / region
             base.mkdir(parents=True, exist_ok=True)
@@ -162,7 +197,8 @@ class Cluster:
                 log=str(base / "mariadb" / "mariadbd.out"),
             )
             agent_address = f"{LOOPBACK}:{free_port()}"
-            agents[region] = agent_address
+            agents[region] = through_proxy(f"coordinator-agent-{region}", agent_address)
+            database_address = through_proxy(f"agent-{region}-mariadb", db.address)
             config = base / "agent.toml"
             _write_toml(
                 config,
@@ -170,7 +206,7 @@ class Cluster:
                     "name": region,
                     "listen": agent_address,
                     "mysql_host": LOOPBACK,
-                    "mysql_port": db.port,
+                    "mysql_port": int(database_address.rsplit(":", 1)[1]),
                     "mysql_user": "root",
                     "mysql_database": DATABASE,
                     **(agent_settings or {}),
@@ -211,7 +247,28 @@ class Cluster:
             log=str(coordinator_dir / "coordinator.log"),
             env=dict(env),
         )
-        return cls(directory, regions, components, coordinator_id)
+        through_proxy(CLIENT_LINK, address)
+        if proxied:
+            control = f"{LOOPBACK}:{free_port()}"
+            link_args = [f"--link={k.name}={k.listen}={k.upstream}" for k in links]
+            components[PROXY] = Component(
+                name=PROXY,
+                kind=PROXY,
+                address=control,
+                data_dir=str(directory),
+                command=[
+                    python,
+                    "-m",
+                    "coordinator.cli",
+                    "proxy",
+                    f"--control={control}",
+                    *link_args,
+                ],
+                cwd=str(directory),
+                log=str(directory / "proxy.log"),
+                env=dict(env),
+            )
+        return cls(directory, regions, components, coordinator_id, links)
 
     @classmethod
     def load(cls, directory: Path) -> Cluster:
@@ -221,7 +278,10 @@ class Cluster:
         except FileNotFoundError as err:
             raise PlaygroundError(f"no playground in {directory} (no {STATE_FILE})") from err
         components = {n: Component(**c) for n, c in state["components"].items()}
-        return cls(Path(state["directory"]), state["regions"], components, state["coordinator_id"])
+        links = [LinkPlan(**link) for link in state.get("links", [])]
+        return cls(
+            Path(state["directory"]), state["regions"], components, state["coordinator_id"], links
+        )
 
     # --- running ------------------------------------------------------------------------------
 
@@ -231,7 +291,15 @@ class Cluster:
 
     @property
     def coordinator_address(self) -> str:
+        """Where clients connect: through the proxy when there is one."""
+        for link in self.links:
+            if link.name == CLIENT_LINK:
+                return link.listen
         return self.components["coordinator"].address
+
+    @property
+    def proxied(self) -> bool:
+        return PROXY in self.components
 
     def component(self, name: str) -> Component:
         try:
@@ -242,6 +310,8 @@ class Cluster:
 
     def up(self, timeout: float = 60.0) -> None:
         """Starts everything: databases, then agents, then the coordinator; each waited for."""
+        if self.proxied:
+            self.restart(PROXY, timeout=timeout, save=False)
         databases = [self.components[f"mariadb-{r}"] for r in self.regions]
         with ThreadPoolExecutor(max_workers=len(databases)) as pool:
             list(pool.map(lambda c: self._start_database(c, timeout), databases))
@@ -297,6 +367,7 @@ class Cluster:
         """Stops every component: SIGTERM, then SIGKILL after ``timeout``."""
         order = ["coordinator"] + [f"agent-{r}" for r in self.regions]
         order += [f"mariadb-{r}" for r in self.regions]
+        order += [PROXY] if self.proxied else []
         for name in order:
             component = self.components[name]
             for pid in _pids_of(component):
@@ -321,6 +392,8 @@ class Cluster:
             "coordinator_id": self.coordinator_id,
             "regions": self.regions,
             "database": DATABASE,
+            "client_address": self.coordinator_address,
+            "links": [asdict(link) for link in self.links],
             "components": {n: asdict(c) for n, c in self.components.items()},
         }
         scratch = self.state_path.with_suffix(".tmp")
@@ -359,7 +432,9 @@ def _answers(component: Component) -> bool:
         return True
     with grpc.insecure_channel(component.address) as channel:
         try:
-            if component.kind == "agent":
+            if component.kind == PROXY:
+                cpb_grpc.FaultProxyStub(channel).ListLinks(cpb.ListLinksRequest(), timeout=1)
+            elif component.kind == "agent":
                 pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=1)
             else:
                 pb_grpc.CoordinatorStub(channel).GetTransaction(

@@ -1,0 +1,141 @@
+"""Fault schedules: which fault hits which part of the cluster when, planned from a seed.
+
+Pure: the same seed, duration and targets always give the same schedule. Faults overlap at most
+``max_concurrent`` at a time, never two on the same target, and every fault ends (is healed)
+before the run does.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+
+class FaultKind(enum.Enum):
+    KILL = "kill"  # SIGKILL a process; started again from its command line after a while
+    STOP = "stop"  # SIGSTOP, then SIGCONT: a frozen process, connections left open
+    RESTART = "restart"  # SIGTERM (graceful stop), then start again
+    LATENCY = "latency"  # added latency (with jitter) on a link
+    CUT = "cut"  # a link refuses and drops connections, then heals
+    HALF_OPEN = "half_open"  # a link stops forwarding but keeps connections open, then heals
+    BLACKHOLE = "blackhole"  # a link swallows bytes, then heals
+    RESET = "reset"  # a link resets its connections (instant)
+    FAILPOINT = "failpoint"  # a failpoint armed on a daemon, then disarmed
+
+
+PROCESS_FAULTS = (FaultKind.KILL, FaultKind.STOP, FaultKind.RESTART)
+LINK_FAULTS = (
+    FaultKind.LATENCY,
+    FaultKind.CUT,
+    FaultKind.HALF_OPEN,
+    FaultKind.BLACKHOLE,
+    FaultKind.RESET,
+)
+
+# Failpoints worth arming at random, with the specs that make them bite but not every time.
+COORDINATOR_FAILPOINTS = (
+    "coordinator.mid_prepare",
+    "coordinator.before_commit_record",
+    "coordinator.after_commit_record",
+    "coordinator.mid_commit",
+    "coordinator.before_end_record",
+)
+AGENT_FAILPOINTS = ("agent.after_end", "agent.after_prepare", "agent.after_commit")
+FAILPOINT_SPECS = ("1*crash", "20%3*return(unavailable)", "30%5*sleep(300)")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a schedule may hit: process names (``coordinator``, ``agent-eu``, ``mariadb-eu``)
+    and proxy link names (``client-coordinator``, ``coordinator-agent-eu``, ...)."""
+
+    processes: tuple[str, ...]
+    links: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FaultEvent:
+    at: float  # seconds from the start of the run
+    duration: float  # how long until it is healed (0 for instant faults)
+    kind: FaultKind
+    target: str
+    detail: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ends(self) -> float:
+        return self.at + self.duration
+
+    def describe(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.detail.items())
+        return f"{self.kind.value} {self.target} for {self.duration:.1f}s {extra}".rstrip()
+
+    def as_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        return data
+
+
+def plan(
+    seed: int,
+    duration: float,
+    targets: Targets,
+    *,
+    kinds: Sequence[FaultKind] = tuple(FaultKind),
+    mean_gap: float = 4.0,
+    max_concurrent: int = 2,
+    settle: float = 5.0,
+) -> list[FaultEvent]:
+    """A schedule for a run of ``duration`` seconds; nothing is injected in the last ``settle``
+    seconds, so that the workload ends on a healthy cluster before it is checked."""
+    rng = random.Random(seed)
+    usable = [k for k in kinds if _has_targets(k, targets)]
+    if not usable:
+        return []
+    events: list[FaultEvent] = []
+    now = rng.uniform(0.5, mean_gap)
+    horizon = duration - settle
+    while now < horizon:
+        kind = rng.choice(usable)
+        busy = {e.target for e in events if e.at <= now < e.ends + 0.5}
+        live = sum(1 for e in events if e.at <= now < e.ends)
+        candidates = [t for t in _targets_for(kind, targets) if t not in busy]
+        if candidates and live < max_concurrent:
+            target = rng.choice(candidates)
+            length = min(_duration(kind, rng), max(horizon - now, 0.0))
+            events.append(FaultEvent(now, length, kind, target, _detail(kind, target, rng)))
+        now += rng.expovariate(1.0 / mean_gap)
+    return events
+
+
+def _has_targets(kind: FaultKind, targets: Targets) -> bool:
+    return bool(_targets_for(kind, targets))
+
+
+def _targets_for(kind: FaultKind, targets: Targets) -> tuple[str, ...]:
+    if kind in LINK_FAULTS:
+        return targets.links
+    if kind is FaultKind.FAILPOINT:
+        return tuple(t for t in targets.processes if not t.startswith("mariadb"))
+    return targets.processes
+
+
+def _duration(kind: FaultKind, rng: random.Random) -> float:
+    if kind is FaultKind.RESET:
+        return 0.0
+    if kind in (FaultKind.KILL, FaultKind.RESTART):
+        return rng.uniform(0.2, 3.0)  # down time before the restart
+    if kind is FaultKind.STOP:
+        return rng.uniform(0.5, 4.0)
+    return rng.uniform(1.0, 6.0)
+
+
+def _detail(kind: FaultKind, target: str, rng: random.Random) -> dict[str, object]:
+    if kind is FaultKind.LATENCY:
+        latency = rng.choice((5, 20, 50, 50, 100))
+        return {"latency_ms": latency, "jitter_ms": latency // 5}
+    if kind is FaultKind.FAILPOINT:
+        names = COORDINATOR_FAILPOINTS if target == "coordinator" else AGENT_FAILPOINTS
+        return {"name": rng.choice(names), "spec": rng.choice(FAILPOINT_SPECS)}
+    return {}

@@ -79,9 +79,11 @@ class TransferWorkload:
         accounts: int,
         seed: int,
         run_id: str,
+        local_share: float = 0.0,
     ) -> None:
         if len(regions) < 2:
             raise ValueError("transfers need at least two regions")
+        self._local_share = local_share
         self._client = client
         self._coordinator_id = coordinator_id
         self._regions = list(regions)
@@ -95,6 +97,8 @@ class TransferWorkload:
     def plan(self, index: int) -> Transfer:
         rng = random.Random(self._seed * 1_000_003 + index)
         source_region, target_region = rng.sample(self._regions, 2)
+        if rng.random() < self._local_share:
+            target_region = source_region  # one participant: the one-phase path
         request_id = f"{self._run_id}-{index}"
         return Transfer(
             request_id=request_id,
@@ -107,26 +111,19 @@ class TransferWorkload:
     def run_one(self, transfer: Transfer, timeout: float = 5.0) -> Transfer:
         source_region, source_id = transfer.source
         target_region, target_id = transfer.target
+        debit = (
+            "UPDATE accounts SET balance = balance - %s WHERE id = %s",
+            [transfer.amount, source_id],
+        )
+        credit = (
+            "UPDATE accounts SET balance = balance + %s WHERE id = %s",
+            [transfer.amount, target_id],
+        )
+        work: dict[str, list[tuple[str, list[int]]]] = {source_region: [debit]}
+        work.setdefault(target_region, []).append(credit)
         transfer.started = time.monotonic()
         try:
-            self._client.run(
-                {
-                    source_region: [
-                        (
-                            "UPDATE accounts SET balance = balance - %s WHERE id = %s",
-                            [transfer.amount, source_id],
-                        )
-                    ],
-                    target_region: [
-                        (
-                            "UPDATE accounts SET balance = balance + %s WHERE id = %s",
-                            [transfer.amount, target_id],
-                        )
-                    ],
-                },
-                timeout=timeout,
-                request_id=transfer.request_id,
-            )
+            self._client.run(work, timeout=timeout, request_id=transfer.request_id)
             transfer.outcome = COMMITTED
         except TransactionAborted as err:
             transfer.outcome, transfer.detail = ABORTED, err.message

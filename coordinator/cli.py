@@ -7,6 +7,11 @@ twopc playground --down                         stop the cluster that the state 
 twopc playground --restart NAME | --kill NAME   restart / signal one component of it
 twopc demo                                      bank transfers across regions, a coordinator
                                                 SIGKILL mid-run, recovery, invariants checked
+twopc chaos [--duration S] [--seed N]           transfers on a proxied playground while kills,
+                                                freezes, latency, cuts and failpoints hit it;
+                                                a JSON report, a PNG timeline, exit 1 if an
+                                                invariant broke
+twopc proxy --control ADDR --link N=LISTEN=UP   the TCP fault proxy (the playground runs it)
 twopc tx TXID [--coordinator ADDR]              a transaction's state and outcome
 """
 
@@ -64,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
 
+    chaos = commands.add_parser("chaos", help="fault injection with an invariant check")
+    proxy = commands.add_parser("proxy", help="the TCP fault proxy")
+    from coordinator.chaos import proxy_service, runner
+
+    runner.add_arguments(chaos)
+    proxy_service.add_arguments(proxy)
+
     tx = commands.add_parser("tx", help="look a transaction up")
     tx.add_argument("txid")
     tx.add_argument(
@@ -90,6 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from coordinator.playground.demo import run_demo
 
         return run_demo(args)
+    if args.command == "chaos":
+        from coordinator.chaos.runner import run as run_chaos
+
+        return run_chaos(args)
+    if args.command == "proxy":
+        from coordinator.chaos.proxy_service import run as run_proxy
+
+        return run_proxy(args)
     if args.command == "tx":
         return _show_transaction(args.txid, args.coordinator)
     raise AssertionError(args.command)

@@ -1,0 +1,58 @@
+"""Fault schedules: reproducible from the seed, bounded, and aimed at the right targets."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.chaos.schedule import (
+    LINK_FAULTS,
+    FaultKind,
+    Targets,
+    plan,
+)
+
+TARGETS = Targets(
+    processes=("coordinator", "agent-eu", "agent-us", "mariadb-eu", "mariadb-us"),
+    links=("client-coordinator", "coordinator-agent-eu", "agent-eu-mariadb"),
+)
+
+
+def test_the_same_seed_gives_the_same_schedule_and_another_seed_another() -> None:
+    assert plan(7, 300, TARGETS) == plan(7, 300, TARGETS)
+    assert plan(7, 300, TARGETS) != plan(8, 300, TARGETS)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_faults_are_bounded_in_number_target_and_time(seed: int) -> None:
+    duration, settle, limit = 120.0, 5.0, 2
+    events = plan(seed, duration, TARGETS, max_concurrent=limit, settle=settle)
+    assert events, "a two-minute run gets faults"
+    for event in events:
+        assert event.at > 0 and event.ends <= duration - settle
+        assert event.duration >= 0
+        if event.kind in LINK_FAULTS:
+            assert event.target in TARGETS.links
+        else:
+            assert event.target in TARGETS.processes
+        if event.kind is FaultKind.FAILPOINT:
+            assert not event.target.startswith("mariadb")
+            assert {"name", "spec"} <= set(event.detail)
+        if event.kind is FaultKind.RESET:
+            assert event.duration == 0
+    for event in events:
+        overlapping = [e for e in events if e.at <= event.at < e.ends]
+        assert len(overlapping) <= limit
+        same_target = [e for e in overlapping if e.target == event.target and e is not event]
+        assert not same_target, f"two faults at once on {event.target}"
+
+
+def test_only_the_kinds_asked_for() -> None:
+    events = plan(3, 200, TARGETS, kinds=[FaultKind.KILL, FaultKind.CUT])
+    assert {e.kind for e in events} == {FaultKind.KILL, FaultKind.CUT}
+
+
+def test_link_faults_need_links() -> None:
+    no_links = Targets(processes=("coordinator",))
+    events = plan(3, 200, no_links, kinds=[FaultKind.CUT, FaultKind.KILL])
+    assert {e.kind for e in events} == {FaultKind.KILL}
+    assert plan(3, 200, no_links, kinds=[FaultKind.CUT]) == []

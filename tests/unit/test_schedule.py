@@ -28,7 +28,8 @@ def test_faults_are_bounded_in_number_target_and_time(seed: int) -> None:
     events = plan(seed, duration, TARGETS, max_concurrent=limit, settle=settle)
     assert events, "a two-minute run gets faults"
     for event in events:
-        assert event.at > 0 and event.ends <= duration - settle
+        assert event.at > 0
+        assert event.ends <= duration - settle
         assert event.duration >= 0
         if event.kind in LINK_FAULTS:
             assert event.target in TARGETS.links

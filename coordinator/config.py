@@ -20,6 +20,11 @@ class CoordinatorConfig:
     """Settings of one coordinator.
 
     ``participants`` maps each participant (region) name to its agent's address, host:port.
+
+    ``admin_failpoints`` (test tooling, default false): also serve the ``twopc.chaos.v1.Failpoints``
+    RPC on ``listen``, which arms and lists failpoints at run time (see ``coordinator.failpoints``);
+    when false, its calls get UNIMPLEMENTED. Whoever reaches the port can then crash or stall the
+    coordinator: never enable it in production.
     """
 
     coordinator_id: str = "c1"
@@ -36,6 +41,7 @@ class CoordinatorConfig:
     finished_memory: int = 100_000
     log_max_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
+    admin_failpoints: bool = False
 
     def __post_init__(self) -> None:
         check_coordinator_id(self.coordinator_id)

@@ -18,6 +18,7 @@ from coordinator.decision_log.file_log import FileDecisionLog
 from coordinator.engine.manager import TransactionManager
 from coordinator.engine.recovery import Recovery
 from coordinator.errors import InvalidArgument
+from coordinator.failpoint_admin import add_failpoint_admin
 from coordinator.failpoints import Failpoints
 from coordinator.logs import configure_logging
 from coordinator.servicer import CoordinatorServicer
@@ -33,8 +34,7 @@ def _die(err: BaseException) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-async def serve(config: CoordinatorConfig, environ: Mapping[str, str]) -> None:
-    failpoints = Failpoints.from_env(environ)
+async def serve(config: CoordinatorConfig, failpoints: Failpoints) -> None:
     agents = AgentClients(config.participants)
     decision_log = FileDecisionLog(config.data_dir, max_bytes=config.log_max_bytes)
     manager = TransactionManager(
@@ -47,6 +47,8 @@ async def serve(config: CoordinatorConfig, environ: Mapping[str, str]) -> None:
     await manager.start()
     server = new_server()
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(manager), server)
+    if config.admin_failpoints:
+        add_failpoint_admin(server, failpoints)
     port = listen(server, config.listen)
     await server.start()
     log.info(
@@ -88,7 +90,12 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
         return 2
     configure_logging(config.log_level, component=f"coordinator:{config.coordinator_id}")
     try:
-        asyncio.run(serve(config, environ))
+        failpoints = Failpoints.from_env(environ)  # after the logging setup: arming is logged
+    except InvalidArgument as err:
+        log.critical("coordinator_cannot_start", error=err.message)
+        return 2
+    try:
+        asyncio.run(serve(config, failpoints))
     except DecisionLogCorrupted as err:
         log.critical("decision_log_corrupted", error=err.message)
         return 3

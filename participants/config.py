@@ -19,6 +19,11 @@ class AgentConfig:
 
     The MySQL password is never written in the file: it comes from the variable that
     ``mysql_password_env`` names (TWOPC_MYSQL_PASSWORD by default).
+
+    ``admin_failpoints`` (test tooling, default false): also serve the ``twopc.chaos.v1.Failpoints``
+    RPC on ``listen``, which arms and lists failpoints at run time (see ``coordinator.failpoints``);
+    when false, its calls get UNIMPLEMENTED. Whoever reaches the port can then crash or stall the
+    agent: never enable it in production.
     """
 
     name: str = "region"
@@ -43,6 +48,7 @@ class AgentConfig:
     reaper_interval_s: float = 0.2
     finished_branch_memory: int = 50_000
     log_level: str = "info"
+    admin_failpoints: bool = False
 
     def __post_init__(self) -> None:
         check_participant_name(self.name)

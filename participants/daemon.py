@@ -13,6 +13,7 @@ import structlog
 
 from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.errors import FailedPrecondition, InvalidArgument, Unavailable
+from coordinator.failpoint_admin import add_failpoint_admin
 from coordinator.failpoints import Failpoints
 from coordinator.logs import configure_logging
 from coordinator.serving import listen, new_server, wait_for_stop_signal
@@ -27,7 +28,7 @@ _MARKER_GC_INTERVAL_S = 3600.0
 log = structlog.get_logger("twopc.agent")
 
 
-def build_agent(config: AgentConfig, environ: Mapping[str, str]) -> Agent:
+def build_agent(config: AgentConfig, environ: Mapping[str, str], failpoints: Failpoints) -> Agent:
     pool = SessionPool(
         host=config.mysql_host,
         port=config.mysql_port,
@@ -42,7 +43,7 @@ def build_agent(config: AgentConfig, environ: Mapping[str, str]) -> Agent:
         lock_wait_timeout=config.lock_wait_timeout_s,
         idle_timeout=config.session_idle_timeout_s,
     )
-    return Agent(config, pool, failpoints=Failpoints.from_env(environ))
+    return Agent(config, pool, failpoints=failpoints)
 
 
 def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> None:
@@ -62,13 +63,15 @@ def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> None:
             return
 
 
-async def serve(agent: Agent, config: AgentConfig) -> None:
+async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> None:
     workers = ThreadPoolExecutor(
         max_workers=config.pool_size + config.pool_overflow + 4, thread_name_prefix="branch"
     )
     housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper")
     server = new_server()
     pb_grpc.add_ParticipantServicer_to_server(ParticipantServicer(agent, workers), server)
+    if config.admin_failpoints:
+        add_failpoint_admin(server, failpoints)
     port = listen(server, config.listen)
     await server.start()
     log.info("agent_listening", address=config.listen, port=port)
@@ -105,11 +108,16 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
         print(f"twopc agent: {err}")
         return 2
     configure_logging(config.log_level, component=f"agent:{config.name}")
-    agent = build_agent(config, environ)
+    try:
+        failpoints = Failpoints.from_env(environ)  # after the logging setup: arming is logged
+    except InvalidArgument as err:
+        log.error("agent_cannot_start", error=err.message)
+        return 2
+    agent = build_agent(config, environ, failpoints)
     try:
         start_agent(agent)
     except (FailedPrecondition, Unavailable) as err:
         log.error("agent_cannot_start", error=err.message)
         return 2
-    asyncio.run(serve(agent, config))
+    asyncio.run(serve(agent, config, failpoints))
     return 0

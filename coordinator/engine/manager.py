@@ -273,7 +273,7 @@ class TransactionManager:
                 # rollback reached the agent, so roll it back again.
                 self._spawn(self._rollback_quietly(participant, txid))
                 self._require_active(tx)
-            self._failpoints.hit("coordinator.after_execute")
+            await self._failpoints.ahit("coordinator.after_execute")
             return results
 
     async def commit(self, txid: str, *, wait_for_phase2: bool) -> TxState:
@@ -389,7 +389,8 @@ class TransactionManager:
         votes = await asyncio.gather(
             *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
         )
-        self._failpoints.hit("coordinator.before_commit_record")
+        # A fault injected here is handled below as a failed write of the COMMIT record.
+        fault = await self._fault_at("coordinator.before_commit_record")
         prepared = []
         refusal: VoteReply | None = None
         for participant, reply in zip(tx.participants, votes, strict=True):
@@ -417,6 +418,9 @@ class TransactionManager:
             return
         tx.prepared = tuple(prepared)
         record = CommitRecord(tx.txid, tx.prepared)
+        if fault:
+            await self._abort(tx, fault)
+            return
         try:
             await self._log.record_commit(record)
         except DecisionLogFull as err:
@@ -428,9 +432,11 @@ class TransactionManager:
         self._open_commits[tx.txid] = record
         tx.move_to(TxState.COMMITTING)
         log.debug("commit_decided", txid=tx.txid, participants=list(tx.prepared))
-        self._failpoints.hit("coordinator.after_commit_record")
-        self._phase2_running.add(tx.txid)
-        self._spawn(self._phase2(tx, record))
+        try:
+            await self._failpoints.ahit("coordinator.after_commit_record")
+        finally:  # decided: phase 2 runs even when the failpoint raises (a lost answer)
+            self._phase2_running.add(tx.txid)
+            self._spawn(self._phase2(tx, record))
 
     async def _prepare_one(
         self, tx: Transaction, participant: str, statements: Statements
@@ -454,7 +460,10 @@ class TransactionManager:
                 reply.mysql_errno,
                 reply.results,
             )
-        self._failpoints.hit("coordinator.mid_prepare")
+        fault = await self._fault_at("coordinator.mid_prepare")
+        if fault:  # as if the vote were lost: the branch may be prepared
+            tx.unreached.add(participant)
+            return VoteReply(Vote.ABORT, f"participant {participant}: {fault}")
         return reply
 
     async def _commit_one_phase(self, tx: Transaction, statements: Statements) -> None:
@@ -554,7 +563,10 @@ class TransactionManager:
                             error=reply.message,
                         )
                 elif attempt == 0 and participant == pending[0]:
-                    self._failpoints.hit("coordinator.mid_commit")
+                    fault = await self._fault_at("coordinator.mid_commit")
+                    if fault:  # phase 2 stops here; recovery finishes it
+                        log.warning("phase2_stopped", txid=record.txid, error=fault)
+                        return False
             pending = still
             if not pending or attempt == self.settings.phase2_attempts - 1:
                 break
@@ -563,7 +575,10 @@ class TransactionManager:
         if pending:
             log.warning("phase2_incomplete", txid=record.txid, participants=pending)
             return False
-        self._failpoints.hit("coordinator.before_end_record")
+        fault = await self._fault_at("coordinator.before_end_record")
+        if fault:  # as if END were lost: recovery drives the commit again
+            log.warning("phase2_stopped", txid=record.txid, error=fault)
+            return False
         try:
             await self._log.record_end(record.txid)
         except DecisionLogFailed as err:
@@ -795,6 +810,15 @@ class TransactionManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def _fault_at(self, failpoint: str) -> str:
+        """Hits ``failpoint``; the message of the error that a ``return(kind)`` term raised there
+        (the caller handles it as a failure of the step next to the point), or ""."""
+        try:
+            await self._failpoints.ahit(failpoint)
+        except TwopcError as err:
+            return err.message
+        return ""
 
     async def _shielded(self, work: Awaitable[None]) -> None:
         """Runs ``work`` to its end even if the caller's RPC is cancelled: a decision half-made

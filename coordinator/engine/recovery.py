@@ -73,7 +73,11 @@ class Recovery:
 
     async def _bounded_redrive(self, record: CommitRecord) -> bool:
         async with self._limit:
-            self._failpoints.hit("coordinator.recovery")
+            try:
+                await self._failpoints.ahit("coordinator.recovery")
+            except TwopcError as err:
+                log.warning("recovery_failed", txid=record.txid, error=err.message)
+                return False
             return await self._manager.redrive(record)
 
     async def _resolve_prepared(self, participant: str, report: RecoveryReport) -> None:
@@ -92,7 +96,7 @@ class Recovery:
                 if not self._manager.claim_for_recovery(txid):
                     return
                 try:
-                    self._failpoints.hit("coordinator.recovery")
+                    await self._failpoints.ahit("coordinator.recovery")
                     record = self._manager.commit_record(txid)
                     if record is not None:
                         if await self._manager.redrive(record):

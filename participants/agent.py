@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -139,6 +140,10 @@ class Agent:
             capacity=config.max_branches, finished_memory=config.finished_branch_memory
         )
         self._log = structlog.get_logger("twopc.agent").bind(participant=self.name)
+        # Sessions whose connection broke mid-PREPARE or mid-COMMIT and that could not be ended
+        # then: txid -> server session id. Nothing is answered about that txid before it ends.
+        self._doubtful: dict[str, int] = {}
+        self._doubtful_lock = threading.Lock()
         self.server_version = ""
 
     # --- start and stop ---------------------------------------------------------------------------
@@ -245,15 +250,11 @@ class Agent:
         if one_phase:
             return self._commit_one_phase(xid, work, sequence, timeout_ms)
         found = self._registry.get(txid)
-        if isinstance(found, FinishedBranch):
-            if found.state is BranchState.ROLLED_BACK:
-                raise FailedPrecondition(
-                    f"branch {txid} on {self.name} was rolled back ({found.reason}); "
-                    "it cannot commit",
-                    txid=txid,
-                )
+        if isinstance(found, FinishedBranch) and found.state is not BranchState.ROLLED_BACK:
             return CommitResult(already_committed=True)
-        if found is None:
+        if found is None or isinstance(found, FinishedBranch):
+            # Remembered as rolled back, or not at all: the server decides (it refuses, with
+            # FailedPrecondition, a branch that is neither prepared nor committed).
             already = self._commit_on_server(xid)
             self._log.info("branch_committed", txid=txid, by="recovery", already=already)
             return CommitResult(already_committed=already)
@@ -277,7 +278,9 @@ class Agent:
                 raise FailedPrecondition(
                     f"branch {txid} on {self.name} committed; it cannot be rolled back", txid=txid
                 )
-            return True
+            # What the agent remembers is advice; the server is the truth (recovery asks to roll
+            # back what XA RECOVER lists).
+            return self._rollback_on_server(xid)
         self._interrupt_if_running(found)
         with self._locked(found):
             if found.state is BranchState.COMMITTED:
@@ -324,6 +327,8 @@ class Agent:
                 unknown.append(txid)
         if unknown:
             with self._admin() as session:
+                for txid in unknown:
+                    self._settle_doubtful(session, txid)
                 committed = committed_markers(session, self.config.marker_table, unknown)
                 prepared = {x.txid for x in prepared_xids(session) if x.branch == self.name}
             for txid in unknown:
@@ -486,7 +491,7 @@ class Agent:
         except ConnectionLost:
             session.discard()
             branch.session = None
-            return self._vote_after_lost_prepare(branch)
+            return self._vote_after_lost_prepare(branch, session.thread_id)
         except DbError as err:
             self._abort(branch, f"prepare failed: {err}")
             return VoteResult(Vote.ABORT, branch.reason, err.errno)
@@ -495,16 +500,24 @@ class Agent:
         self._failpoints.hit("agent.after_prepare")
         return VoteResult(Vote.PREPARED, outputs=outputs)
 
-    def _vote_after_lost_prepare(self, branch: Branch) -> VoteResult:
-        """The connection broke during XA END/PREPARE: the server either prepared the branch (it
-        is then detached and listed by XA RECOVER) or rolled it back."""
+    def _vote_after_lost_prepare(self, branch: Branch, thread_id: int) -> VoteResult:
+        """The connection broke during XA END/PREPARE: the server prepares the branch (it is
+        then detached and listed by XA RECOVER) or rolls it back, but only once it is done with
+        the session, which may still be executing the PREPARE."""
         try:
             with self._admin() as admin:
-                prepared = branch.xid in prepared_xids(admin)
-        except DbError as err:
+                settled = self._end_session(admin, thread_id)
+                prepared = settled and branch.xid in prepared_xids(admin)
+        except (DbError, Unavailable) as err:
+            settled, prepared = False, False
+            reason = f"lost the database during prepare: {err}"
+        else:
+            reason = "lost the database during prepare"
+        if not settled:
             # Cannot tell: say no. If it did prepare, recovery rolls it back (no commit record).
             self._registry.forget(branch)
-            return VoteResult(Vote.ABORT, f"lost the database during prepare: {err}")
+            self._remember_doubtful(branch.txid, thread_id)
+            return VoteResult(Vote.ABORT, reason)
         if prepared:
             branch.move_to(BranchState.PREPARED)
             return VoteResult(Vote.PREPARED)
@@ -517,6 +530,7 @@ class Agent:
         found = self._registry.get(xid.txid)
         if found is None and not work:
             with self._admin() as admin:
+                self._settle_doubtful(admin, xid.txid)
                 if committed_markers(admin, self.config.marker_table, [xid.txid]):
                     return CommitResult(already_committed=True)
             raise TransactionAborted(
@@ -552,7 +566,7 @@ class Agent:
             except ConnectionLost as err:
                 session.discard()
                 found.session = None
-                return self._one_phase_after_lost_commit(found, outputs, err)
+                return self._one_phase_after_lost_commit(found, outputs, err, session.thread_id)
             except DbError as err:
                 if err.errno == ER_DUP_ENTRY:
                     self._abort(found, "this transaction committed here before")
@@ -568,19 +582,29 @@ class Agent:
             return CommitResult(outputs)
 
     def _one_phase_after_lost_commit(
-        self, branch: Branch, outputs: tuple[StatementOutput, ...], err: DbError
+        self, branch: Branch, outputs: tuple[StatementOutput, ...], err: DbError, thread_id: int
     ) -> CommitResult:
         if not branch.wrote:
             self._finish(branch, BranchState.READ_ONLY)
             return CommitResult(outputs)
         try:
             with self._admin() as admin:
-                committed = bool(committed_markers(admin, self.config.marker_table, [branch.txid]))
-        except DbError as again:
+                # The marker tells only once the server is done with the session: until then
+                # the commit may still be running there.
+                settled = self._end_session(admin, thread_id)
+                committed = settled and bool(
+                    committed_markers(admin, self.config.marker_table, [branch.txid])
+                )
+        except (DbError, Unavailable) as again:
+            settled, problem = False, str(again)
+        else:
+            problem = f"session {thread_id} did not end"
+        if not settled:
             self._registry.forget(branch)
+            self._remember_doubtful(branch.txid, thread_id)
             raise Unavailable(
                 f"lost the database during a one-phase commit on {self.name} and cannot tell "
-                f"whether it committed ({again}); ask again later",
+                f"whether it committed ({problem}); ask again later",
                 txid=branch.txid,
             ) from err
         if committed:
@@ -690,6 +714,7 @@ class Agent:
         committing = command == "COMMIT"
         deadline = self._clock() + _KILL_SETTLE_S
         with self._admin() as session:
+            self._settle_doubtful(session, xid.txid)
             while True:
                 try:
                     session.xa(command, xid)
@@ -725,6 +750,38 @@ class Agent:
                         txid=xid.txid,
                     )
                 time.sleep(0.02)
+
+    def _remember_doubtful(self, txid: str, thread_id: int) -> None:
+        with self._doubtful_lock:
+            self._doubtful[txid] = thread_id
+
+    def _settle_doubtful(self, admin: Session, txid: str) -> None:
+        """Ends the broken session that may still be working on ``txid``, if there is one;
+        Unavailable while it cannot be ended (what the server shows is not final yet)."""
+        with self._doubtful_lock:
+            thread_id = self._doubtful.get(txid)
+        if thread_id is None:
+            return
+        if not self._end_session(admin, thread_id):
+            raise Unavailable(
+                f"a session of {txid} on {self.name} is still running after its connection "
+                "broke; ask again later",
+                txid=txid,
+            )
+        with self._doubtful_lock:
+            self._doubtful.pop(txid, None)
+
+    def _end_session(self, admin: Session, thread_id: int) -> bool:
+        """Kills server session ``thread_id`` (its connection broke mid-statement) and waits until
+        the server is done with it, so that what it shows afterwards is final. False if the
+        session is still there after the settle time."""
+        kill(admin, thread_id, query_only=False)
+        deadline = self._clock() + _KILL_SETTLE_S
+        while session_exists(admin, thread_id):
+            if self._clock() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _detach_from_owner(self, session: Session, xid: Xid) -> None:
         """A prepared branch answered XAER_NOTA while XA RECOVER lists it: a live session (a frozen

@@ -11,6 +11,7 @@ import pytest
 from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.playground.cluster import Cluster
+from coordinator.txid import Xid
 from coordinator.values import to_values
 from tests.support import balance, markers, prepared
 
@@ -205,3 +206,33 @@ def test_rollback_that_overtakes_its_request_refuses_the_request_later(
     assert vote.vote == pb.VOTE_ABORT
     assert balance(live_cluster, "us", 8) == 1000
     assert markers(live_cluster, txid) == set()
+
+
+def prepare_behind_the_agents_back(cluster: Cluster, txid: str) -> None:
+    """A prepared branch of ``txid`` on us that the agent did not see being prepared (as when
+    its connection broke while the server was still executing XA PREPARE)."""
+    xid = Xid(txid, "us")
+    with cluster.mysql("us") as conn, conn.cursor() as cursor:
+        cursor.execute(f"XA START {xid.sql()}")
+        cursor.execute("UPDATE accounts SET balance = balance + 500 WHERE id = 7")
+        cursor.execute(f"XA END {xid.sql()}")
+        cursor.execute(f"XA PREPARE {xid.sql()}")
+
+
+@pytest.mark.parametrize("decision", ["rollback", "commit"])
+def test_agent_memory_of_a_rolled_back_branch_does_not_hide_a_prepared_one(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int, decision: str
+) -> None:
+    """Found by the chaos harness: the agent remembered a branch as rolled back while the server
+    held it prepared, answered every rollback 'already rolled back' and left it stuck."""
+    txid = f"elsewhere.r-memory-{decision}"
+    agent_us.Rollback(pb.BranchRollbackRequest(txid=txid, participant="us"))  # remembered
+    prepare_behind_the_agents_back(live_cluster, txid)
+    assert prepared(live_cluster) == {"us": [txid]}
+    if decision == "rollback":
+        agent_us.Rollback(pb.BranchRollbackRequest(txid=txid, participant="us"))
+        assert balance(live_cluster, "us", 7) == 1000
+    else:
+        agent_us.Commit(pb.BranchCommitRequest(txid=txid, participant="us"))
+        assert balance(live_cluster, "us", 7) == 1500
+    assert prepared(live_cluster) == {}

@@ -26,6 +26,7 @@ from coordinator.chaos.injector import Injector
 from coordinator.chaos.report import ChaosResult, plot_timeline, write_json
 from coordinator.chaos.schedule import FaultKind, Targets, plan
 from coordinator.client import Client, RetryPolicy
+from coordinator.logs import configure_logging
 from coordinator.playground.bank import Transfer, TransferWorkload, create_accounts, total_balance
 from coordinator.playground.cluster import STATE_FILE, Cluster, wait_until
 from coordinator.playground.invariants import check_bank, prepared_branches, resolve_unknown
@@ -54,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    configure_logging("warning", console=True)  # the progress line and the report say the rest
     kinds = [FaultKind(k.strip()) for k in args.faults.split(",") if k.strip()]
     directory: Path = args.dir.resolve()
     if (directory / STATE_FILE).exists():

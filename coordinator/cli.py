@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
         "--detach", action="store_true", help="start the cluster and return (stop it with --down)"
     )
     playground.add_argument("--signal", default="KILL", help="signal for --kill (default: KILL)")
+    playground.add_argument(
+        "--proxied",
+        action="store_true",
+        help="put a fault proxy on every hop (the state file lists the links)",
+    )
 
     demo = commands.add_parser("demo", help="bank transfers with a coordinator crash mid-run")
     demo.add_argument("--dir", type=Path, default=Path(".twopc-demo"))

@@ -43,11 +43,13 @@ def _playground(args: argparse.Namespace) -> int:
                 f"stop it first: twopc playground --dir {args.dir} --down"
             )
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
-    cluster = Cluster.create(args.dir, regions)
+    cluster = Cluster.create(args.dir, regions, proxied=args.proxied)
     cluster.up()
     print(f"twopc playground up; state file: {cluster.state_path}")
     for name, component in cluster.components.items():
         print(f"  {name:<14} {component.address:<22} pid {component.pid}")
+    for link in cluster.links:
+        print(f"  link {link.name:<24} {link.listen} -> {link.upstream}")
     print(f"SDK: Client({cluster.coordinator_address!r})")
     if args.detach:
         print(f"stop it with: twopc playground --dir {args.dir} --down")

@@ -70,21 +70,34 @@ class Injector:
             except Exception as err:  # a fault that cannot be applied is reported, not fatal
                 log.warning("fault_action_failed", error=f"{type(err).__name__}: {err}")
 
-    def heal_all(self) -> None:
-        """Every link healed, every process running and answering, every failpoint disarmed."""
+    def heal_all(self, attempts: int = 5) -> None:
+        """Every link healed, every process running and answering, every failpoint disarmed.
+
+        Failpoints go first: one still armed with ``crash`` could kill a daemon that was just
+        checked alive. A daemon that is down then is restarted and checked again, a bounded
+        number of rounds."""
         if self.cluster.proxied:
             with self._channel(PROXY) as channel:
                 cpb_grpc.FaultProxyStub(channel).Heal(cpb.HealRequest(), timeout=_CONTROL_TIMEOUT_S)
         for name in list(self._stopped):
             self.cluster.component(name).send(signal.SIGCONT)
             self._stopped.discard(name)
-        order = [f"mariadb-{r}" for r in self.cluster.regions]
-        order += [f"agent-{r}" for r in self.cluster.regions] + ["coordinator"]
-        for name in order:
-            if not self.cluster.component(name).alive():
-                self.cluster.restart(name)
-        for name in ["coordinator"] + [f"agent-{r}" for r in self.cluster.regions]:
-            self._disarm_all(name)
+        daemons = ["coordinator"] + [f"agent-{r}" for r in self.cluster.regions]
+        order = [f"mariadb-{r}" for r in self.cluster.regions] + daemons[1:] + daemons[:1]
+        for _ in range(attempts):
+            armed = False
+            for name in daemons:
+                if self.cluster.component(name).alive():
+                    with contextlib.suppress(grpc.RpcError):
+                        armed |= self._disarm_all(name)
+            restarted = False
+            for name in order:
+                if not self.cluster.component(name).alive():
+                    self.cluster.restart(name)
+                    restarted = True
+            if not restarted and not armed:
+                return
+        raise RuntimeError(f"the cluster did not settle after {attempts} healing rounds")
 
     # --- one fault ----------------------------------------------------------------------------
 
@@ -148,16 +161,15 @@ class Injector:
                 cpb.SetFailpointRequest(name=name, spec=spec), timeout=_CONTROL_TIMEOUT_S
             )
 
-    def _disarm_all(self, daemon: str) -> None:
+    def _disarm_all(self, daemon: str) -> bool:
+        """Disarms every armed failpoint of ``daemon``; True if there was any."""
         with self._channel(daemon) as channel:
             stub = cpb_grpc.FailpointsStub(channel)
             listed = stub.List(cpb.ListFailpointsRequest(), timeout=_CONTROL_TIMEOUT_S)
-            for point in listed.failpoints:
-                if point.spec:
-                    stub.Set(
-                        cpb.SetFailpointRequest(name=point.name, spec=""),
-                        timeout=_CONTROL_TIMEOUT_S,
-                    )
+            armed = [point.name for point in listed.failpoints if point.spec]
+            for name in armed:
+                stub.Set(cpb.SetFailpointRequest(name=name, spec=""), timeout=_CONTROL_TIMEOUT_S)
+        return bool(armed)
 
     @contextlib.contextmanager
     def _channel(self, component: str) -> Iterator[grpc.Channel]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import threading
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging("warning", console=True)  # the progress line and the report say the rest
+    logging.getLogger("twopc.client").setLevel(logging.ERROR)  # retries are counted, not logged
     kinds = [FaultKind(k.strip()) for k in args.faults.split(",") if k.strip()]
     directory: Path = args.dir.resolve()
     if (directory / STATE_FILE).exists():

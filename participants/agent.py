@@ -167,17 +167,34 @@ class Agent:
             )
         self._log.info("agent_ready", server_version=version, instance=self.instance_id)
 
-    def close(self) -> None:
+    def close(self, patience: float = 1.0) -> None:
         """Rolls back active branches and lets prepared ones go (they stay prepared on the
-        server, where recovery finishes them)."""
+        server, where recovery finishes them). Bounded: a branch whose statement is still
+        running (a lock wait, a cut link) is not waited for; its session is killed, and the
+        server rolls an unprepared branch back when its session ends."""
         for branch in self._registry.live():
-            with self._locked(branch):
+            if not branch.lock.acquire(timeout=patience):
+                self._kill_session_of(branch)
+                continue
+            try:
                 if branch.state is BranchState.ACTIVE:
                     self._abort(branch, "agent shutting down")
                 elif branch.session is not None:
                     branch.session.discard()
                     branch.session = None
+            finally:
+                branch.lock.release()
         self._pool.dispose()
+
+    def _kill_session_of(self, branch: Branch) -> None:
+        session = branch.session
+        if session is None:
+            return
+        try:
+            with self._admin() as admin:
+                kill(admin, session.thread_id, query_only=False)
+        except (DbError, Unavailable) as err:
+            self._log.warning("shutdown_kill_failed", txid=branch.txid, error=str(err))
 
     # --- RPCs -------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -119,5 +120,14 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
     except (FailedPrecondition, Unavailable) as err:
         log.error("agent_cannot_start", error=err.message)
         return 2
-    asyncio.run(serve(agent, config, failpoints))
-    return 0
+    code = 0
+    try:
+        asyncio.run(serve(agent, config, failpoints))
+    except Exception:
+        log.exception("agent_stopped_with_error")
+        code = 1
+    # Worker threads still blocked in a database read (a cut link) would hold the process until
+    # their read timeout, with the port already closed: neither serving nor gone. Everything
+    # that matters is done (branches rolled back or left prepared, logs written).
+    sys.stderr.flush()
+    os._exit(code)

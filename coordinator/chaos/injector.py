@@ -22,6 +22,7 @@ from coordinator.api import chaos_pb2 as cpb
 from coordinator.api import chaos_pb2_grpc as cpb_grpc
 from coordinator.chaos.schedule import FaultEvent, FaultKind
 from coordinator.playground.cluster import PROXY, Cluster
+from coordinator.playground.mariadb import PlaygroundError
 
 log = structlog.get_logger("twopc.chaos")
 _CONTROL_TIMEOUT_S = 5.0
@@ -95,6 +96,8 @@ class Injector:
                 if not self.cluster.component(name).alive():
                     self.cluster.restart(name)
                     restarted = True
+                elif not self._ensure_serving(name):
+                    restarted = True
             if not restarted and not armed:
                 return
         raise RuntimeError(f"the cluster did not settle after {attempts} healing rounds")
@@ -143,9 +146,26 @@ class Injector:
 
     def _restart_if_down(self, name: str, record: AppliedFault) -> None:
         component = self.cluster.component(name)
+        if component.alive() and record.event.kind is FaultKind.RESTART:
+            # SIGTERM not obeyed by now: a supervisor would stop waiting too.
+            self.cluster.kill(name, signal.SIGKILL)
+            record.note = (record.note + " SIGTERM ignored, SIGKILLed").strip()
         if not component.alive():
             self.cluster.restart(name)
             record.note = (record.note + " restarted").strip()
+
+    def _ensure_serving(self, name: str, patience: float = 15.0) -> bool:
+        """True if ``name`` answers; a process that lives but does not answer within
+        ``patience`` is SIGKILLed and started again (False then)."""
+        try:
+            self.cluster.wait_ready(name, patience)
+        except (TimeoutError, PlaygroundError):
+            log.warning("not_serving_restarting", component=name)
+            if self.cluster.component(name).alive():
+                self.cluster.kill(name, signal.SIGKILL)
+            self.cluster.restart(name)
+            return False
+        return True
 
     # --- control plane ------------------------------------------------------------------------
 

@@ -30,7 +30,12 @@ from coordinator.client import Client, RetryPolicy
 from coordinator.logs import configure_logging
 from coordinator.playground.bank import Transfer, TransferWorkload, create_accounts, total_balance
 from coordinator.playground.cluster import STATE_FILE, Cluster, wait_until
-from coordinator.playground.invariants import check_bank, prepared_branches, resolve_unknown
+from coordinator.playground.invariants import (
+    Verdict,
+    check_bank,
+    prepared_branches,
+    resolve_unknown,
+)
 
 QUIESCENCE_DEADLINE_S = 120.0
 TRANSFER_TIMEOUT_S = 5.0
@@ -139,7 +144,10 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
         say("healing everything")
         injector.heal_all()
         healed = time.monotonic()
-        wait_until(lambda: _quiescent(cluster), QUIESCENCE_DEADLINE_S, "quiescence", 0.1)
+        try:
+            wait_until(lambda: _quiescent(cluster), QUIESCENCE_DEADLINE_S, "quiescence", 0.1)
+        except TimeoutError:
+            say(f"not quiescent {QUIESCENCE_DEADLINE_S:.0f} s after the heal: I5 is broken")
         quiescence = time.monotonic() - healed
         transfers: list[Transfer] = list(workload.transfers)
         resolved = resolve_unknown(client, transfers)
@@ -149,6 +157,16 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
             expected_total=expected_total,
             actual_total=total_balance(cluster),
             resolved=resolved,
+        )
+        held = _held_by_agents(cluster)
+        verdicts.append(
+            Verdict(
+                "I5 liveness (agents)",
+                not held and quiescence < QUIESCENCE_DEADLINE_S,
+                f"{len(held)} agent(s) holding branches or not answering "
+                f"{quiescence:.1f} s after the heal",
+                held,
+            )
         )
     return ChaosResult(
         seed=args.seed,
@@ -183,18 +201,25 @@ def _show_progress(
 
 def _quiescent(cluster: Cluster) -> bool:
     """Nothing prepared on any server, and no branch held by any agent."""
-    if any(prepared_branches(cluster).values()):
-        return False
+    return not any(prepared_branches(cluster).values()) and not _held_by_agents(cluster)
+
+
+def _held_by_agents(cluster: Cluster) -> list[str]:
+    """Agents that hold a branch (active or prepared), or that do not answer."""
+    held = []
     for region in cluster.regions:
         address = cluster.component(f"agent-{region}").address
         with grpc.insecure_channel(address) as channel:
             try:
                 info = pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=2)
             except grpc.RpcError:
-                return False
+                held.append(f"agent-{region}: not answering")
+                continue
         if info.active_branches or info.prepared_branches:
-            return False
-    return True
+            held.append(
+                f"agent-{region}: {info.active_branches} active, {info.prepared_branches} prepared"
+            )
+    return held
 
 
 def say(text: str) -> None:

@@ -1,0 +1,61 @@
+"""An agent stops promptly on SIGTERM even while a statement of a branch is still running.
+
+Found by the chaos run with seed 105: a graceful restart of an agent whose thread was stuck in a
+database read waited a minute for the branch, then lingered until the read timed out, with its
+port already closed: neither serving nor gone, so nothing restarted it."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+
+from coordinator.api import twopc_pb2 as pb
+from coordinator.api import twopc_pb2_grpc as pb_grpc
+from coordinator.playground.cluster import Cluster, wait_until
+
+
+def sleeping_sessions(cluster: Cluster) -> int:
+    with cluster.mysql("us") as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP%'"
+        )
+        row = cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(
+    live_cluster: Cluster,
+) -> None:
+    agent = live_cluster.component("agent-us")
+    errors: list[grpc.RpcError] = []
+
+    def long_statement() -> None:
+        with grpc.insecure_channel(agent.address) as channel:
+            try:
+                pb_grpc.ParticipantStub(channel).Execute(
+                    pb.BranchExecuteRequest(
+                        txid="elsewhere.r-shutdown",
+                        participant="us",
+                        sequence=1,
+                        timeout_ms=120_000,
+                        statements=[pb.Statement(sql="SELECT SLEEP(60)")],
+                    ),
+                    timeout=90,
+                )
+            except grpc.RpcError as err:
+                errors.append(err)
+
+    caller = threading.Thread(target=long_statement)
+    caller.start()
+    wait_until(lambda: sleeping_sessions(live_cluster) == 1, 10, "the statement running")
+
+    asked = time.monotonic()
+    agent.send(signal.SIGTERM)
+    wait_until(lambda: not agent.alive(), 20, "the agent exiting after SIGTERM")
+    assert time.monotonic() - asked < 15
+    caller.join(timeout=30)
+    assert errors, "the interrupted call fails; it does not hang"
+    wait_until(lambda: sleeping_sessions(live_cluster) == 0, 10, "the session ended")

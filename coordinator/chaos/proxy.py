@@ -496,7 +496,10 @@ class ProxyLink:
         family, address = self._bind
         if self._port:  # re-binding after a cut: the same port
             address = (address[0], self._port, *address[2:])
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+        # and an accepted socket inherits this. Without it, Nagle holds back every small reply
+        # until the peer's delayed ACK (~40 ms).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             # The port may have connections in TIME_WAIT (a cut closed them): bind anyway.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -534,3 +534,25 @@ def test_close_closes_everything() -> None:
                 await h.link.heal()
 
     run(test)
+
+
+def test_small_replies_are_not_held_back_by_nagle() -> None:
+    """Regression: the proxy's accepted sockets lacked TCP_NODELAY, so a reply written in two
+    parts waited for the client's delayed ACK (~40 ms) before its second part left the proxy."""
+    rounds = 15
+
+    async def test() -> None:
+        async with proxied() as harness:
+            (client_reader, client_writer), (server_reader, server_writer) = await harness.pair()
+            started = time.monotonic()
+            for _ in range(rounds):
+                client_writer.write(b"?")
+                assert await exactly(server_reader, 1) == b"?"
+                server_writer.write(b"a")
+                assert await exactly(client_reader, 1) == b"a"  # unacknowledged at the proxy
+                server_writer.write(b"b")
+                assert await exactly(client_reader, 1) == b"b"
+            elapsed = time.monotonic() - started
+            assert elapsed < 0.25, f"{rounds} round trips took {elapsed:.3f} s"
+
+    run(test)

@@ -12,6 +12,8 @@ twopc chaos [--duration S] [--seed N]           transfers on a proxied playgroun
                                                 a JSON report, a PNG timeline, exit 1 if an
                                                 invariant broke
 twopc proxy --control ADDR --link N=LISTEN=UP   the TCP fault proxy (the playground runs it)
+twopc bench [--workloads ...] [--concurrency ...] twopc against direct XA, SQLAlchemy two-phase
+                                                sessions and plain local commits, side by side
 twopc tx TXID [--coordinator ADDR]              a transaction's state and outcome
 """
 
@@ -76,10 +78,13 @@ def _parser() -> argparse.ArgumentParser:
 
     chaos = commands.add_parser("chaos", help="fault injection with an invariant check")
     proxy = commands.add_parser("proxy", help="the TCP fault proxy")
+    bench = commands.add_parser("bench", help="twopc against the alternatives, side by side")
+    from coordinator.bench import runner as bench_runner
     from coordinator.chaos import proxy_service, runner
 
     runner.add_arguments(chaos)
     proxy_service.add_arguments(proxy)
+    bench_runner.add_arguments(bench)
 
     tx = commands.add_parser("tx", help="look a transaction up")
     tx.add_argument("txid")
@@ -111,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from coordinator.chaos.runner import run as run_chaos
 
         return run_chaos(args)
+    if args.command == "bench":
+        from coordinator.bench.runner import run as run_bench
+
+        return run_bench(args)
     if args.command == "proxy":
         from coordinator.chaos.proxy_service import run as run_proxy
 

@@ -159,6 +159,7 @@ class Cluster:
         coordinator_settings: Mapping[str, object] | None = None,
         agent_settings: Mapping[str, object] | None = None,
         proxied: bool = False,
+        client_db_links: bool = False,
         python: str = sys.executable,
     ) -> Cluster:
         """Lays out directories and configuration files; starts nothing.
@@ -167,6 +168,11 @@ class Cluster:
         (``client-coordinator``), coordinator -> each agent (``coordinator-agent-<region>``) and
         each agent -> its database (``agent-<region>-mariadb``). The daemons are configured with
         the proxy's addresses, and ``coordinator_address`` is the proxied one.
+
+        With ``client_db_links`` as well, each region gets one more link,
+        ``client-mariadb-<region>``, from a port of its own to that region's database, for
+        clients that talk to the databases directly (the benchmark's baselines) through the same
+        kind of link as the coordinator's. Without ``proxied`` it adds nothing.
         """
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
@@ -199,6 +205,8 @@ class Cluster:
             agent_address = f"{LOOPBACK}:{free_port()}"
             agents[region] = through_proxy(f"coordinator-agent-{region}", agent_address)
             database_address = through_proxy(f"agent-{region}-mariadb", db.address)
+            if client_db_links:
+                through_proxy(f"client-mariadb-{region}", db.address)
             config = base / "agent.toml"
             _write_toml(
                 config,

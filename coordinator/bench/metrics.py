@@ -1,0 +1,480 @@
+"""What a benchmark cell measures, and the arithmetic behind each figure.
+
+The pure parts (percentiles, ratios, parsing ``/proc`` text, the table) take text and numbers, so
+that unit tests feed them captured samples; the few functions that read ``/proc`` or a file are
+thin wrappers around them.
+
+- **CPU** of a process: ``utime + stime`` of ``/proc/<pid>/stat`` (fields 14 and 15, in clock
+  ticks, all threads), sampled at the start and the end of the measured window.
+- **Peak RSS**: ``VmHWM`` of ``/proc/<pid>/status``, reset before each cell by writing ``5`` to
+  ``/proc/<pid>/clear_refs`` (which needs the right to write it: root, or the process's owner).
+- **fsyncs** of the decision log: one per batch, and batches carry sequence numbers that go up by
+  one per batch and carry on across compactions; the difference of the last sequence number
+  before and after the window is the number of fsyncs in it.
+- **TIME_WAIT**: sockets in state 06 in ``/proc/net/tcp`` and ``/proc/net/tcp6`` on the loopback
+  address, counted only when one end is a port of the cluster (other processes on the machine
+  use the loopback too).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.decision_log._format import BATCH_HEAD, BATCH_MAGIC, HEADER
+
+__all__ = [
+    "CellResult",
+    "LogSequence",
+    "Tally",
+    "TcpSocket",
+    "count_time_wait",
+    "cpu_seconds",
+    "format_table",
+    "in_time_wait",
+    "parse_proc_net_tcp",
+    "parse_stat_ticks",
+    "parse_vm_hwm_kb",
+    "peak_rss_kb",
+    "per_thousand",
+    "percentile",
+    "ratio",
+    "reset_peak_rss",
+    "time_wait_by_name",
+    "time_wait_sockets",
+]
+
+TCP_TIME_WAIT = 0x06
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """The ``pct`` percentile (0-100) of ``values`` by linear interpolation between the closest
+    ranks (numpy's default), or None when there are no values."""
+    if not values:
+        return None
+    if not 0 <= pct <= 100:
+        raise ValueError(f"percentile {pct} is not between 0 and 100")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * pct / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def per_thousand(amount: float, transactions: int) -> float | None:
+    """``amount`` per 1,000 transactions, or None when there were none."""
+    if transactions <= 0:
+        return None
+    return amount * 1000 / transactions
+
+
+@dataclass
+class Tally:
+    """What one worker saw in the measured window (merged across workers afterwards).
+
+    Attributes:
+        attempts: transaction attempts started, retries included.
+        committed: logical transactions that committed.
+        conflicts: attempts rolled back by the workload itself and retried (optimistic locking).
+        aborted: logical transactions that the system aborted (deadlock, lock wait timeout...).
+        gave_up: logical transactions still in conflict after the last retry.
+        unknown: logical transactions whose outcome the client did not learn.
+        latencies_ms: per committed transaction, first attempt to commit, retries included.
+        errors: a sample of the reasons for failures, by reason.
+    """
+
+    attempts: int = 0
+    committed: int = 0
+    conflicts: int = 0
+    aborted: int = 0
+    gave_up: int = 0
+    unknown: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: Tally) -> None:
+        self.attempts += other.attempts
+        self.committed += other.committed
+        self.conflicts += other.conflicts
+        self.aborted += other.aborted
+        self.gave_up += other.gave_up
+        self.unknown += other.unknown
+        self.latencies_ms.extend(other.latencies_ms)
+        for reason, count in other.errors.items():
+            self.errors[reason] = self.errors.get(reason, 0) + count
+
+    def note_error(self, reason: str) -> None:
+        reason = reason[:160]
+        if reason in self.errors or len(self.errors) < 20:
+            self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    @property
+    def abort_rate(self) -> float:
+        """The share of attempts that did not commit (conflicts, aborts, unknowns)."""
+        if self.attempts == 0:
+            return 0.0
+        return max(self.attempts - self.committed, 0) / self.attempts
+
+
+# --- /proc ---------------------------------------------------------------------------------------
+
+
+def parse_stat_ticks(stat: str) -> int:
+    """``utime + stime`` in clock ticks from the text of ``/proc/<pid>/stat``.
+
+    The command name (field 2) is in parentheses and may hold spaces or parentheses itself, so the
+    fields are counted from the last ``)``: field 3 (state) is the first after it.
+    """
+    rest = stat.rsplit(")", 1)[1].split()
+    utime, stime = int(rest[11]), int(rest[12])  # fields 14 and 15
+    return utime + stime
+
+
+PROC = Path("/proc")
+
+
+def cpu_seconds(pid: int, proc: Path = PROC) -> float | None:
+    """CPU seconds (user + system, all threads) that ``pid`` used so far; None if it is gone."""
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return parse_stat_ticks(text) / CLOCK_TICKS
+
+
+def parse_vm_hwm_kb(status: str) -> int | None:
+    """``VmHWM`` (peak resident set, kB) from the text of ``/proc/<pid>/status``."""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
+
+
+def peak_rss_kb(pid: int, proc: Path = PROC) -> int | None:
+    try:
+        return parse_vm_hwm_kb((proc / str(pid) / "status").read_text())
+    except OSError:
+        return None
+
+
+def reset_peak_rss(pid: int, proc: Path = PROC) -> bool:
+    """Resets ``pid``'s ``VmHWM`` to its current RSS; False when that is not allowed."""
+    try:
+        (proc / str(pid) / "clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+    state: int
+
+
+def _ipv4(word: str) -> str:
+    # /proc/net/tcp prints the address as the host-order u32 in hex: little-endian here.
+    return ".".join(str(b) for b in bytes.fromhex(word)[::-1])
+
+
+def _ipv6(text: str) -> str:
+    # Four host-order u32 words; an IPv4-mapped address (::ffff:a.b.c.d) is shown as IPv4.
+    raw = b"".join(struct.pack("<I", int(text[i : i + 8], 16)) for i in range(0, 32, 8))
+    if raw[:12] == b"\0" * 10 + b"\xff\xff":
+        return ".".join(str(b) for b in raw[12:])
+    if raw == b"\0" * 15 + b"\x01":
+        return "::1"
+    return raw.hex()
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    address, port = text.split(":")
+    ip = _ipv4(address) if len(address) == 8 else _ipv6(address)
+    return ip, int(port, 16)
+
+
+def parse_proc_net_tcp(text: str) -> list[TcpSocket]:
+    """The sockets listed in the text of ``/proc/net/tcp`` or ``/proc/net/tcp6``."""
+    sockets = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        local_ip, local_port = _endpoint(fields[1])
+        remote_ip, remote_port = _endpoint(fields[2])
+        sockets.append(TcpSocket(local_ip, local_port, remote_ip, remote_port, int(fields[3], 16)))
+    return sockets
+
+
+_LOOPBACK = ("127.0.0.1", "::1")
+
+
+def in_time_wait(
+    sockets: Iterable[TcpSocket], ports: Iterable[int] | None = None
+) -> set[TcpSocket]:
+    """Loopback sockets in TIME_WAIT; with ``ports``, only those with one end on one of them.
+
+    A socket in TIME_WAIT is unique by its two ends for as long as it stays there (60 s on
+    Linux), so the difference of two such sets is the sockets that entered TIME_WAIT in between,
+    whatever expired meanwhile.
+    """
+    wanted = set(ports) if ports is not None else None
+    return {
+        sock
+        for sock in sockets
+        if sock.state == TCP_TIME_WAIT
+        and sock.local_ip in _LOOPBACK
+        and (wanted is None or sock.local_port in wanted or sock.remote_port in wanted)
+    }
+
+
+def count_time_wait(sockets: Iterable[TcpSocket], ports: Iterable[int] | None = None) -> int:
+    """How many of ``sockets`` ``in_time_wait`` keeps."""
+    return len(in_time_wait(sockets, ports))
+
+
+def time_wait_by_name(sockets: Iterable[TcpSocket], names: Mapping[int, str]) -> dict[str, int]:
+    """Loopback sockets in TIME_WAIT per name of the port at one of their ends (``names``: port ->
+    name, e.g. a link or a component); sockets on none of the ports are not counted."""
+    counts: dict[str, int] = {}
+    for sock in sockets:
+        if sock.state != TCP_TIME_WAIT or sock.local_ip not in _LOOPBACK:
+            continue
+        name = names.get(sock.local_port) or names.get(sock.remote_port)
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def time_wait_sockets() -> list[TcpSocket]:
+    sockets: list[TcpSocket] = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            sockets.extend(parse_proc_net_tcp(Path(name).read_text()))
+        except OSError:
+            continue
+    return sockets
+
+
+# --- the decision log's fsyncs -------------------------------------------------------------------
+
+
+class LogSequence:
+    """Reads the sequence number of the last complete batch of a decision log, incrementally.
+
+    It walks the batch heads only (no checksums: a measure, not recovery) from where it stopped the
+    time before, and starts over when the file was replaced (compaction) or shrank.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._inode = -1
+        self._offset = len(HEADER)
+        self._sequence = 0
+
+    def read(self) -> int:
+        try:
+            with self._path.open("rb") as file:
+                inode = os.fstat(file.fileno()).st_ino
+                size = os.fstat(file.fileno()).st_size
+                if inode != self._inode or size < self._offset:
+                    self._inode, self._offset = inode, len(HEADER)
+                file.seek(self._offset)
+                data = file.read()
+        except FileNotFoundError:
+            return self._sequence
+        self._offset, sequence = _walk_batches(data, self._offset)
+        if sequence:
+            self._sequence = sequence
+        return self._sequence
+
+
+def _walk_batches(data: bytes, base: int) -> tuple[int, int]:
+    """(offset after the last complete batch, its sequence number or 0) in ``data`` read from
+    file offset ``base``."""
+    at, sequence = 0, 0
+    while at + BATCH_HEAD.size <= len(data):
+        magic, length, _crc, number = BATCH_HEAD.unpack_from(data, at)
+        end = at + BATCH_HEAD.size + length
+        if magic != BATCH_MAGIC or end > len(data):
+            break
+        at, sequence = end, number
+    return base + at, sequence
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    """One system's run in one cell (workload, round trip, concurrency)."""
+
+    workload: str
+    system: str
+    rtt_ms: int
+    concurrency: int
+    window_s: float
+    tally: Tally
+    cpu_s: dict[str, float | None]
+    peak_rss_kb: dict[str, int | None]
+    fsyncs: int | None
+    time_wait: dict[str, Any]
+    check: dict[str, Any]
+    connections_opened: int | None = None
+    twopc_ratio: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def tps(self) -> float:
+        return self.tally.committed / self.window_s if self.window_s > 0 else 0.0
+
+    def latency(self, pct: float) -> float | None:
+        return percentile(self.tally.latencies_ms, pct)
+
+    @property
+    def fsyncs_per_commit(self) -> float | None:
+        if self.fsyncs is None:
+            return None
+        return ratio(self.fsyncs, self.tally.committed)
+
+    def as_json(self) -> dict[str, Any]:
+        tally = self.tally
+        values = tally.latencies_ms
+        return {
+            "workload": self.workload,
+            "system": self.system,
+            "rtt_ms": self.rtt_ms,
+            "concurrency": self.concurrency,
+            "window_s": round(self.window_s, 3),
+            "tps": round(self.tps, 1),
+            "latency_ms": {
+                "p50": _round(self.latency(50)),
+                "p95": _round(self.latency(95)),
+                "p99": _round(self.latency(99)),
+                "mean": _round(sum(values) / len(values) if values else None),
+                "max": _round(max(values) if values else None),
+            },
+            "attempts": tally.attempts,
+            "committed": tally.committed,
+            "conflicts": tally.conflicts,
+            "aborted": tally.aborted,
+            "gave_up": tally.gave_up,
+            "unknown": tally.unknown,
+            "abort_rate": round(tally.abort_rate, 4),
+            "errors": dict(sorted(tally.errors.items(), key=lambda item: -item[1])[:5]),
+            "cpu_s_per_1k": {
+                name: _round(per_thousand(seconds, tally.committed), 4)
+                if seconds is not None
+                else None
+                for name, seconds in self.cpu_s.items()
+            },
+            "cpu_s": {name: _round(s, 3) for name, s in self.cpu_s.items()},
+            "peak_rss_mb": {
+                name: round(kb / 1024, 1) if kb is not None else None
+                for name, kb in self.peak_rss_kb.items()
+            },
+            "fsyncs": self.fsyncs,
+            "fsyncs_per_commit": _round(self.fsyncs_per_commit, 3),
+            "time_wait": self.time_wait,
+            "connections_opened": self.connections_opened,
+            "check": self.check,
+            "twopc_ratio": {k: _round(v, 3) for k, v in self.twopc_ratio.items()},
+        }
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "workload",
+    "rtt ms",
+    "clients",
+    "system",
+    "tps",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "abort %",
+    "CPU s/1k coord",
+    "agents",
+    "bench",
+    "RSS MB coord",
+    "agents",
+    "fsync/commit",
+    "new TIME_WAIT window/run",
+    "twopc÷ tps",
+    "twopc÷ p50",
+)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def table_row(cell: Mapping[str, Any]) -> list[str]:
+    """One row of the table from a cell's JSON (``CellResult.as_json``)."""
+    latency = cell["latency_ms"]
+    cpu = cell["cpu_s_per_1k"]
+    rss = cell["peak_rss_mb"]
+    tw = cell["time_wait"]
+    ratios = cell.get("twopc_ratio") or {}
+    return [
+        cell["workload"],
+        str(cell["rtt_ms"]),
+        str(cell["concurrency"]),
+        cell["system"],
+        _fmt(cell["tps"], 0),
+        _fmt(latency["p50"], 2),
+        _fmt(latency["p95"], 2),
+        _fmt(latency["p99"], 2),
+        _fmt(cell["abort_rate"] * 100, 1),
+        _fmt(cpu.get("coordinator"), 2),
+        _fmt(cpu.get("agents"), 2),
+        _fmt(cpu.get("bench"), 2),
+        _fmt(rss.get("coordinator"), 0),
+        _fmt(rss.get("agents"), 0),
+        _fmt(cell["fsyncs_per_commit"], 2),
+        f"+{tw.get('new_in_window', 0)}/+{tw.get('new_in_run', 0)}",
+        _fmt(ratios.get("tps"), 2),
+        _fmt(ratios.get("p50"), 2),
+    ]
+
+
+def format_table(cells: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table, a row per cell in the given order; numbers right-aligned."""
+    rows = [list(_COLUMNS)] + [table_row(cell) for cell in cells]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    text_columns = {0, 3}
+
+    def line(row: Sequence[str]) -> str:
+        padded = [
+            value.ljust(width) if i in text_columns else value.rjust(width)
+            for i, (value, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * w if i in text_columns else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+    return "\n".join([line(rows[0]), line(rule)] + [line(row) for row in rows[1:]])

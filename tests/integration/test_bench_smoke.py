@@ -1,0 +1,82 @@
+"""A short `twopc bench` on a small proxied cluster: every system, with and without an injected
+round trip, must commit, conserve the money and leave no XA branch behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.bench.systems import BENCH_FORMAT_ID, SYSTEMS
+from coordinator.playground.cluster import Cluster
+
+RTTS = (0, 4)
+CONCURRENCY = 2
+
+
+@pytest.mark.timeout(150)
+def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
+    directory, out = tmp_path / "cluster", tmp_path / "out"
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coordinator.bench.runner",
+                "--workloads=transfer2",
+                "--systems=all",
+                f"--concurrency={CONCURRENCY}",
+                f"--latency-ms={','.join(str(r) for r in RTTS)}",
+                "--duration=2",
+                "--warmup=0.3",
+                "--accounts=200",
+                f"--dir={directory}",
+                f"--out={out}",
+                "--keep",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        print(result.stdout[-4000:])
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        cluster = Cluster.load(directory)
+        leftovers = {}
+        for region in cluster.regions:
+            with cluster.mysql(region) as conn, conn.cursor() as cursor:
+                cursor.execute("XA RECOVER")
+                leftovers[region] = [row for row in cursor.fetchall() if row[0] == BENCH_FORMAT_ID]
+        assert leftovers == {r: [] for r in cluster.regions}, "direct XA left branches behind"
+    finally:
+        if (directory / "state.json").exists():
+            Cluster.load(directory).down(timeout=10)
+
+    report = json.loads((out / "bench.json").read_text())
+    cells = {(c["rtt_ms"], c["system"]): c for c in report["cells"]}
+    assert set(cells) == {(rtt, system) for rtt in RTTS for system in SYSTEMS}
+    for (rtt, system), cell in cells.items():
+        where = f"{system} at {rtt} ms"
+        assert cell["concurrency"] == CONCURRENCY
+        assert cell["tps"] > 0, where
+        assert cell["latency_ms"]["p50"] > 0, where
+        assert cell["check"]["ok"], f"{where}: money not conserved: {cell['check']}"
+        assert cell["check"]["prepared_left"] == {}, where
+        assert cell["cpu_s_per_1k"]["bench"] is not None, where
+        assert cell["time_wait"]["new_in_window"] == 0, f"{where}: a connection per transaction?"
+        if system == "twopc":
+            assert 0 < cell["fsyncs_per_commit"] <= 1, where
+            assert cell["cpu_s_per_1k"]["coordinator"] > 0, where
+            assert cell["peak_rss_mb"]["coordinator"] > 0, where
+        else:
+            assert cell["fsyncs_per_commit"] is None, where
+            assert cell["cpu_s_per_1k"]["coordinator"] == 0, where
+            assert cell["connections_opened"] <= CONCURRENCY * 2, f"{where}: reconnections"
+            assert cell["twopc_ratio"]["tps"] is not None, where
+    # The injected round trip slows the direct baselines down.
+    assert cells[(4, "local")]["latency_ms"]["p50"] > cells[(0, "local")]["latency_ms"]["p50"]
+    assert (out / "bench.md").read_text().count("| transfer2") == len(cells)
+    assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

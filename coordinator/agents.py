@@ -62,7 +62,14 @@ class AgentClients:
             await ch.close(grace=None)
 
     async def execute(
-        self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float
+        self,
+        participant: str,
+        txid: str,
+        statements: Statements,
+        sequence: int,
+        timeout: float,
+        *,
+        continues: bool = False,
     ) -> Results:
         request = pb.BranchExecuteRequest(
             txid=txid,
@@ -70,6 +77,7 @@ class AgentClients:
             statements=statements,  # type: ignore[arg-type]
             sequence=sequence,
             timeout_ms=_ms(timeout),
+            continues=continues,
         )
         reply = await self._call(self._stubs[participant].Execute, request, timeout, wait=True)
         return list(reply.results)

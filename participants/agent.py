@@ -205,6 +205,8 @@ class Agent:
         statements: Sequence[StatementRequest],
         sequence: int,
         timeout_ms: int,
+        *,
+        continues: bool = False,
     ) -> list[StatementOutput]:
         xid = self._xid(txid, participant)
         work = self._check(statements)
@@ -214,6 +216,15 @@ class Agent:
         if isinstance(found, FinishedBranch):
             raise self._finished_error(txid, found)
         with self._locked(found):
+            if continues and found.session is None and found.state is BranchState.ACTIVE:
+                # Created just now: the branch that ran the earlier statements is gone.
+                self._registry.forget(found)
+                raise TransactionAborted(
+                    f"participant {self.name} lost the branch of {txid} (its agent or database "
+                    "restarted): the statements that ran on it earlier are gone, so the "
+                    "transaction is rolled back",
+                    txid=txid,
+                )
             self._ensure_started(found)
             if found.state is not BranchState.ACTIVE:
                 raise self._not_active_error(found)
@@ -235,10 +246,10 @@ class Agent:
                 return self._vote_without_branch(xid)
             found = self._registry.create(xid, self._deadline(timeout_ms))
         if isinstance(found, FinishedBranch):
-            return _vote_of_finished(found)
+            return self._vote_of_finished(xid.txid, found)
         with self._locked(found):
             if found.state.finished:
-                return _vote_of_finished(FinishedBranch(found.state, found.reason))
+                return self._vote_of_finished(xid.txid, FinishedBranch(found.state, found.reason))
             if found.state is BranchState.PREPARED:
                 return VoteResult(Vote.PREPARED, outputs=tuple(found.last_outputs))
             try:
@@ -634,6 +645,8 @@ class Agent:
         ) from err
 
     def _one_phase_result_of_finished(self, txid: str, found: FinishedBranch) -> CommitResult:
+        if found.state is BranchState.ROLLED_BACK and self._committed_on_server(txid):
+            return CommitResult(already_committed=True)
         if found.state is BranchState.ROLLED_BACK:
             raise TransactionAborted(
                 f"branch {txid} on {self.name} was rolled back: {found.reason}", txid=txid
@@ -767,6 +780,22 @@ class Agent:
                         txid=xid.txid,
                     )
                 time.sleep(0.02)
+
+    def _vote_of_finished(self, txid: str, found: FinishedBranch) -> VoteResult:
+        if found.state is BranchState.READ_ONLY:
+            return VoteResult(Vote.READ_ONLY)
+        if found.state is BranchState.COMMITTED or self._committed_on_server(txid):
+            return VoteResult(Vote.ALREADY_COMMITTED, "the branch committed already")
+        return VoteResult(Vote.ABORT, found.reason or "the branch was rolled back")
+
+    def _committed_on_server(self, txid: str) -> bool:
+        """Whether the branch's marker is committed. Asked before repeating a remembered
+        rollback: the memory may come from a rollback recorded while the server could not be
+        asked, and a commit started before it may have landed since (the server is the truth).
+        Unavailable while a broken session of ``txid`` may still be committing."""
+        with self._admin() as admin:
+            self._settle_doubtful(admin, txid)
+            return bool(committed_markers(admin, self.config.marker_table, [txid]))
 
     def _remember_doubtful(self, txid: str, thread_id: int) -> None:
         with self._doubtful_lock:
@@ -921,11 +950,3 @@ class Agent:
             "statements",
             txid=branch.txid,
         )
-
-
-def _vote_of_finished(found: FinishedBranch) -> VoteResult:
-    if found.state is BranchState.READ_ONLY:
-        return VoteResult(Vote.READ_ONLY)
-    if found.state is BranchState.COMMITTED:
-        return VoteResult(Vote.ALREADY_COMMITTED, "the branch committed already")
-    return VoteResult(Vote.ABORT, found.reason or "the branch was rolled back")

@@ -73,6 +73,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 statement_requests(request.statements),
                 request.sequence,
                 request.timeout_ms,
+                continues=request.continues,
             )
             return pb.BranchExecuteResponse(results=statement_results(outputs))
 

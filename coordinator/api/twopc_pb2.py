@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14twopc/v1/twopc.proto\x12\x08twopc.v1\"\x9f\x02\n\x05Value\x12)\n\nnull_value\x18\x01 \x01(\x0e\x32\x13.twopc.v1.NullValueH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x14\n\nuint_value\x18\x03 \x01(\x04H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x14\n\ntext_value\x18\x05 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12\x14\n\nbool_value\x18\x07 \x01(\x08H\x00\x12\x17\n\rdecimal_value\x18\x08 \x01(\tH\x00\x12\x18\n\x0e\x64\x61tetime_value\x18\t \x01(\tH\x00\x12\x14\n\ndate_value\x18\n \x01(\tH\x00\x12\x14\n\ntime_value\x18\x0b \x01(\tH\x00\x42\x06\n\x04kind\"9\n\tStatement\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x1f\n\x06params\x18\x02 \x03(\x0b\x32\x0f.twopc.v1.Value\"&\n\x03Row\x12\x1f\n\x06values\x18\x01 \x03(\x0b\x32\x0f.twopc.v1.Value\"n\n\x0fStatementResult\x12\x15\n\raffected_rows\x18\x01 \x01(\x04\x12\x16\n\x0elast_insert_id\x18\x02 \x01(\x04\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x1b\n\x04rows\x18\x04 \x03(\x0b\x32\r.twopc.v1.Row\"6\n\x0c\x42\x65ginRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"1\n\rBeginResponse\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"n\n\x0e\x45xecuteRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\'\n\nstatements\x18\x03 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x10\n\x08sequence\x18\x04 \x01(\r\"=\n\x0f\x45xecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"6\n\rCommitRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x17\n\x0fwait_for_phase2\x18\x02 \x01(\x08\"I\n\x0e\x43ommitResponse\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\"\x1f\n\x0fRollbackRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\"K\n\x10RollbackResponse\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\"9\n\x15GetTransactionRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xac\x01\n\x0fTransactionInfo\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\x12\"\n\x07outcome\x18\x03 \x01(\x0e\x32\x11.twopc.v1.Outcome\x12\x14\n\x0cparticipants\x18\x04 \x03(\t\x12\x14\n\x0c\x61\x62ort_reason\x18\x05 \x01(\t\x12\x10\n\x08presumed\x18\x06 \x01(\x08\"U\n\x15ParticipantStatements\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\"U\n\x12ParticipantResults\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x87\x01\n\x15RunTransactionRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12-\n\x04work\x18\x03 \x03(\x0b\x32\x1f.twopc.v1.ParticipantStatements\x12\x17\n\x0fwait_for_phase2\x18\x04 \x01(\x08\"\x80\x01\n\x16RunTransactionResponse\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.twopc.v1.ParticipantResults\"\x88\x01\n\x14\x42ranchExecuteRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\'\n\nstatements\x18\x03 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x10\n\x08sequence\x18\x04 \x01(\r\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"C\n\x15\x42ranchExecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x82\x01\n\x0ePrepareRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\'\n\nstatements\x18\x03 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x10\n\x08sequence\x18\x04 \x01(\r\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\x80\x01\n\x0fPrepareResponse\x12\x1c\n\x04vote\x18\x01 \x01(\x0e\x32\x0e.twopc.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bmysql_errno\x18\x03 \x01(\r\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x9a\x01\n\x13\x42ranchCommitRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x11\n\tone_phase\x18\x03 \x01(\x08\x12\'\n\nstatements\x18\x04 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x10\n\x08sequence\x18\x05 \x01(\r\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"]\n\x14\x42ranchCommitResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\x12\x19\n\x11\x61lready_committed\x18\x02 \x01(\x08\":\n\x15\x42ranchRollbackRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\"5\n\x16\x42ranchRollbackResponse\x12\x1b\n\x13\x61lready_rolled_back\x18\x01 \x01(\x08\"%\n\x0eRecoverRequest\x12\x13\n\x0btxid_prefix\x18\x01 \x01(\t\"O\n\x0ePreparedBranch\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x1a\n\x12held_by_this_agent\x18\x03 \x01(\x08\"=\n\x0fRecoverResponse\x12*\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x18.twopc.v1.PreparedBranch\"\x1f\n\x0eInspectRequest\x12\r\n\x05txids\x18\x01 \x03(\t\"B\n\x0c\x42ranchStatus\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.twopc.v1.BranchState\";\n\x0fInspectResponse\x12(\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x16.twopc.v1.BranchStatus\"\x10\n\x0eGetInfoRequest\"\x84\x01\n\tAgentInfo\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x16\n\x0e\x61gent_instance\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63tive_branches\x18\x04 \x01(\r\x12\x19\n\x11prepared_branches\x18\x05 \x01(\r*\x1b\n\tNullValue\x12\x0e\n\nNULL_VALUE\x10\x00*\xf6\x01\n\x10TransactionState\x12!\n\x1dTRANSACTION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TRANSACTION_STATE_ACTIVE\x10\x01\x12\x1f\n\x1bTRANSACTION_STATE_PREPARING\x10\x02\x12 \n\x1cTRANSACTION_STATE_COMMITTING\x10\x03\x12\x1f\n\x1bTRANSACTION_STATE_COMMITTED\x10\x04\x12\x1e\n\x1aTRANSACTION_STATE_ABORTING\x10\x05\x12\x1d\n\x19TRANSACTION_STATE_ABORTED\x10\x06*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_PENDING\x10\x01\x12\x15\n\x11OUTCOME_COMMITTED\x10\x02\x12\x13\n\x0fOUTCOME_ABORTED\x10\x03*o\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x11\n\rVOTE_PREPARED\x10\x01\x12\x12\n\x0eVOTE_READ_ONLY\x10\x02\x12\x0e\n\nVOTE_ABORT\x10\x03\x12\x1a\n\x16VOTE_ALREADY_COMMITTED\x10\x04*\xb3\x01\n\x0b\x42ranchState\x12\x1c\n\x18\x42RANCH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42RANCH_STATE_UNKNOWN\x10\x01\x12\x17\n\x13\x42RANCH_STATE_ACTIVE\x10\x02\x12\x19\n\x15\x42RANCH_STATE_PREPARED\x10\x03\x12\x1a\n\x16\x42RANCH_STATE_COMMITTED\x10\x04\x12\x1c\n\x18\x42RANCH_STATE_ROLLED_BACK\x10\x05\x32\xaa\x03\n\x0b\x43oordinator\x12\x38\n\x05\x42\x65gin\x12\x16.twopc.v1.BeginRequest\x1a\x17.twopc.v1.BeginResponse\x12>\n\x07\x45xecute\x12\x18.twopc.v1.ExecuteRequest\x1a\x19.twopc.v1.ExecuteResponse\x12;\n\x06\x43ommit\x12\x17.twopc.v1.CommitRequest\x1a\x18.twopc.v1.CommitResponse\x12\x41\n\x08Rollback\x12\x19.twopc.v1.RollbackRequest\x1a\x1a.twopc.v1.RollbackResponse\x12L\n\x0eGetTransaction\x12\x1f.twopc.v1.GetTransactionRequest\x1a\x19.twopc.v1.TransactionInfo\x12S\n\x0eRunTransaction\x12\x1f.twopc.v1.RunTransactionRequest\x1a .twopc.v1.RunTransactionResponse2\xeb\x03\n\x0bParticipant\x12J\n\x07\x45xecute\x12\x1e.twopc.v1.BranchExecuteRequest\x1a\x1f.twopc.v1.BranchExecuteResponse\x12>\n\x07Prepare\x12\x18.twopc.v1.PrepareRequest\x1a\x19.twopc.v1.PrepareResponse\x12G\n\x06\x43ommit\x12\x1d.twopc.v1.BranchCommitRequest\x1a\x1e.twopc.v1.BranchCommitResponse\x12M\n\x08Rollback\x12\x1f.twopc.v1.BranchRollbackRequest\x1a .twopc.v1.BranchRollbackResponse\x12>\n\x07Recover\x12\x18.twopc.v1.RecoverRequest\x1a\x19.twopc.v1.RecoverResponse\x12>\n\x07Inspect\x12\x18.twopc.v1.InspectRequest\x1a\x19.twopc.v1.InspectResponse\x12\x38\n\x07GetInfo\x12\x18.twopc.v1.GetInfoRequest\x1a\x13.twopc.v1.AgentInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14twopc/v1/twopc.proto\x12\x08twopc.v1\"\x9f\x02\n\x05Value\x12)\n\nnull_value\x18\x01 \x01(\x0e\x32\x13.twopc.v1.NullValueH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x14\n\nuint_value\x18\x03 \x01(\x04H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x14\n\ntext_value\x18\x05 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12\x14\n\nbool_value\x18\x07 \x01(\x08H\x00\x12\x17\n\rdecimal_value\x18\x08 \x01(\tH\x00\x12\x18\n\x0e\x64\x61tetime_value\x18\t \x01(\tH\x00\x12\x14\n\ndate_value\x18\n \x01(\tH\x00\x12\x14\n\ntime_value\x18\x0b \x01(\tH\x00\x42\x06\n\x04kind\"9\n\tStatement\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x1f\n\x06params\x18\x02 \x03(\x0b\x32\x0f.twopc.v1.Value\"&\n\x03Row\x12\x1f\n\x06values\x18\x01 \x03(\x0b\x32\x0f.twopc.v1.Value\"n\n\x0fStatementResult\x12\x15\n\raffected_rows\x18\x01 \x01(\x04\x12\x16\n\x0elast_insert_id\x18\x02 \x01(\x04\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x1b\n\x04rows\x18\x04 \x03(\x0b\x32\r.twopc.v1.Row\"6\n\x0c\x42\x65ginRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"1\n\rBeginResponse\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"n\n\x0e\x45xecuteRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\'\n\nstatements\x18\x03 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x10\n\x08sequence\x18\x04 \x01(\r\"=\n\x0f\x45xecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"6\n\rCommitRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x17\n\x0fwait_for_phase2\x18\x02 \x01(\x08\"I\n\x0e\x43ommitResponse\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\"\x1f\n\x0fRollbackRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\"K\n\x10RollbackResponse\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\"9\n\x15GetTransactionRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xac\x01\n\x0fTransactionInfo\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\x12\"\n\x07outcome\x18\x03 \x01(\x0e\x32\x11.twopc.v1.Outcome\x12\x14\n\x0cparticipants\x18\x04 \x03(\t\x12\x14\n\x0c\x61\x62ort_reason\x18\x05 \x01(\t\x12\x10\n\x08presumed\x18\x06 \x01(\x08\"U\n\x15ParticipantStatements\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\'\n\nstatements\x18\x02 \x03(\x0b\x32\x13.twopc.v1.Statement\"U\n\x12ParticipantResults\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x87\x01\n\x15RunTransactionRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12-\n\x04work\x18\x03 \x03(\x0b\x32\x1f.twopc.v1.ParticipantStatements\x12\x17\n\x0fwait_for_phase2\x18\x04 \x01(\x08\"\x80\x01\n\x16RunTransactionResponse\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.twopc.v1.TransactionState\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.twopc.v1.ParticipantResults\"\x9b\x01\n\x14\x42ranchExecuteRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\'\n\nstatements\x18\x03 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x10\n\x08sequence\x18\x04 \x01(\r\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12\x11\n\tcontinues\x18\x06 \x01(\x08\"C\n\x15\x42ranchExecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x82\x01\n\x0ePrepareRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\'\n\nstatements\x18\x03 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x10\n\x08sequence\x18\x04 \x01(\r\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\x80\x01\n\x0fPrepareResponse\x12\x1c\n\x04vote\x18\x01 \x01(\x0e\x32\x0e.twopc.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bmysql_errno\x18\x03 \x01(\r\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.twopc.v1.StatementResult\"\x9a\x01\n\x13\x42ranchCommitRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x11\n\tone_phase\x18\x03 \x01(\x08\x12\'\n\nstatements\x18\x04 \x03(\x0b\x32\x13.twopc.v1.Statement\x12\x10\n\x08sequence\x18\x05 \x01(\r\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"]\n\x14\x42ranchCommitResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twopc.v1.StatementResult\x12\x19\n\x11\x61lready_committed\x18\x02 \x01(\x08\":\n\x15\x42ranchRollbackRequest\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\"5\n\x16\x42ranchRollbackResponse\x12\x1b\n\x13\x61lready_rolled_back\x18\x01 \x01(\x08\"%\n\x0eRecoverRequest\x12\x13\n\x0btxid_prefix\x18\x01 \x01(\t\"O\n\x0ePreparedBranch\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x1a\n\x12held_by_this_agent\x18\x03 \x01(\x08\"=\n\x0fRecoverResponse\x12*\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x18.twopc.v1.PreparedBranch\"\x1f\n\x0eInspectRequest\x12\r\n\x05txids\x18\x01 \x03(\t\"B\n\x0c\x42ranchStatus\x12\x0c\n\x04txid\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.twopc.v1.BranchState\";\n\x0fInspectResponse\x12(\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x16.twopc.v1.BranchStatus\"\x10\n\x0eGetInfoRequest\"\x84\x01\n\tAgentInfo\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x16\n\x0e\x61gent_instance\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63tive_branches\x18\x04 \x01(\r\x12\x19\n\x11prepared_branches\x18\x05 \x01(\r*\x1b\n\tNullValue\x12\x0e\n\nNULL_VALUE\x10\x00*\xf6\x01\n\x10TransactionState\x12!\n\x1dTRANSACTION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TRANSACTION_STATE_ACTIVE\x10\x01\x12\x1f\n\x1bTRANSACTION_STATE_PREPARING\x10\x02\x12 \n\x1cTRANSACTION_STATE_COMMITTING\x10\x03\x12\x1f\n\x1bTRANSACTION_STATE_COMMITTED\x10\x04\x12\x1e\n\x1aTRANSACTION_STATE_ABORTING\x10\x05\x12\x1d\n\x19TRANSACTION_STATE_ABORTED\x10\x06*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_PENDING\x10\x01\x12\x15\n\x11OUTCOME_COMMITTED\x10\x02\x12\x13\n\x0fOUTCOME_ABORTED\x10\x03*o\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x11\n\rVOTE_PREPARED\x10\x01\x12\x12\n\x0eVOTE_READ_ONLY\x10\x02\x12\x0e\n\nVOTE_ABORT\x10\x03\x12\x1a\n\x16VOTE_ALREADY_COMMITTED\x10\x04*\xb3\x01\n\x0b\x42ranchState\x12\x1c\n\x18\x42RANCH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42RANCH_STATE_UNKNOWN\x10\x01\x12\x17\n\x13\x42RANCH_STATE_ACTIVE\x10\x02\x12\x19\n\x15\x42RANCH_STATE_PREPARED\x10\x03\x12\x1a\n\x16\x42RANCH_STATE_COMMITTED\x10\x04\x12\x1c\n\x18\x42RANCH_STATE_ROLLED_BACK\x10\x05\x32\xaa\x03\n\x0b\x43oordinator\x12\x38\n\x05\x42\x65gin\x12\x16.twopc.v1.BeginRequest\x1a\x17.twopc.v1.BeginResponse\x12>\n\x07\x45xecute\x12\x18.twopc.v1.ExecuteRequest\x1a\x19.twopc.v1.ExecuteResponse\x12;\n\x06\x43ommit\x12\x17.twopc.v1.CommitRequest\x1a\x18.twopc.v1.CommitResponse\x12\x41\n\x08Rollback\x12\x19.twopc.v1.RollbackRequest\x1a\x1a.twopc.v1.RollbackResponse\x12L\n\x0eGetTransaction\x12\x1f.twopc.v1.GetTransactionRequest\x1a\x19.twopc.v1.TransactionInfo\x12S\n\x0eRunTransaction\x12\x1f.twopc.v1.RunTransactionRequest\x1a .twopc.v1.RunTransactionResponse2\xeb\x03\n\x0bParticipant\x12J\n\x07\x45xecute\x12\x1e.twopc.v1.BranchExecuteRequest\x1a\x1f.twopc.v1.BranchExecuteResponse\x12>\n\x07Prepare\x12\x18.twopc.v1.PrepareRequest\x1a\x19.twopc.v1.PrepareResponse\x12G\n\x06\x43ommit\x12\x1d.twopc.v1.BranchCommitRequest\x1a\x1e.twopc.v1.BranchCommitResponse\x12M\n\x08Rollback\x12\x1f.twopc.v1.BranchRollbackRequest\x1a .twopc.v1.BranchRollbackResponse\x12>\n\x07Recover\x12\x18.twopc.v1.RecoverRequest\x1a\x19.twopc.v1.RecoverResponse\x12>\n\x07Inspect\x12\x18.twopc.v1.InspectRequest\x1a\x19.twopc.v1.InspectResponse\x12\x38\n\x07GetInfo\x12\x18.twopc.v1.GetInfoRequest\x1a\x13.twopc.v1.AgentInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twopc.v1.twopc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NULLVALUE']._serialized_start=3072
-  _globals['_NULLVALUE']._serialized_end=3099
-  _globals['_TRANSACTIONSTATE']._serialized_start=3102
-  _globals['_TRANSACTIONSTATE']._serialized_end=3348
-  _globals['_OUTCOME']._serialized_start=3350
-  _globals['_OUTCOME']._serialized_end=3449
-  _globals['_VOTE']._serialized_start=3451
-  _globals['_VOTE']._serialized_end=3562
-  _globals['_BRANCHSTATE']._serialized_start=3565
-  _globals['_BRANCHSTATE']._serialized_end=3744
+  _globals['_NULLVALUE']._serialized_start=3091
+  _globals['_NULLVALUE']._serialized_end=3118
+  _globals['_TRANSACTIONSTATE']._serialized_start=3121
+  _globals['_TRANSACTIONSTATE']._serialized_end=3367
+  _globals['_OUTCOME']._serialized_start=3369
+  _globals['_OUTCOME']._serialized_end=3468
+  _globals['_VOTE']._serialized_start=3470
+  _globals['_VOTE']._serialized_end=3581
+  _globals['_BRANCHSTATE']._serialized_start=3584
+  _globals['_BRANCHSTATE']._serialized_end=3763
   _globals['_VALUE']._serialized_start=35
   _globals['_VALUE']._serialized_end=322
   _globals['_STATEMENT']._serialized_start=324
@@ -78,39 +78,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNTRANSACTIONRESPONSE']._serialized_start=1605
   _globals['_RUNTRANSACTIONRESPONSE']._serialized_end=1733
   _globals['_BRANCHEXECUTEREQUEST']._serialized_start=1736
-  _globals['_BRANCHEXECUTEREQUEST']._serialized_end=1872
-  _globals['_BRANCHEXECUTERESPONSE']._serialized_start=1874
-  _globals['_BRANCHEXECUTERESPONSE']._serialized_end=1941
-  _globals['_PREPAREREQUEST']._serialized_start=1944
-  _globals['_PREPAREREQUEST']._serialized_end=2074
-  _globals['_PREPARERESPONSE']._serialized_start=2077
-  _globals['_PREPARERESPONSE']._serialized_end=2205
-  _globals['_BRANCHCOMMITREQUEST']._serialized_start=2208
-  _globals['_BRANCHCOMMITREQUEST']._serialized_end=2362
-  _globals['_BRANCHCOMMITRESPONSE']._serialized_start=2364
-  _globals['_BRANCHCOMMITRESPONSE']._serialized_end=2457
-  _globals['_BRANCHROLLBACKREQUEST']._serialized_start=2459
-  _globals['_BRANCHROLLBACKREQUEST']._serialized_end=2517
-  _globals['_BRANCHROLLBACKRESPONSE']._serialized_start=2519
-  _globals['_BRANCHROLLBACKRESPONSE']._serialized_end=2572
-  _globals['_RECOVERREQUEST']._serialized_start=2574
-  _globals['_RECOVERREQUEST']._serialized_end=2611
-  _globals['_PREPAREDBRANCH']._serialized_start=2613
-  _globals['_PREPAREDBRANCH']._serialized_end=2692
-  _globals['_RECOVERRESPONSE']._serialized_start=2694
-  _globals['_RECOVERRESPONSE']._serialized_end=2755
-  _globals['_INSPECTREQUEST']._serialized_start=2757
-  _globals['_INSPECTREQUEST']._serialized_end=2788
-  _globals['_BRANCHSTATUS']._serialized_start=2790
-  _globals['_BRANCHSTATUS']._serialized_end=2856
-  _globals['_INSPECTRESPONSE']._serialized_start=2858
-  _globals['_INSPECTRESPONSE']._serialized_end=2917
-  _globals['_GETINFOREQUEST']._serialized_start=2919
-  _globals['_GETINFOREQUEST']._serialized_end=2935
-  _globals['_AGENTINFO']._serialized_start=2938
-  _globals['_AGENTINFO']._serialized_end=3070
-  _globals['_COORDINATOR']._serialized_start=3747
-  _globals['_COORDINATOR']._serialized_end=4173
-  _globals['_PARTICIPANT']._serialized_start=4176
-  _globals['_PARTICIPANT']._serialized_end=4667
+  _globals['_BRANCHEXECUTEREQUEST']._serialized_end=1891
+  _globals['_BRANCHEXECUTERESPONSE']._serialized_start=1893
+  _globals['_BRANCHEXECUTERESPONSE']._serialized_end=1960
+  _globals['_PREPAREREQUEST']._serialized_start=1963
+  _globals['_PREPAREREQUEST']._serialized_end=2093
+  _globals['_PREPARERESPONSE']._serialized_start=2096
+  _globals['_PREPARERESPONSE']._serialized_end=2224
+  _globals['_BRANCHCOMMITREQUEST']._serialized_start=2227
+  _globals['_BRANCHCOMMITREQUEST']._serialized_end=2381
+  _globals['_BRANCHCOMMITRESPONSE']._serialized_start=2383
+  _globals['_BRANCHCOMMITRESPONSE']._serialized_end=2476
+  _globals['_BRANCHROLLBACKREQUEST']._serialized_start=2478
+  _globals['_BRANCHROLLBACKREQUEST']._serialized_end=2536
+  _globals['_BRANCHROLLBACKRESPONSE']._serialized_start=2538
+  _globals['_BRANCHROLLBACKRESPONSE']._serialized_end=2591
+  _globals['_RECOVERREQUEST']._serialized_start=2593
+  _globals['_RECOVERREQUEST']._serialized_end=2630
+  _globals['_PREPAREDBRANCH']._serialized_start=2632
+  _globals['_PREPAREDBRANCH']._serialized_end=2711
+  _globals['_RECOVERRESPONSE']._serialized_start=2713
+  _globals['_RECOVERRESPONSE']._serialized_end=2774
+  _globals['_INSPECTREQUEST']._serialized_start=2776
+  _globals['_INSPECTREQUEST']._serialized_end=2807
+  _globals['_BRANCHSTATUS']._serialized_start=2809
+  _globals['_BRANCHSTATUS']._serialized_end=2875
+  _globals['_INSPECTRESPONSE']._serialized_start=2877
+  _globals['_INSPECTRESPONSE']._serialized_end=2936
+  _globals['_GETINFOREQUEST']._serialized_start=2938
+  _globals['_GETINFOREQUEST']._serialized_end=2954
+  _globals['_AGENTINFO']._serialized_start=2957
+  _globals['_AGENTINFO']._serialized_end=3089
+  _globals['_COORDINATOR']._serialized_start=3766
+  _globals['_COORDINATOR']._serialized_end=4192
+  _globals['_PARTICIPANT']._serialized_start=4195
+  _globals['_PARTICIPANT']._serialized_end=4686
 # @@protoc_insertion_point(module_scope)

@@ -672,12 +672,18 @@ class BranchExecuteRequest(_message.Message):
     STATEMENTS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    CONTINUES_FIELD_NUMBER: _builtins.int
     txid: _builtins.str
     participant: _builtins.str
     """the agent's own name; a mismatch is INVALID_ARGUMENT (misrouted call)"""
     sequence: _builtins.int
     timeout_ms: _builtins.int
     """time left before the transaction's deadline"""
+    continues: _builtins.bool
+    """true when earlier statements of this transaction ran on this participant: the branch must
+    exist. An agent that lost it (it or its database restarted) refuses with ABORTED instead of
+    starting a new branch without them.
+    """
     @_builtins.property
     def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]: ...
     def __init__(
@@ -688,10 +694,11 @@ class BranchExecuteRequest(_message.Message):
         statements: _abc.Iterable[Global___Statement] | None = ...,
         sequence: _builtins.int = ...,
         timeout_ms: _builtins.int = ...,
+        continues: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "sequence", b"sequence", "statements", b"statements", "timeout_ms", b"timeout_ms", "txid", b"txid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continues", b"continues", "participant", b"participant", "sequence", b"sequence", "statements", b"statements", "timeout_ms", b"timeout_ms", "txid", b"txid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

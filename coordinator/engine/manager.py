@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -106,6 +106,8 @@ class Transaction:
     abort_errno: int = 0
     # Set when the abort was caused by a request the agent refused (the client's own error).
     refused: bool = False
+    # Set when an abort is no answer for the client: see TransactionManager._tally.
+    inconclusive: bool = False
     abort_requested: bool = False
     results: dict[str, Results] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -256,7 +258,12 @@ class TransactionManager:
                 self._require_active(tx)
             try:
                 results = await self._ports.execute(
-                    participant, txid, statements, sequence, remaining
+                    participant,
+                    txid,
+                    statements,
+                    sequence,
+                    remaining,
+                    continues=participant in tx.participants,
                 )
             except (InvalidArgument, FailedPrecondition, NotFound):
                 raise  # refused before anything ran: the transaction is as it was
@@ -297,7 +304,8 @@ class TransactionManager:
                 self._settled_state(view)  # raises Unavailable: the outcome is not known yet
             return TxState.ABORTED
         if tx.state is TxState.ACTIVE:
-            await self._shielded(self._abort(tx, "rolled back by the client"))
+            self._abort_now(tx, "rolled back by the client")
+            await self._shielded(self._roll_back(tx))
         elif tx.state is TxState.PREPARING:
             tx.abort_requested = True
         await tx.decided.wait()
@@ -375,6 +383,8 @@ class TransactionManager:
 
     async def _decide(self, tx: Transaction, work: dict[str, Statements] | None) -> None:
         """Phase 1 and the decision. ``work`` carries one-shot statements per participant."""
+        if tx.state is not TxState.ACTIVE:
+            return  # a rollback or the reaper decided first (this runs a loop step later)
         if not tx.participants:
             tx.move_to(TxState.COMMITTED)
             self._retire(tx)
@@ -391,8 +401,28 @@ class TransactionManager:
         )
         # A fault injected here is handled below as a failed write of the COMMIT record.
         fault = await self._fault_at("coordinator.before_commit_record")
+        prepared, refusal = self._tally(tx, votes)
+        if refusal is not None and refusal.vote is Vote.ALREADY_COMMITTED:
+            await self._seal_committed_earlier(tx)
+        elif refusal is not None or tx.abort_requested:
+            reason = refusal.reason if refusal is not None else "rolled back by the client"
+            await self._abort(tx, reason, refusal.mysql_errno if refusal is not None else 0)
+        elif not prepared:
+            tx.move_to(TxState.COMMITTED)  # every branch read-only: nothing to commit
+            self._retire(tx)
+        elif fault:
+            await self._abort(tx, fault)
+        else:
+            await self._commit(tx, CommitRecord(tx.txid, tuple(prepared)))
+
+    def _tally(
+        self, tx: Transaction, votes: Sequence[VoteReply]
+    ) -> tuple[list[str], VoteReply | None]:
+        """The participants that prepared, and the vote that refuses the commit, if any (a
+        branch that committed under an earlier attempt outranks a plain no)."""
         prepared = []
         refusal: VoteReply | None = None
+        refused_by_reachable = False
         for participant, reply in zip(tx.participants, votes, strict=True):
             if reply.results:
                 tx.results[participant] = reply.results
@@ -400,27 +430,33 @@ class TransactionManager:
                 prepared.append(participant)
             elif participant not in tx.unreached:
                 tx.settled_branches.add(participant)  # finished by the agent itself
+                refused_by_reachable |= reply.vote is Vote.ABORT
             if reply.vote in (Vote.ABORT, Vote.ALREADY_COMMITTED) and (
                 refusal is None or refusal.vote is Vote.ABORT
             ):
                 refusal = reply
-        if refusal is not None and refusal.vote is Vote.ALREADY_COMMITTED:
-            # A retried request whose first attempt committed: undo this attempt, report COMMITTED.
-            await self._abort(tx, "duplicate of a committed request", seal=TxState.COMMITTED)
-            return
-        if refusal is not None or tx.abort_requested:
-            reason = refusal.reason if refusal is not None else "rolled back by the client"
-            await self._abort(tx, reason, refusal.mysql_errno if refusal is not None else 0)
-            return
-        if not prepared:
-            tx.move_to(TxState.COMMITTED)  # every branch read-only: nothing to commit
-            self._retire(tx)
-            return
-        tx.prepared = tuple(prepared)
-        record = CommitRecord(tx.txid, tx.prepared)
-        if fault:
-            await self._abort(tx, fault)
-            return
+        # A request-id transaction refused only by participants that could not be reached may
+        # have committed there under an earlier attempt (before a restart of this coordinator):
+        # its abort is no answer to give the client.
+        tx.inconclusive = bool(tx.request_id and tx.unreached and not refused_by_reachable)
+        return prepared, refusal
+
+    async def _seal_committed_earlier(self, tx: Transaction) -> None:
+        """A retried request whose first attempt committed: undo this attempt, report COMMITTED
+        (no ABORTING in between: the outcome is COMMITTED, known now)."""
+        await asyncio.gather(
+            *(
+                self._rollback_quietly(p, tx.txid)
+                for p in tx.participants
+                if p not in tx.settled_branches
+            )
+        )
+        tx.move_to(TxState.COMMITTED)
+        self._retire(tx)
+
+    async def _commit(self, tx: Transaction, record: CommitRecord) -> None:
+        """The COMMIT decision: durable first, then phase 2 (in the background)."""
+        tx.prepared = record.participants
         try:
             await self._log.record_commit(record)
         except DecisionLogFull as err:
@@ -590,51 +626,65 @@ class TransactionManager:
 
     # --- abort -------------------------------------------------------------------------------
 
-    async def _abort(
-        self,
-        tx: Transaction,
-        reason: str,
-        mysql_errno: int = 0,
-        *,
-        seal: TxState = TxState.ABORTED,
-    ) -> None:
-        """Decides ABORT (no log write) and rolls back every branch that may hold something."""
-        if tx.state in (TxState.ABORTING, TxState.ABORTED):
-            await tx.done.wait()
-            return
+    def _abort_now(self, tx: Transaction, reason: str, mysql_errno: int = 0) -> bool:
+        """Decides ABORT at once, with no await, so that nothing can decide otherwise in
+        between. False when the transaction was decided already (or is being decided by a
+        commit that owns it: a PREPARING transaction is aborted only by its decider)."""
+        if tx.state not in (TxState.ACTIVE, TxState.PREPARING):
+            return False
         if tx.txid in self._open_commits:
             raise AssertionError(f"refusing to roll back {tx.txid}: it has a COMMIT record")
         tx.abort_reason = reason
         tx.abort_errno = mysql_errno
-        if seal is TxState.ABORTED:
-            tx.move_to(TxState.ABORTING)
+        tx.move_to(TxState.ABORTING)
         log.info("transaction_aborted", txid=tx.txid, reason=redact(reason))
-        targets = [p for p in tx.participants if p not in tx.settled_branches]
-        await asyncio.gather(*(self._rollback_quietly(p, tx.txid) for p in targets))
-        if seal is TxState.ABORTED:
-            tx.move_to(TxState.ABORTED)
+        return True
+
+    async def _abort(self, tx: Transaction, reason: str, mysql_errno: int = 0) -> None:
+        """Decides ABORT (no log write) and rolls back every branch that may hold something;
+        when it was decided already, waits for that decision's end."""
+        if self._abort_now(tx, reason, mysql_errno):
+            await self._roll_back(tx)
         else:
-            tx.abort_reason = ""
-            tx.state = TxState.PREPARING
-            tx.move_to(seal)
+            await tx.done.wait()
+
+    async def _roll_back(self, tx: Transaction) -> None:
+        """Phase 2 of an abort: rollbacks to every branch that may hold something. An agent that
+        refuses because the branch committed proves that an earlier attempt of this txid (a
+        retried request id) committed: then the transaction's outcome is COMMITTED."""
+        targets = [p for p in tx.participants if p not in tx.settled_branches]
+        refusals = await asyncio.gather(*(self._rollback_quietly(p, tx.txid) for p in targets))
+        if any(refusals):
+            log.warning("committed_by_an_earlier_attempt", txid=tx.txid)
+            tx.abort_reason, tx.abort_errno, tx.refused = "", 0, False
+            tx.move_to(TxState.COMMITTED)
+        elif tx.state is TxState.ABORTING:
+            tx.move_to(TxState.ABORTED)
         self._retire(tx)
 
-    async def _rollback_quietly(self, participant: str, txid: str) -> None:
+    async def _rollback_quietly(self, participant: str, txid: str) -> bool:
+        """Rolls a branch back; True only when the agent refused because it committed."""
         try:
             await self._ports.rollback(participant, txid, self.settings.rpc_timeout_s)
+        except FailedPrecondition as err:
+            log.warning("rollback_refused", txid=txid, participant=participant, error=err.message)
+            return True
         except TwopcError as err:
             # Left to the agent's deadline reaper (active branch) or to recovery (prepared).
             log.warning("rollback_failed", txid=txid, participant=participant, error=err.message)
+        return False
 
     async def reap_expired(self) -> int:
         """Aborts ACTIVE transactions past their deadline."""
         now = self._clock.monotonic()
         expired = [
-            tx for tx in self._live.values() if tx.state is TxState.ACTIVE and now > tx.deadline
+            tx
+            for tx in list(self._live.values())
+            if tx.state is TxState.ACTIVE
+            and now > tx.deadline
+            and self._abort_now(tx, "the transaction's deadline passed")
         ]
-        await asyncio.gather(
-            *(self._abort(tx, "the transaction's deadline passed") for tx in expired)
-        )
+        await asyncio.gather(*(self._roll_back(tx) for tx in expired))
         return len(expired)
 
     # --- recovery support --------------------------------------------------------------------
@@ -724,6 +774,13 @@ class TransactionManager:
     @staticmethod
     def _abort_error(tx: Transaction, message: str) -> TwopcError:
         """The error that tells a client its transaction was aborted, and why."""
+        if tx.inconclusive:
+            return Unavailable(
+                f"{message}; an earlier attempt of request {tx.request_id} may have committed "
+                "there, which only those participants can tell: retry the request (the same "
+                "request id) or look it up later",
+                txid=tx.txid,
+            )
         if tx.refused:
             return InvalidArgument(f"{message}; the transaction was rolled back", txid=tx.txid)
         cls = StatementFailed if tx.abort_errno else TransactionAborted
@@ -790,6 +847,8 @@ class TransactionManager:
             return
         if self._live.get(tx.txid) is tx:
             del self._live[tx.txid]
+        if tx.inconclusive and tx.state is TxState.ABORTED:
+            return  # not an outcome to repeat: lookups and retries ask the participants
         self._remember(TransactionView(tx.txid, tx.state, tuple(tx.participants), tx.abort_reason))
 
     def _retire_in_doubt(self, tx: Transaction) -> None:
@@ -805,7 +864,7 @@ class TransactionManager:
         while len(self._finished) > self.settings.finished_memory:
             self._finished.popitem(last=False)
 
-    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -53,8 +53,17 @@ class ParticipantPort(Protocol):
         ...
 
     async def execute(
-        self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float
-    ) -> Results: ...
+        self,
+        participant: str,
+        txid: str,
+        statements: Statements,
+        sequence: int,
+        timeout: float,
+        *,
+        continues: bool = False,
+    ) -> Results:
+        """``continues``: earlier statements ran on this participant; its branch must exist."""
+        ...
 
     async def prepare(
         self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float

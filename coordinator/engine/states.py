@@ -31,7 +31,9 @@ TRANSITIONS: dict[TxState, frozenset[TxState]] = {
     TxState.PREPARING: frozenset({TxState.COMMITTING, TxState.COMMITTED, TxState.ABORTING}),
     TxState.COMMITTING: frozenset({TxState.COMMITTED}),
     TxState.COMMITTED: frozenset(),
-    TxState.ABORTING: frozenset({TxState.ABORTED}),
+    # ABORTING -> COMMITTED: a rollback refused because the branch committed proves that an
+    # earlier attempt of the same txid (a retried request id) committed: that is the outcome.
+    TxState.ABORTING: frozenset({TxState.ABORTED, TxState.COMMITTED}),
     TxState.ABORTED: frozenset(),
 }
 

@@ -15,6 +15,7 @@ from coordinator.client import (
     Outcome,
     OutcomeUnknown,
     RetryPolicy,
+    TransactionAborted,
 )
 from coordinator.playground.bank import total_balance
 from coordinator.playground.cluster import Cluster, wait_until
@@ -119,3 +120,20 @@ def test_database_killed_with_a_prepared_branch(
     assert balance(live_cluster, "eu", 4) == 1000
     client.run({"eu": transfer_sql(1, 4)}, timeout=5)  # the row is not locked any more
     assert balance(live_cluster, "eu", 4) == 1001
+
+
+def test_statements_lost_with_a_restarted_agent_abort_the_transaction(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    """Found by the Hypothesis state machine's author: an agent restarted between two Execute
+    calls of one transaction started a fresh branch for the second, and the commit would then
+    have applied it without the first."""
+    tx = client.begin(timeout=10)
+    tx.execute("us", "UPDATE accounts SET balance = balance + 100 WHERE id = 2")
+    live_cluster.kill("agent-us")  # the server rolls its branch back
+    live_cluster.restart("agent-us")
+    with pytest.raises(TransactionAborted, match="lost the branch"):
+        tx.execute("us", "UPDATE accounts SET balance = balance + 1 WHERE id = 3")
+    assert balance(live_cluster, "us", 2) == 1000
+    assert balance(live_cluster, "us", 3) == 1000
+    assert client.get_transaction(tx.txid).outcome is Outcome.ABORTED

@@ -236,3 +236,48 @@ def test_agent_memory_of_a_rolled_back_branch_does_not_hide_a_prepared_one(
         agent_us.Commit(pb.BranchCommitRequest(txid=txid, participant="us"))
         assert balance(live_cluster, "us", 7) == 1500
     assert prepared(live_cluster) == {}
+
+
+def commit_behind_the_agents_back(cluster: Cluster, txid: str) -> None:
+    """A branch of ``txid`` on us, with its marker, committed without the agent knowing (as a
+    one-phase commit does that lands after the agent lost its connection and its database)."""
+    xid = Xid(txid, "us")
+    with cluster.mysql("us") as conn, conn.cursor() as cursor:
+        cursor.execute(f"XA START {xid.sql()}")
+        cursor.execute("UPDATE accounts SET balance = balance + 500 WHERE id = 3")
+        cursor.execute(
+            "INSERT INTO twopc_branch_marker (gtrid, bqual, owner_thread, agent_instance) "
+            "VALUES (%s, %s, CONNECTION_ID(), %s)",
+            [xid.gtrid, xid.bqual, "0" * 32],
+        )
+        cursor.execute(f"XA END {xid.sql()}")
+        cursor.execute(f"XA COMMIT {xid.sql()} ONE PHASE")
+
+
+def test_a_remembered_rollback_does_not_hide_a_commit_that_landed_later(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
+) -> None:
+    """Found by the chaos run with seed 105 (I3 broken): a one-phase commit was landing when
+    its database was SIGKILLed; the settling rollback could not reach the database but left the
+    agent remembering the txid as rolled back; the client's retry was refused with that memory
+    and reported ABORTED, while the first commit had landed."""
+    txid = "elsewhere.r-landed-later"
+    agent_us.Rollback(pb.BranchRollbackRequest(txid=txid, participant="us"))  # remembered
+    commit_behind_the_agents_back(live_cluster, txid)
+    retried = [statement("UPDATE accounts SET balance = balance + 1 WHERE id = 3")]
+    reply = agent_us.Commit(
+        pb.BranchCommitRequest(
+            txid=txid,
+            participant="us",
+            one_phase=True,
+            sequence=1,
+            timeout_ms=10_000,
+            statements=retried,
+        )
+    )
+    assert reply.already_committed is True
+    vote = agent_us.Prepare(
+        pb.PrepareRequest(txid=txid, participant="us", sequence=1, statements=retried)
+    )
+    assert vote.vote == pb.VOTE_ALREADY_COMMITTED
+    assert balance(live_cluster, "us", 3) == 1500  # the retry ran nothing

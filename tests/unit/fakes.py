@@ -184,9 +184,20 @@ class FakeParticipants:
         return self._names
 
     async def execute(
-        self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float
+        self,
+        participant: str,
+        txid: str,
+        statements: Statements,
+        sequence: int,
+        timeout: float,
+        *,
+        continues: bool = False,
     ) -> Results:
         fault = await self._enter(Call("execute", participant, txid, statements=tuple(statements)))
+        if continues and self.state(participant, txid) is None:
+            raise TransactionAborted(
+                f"participant {participant} lost the branch of {txid}", txid=txid
+            )
         results = self._execute(participant, txid, statements)
         _leave(fault)
         return results

@@ -2,7 +2,10 @@
 
 Pure: the same seed, duration and targets always give the same schedule. Faults overlap at most
 ``max_concurrent`` at a time, never two on the same target, and every fault ends (is healed)
-before the run does.
+before the run does. Whatever the seed, a schedule long enough for them holds the faults that a
+run must not miss: a SIGKILL of the coordinator, of an agent and of a database, a link cut and
+50 ms of latency on a link (as far as the kinds and targets asked for allow); random faults
+fill the time around them.
 """
 
 from __future__ import annotations
@@ -93,20 +96,54 @@ def plan(
     usable = [k for k in kinds if _has_targets(k, targets)]
     if not usable:
         return []
-    events: list[FaultEvent] = []
-    now = rng.uniform(0.5, mean_gap)
     horizon = duration - settle
+    events = _required(rng, horizon, targets, usable)
+    now = rng.uniform(0.5, mean_gap)
     while now < horizon:
         kind = rng.choice(usable)
-        busy = {e.target for e in events if e.at <= now < e.ends + 0.5}
-        live = sum(1 for e in events if e.at <= now < e.ends)
-        candidates = [t for t in _targets_for(kind, targets) if t not in busy]
-        if candidates and live < max_concurrent:
-            target = rng.choice(candidates)
-            length = min(_duration(kind, rng), max(horizon - now, 0.0))
+        target = rng.choice(_targets_for(kind, targets))
+        length = min(_duration(kind, rng), max(horizon - now, 0.0))
+        if _fits(events, now, now + length, target, max_concurrent):
             events.append(FaultEvent(now, length, kind, target, _detail(kind, target, rng)))
         now += rng.expovariate(1.0 / mean_gap)
-    return events
+    return sorted(events, key=lambda e: e.at)
+
+
+def _required(
+    rng: random.Random, horizon: float, targets: Targets, usable: Sequence[FaultKind]
+) -> list[FaultEvent]:
+    """The faults no run may miss, spread evenly over the run (one at a time)."""
+    wanted: list[tuple[FaultKind, tuple[str, ...], dict[str, object]]] = []
+    if FaultKind.KILL in usable:
+        for prefix in ("coordinator", "agent-", "mariadb-"):
+            choices = tuple(t for t in targets.processes if t.startswith(prefix))
+            if choices:
+                wanted.append((FaultKind.KILL, choices, {}))
+    if targets.links and FaultKind.CUT in usable:
+        wanted.append((FaultKind.CUT, targets.links, {}))
+    if targets.links and FaultKind.LATENCY in usable:
+        wanted.append((FaultKind.LATENCY, targets.links, {"latency_ms": 50, "jitter_ms": 10}))
+    slot = horizon / (len(wanted) + 1) if wanted else 0.0
+    events = []
+    for index, (kind, choices, detail) in enumerate(wanted):
+        target = rng.choice(choices)
+        length = min(_duration(kind, rng), slot * 0.8)
+        events.append(FaultEvent(slot * (index + 0.5), length, kind, target, detail))
+    return [e for e in events if e.duration > 0 or e.kind is FaultKind.RESET]
+
+
+def _fits(
+    events: Sequence[FaultEvent], start: float, end: float, target: str, max_concurrent: int
+) -> bool:
+    """A fault over [start, end) on ``target`` keeps every instant within the limits."""
+    overlapping = [e for e in events if e.at < end + 0.5 and start < e.ends + 0.5]
+    if any(e.target == target for e in overlapping):
+        return False
+    points = [start] + [e.at for e in overlapping if start <= e.at < end]
+    return all(
+        sum(1 for e in overlapping if e.at <= p < max(e.ends, e.at + 1e-9)) < max_concurrent
+        for p in points
+    )
 
 
 def _has_targets(kind: FaultKind, targets: Targets) -> bool:

@@ -57,3 +57,12 @@ def test_link_faults_need_links() -> None:
     events = plan(3, 200, no_links, kinds=[FaultKind.CUT, FaultKind.KILL])
     assert {e.kind for e in events} == {FaultKind.KILL}
     assert plan(3, 200, no_links, kinds=[FaultKind.CUT]) == []
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_every_schedule_kills_each_kind_of_process_cuts_a_link_and_adds_50ms(seed: int) -> None:
+    events = plan(seed, 300, TARGETS)
+    killed = {e.target.split("-")[0] for e in events if e.kind is FaultKind.KILL}
+    assert killed == {"coordinator", "agent", "mariadb"}
+    assert any(e.kind is FaultKind.CUT for e in events)
+    assert any(e.kind is FaultKind.LATENCY and e.detail["latency_ms"] == 50 for e in events)

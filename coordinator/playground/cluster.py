@@ -317,16 +317,25 @@ class Cluster:
             raise PlaygroundError(f"no component {name!r}; the cluster has: {known}") from None
 
     def up(self, timeout: float = 60.0) -> None:
-        """Starts everything: databases, then agents, then the coordinator; each waited for."""
-        if self.proxied:
-            self.restart(PROXY, timeout=timeout, save=False)
-        databases = [self.components[f"mariadb-{r}"] for r in self.regions]
-        with ThreadPoolExecutor(max_workers=len(databases)) as pool:
-            list(pool.map(lambda c: self._start_database(c, timeout), databases))
-        for region in self.regions:
-            self.restart(f"agent-{region}", timeout=timeout, save=False)
-        self.restart("coordinator", timeout=timeout, save=False)
+        """Starts everything: databases, then agents, then the coordinator; each waited for.
+
+        The state file is written before anything starts and as each part starts, so that
+        ``twopc playground --down`` always knows what runs; if a part fails to start, what was
+        started is stopped again before the error is raised."""
         self.save()
+        try:
+            if self.proxied:
+                self.restart(PROXY, timeout=timeout)
+            databases = [self.components[f"mariadb-{r}"] for r in self.regions]
+            with ThreadPoolExecutor(max_workers=len(databases)) as pool:
+                list(pool.map(lambda c: self._start_database(c, timeout), databases))
+            self.save()
+            for region in self.regions:
+                self.restart(f"agent-{region}", timeout=timeout)
+            self.restart("coordinator", timeout=timeout)
+        except BaseException:
+            self.down(timeout=10)
+            raise
 
     def _start_database(self, component: Component, timeout: float) -> None:
         port = int(component.address.rsplit(":", 1)[1])

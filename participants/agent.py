@@ -413,16 +413,8 @@ class Agent:
         if branch.session is not None or branch.state is not BranchState.ACTIVE:
             return
         try:
-            session = self._pool.session()
+            session = self._started_session(branch.xid)
         except DbError as err:
-            self._registry.forget(branch)
-            raise Unavailable(
-                f"participant {self.name} cannot reach its database: {err}", txid=branch.txid
-            ) from err
-        try:
-            session.xa("START", branch.xid)
-        except DbError as err:
-            session.discard() if isinstance(err, ConnectionLost) else session.release()
             # The XID may belong to a prepared branch of an earlier life: never record this
             # branch as finished, or a later commit of that prepared branch would be refused.
             self._registry.forget(branch)
@@ -497,30 +489,28 @@ class Agent:
             # Rolled back, not committed: a SELECT that called a writing stored function must
             # not commit that write ahead of the global decision.
             try:
-                session.xa("END", branch.xid)
-                session.xa("ROLLBACK", branch.xid)
+                session.script([f"XA END {branch.xid.sql()}", f"XA ROLLBACK {branch.xid.sql()}"])
             except DbError as err:
                 self._abort(branch, f"read-only finish failed: {err}")
                 return VoteResult(Vote.ABORT, branch.reason, err.errno)
             self._finish(branch, BranchState.READ_ONLY, release=True)
             return VoteResult(Vote.READ_ONLY, outputs=outputs)
+        xid = branch.xid.sql()
         try:
-            self._insert_marker(session, branch.xid)
-        except DbError as err:
-            if err.errno == ER_DUP_ENTRY:
-                self._abort(branch, "this transaction committed here before (a retried request)")
-                return VoteResult(Vote.ALREADY_COMMITTED, branch.reason)
-            self._abort(branch, f"writing the commit marker failed: {err}")
-            return VoteResult(Vote.ABORT, branch.reason, err.errno)
-        try:
-            session.xa("END", branch.xid)
-            self._failpoints.hit("agent.after_end")
-            session.xa("PREPARE", branch.xid)
+            if self._failpoints.spec("agent.after_end"):  # keep the point between END and PREPARE
+                session.script([self._marker_sql(branch.xid), f"XA END {xid}"])
+                self._failpoints.hit("agent.after_end")
+                session.xa("PREPARE", branch.xid)
+            else:  # one round trip: the marker, XA END and XA PREPARE
+                session.script([self._marker_sql(branch.xid), f"XA END {xid}", f"XA PREPARE {xid}"])
         except ConnectionLost:
             session.discard()
             branch.session = None
             return self._vote_after_lost_prepare(branch, session.thread_id)
         except DbError as err:
+            if err.errno == ER_DUP_ENTRY:
+                self._abort(branch, "this transaction committed here before (a retried request)")
+                return VoteResult(Vote.ALREADY_COMMITTED, branch.reason)
             self._abort(branch, f"prepare failed: {err}")
             return VoteResult(Vote.ABORT, branch.reason, err.errno)
         branch.move_to(BranchState.PREPARED)
@@ -586,11 +576,9 @@ class Agent:
             if self._clock() > found.deadline:
                 self._abort(found, "the transaction's deadline passed before commit")
                 raise TransactionAborted(found.reason, txid=xid.txid)
-            try:
-                if found.wrote:
-                    self._insert_marker(session, xid)
-                session.xa("END", xid)
-                session.xa("COMMIT", xid, "ONE PHASE")
+            marker = [self._marker_sql(xid)] if found.wrote else []
+            try:  # one round trip: the marker, XA END and XA COMMIT ... ONE PHASE
+                session.script([*marker, f"XA END {xid.sql()}", f"XA COMMIT {xid.sql()} ONE PHASE"])
             except ConnectionLost as err:
                 session.discard()
                 found.session = None
@@ -845,12 +833,34 @@ class Agent:
 
     # --- helpers ----------------------------------------------------------------------------------
 
-    def _insert_marker(self, session: Session, xid: Xid) -> None:
-        session.execute(
+    def _marker_sql(self, xid: Xid) -> str:
+        """The marker row's INSERT, as literals only (XIDs in hex, the instance id is hex)."""
+        return (
             f"INSERT INTO `{self.config.marker_table}` "
-            "(gtrid, bqual, owner_thread, agent_instance) VALUES (%s, %s, CONNECTION_ID(), %s)",
-            [xid.gtrid, xid.bqual, self.instance_id],
+            "(gtrid, bqual, owner_thread, agent_instance) "
+            f"VALUES (X'{xid.gtrid.hex()}', X'{xid.bqual.hex()}', CONNECTION_ID(), "
+            f"'{self.instance_id}')"
         )
+
+    def _started_session(self, xid: Xid) -> Session:
+        """A pooled session with ``xid`` started on it. A pooled connection may be dead (the
+        database restarted); XA START on it fails without effect, so it is tried once more on
+        a fresh pool."""
+        for attempt in (1, 2):
+            session = self._pool.session()
+            try:
+                session.xa("START", xid)
+            except ConnectionLost:
+                session.discard()
+                if attempt == 2:
+                    raise
+                self._pool.reset()
+            except DbError:
+                session.release()
+                raise
+            else:
+                return session
+        raise AssertionError("unreachable")
 
     def _vote_without_branch(self, xid: Xid) -> VoteResult:
         """Prepare for a branch this agent does not hold: prepared in an earlier life of the agent

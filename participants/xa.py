@@ -15,6 +15,7 @@ from typing import Any
 
 import pymysql
 import sqlalchemy
+from pymysql.constants import CLIENT
 from sqlalchemy.pool import PoolProxiedConnection
 
 from coordinator.txid import Xid
@@ -98,6 +99,17 @@ class Session:
             )
         return StatementOutput(affected, last_id, columns, rows)
 
+    def script(self, statements: Sequence[str]) -> None:
+        """Runs statements of twopc's own (literals only, no parameters) in one round trip.
+        The server stops at the first that fails, and that error is raised."""
+        try:
+            with self._conn.cursor() as cursor:
+                cursor.execute("; ".join(statements))
+                while cursor.nextset():
+                    pass
+        except _DRIVER_ERRORS as err:
+            raise translate(err) from err
+
     def xa(self, command: str, xid: Xid, suffix: str = "") -> None:
         """``XA <command> <xid> [suffix]``, e.g. ``xa("COMMIT", xid, "ONE PHASE")``."""
         self.execute(f"XA {command} {xid.sql()} {suffix}".rstrip())
@@ -157,17 +169,20 @@ class SessionPool:
                 write_timeout=read_timeout,
                 program_name="twopc-agent",
                 init_command=init,
+                # For Session.script: twopc's own statements in one round trip. Client SQL is
+                # still one statement per call (the statement guard refuses ';').
+                client_flag=CLIENT.MULTI_STATEMENTS,
             )
 
-        # The engine is used only for its pool (pre-ping needs a dialect); statements go straight
-        # to pymysql so that nothing between us and the server adds round trips.
+        # The engine is used only for its pool; statements go straight to pymysql so that
+        # nothing between us and the server adds round trips. No pre-ping (a round trip per
+        # checkout): a stale connection shows itself at XA START, which is retried (reset()).
         self._engine = sqlalchemy.create_engine(
             "mysql+pymysql://",
             creator=connect,
             pool_size=pool_size,
             max_overflow=overflow,
             pool_timeout=checkout_timeout,
-            pool_pre_ping=True,
             pool_reset_on_return=None,
         )
 
@@ -181,6 +196,10 @@ class SessionPool:
             raise translate(cause) from err
         except _DRIVER_ERRORS as err:
             raise translate(err) from err
+
+    def reset(self) -> None:
+        """Drops every idle connection (the database restarted: they are all dead)."""
+        self._engine.dispose()
 
     def dispose(self) -> None:
         self._engine.dispose()

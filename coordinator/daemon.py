@@ -22,7 +22,7 @@ from coordinator.failpoint_admin import add_failpoint_admin
 from coordinator.failpoints import Failpoints
 from coordinator.logs import configure_logging
 from coordinator.servicer import CoordinatorServicer
-from coordinator.serving import listen, new_server, wait_for_stop_signal
+from coordinator.serving import listen, new_server, run_daemon, wait_for_stop_signal
 
 log = structlog.get_logger("twopc.coordinator")
 
@@ -95,7 +95,7 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
         log.critical("coordinator_cannot_start", error=err.message)
         return 2
     try:
-        asyncio.run(serve(config, failpoints))
+        run_daemon(serve(config, failpoints))
     except DecisionLogCorrupted as err:
         log.critical("decision_log_corrupted", error=err.message)
         return 3

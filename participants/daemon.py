@@ -17,7 +17,7 @@ from coordinator.errors import FailedPrecondition, InvalidArgument, Unavailable
 from coordinator.failpoint_admin import add_failpoint_admin
 from coordinator.failpoints import Failpoints
 from coordinator.logs import configure_logging
-from coordinator.serving import listen, new_server, wait_for_stop_signal
+from coordinator.serving import listen, new_server, run_daemon, wait_for_stop_signal
 from participants.agent import Agent
 from participants.config import AgentConfig, load_agent_config
 from participants.servicer import ParticipantServicer
@@ -122,7 +122,7 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
         return 2
     code = 0
     try:
-        asyncio.run(serve(agent, config, failpoints))
+        run_daemon(serve(agent, config, failpoints))
     except Exception:
         log.exception("agent_stopped_with_error")
         code = 1

@@ -25,6 +25,7 @@ from coordinator.engine.ports import (
     VoteReply,
 )
 from coordinator.errors import InvalidArgument
+from coordinator.phase2 import CommitBatcher, Send
 from coordinator.serving import channel
 from coordinator.status import error_from_rpc
 
@@ -53,11 +54,24 @@ class AgentClients:
         self._names = tuple(sorted(addresses))
         self._channels: dict[str, aio.Channel] = {n: channel(a) for n, a in addresses.items()}
         self._stubs = {n: pb_grpc.ParticipantStub(c) for n, c in self._channels.items()}
+        self._batchers = {n: CommitBatcher(n, self._sender(n)) for n in self._names}
 
     def names(self) -> Sequence[str]:
         return self._names
 
+    def _sender(self, participant: str) -> Send:
+        async def send(request: pb.CommitManyRequest, timeout: float) -> pb.CommitManyResponse:
+            stub = self._stubs[participant]
+            reply: pb.CommitManyResponse = await self._call(
+                stub.CommitMany, request, timeout, wait=True
+            )
+            return reply
+
+        return send
+
     async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
         for ch in self._channels.values():
             await ch.close(grace=None)
 
@@ -107,6 +121,8 @@ class AgentClients:
         sequence: int = 0,
         timeout: float,
     ) -> CommitReply:
+        if not one_phase and not statements:
+            return await self._batchers[participant].commit(txid, timeout)  # phase 2, batched
         request = pb.BranchCommitRequest(
             txid=txid,
             participant=participant,

@@ -116,6 +116,37 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
         return await self._call(context, request.txid, run)
 
+    async def CommitMany(
+        self, request: pb.CommitManyRequest, context: Context
+    ) -> pb.CommitManyResponse:
+        loop = asyncio.get_running_loop()
+
+        def commit(txid: str) -> pb.BranchOutcome:
+            try:
+                result = self._agent.commit(txid, request.participant, one_phase=False)
+            except TwopcError as err:
+                return pb.BranchOutcome(
+                    txid=txid,
+                    error_code=err.code,
+                    error_class=type(err).__name__,
+                    error_message=err.message,
+                )
+            except Exception as err:
+                self._log.exception("rpc_crashed", txid=txid)
+                return pb.BranchOutcome(
+                    txid=txid,
+                    error_code="INTERNAL",
+                    error_class="Internal",
+                    error_message=f"agent error: {type(err).__name__}: {err}",
+                )
+            return pb.BranchOutcome(txid=txid, already_committed=result.already_committed)
+
+        # Concurrently: each commit is an fsync on the server, and concurrent ones share them.
+        outcomes = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, commit, txid) for txid in request.txids)
+        )
+        return pb.CommitManyResponse(outcomes=outcomes)
+
     async def Rollback(
         self, request: pb.BranchRollbackRequest, context: Context
     ) -> pb.BranchRollbackResponse:

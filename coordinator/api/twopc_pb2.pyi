@@ -847,6 +847,86 @@ class BranchCommitResponse(_message.Message):
 Global___BranchCommitResponse: _TypeAlias = BranchCommitResponse  # noqa: Y015
 
 @_typing.final
+class CommitManyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    TXIDS_FIELD_NUMBER: _builtins.int
+    participant: _builtins.str
+    @_builtins.property
+    def txids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        participant: _builtins.str = ...,
+        txids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "txids", b"txids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitManyRequest: _TypeAlias = CommitManyRequest  # noqa: Y015
+
+@_typing.final
+class BranchOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXID_FIELD_NUMBER: _builtins.int
+    ALREADY_COMMITTED_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_CLASS_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    txid: _builtins.str
+    already_committed: _builtins.bool
+    error_code: _builtins.str
+    """Empty when the branch committed; otherwise the error Commit would have answered with.
+    a gRPC status code name, e.g. "UNAVAILABLE"
+    """
+    error_class: _builtins.str
+    """the twopc error class name, e.g. "FailedPrecondition" """
+    error_message: _builtins.str
+    def __init__(
+        self,
+        *,
+        txid: _builtins.str = ...,
+        already_committed: _builtins.bool = ...,
+        error_code: _builtins.str = ...,
+        error_class: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_committed", b"already_committed", "error_class", b"error_class", "error_code", b"error_code", "error_message", b"error_message", "txid", b"txid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BranchOutcome: _TypeAlias = BranchOutcome  # noqa: Y015
+
+@_typing.final
+class CommitManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___BranchOutcome]:
+        """in the order of the request"""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___BranchOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitManyResponse: _TypeAlias = CommitManyResponse  # noqa: Y015
+
+@_typing.final
 class BranchRollbackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

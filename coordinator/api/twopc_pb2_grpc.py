@@ -345,6 +345,11 @@ class ParticipantStub:
                 request_serializer=twopc_dot_v1_dot_twopc__pb2.BranchCommitRequest.SerializeToString,
                 response_deserializer=twopc_dot_v1_dot_twopc__pb2.BranchCommitResponse.FromString,
                 _registered_method=True)
+        self.CommitMany = channel.unary_unary(
+                '/twopc.v1.Participant/CommitMany',
+                request_serializer=twopc_dot_v1_dot_twopc__pb2.CommitManyRequest.SerializeToString,
+                response_deserializer=twopc_dot_v1_dot_twopc__pb2.CommitManyResponse.FromString,
+                _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/twopc.v1.Participant/Rollback',
                 request_serializer=twopc_dot_v1_dot_twopc__pb2.BranchRollbackRequest.SerializeToString,
@@ -386,6 +391,14 @@ class ParticipantServicer:
 
     def Commit(self, request, context):
         """Phase 2 commit, or with one_phase the single-participant commit (XA COMMIT ... ONE PHASE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitMany(self, request, context):
+        """Phase 2 of many transactions in one call (the coordinator batches them per agent); each
+        branch is committed as Commit would, and answered on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -434,6 +447,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.Commit,
                     request_deserializer=twopc_dot_v1_dot_twopc__pb2.BranchCommitRequest.FromString,
                     response_serializer=twopc_dot_v1_dot_twopc__pb2.BranchCommitResponse.SerializeToString,
+            ),
+            'CommitMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitMany,
+                    request_deserializer=twopc_dot_v1_dot_twopc__pb2.CommitManyRequest.FromString,
+                    response_serializer=twopc_dot_v1_dot_twopc__pb2.CommitManyResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
@@ -537,6 +555,33 @@ class Participant:
             '/twopc.v1.Participant/Commit',
             twopc_dot_v1_dot_twopc__pb2.BranchCommitRequest.SerializeToString,
             twopc_dot_v1_dot_twopc__pb2.BranchCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twopc.v1.Participant/CommitMany',
+            twopc_dot_v1_dot_twopc__pb2.CommitManyRequest.SerializeToString,
+            twopc_dot_v1_dot_twopc__pb2.CommitManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -146,6 +146,10 @@ class ParticipantStub:
     """Phase 1. With statements: execute them first (one-shot). Never an error status for a vote of no."""
     Commit: _grpc.UnaryUnaryMultiCallable[_twopc_pb2.BranchCommitRequest, _twopc_pb2.BranchCommitResponse]
     """Phase 2 commit, or with one_phase the single-participant commit (XA COMMIT ... ONE PHASE)."""
+    CommitMany: _grpc.UnaryUnaryMultiCallable[_twopc_pb2.CommitManyRequest, _twopc_pb2.CommitManyResponse]
+    """Phase 2 of many transactions in one call (the coordinator batches them per agent); each
+    branch is committed as Commit would, and answered on its own.
+    """
     Rollback: _grpc.UnaryUnaryMultiCallable[_twopc_pb2.BranchRollbackRequest, _twopc_pb2.BranchRollbackResponse]
     Recover: _grpc.UnaryUnaryMultiCallable[_twopc_pb2.RecoverRequest, _twopc_pb2.RecoverResponse]
     """Prepared branches on this server whose txid starts with txid_prefix (XA RECOVER)."""
@@ -162,6 +166,10 @@ class ParticipantAsyncStub(ParticipantStub):
     """Phase 1. With statements: execute them first (one-shot). Never an error status for a vote of no."""
     Commit: _aio.UnaryUnaryMultiCallable[_twopc_pb2.BranchCommitRequest, _twopc_pb2.BranchCommitResponse]  # type: ignore[assignment]
     """Phase 2 commit, or with one_phase the single-participant commit (XA COMMIT ... ONE PHASE)."""
+    CommitMany: _aio.UnaryUnaryMultiCallable[_twopc_pb2.CommitManyRequest, _twopc_pb2.CommitManyResponse]  # type: ignore[assignment]
+    """Phase 2 of many transactions in one call (the coordinator batches them per agent); each
+    branch is committed as Commit would, and answered on its own.
+    """
     Rollback: _aio.UnaryUnaryMultiCallable[_twopc_pb2.BranchRollbackRequest, _twopc_pb2.BranchRollbackResponse]  # type: ignore[assignment]
     Recover: _aio.UnaryUnaryMultiCallable[_twopc_pb2.RecoverRequest, _twopc_pb2.RecoverResponse]  # type: ignore[assignment]
     """Prepared branches on this server whose txid starts with txid_prefix (XA RECOVER)."""
@@ -193,6 +201,16 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twopc_pb2.BranchCommitResponse, _abc.Awaitable[_twopc_pb2.BranchCommitResponse]]:
         """Phase 2 commit, or with one_phase the single-participant commit (XA COMMIT ... ONE PHASE)."""
+
+    @_abc_1.abstractmethod
+    def CommitMany(
+        self,
+        request: _twopc_pb2.CommitManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_twopc_pb2.CommitManyResponse, _abc.Awaitable[_twopc_pb2.CommitManyResponse]]:
+        """Phase 2 of many transactions in one call (the coordinator batches them per agent); each
+        branch is committed as Commit would, and answered on its own.
+        """
 
     @_abc_1.abstractmethod
     def Rollback(

@@ -281,3 +281,32 @@ def test_a_remembered_rollback_does_not_hide_a_commit_that_landed_later(
     )
     assert vote.vote == pb.VOTE_ALREADY_COMMITTED
     assert balance(live_cluster, "us", 3) == 1500  # the retry ran nothing
+
+
+def test_commit_many_retried_answers_each_branch_on_its_own(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
+) -> None:
+    txids = [f"elsewhere.r-many-{i}" for i in range(3)]
+    for index, txid in enumerate(txids[:2]):
+        agent_us.Execute(
+            pb.BranchExecuteRequest(
+                txid=txid,
+                participant="us",
+                sequence=1,
+                timeout_ms=10_000,
+                statements=[
+                    statement("UPDATE accounts SET balance = balance + 1 WHERE id = %s", index)
+                ],
+            )
+        )
+        agent_us.Prepare(pb.PrepareRequest(txid=txid, participant="us"))
+    request = pb.CommitManyRequest(participant="us", txids=txids)
+    first = agent_us.CommitMany(request).outcomes
+    again = agent_us.CommitMany(request).outcomes
+    assert [o.txid for o in first] == txids
+    assert [(o.error_code, o.already_committed) for o in first[:2]] == [("", False)] * 2
+    assert [(o.error_code, o.already_committed) for o in again[:2]] == [("", True)] * 2
+    assert first[2].error_code == "FAILED_PRECONDITION"  # never prepared: cannot commit
+    assert balance(live_cluster, "us", 0) == 1001
+    assert balance(live_cluster, "us", 1) == 1001
+    assert markers(live_cluster, txids[0]) == {"us"}

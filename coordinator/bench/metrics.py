@@ -8,9 +8,9 @@ thin wrappers around them.
   ticks, all threads), sampled at the start and the end of the measured window.
 - **Peak RSS**: ``VmHWM`` of ``/proc/<pid>/status``, reset before each cell by writing ``5`` to
   ``/proc/<pid>/clear_refs`` (which needs the right to write it: root, or the process's owner).
-- **fsyncs** of the decision log: one per batch, and batches carry sequence numbers that go up by
-  one per batch and carry on across compactions; the difference of the last sequence number
-  before and after the window is the number of fsyncs in it.
+- **fsyncs** of the decision log: one per batch that holds a COMMIT record (a batch of END
+  records only is not forced) and one per compaction; counted by reading the file's batches as
+  they are written.
 - **TIME_WAIT**: sockets in state 06 in ``/proc/net/tcp`` and ``/proc/net/tcp6`` on the loopback
   address, counted only when one end is a port of the cluster (other processes on the machine
   use the loopback too).
@@ -26,11 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.decision_log._format import BATCH_HEAD, BATCH_MAGIC, HEADER
+from coordinator.decision_log._format import (
+    BATCH_HEAD,
+    BATCH_MAGIC,
+    HEADER,
+    RecordType,
+    record_types,
+)
 
 __all__ = [
     "CellResult",
-    "LogSequence",
+    "LogSyncs",
     "Tally",
     "TcpSocket",
     "count_time_wait",
@@ -278,47 +284,57 @@ def time_wait_sockets() -> list[TcpSocket]:
 # --- the decision log's fsyncs -------------------------------------------------------------------
 
 
-class LogSequence:
-    """Reads the sequence number of the last complete batch of a decision log, incrementally.
+class LogSyncs:
+    """Counts the fsyncs of a decision log by reading its batches incrementally.
 
-    It walks the batch heads only (no checksums: a measure, not recovery) from where it stopped the
-    time before, and starts over when the file was replaced (compaction) or shrank.
+    The writer forces a batch if and only if it holds a COMMIT record (END-only batches ride on
+    the next fsync), and a compaction forces the new file it writes. Batch heads and record types
+    are read without checksums: a measure, not recovery. A replaced file (compaction) is read from
+    its start.
     """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._inode = -1
         self._offset = len(HEADER)
-        self._sequence = 0
+        self._syncs = 0
 
     def read(self) -> int:
+        """fsyncs seen since this counter was made (the file's existing batches included)."""
         try:
             with self._path.open("rb") as file:
                 inode = os.fstat(file.fileno()).st_ino
                 size = os.fstat(file.fileno()).st_size
+                replaced = self._inode != -1 and (inode != self._inode or size < self._offset)
+                if replaced:
+                    self._syncs += 1  # the compaction's own fsync of the new file
                 if inode != self._inode or size < self._offset:
                     self._inode, self._offset = inode, len(HEADER)
                 file.seek(self._offset)
                 data = file.read()
         except FileNotFoundError:
-            return self._sequence
-        self._offset, sequence = _walk_batches(data, self._offset)
-        if sequence:
-            self._sequence = sequence
-        return self._sequence
+            return self._syncs
+        self._offset, synced = _walk_batches(data, self._offset, skip_first=replaced)
+        self._syncs += synced
+        return self._syncs
 
 
-def _walk_batches(data: bytes, base: int) -> tuple[int, int]:
-    """(offset after the last complete batch, its sequence number or 0) in ``data`` read from
-    file offset ``base``."""
-    at, sequence = 0, 0
+def _walk_batches(data: bytes, base: int, *, skip_first: bool = False) -> tuple[int, int]:
+    """(offset after the last complete batch, how many complete batches hold a COMMIT) in
+    ``data`` read from file offset ``base``; ``skip_first`` leaves out a compacted file's batch,
+    which carries still-open COMMITs already counted."""
+    at, synced = 0, 0
+    first = True
     while at + BATCH_HEAD.size <= len(data):
-        magic, length, _crc, number = BATCH_HEAD.unpack_from(data, at)
+        magic, length, _crc, _number = BATCH_HEAD.unpack_from(data, at)
         end = at + BATCH_HEAD.size + length
         if magic != BATCH_MAGIC or end > len(data):
             break
-        at, sequence = end, number
-    return base + at, sequence
+        body = data[at + BATCH_HEAD.size : end]
+        if not (first and skip_first) and RecordType.COMMIT in record_types(body):
+            synced += 1
+        at, first = end, False
+    return base + at, synced
 
 
 # --- results -------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import pymysql
 
 from coordinator.bench.metrics import (
     CellResult,
-    LogSequence,
+    LogSyncs,
     Tally,
     cpu_seconds,
     format_table,
@@ -257,7 +257,7 @@ class Bench:
         self._sleep = sleep
         self._proxy = ProxyControl(cluster.component(PROXY).address)
         self._ports = _cluster_ports(cluster)
-        self._log = LogSequence(Path(cluster.component("coordinator").data_dir) / LOG_NAME)
+        self._log = LogSyncs(Path(cluster.component("coordinator").data_dir) / LOG_NAME)
         self._endpoints = Endpoints(
             coordinator=cluster.coordinator_address,
             databases={

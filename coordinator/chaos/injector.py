@@ -49,6 +49,7 @@ class Injector:
     cluster: Cluster
     began: float = field(default_factory=time.monotonic)
     applied: list[AppliedFault] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)  # the schedule has run out
     _stopped: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,13 +64,16 @@ class Injector:
             actions.append((event.at, index, self._start, record))
             actions.append((event.ends, index, self._end, record))
         actions.sort(key=lambda item: (item[0], item[1]))
-        for at, _, action, record in actions:
-            if stop.wait(max(at - self.now(), 0.0)):
-                return
-            try:
-                action(record)
-            except Exception as err:  # a fault that cannot be applied is reported, not fatal
-                log.warning("fault_action_failed", error=f"{type(err).__name__}: {err}")
+        try:
+            for at, _, action, record in actions:
+                if stop.wait(max(at - self.now(), 0.0)):
+                    return
+                try:
+                    action(record)
+                except Exception as err:  # a fault that cannot be applied is reported, not fatal
+                    log.warning("fault_action_failed", error=f"{type(err).__name__}: {err}")
+        finally:
+            self.done.set()
 
     def heal_all(self, attempts: int = 5) -> None:
         """Every link healed, every process running and answering, every failpoint disarmed.
@@ -151,7 +155,9 @@ class Injector:
             self.cluster.kill(name, signal.SIGKILL)
             record.note = (record.note + " SIGTERM ignored, SIGKILLed").strip()
         if not component.alive():
-            self.cluster.restart(name)
+            # Not waiting for it to answer: an agent waits for its database, whose own restart
+            # may be the next action of this thread. heal_all() checks every part at the end.
+            self.cluster.restart(name, wait=False)
             record.note = (record.note + " restarted").strip()
 
     def _ensure_serving(self, name: str, patience: float = 15.0) -> bool:

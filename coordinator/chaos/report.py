@@ -43,6 +43,7 @@ class ChaosResult:
     verdicts: list[Verdict]
     quiescence_s: float
     began_at: float  # the monotonic clock at the run's start (transfer times are on it)
+    planned: int = 0  # faults in the schedule; more than were injected if the run was cut short
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -67,6 +68,7 @@ class ChaosResult:
                 **{k: self.outcome_counts().get(k, 0) for k in (COMMITTED, ABORTED, UNKNOWN)},
                 "unknown_resolved": dict(resolved_counts),
             },
+            "faults_planned": self.planned,
             "faults_by_kind": dict(self.fault_counts()),
             "quiescence_after_last_heal_s": round(self.quiescence_s, 3),
             "invariants": [
@@ -108,7 +110,9 @@ class ChaosResult:
                 f"p99 {_percentile(latencies, 99) * 1000:.1f} ms"
             )
         faults = ", ".join(f"{k} {n}" for k, n in sorted(self.fault_counts().items()))
-        lines.append(f"  faults injected: {len(self.faults)} ({faults or 'none'})")
+        lines.append(
+            f"  faults injected: {len(self.faults)} of {self.planned} planned ({faults or 'none'})"
+        )
         lines.append(f"  quiescent {self.quiescence_s:.2f} s after the last heal")
         lines.extend(f"  {verdict}" for verdict in self.verdicts)
         lines.append("  ALL INVARIANTS HOLD" if self.ok else "  INVARIANT BROKEN")

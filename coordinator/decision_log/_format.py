@@ -85,6 +85,17 @@ def frame_batch(sequence: int, records: Iterable[bytes]) -> bytes:
     return BATCH_HEAD.pack(BATCH_MAGIC, len(body), crc, sequence) + body
 
 
+def record_types(body: bytes) -> list[int]:
+    """The type bytes of the records in a batch body, unchecked: for measuring, not for recovery."""
+    kinds = []
+    at = 0
+    while at + _RECORD_HEAD.size <= len(body):
+        length, _crc, kind = _RECORD_HEAD.unpack_from(body, at)
+        kinds.append(kind)
+        at += _RECORD_HEAD.size + length
+    return kinds
+
+
 def _encode(kind: RecordType, strings: tuple[str, ...]) -> bytes:
     parts = []
     for text in strings:

@@ -11,7 +11,7 @@ import pytest
 from coordinator.bench import metrics
 from coordinator.bench.metrics import (
     CellResult,
-    LogSequence,
+    LogSyncs,
     Tally,
     count_time_wait,
     format_table,
@@ -26,7 +26,7 @@ from coordinator.bench.metrics import (
 )
 from coordinator.bench.runner import add_ratios, apply_round_trip
 from coordinator.decision_log import CommitRecord
-from coordinator.decision_log._format import HEADER, encode_commit, frame_batch
+from coordinator.decision_log._format import HEADER, encode_commit, encode_end, frame_batch
 from coordinator.playground.cluster import LinkPlan
 
 # Captured from this kind of machine: a listener, two loopback sockets in TIME_WAIT (06) and an
@@ -215,9 +215,13 @@ def _batch(sequence: int) -> bytes:
     return frame_batch(sequence, [encode_commit(CommitRecord(f"c1.t{sequence}", ("eu", "us")))])
 
 
-def test_log_sequence_reads_the_last_complete_batch(tmp_path: Path) -> None:
+def _end_batch(sequence: int) -> bytes:
+    return frame_batch(sequence, [encode_end(f"c1.t{sequence}")])
+
+
+def test_log_syncs_counts_complete_batches_that_hold_a_commit(tmp_path: Path) -> None:
     path = tmp_path / "decisions.log"
-    counter = LogSequence(path)
+    counter = LogSyncs(path)
     assert counter.read() == 0  # no file yet
     path.write_bytes(HEADER + _batch(1) + _batch(2))
     assert counter.read() == 2
@@ -229,15 +233,27 @@ def test_log_sequence_reads_the_last_complete_batch(tmp_path: Path) -> None:
     assert counter.read() == 4
 
 
-def test_log_sequence_carries_on_across_a_compaction(tmp_path: Path) -> None:
+def test_log_syncs_leaves_out_end_only_batches(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    path.write_bytes(HEADER + _batch(1) + _end_batch(2) + _end_batch(3) + _batch(4))
+    mixed = frame_batch(5, [encode_end("c1.t1"), encode_commit(CommitRecord("c1.t9", ("eu",)))])
+    with path.open("ab") as file:
+        file.write(mixed)
+    assert LogSyncs(path).read() == 3
+
+
+def test_log_syncs_counts_a_compaction_once(tmp_path: Path) -> None:
     path = tmp_path / "decisions.log"
     path.write_bytes(HEADER + b"".join(_batch(n) for n in range(1, 6)))
-    counter = LogSequence(path)
+    counter = LogSyncs(path)
     assert counter.read() == 5
     scratch = tmp_path / "decisions.log.tmp"
-    scratch.write_bytes(HEADER + frame_batch(6, []))  # compaction: a new file, numbering goes on
+    scratch.write_bytes(HEADER + _batch(6))  # compaction: a new file holding the open commits
     scratch.replace(path)
     assert counter.read() == 6
+    with path.open("ab") as file:
+        file.write(_batch(7))
+    assert counter.read() == 7
 
 
 # --- ratios across systems, the round trip, the table --------------------------------------------

@@ -14,6 +14,8 @@ twopc chaos [--duration S] [--seed N]           transfers on a proxied playgroun
 twopc proxy --control ADDR --link N=LISTEN=UP   the TCP fault proxy (the playground runs it)
 twopc bench [--workloads ...] [--concurrency ...] twopc against direct XA, SQLAlchemy two-phase
                                                 sessions and plain local commits, side by side
+twopc bench-recovery [--in-doubt N]             time to resolve N in-doubt transactions after
+                                                a coordinator SIGKILL and restart
 twopc tx TXID [--coordinator ADDR]              a transaction's state and outcome
 """
 
@@ -79,12 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     chaos = commands.add_parser("chaos", help="fault injection with an invariant check")
     proxy = commands.add_parser("proxy", help="the TCP fault proxy")
     bench = commands.add_parser("bench", help="twopc against the alternatives, side by side")
+    bench_recovery = commands.add_parser(
+        "bench-recovery", help="time to resolve in-doubt transactions after a coordinator crash"
+    )
+    from coordinator.bench import recovery as bench_recovery_runner
     from coordinator.bench import runner as bench_runner
     from coordinator.chaos import proxy_service, runner
 
     runner.add_arguments(chaos)
     proxy_service.add_arguments(proxy)
     bench_runner.add_arguments(bench)
+    bench_recovery_runner.add_arguments(bench_recovery)
 
     tx = commands.add_parser("tx", help="look a transaction up")
     tx.add_argument("txid")
@@ -120,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from coordinator.bench.runner import run as run_bench
 
         return run_bench(args)
+    if args.command == "bench-recovery":
+        from coordinator.bench.recovery import run as run_bench_recovery
+
+        return run_bench_recovery(args)
     if args.command == "proxy":
         from coordinator.chaos.proxy_service import run as run_proxy
 

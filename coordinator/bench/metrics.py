@@ -357,6 +357,8 @@ class CellResult:
     check: dict[str, Any]
     connections_opened: int | None = None
     twopc_ratio: dict[str, float | None] = field(default_factory=dict)
+    floor_ms: float | None = None  # twopc's latency floor at this round trip (bench.floor)
+    floor_ratio: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def tps(self) -> float:
@@ -413,6 +415,8 @@ class CellResult:
             "connections_opened": self.connections_opened,
             "check": self.check,
             "twopc_ratio": {k: _round(v, 3) for k, v in self.twopc_ratio.items()},
+            "floor_ms": _round(self.floor_ms, 3),
+            "floor_ratio": {k: _round(v, 3) for k, v in self.floor_ratio.items()},
         }
 
 
@@ -441,6 +445,8 @@ _COLUMNS = (
     "new TIME_WAIT window/run",
     "twopc÷ tps",
     "twopc÷ p50",
+    "p50÷floor",
+    "p99÷floor",
 )
 
 
@@ -457,6 +463,7 @@ def table_row(cell: Mapping[str, Any]) -> list[str]:
     rss = cell["peak_rss_mb"]
     tw = cell["time_wait"]
     ratios = cell.get("twopc_ratio") or {}
+    floor = cell.get("floor_ratio") or {}
     return [
         cell["workload"],
         str(cell["rtt_ms"]),
@@ -476,6 +483,8 @@ def table_row(cell: Mapping[str, Any]) -> list[str]:
         f"+{tw.get('new_in_window', 0)}/+{tw.get('new_in_run', 0)}",
         _fmt(ratios.get("tps"), 2),
         _fmt(ratios.get("p50"), 2),
+        _fmt(floor.get("p50"), 2),
+        _fmt(floor.get("p99"), 2),
     ]
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import pymysql
 
+from coordinator.bench.floor import Floor, measure_floor
 from coordinator.bench.metrics import (
     CellResult,
     LogSyncs,
@@ -272,6 +273,7 @@ class Bench:
         )
         self.cells: list[CellResult] = []
         self.injected: dict[int, dict[str, int]] = {}  # round trip -> link -> ms each way
+        self.floors: dict[int, Floor] = {}  # round trip -> twopc's latency floor
         # One root connection per region for the checks between runs, kept open: a connection
         # per poll would fill TIME_WAIT with the harness's own sockets.
         self._admin_connections = contextlib.ExitStack()
@@ -287,12 +289,15 @@ class Bench:
                 workload.setup(self.cluster)
                 for rtt in s.rtt_ms:
                     self.injected[rtt] = apply_round_trip(self._proxy, self.cluster, rtt)
+                    if rtt not in self.floors:
+                        self.floors[rtt] = measure_floor(self.cluster)
+                        self._say(f"latency floor at {rtt} ms: {self.floors[rtt].as_json()}")
                     for concurrency in s.concurrency:
                         group = [
                             self.run_cell(workload, system, concurrency, rtt)
                             for system in s.systems
                         ]
-                        add_ratios(group)
+                        add_ratios(group, self.floors[rtt])
                         self.cells.extend(group)
         finally:
             self._proxy.heal()
@@ -531,12 +536,18 @@ class Bench:
         return sum(values) if values else None
 
 
-def add_ratios(group: Sequence[CellResult]) -> None:
+def add_ratios(group: Sequence[CellResult], floor: Floor | None = None) -> None:
     """On each baseline's cell of one (workload, round trip, concurrency): twopc ÷ it, for
-    throughput and p50 latency."""
+    throughput and p50 latency; on twopc's cell, its p50 and p99 ÷ the latency floor."""
     twopc = next((c for c in group if c.system == Twopc.name), None)
     if twopc is None:
         return
+    if floor is not None:
+        twopc.floor_ms = floor.total_ms
+        twopc.floor_ratio = {
+            "p50": ratio(twopc.latency(50), floor.total_ms),
+            "p99": ratio(twopc.latency(99), floor.total_ms),
+        }
     for cell in group:
         if cell is not twopc:
             cell.twopc_ratio = {
@@ -576,6 +587,7 @@ def report(
         },
         "settings": asdict(bench.settings),
         "injected_latency_ms_each_way": {str(k): v for k, v in bench.injected.items()},
+        "latency_floor_ms": {str(k): v.as_json() for k, v in bench.floors.items()},
         "complete": complete,
         "cells": cells,
     }

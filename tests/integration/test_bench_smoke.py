@@ -69,6 +69,10 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
         assert cell["time_wait"]["new_in_window"] == 0, f"{where}: a connection per transaction?"
         if system == "twopc":
             assert 0 < cell["fsyncs_per_commit"] <= 1, where
+            floor = report["latency_floor_ms"][str(rtt)]
+            assert floor["total_ms"] >= floor["agents_ms"] >= rtt * 0.9, where
+            assert cell["floor_ms"] == floor["total_ms"], where
+            assert cell["floor_ratio"]["p50"] > 0.5, f"{where}: twopc beat its own floor?"
             assert cell["cpu_s_per_1k"]["coordinator"] > 0, where
             assert cell["peak_rss_mb"]["coordinator"] > 0, where
         else:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.bench import metrics
+from coordinator.bench.floor import Floor
 from coordinator.bench.metrics import (
     CellResult,
     LogSyncs,
@@ -281,6 +282,16 @@ def test_ratios_are_twopc_over_each_baseline() -> None:
     add_ratios([twopc, direct])
     assert direct.twopc_ratio == {"tps": pytest.approx(0.25), "p50": pytest.approx(4.0)}
     assert twopc.twopc_ratio == {}
+    assert twopc.floor_ratio == {}  # no floor measured
+
+
+def test_floor_ratio_is_twopc_latency_over_the_sum_of_its_parts() -> None:
+    twopc = _cell("twopc", 200, [52.0] * 98 + [78.0] * 2)
+    add_ratios([twopc, _cell("direct-xa", 80, [200.0])], Floor(0.4, 50.6, 1.0))
+    assert twopc.floor_ms == pytest.approx(52.0)
+    assert twopc.floor_ratio["p50"] == pytest.approx(1.0)
+    assert twopc.floor_ratio["p99"] == pytest.approx(1.5)
+    assert twopc.as_json()["floor_ratio"] == {"p50": 1.0, "p99": 1.5}
 
 
 def test_cell_json_has_per_thousand_cpu_and_fsyncs_per_commit() -> None:
@@ -294,7 +305,7 @@ def test_cell_json_has_per_thousand_cpu_and_fsyncs_per_commit() -> None:
 
 def test_table_has_a_header_a_rule_and_a_row_per_cell() -> None:
     cells = [_cell("twopc", 200, [10.0]), _cell("direct-xa", 800, [2.5])]
-    add_ratios(cells)
+    add_ratios(cells, Floor(client_ms=0.5, agents_ms=3.5, fsync_ms=1.0))
     lines = format_table([c.as_json() for c in cells]).splitlines()
     assert len(lines) == 4
     assert lines[0].startswith("| workload")
@@ -303,11 +314,11 @@ def test_table_has_a_header_a_rule_and_a_row_per_cell() -> None:
     direct = [field.strip() for field in lines[3].strip("|").split("|")]
     assert direct[3] == "direct-xa"
     assert direct[4] == "400"  # tps
-    assert direct[-2:] == ["0.25", "4.00"]  # twopc's tps and p50 over direct XA's
-    assert direct[-3] == "+0/+16"  # new TIME_WAIT sockets: window / run
+    assert direct[-4:] == ["0.25", "4.00", "-", "-"]  # twopc's tps and p50 over direct XA's
+    assert direct[-5] == "+0/+16"  # new TIME_WAIT sockets: window / run
     twopc = [field.strip() for field in lines[2].strip("|").split("|")]
     assert twopc[14] == "0.75"  # fsyncs per commit
-    assert twopc[-1] == "-"
+    assert twopc[-4:] == ["-", "-", "2.00", "2.00"]  # p50 and p99 over the 5 ms floor
 
 
 class _FakeProxy:

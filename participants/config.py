@@ -35,6 +35,10 @@ class AgentConfig:
     mysql_database: str = "twopc"
     mysql_connect_timeout_s: float = 5.0
     mysql_read_timeout_s: float = 120.0
+    # twopc's own commands (XA END/PREPARE/COMMIT/ROLLBACK, the marker): a connection that
+    # stops answering one of them is given up after this long, not after mysql_read_timeout_s,
+    # so that a branch stuck in phase 2 on a dead link is freed in seconds.
+    mysql_command_timeout_s: float = 15.0
     pool_size: int = 32
     pool_overflow: int = 32
     pool_checkout_timeout_s: float = 5.0
@@ -60,6 +64,12 @@ class AgentConfig:
             )
         if self.pool_size < 1 or self.max_branches < 1:
             raise ValueError("pool_size and max_branches must be at least 1")
+        if not self.lock_wait_timeout_s < self.mysql_command_timeout_s <= self.mysql_read_timeout_s:
+            raise ValueError(
+                f"mysql_command_timeout_s ({self.mysql_command_timeout_s}) must be above "
+                f"lock_wait_timeout_s ({self.lock_wait_timeout_s}: the marker insert may wait "
+                f"for a lock) and at most mysql_read_timeout_s ({self.mysql_read_timeout_s})"
+            )
 
     def mysql_password(self, environ: Mapping[str, str]) -> str:
         return environ.get(self.mysql_password_env, "")

@@ -41,6 +41,7 @@ def build_agent(config: AgentConfig, environ: Mapping[str, str], failpoints: Fai
         checkout_timeout=config.pool_checkout_timeout_s,
         connect_timeout=config.mysql_connect_timeout_s,
         read_timeout=config.mysql_read_timeout_s,
+        command_timeout=config.mysql_command_timeout_s,
         lock_wait_timeout=config.lock_wait_timeout_s,
         idle_timeout=config.session_idle_timeout_s,
     )

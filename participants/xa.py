@@ -8,8 +8,9 @@ XA START fails with XAER_OUTSIDE after any earlier statement.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,10 +74,30 @@ _DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)
 class Session:
     """One pooled connection, used for one XA branch at a time or for administration."""
 
-    def __init__(self, proxied: PoolProxiedConnection) -> None:
+    def __init__(
+        self, proxied: PoolProxiedConnection, command_timeout: float | None = None
+    ) -> None:
         self._proxied = proxied
         self._conn: pymysql.connections.Connection[Any] = proxied.dbapi_connection  # type: ignore[assignment]
         self.thread_id: int = self._conn.thread_id()  # type: ignore[no-untyped-call]
+        self._command_timeout = command_timeout
+
+    @contextlib.contextmanager
+    def _commands(self) -> Iterator[None]:
+        """Twopc's own commands get ``command_timeout`` instead of the read timeout that client
+        statements need (they may run long). pymysql applies ``_read_timeout`` and
+        ``_write_timeout`` at every socket read and write, so setting them around a call is
+        enough; they have no public setter."""
+        if self._command_timeout is None:
+            yield
+            return
+        conn: Any = self._conn  # the timeouts are not in the type stubs
+        saved = conn._read_timeout, conn._write_timeout
+        conn._read_timeout = conn._write_timeout = self._command_timeout
+        try:
+            yield
+        finally:
+            conn._read_timeout, conn._write_timeout = saved
 
     def execute(
         self, sql: str, params: Sequence[SqlValue] | None = None, *, max_rows: int = 0
@@ -103,7 +124,7 @@ class Session:
         """Runs statements of twopc's own (literals only, no parameters) in one round trip.
         The server stops at the first that fails, and that error is raised."""
         try:
-            with self._conn.cursor() as cursor:
+            with self._commands(), self._conn.cursor() as cursor:
                 cursor.execute("; ".join(statements))
                 while cursor.nextset():
                     pass
@@ -112,7 +133,8 @@ class Session:
 
     def xa(self, command: str, xid: Xid, suffix: str = "") -> None:
         """``XA <command> <xid> [suffix]``, e.g. ``xa("COMMIT", xid, "ONE PHASE")``."""
-        self.execute(f"XA {command} {xid.sql()} {suffix}".rstrip())
+        with self._commands():
+            self.execute(f"XA {command} {xid.sql()} {suffix}".rstrip())
 
     def release(self) -> None:
         """Returns the connection to the pool (only when no branch is attached to it)."""
@@ -145,7 +167,9 @@ class SessionPool:
         read_timeout: float,
         lock_wait_timeout: int,
         idle_timeout: int,
+        command_timeout: float | None = None,
     ) -> None:
+        self._command_timeout = command_timeout
         # sql_mode: the statement guard lexes quotes as MySQL does by default; the two modes
         # that change quoting are removed so that the server splits statements the same way.
         init = (
@@ -188,7 +212,7 @@ class SessionPool:
 
     def session(self) -> Session:
         try:
-            return Session(self._engine.raw_connection())
+            return Session(self._engine.raw_connection(), self._command_timeout)
         except sqlalchemy.exc.TimeoutError as err:
             raise DbError(0, f"no free database connection in the agent's pool: {err}") from err
         except sqlalchemy.exc.DBAPIError as err:

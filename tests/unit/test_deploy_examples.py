@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from coordinator.config import load_coordinator_config
-from participants.config import load_agent_config
+from participants.config import AgentConfig, load_agent_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 
@@ -28,3 +30,17 @@ def test_participants_mapping_from_the_environment() -> None:
         None, environ={"TWOPC_COORDINATOR_PARTICIPANTS": "eu=h1:7201, us=h2:7201"}
     )
     assert dict(config.participants) == {"eu": "h1:7201", "us": "h2:7201"}
+
+
+@pytest.mark.parametrize(
+    ("command", "lock_wait", "read"), [(10.0, 10, 120.0), (5.0, 10, 120.0), (130.0, 10, 120.0)]
+)
+def test_command_timeout_must_outlast_a_lock_wait_and_not_the_read_timeout(
+    command: float, lock_wait: int, read: float
+) -> None:
+    with pytest.raises(ValueError, match="mysql_command_timeout_s"):
+        AgentConfig(
+            mysql_command_timeout_s=command,
+            lock_wait_timeout_s=lock_wait,
+            mysql_read_timeout_s=read,
+        )

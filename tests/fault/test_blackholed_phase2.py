@@ -1,0 +1,117 @@
+"""A link between an agent and its database that swallows bytes while the agent sends XA COMMIT.
+
+(Chaos seed 107 found it: a blackhole on ``agent-ap-mariadb`` began as a branch committed. The
+request was lost, the TCP connection stayed open, and the agent's thread waited for an answer for
+``mysql_read_timeout_s``, 120 s, holding the prepared branch and its row locks; every transfer
+touching those rows timed out until then. twopc's own commands now give up after
+``mysql_command_timeout_s``: the session is dropped, its branch detached once the link carries
+the FIN again, and phase 2 is retried from another connection.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coordinator.api import chaos_pb2 as cpb
+from coordinator.api import chaos_pb2_grpc as cpb_grpc
+from coordinator.chaos.proxy_service import ProxyControl
+from coordinator.client import Client
+from coordinator.playground.cluster import PROXY, Cluster, wait_until
+from tests.support import balance, markers, prepared, transfer_sql
+
+COMMAND_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster.create(
+        tmp_path_factory.mktemp("blackhole") / "cluster",
+        ["eu", "us"],
+        proxied=True,
+        coordinator_settings={"recovery_interval_s": 0.5, "rpc_timeout_s": 2.0},
+        agent_settings={
+            "admin_failpoints": True,
+            "mysql_command_timeout_s": COMMAND_TIMEOUT_S,
+            "lock_wait_timeout_s": 1,
+        },
+    )
+    try:
+        cluster.up()
+        for region in cluster.regions:
+            with cluster.mysql(region) as conn, conn.cursor() as cursor:
+                cursor.execute(
+                    "CREATE TABLE IF NOT EXISTS accounts (id INT PRIMARY KEY, "
+                    "balance BIGINT NOT NULL)"
+                )
+                cursor.execute("REPLACE INTO accounts VALUES (1, 1000)")
+        yield cluster
+    finally:
+        cluster.down(timeout=10)
+
+
+def _arm(cluster: Cluster, daemon: str, name: str, spec: str) -> None:
+    with grpc.insecure_channel(cluster.component(daemon).address) as channel:
+        cpb_grpc.FailpointsStub(channel).Set(
+            cpb.SetFailpointRequest(name=name, spec=spec), timeout=5
+        )
+
+
+def _fired(cluster: Cluster, daemon: str, name: str) -> int:
+    with grpc.insecure_channel(cluster.component(daemon).address) as channel:
+        listed = cpb_grpc.FailpointsStub(channel).List(cpb.ListFailpointsRequest(), timeout=5)
+    return sum(p.fired for p in listed.failpoints if p.name == name)
+
+
+def _phase2_retried(log: Path, txid: str, participant: str) -> bool:
+    return any(
+        '"phase2_retry"' in line
+        and f'"{txid}"' in line
+        and f'"participant": "{participant}"' in line
+        for line in log.read_text().splitlines()
+    )
+
+
+@pytest.mark.timeout(120)
+def test_commit_lost_on_a_blackholed_link_frees_the_branch_in_seconds(cluster: Cluster) -> None:
+    proxy = ProxyControl(cluster.component(PROXY).address)
+    # us's agent holds its answer to PREPARE (the branch is prepared on the server) long enough
+    # for the link to its database to turn into a blackhole before XA COMMIT goes out.
+    _arm(cluster, "agent-us", "agent.after_prepare", "1*sleep(1500)")
+    outcome: dict[str, object] = {}
+
+    def transfer() -> None:
+        with Client(cluster.coordinator_address) as client:
+            result = client.run({"eu": transfer_sql(-10, 1), "us": transfer_sql(10, 1)})
+            outcome["txid"] = result.txid
+
+    worker = threading.Thread(target=transfer)
+    worker.start()
+    wait_until(lambda: _fired(cluster, "agent-us", "agent.after_prepare") == 1, 20, "prepared")
+    proxy.set_fault("agent-us-mariadb", blackhole=True)
+    blackholed = time.monotonic()
+    worker.join(timeout=30)
+    assert "txid" in outcome, "the client got no answer: the decision was durable, it must"
+    txid = str(outcome["txid"])
+    log = Path(cluster.component("coordinator").log)
+    # The blackhole holds until phase 2 on us has failed once (XA COMMIT went into it).
+    wait_until(lambda: _phase2_retried(log, txid, "us"), 30, "a failed phase-2 attempt on us")
+    proxy.heal("agent-us-mariadb")
+    healed = time.monotonic()
+
+    wait_until(lambda: not prepared(cluster), 30, "no branch prepared anywhere")
+    freed = time.monotonic()
+    assert markers(cluster, txid) == {"eu", "us"}
+    assert balance(cluster, "eu", 1) + balance(cluster, "us", 1) == 2000
+    # Bounded by the command timeout and phase 2's retries, not by the 120 s read timeout.
+    assert freed - healed < COMMAND_TIMEOUT_S + 10, (
+        f"the branch was held {freed - blackholed:.1f} s ({freed - healed:.1f} s after the heal)"
+    )
+    with cluster.mysql("us") as conn, conn.cursor() as cursor:  # its row lock is gone too
+        cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+        cursor.execute("UPDATE accounts SET balance = balance WHERE id = 1")

@@ -25,6 +25,7 @@ from participants.xa import DbError, SessionPool
 
 _STARTUP_PATIENCE_S = 60.0
 _MARKER_GC_INTERVAL_S = 3600.0
+_CLOSE_BUDGET_S = 5.0  # for agent.close() at shutdown, after the gRPC grace period
 
 log = structlog.get_logger("twopc.agent")
 
@@ -84,7 +85,14 @@ async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> No
     finally:
         reaper.cancel()
         await server.stop(grace=5)
-        await asyncio.get_running_loop().run_in_executor(housekeeping, agent.close)
+        closing = asyncio.get_running_loop().run_in_executor(housekeeping, agent.close)
+        try:
+            # Bounded: the housekeeping thread may itself be stuck in a database call on a dead
+            # link. Prepared branches are durable on the server either way; active ones are
+            # rolled back by it when the process's connections close.
+            await asyncio.wait_for(closing, timeout=_CLOSE_BUDGET_S)
+        except TimeoutError:
+            log.warning("agent_close_timed_out", budget_s=_CLOSE_BUDGET_S)
         workers.shutdown(wait=False, cancel_futures=True)
         housekeeping.shutdown(wait=False)
 

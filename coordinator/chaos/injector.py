@@ -118,7 +118,9 @@ class Injector:
         if kind is FaultKind.KILL:
             self.cluster.kill(target, signal.SIGKILL)
         elif kind is FaultKind.RESTART:
-            self.cluster.kill(target, signal.SIGTERM)
+            # Not waiting for it to exit: a graceful stop can take a while, and later faults
+            # are due meanwhile; the fault's end SIGKILLs it if it still runs.
+            self.cluster.kill(target, signal.SIGTERM, wait=False)
         elif kind is FaultKind.STOP:
             self.cluster.component(target).send(signal.SIGSTOP)
             self._stopped.add(target)

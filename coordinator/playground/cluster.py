@@ -160,6 +160,7 @@ class Cluster:
         agent_settings: Mapping[str, object] | None = None,
         proxied: bool = False,
         client_db_links: bool = False,
+        remote_links_only: bool = False,
         python: str = sys.executable,
     ) -> Cluster:
         """Lays out directories and configuration files; starts nothing.
@@ -173,6 +174,11 @@ class Cluster:
         ``client-mariadb-<region>``, from a port of its own to that region's database, for
         clients that talk to the databases directly (the benchmark's baselines) through the same
         kind of link as the coordinator's. Without ``proxied`` it adds nothing.
+
+        With ``remote_links_only`` as well, only the hops that cross regions in a real deployment
+        go through the proxy (``coordinator-agent-<region>``, ``client-mariadb-<region>``); the
+        client's hop to the coordinator and each agent's to its own database are direct, as they
+        are when those parts sit side by side (the benchmark: a proxy hop costs CPU).
         """
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
@@ -182,7 +188,8 @@ class Cluster:
         links: list[LinkPlan] = []
 
         def through_proxy(name: str, upstream: str) -> str:
-            if not proxied:
+            local = name == CLIENT_LINK or (name.endswith("-mariadb") and name.startswith("agent-"))
+            if not proxied or (remote_links_only and local):
                 return upstream
             link = LinkPlan(name, f"{LOOPBACK}:{free_port()}", upstream)
             links.append(link)

@@ -10,6 +10,8 @@ the FIN again, and phase 2 is retried from another connection.)
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +22,8 @@ import pytest
 
 from coordinator.api import chaos_pb2 as cpb
 from coordinator.api import chaos_pb2_grpc as cpb_grpc
+from coordinator.api import twopc_pb2 as pb
+from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.chaos.proxy_service import ProxyControl
 from coordinator.client import Client
 from coordinator.playground.cluster import PROXY, Cluster, wait_until
@@ -115,3 +119,54 @@ def test_commit_lost_on_a_blackholed_link_frees_the_branch_in_seconds(cluster: C
     with cluster.mysql("us") as conn, conn.cursor() as cursor:  # its row lock is gone too
         cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
         cursor.execute("UPDATE accounts SET balance = balance WHERE id = 1")
+
+
+def _sleeping_sessions(cluster: Cluster, region: str) -> int:
+    with cluster.mysql(region) as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP%'"
+        )
+        row = cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.timeout(120)
+def test_agent_stops_promptly_when_its_reaper_is_stuck_on_a_blackholed_link(
+    cluster: Cluster,
+) -> None:
+    """(Chaos seed 105: an agent asked to restart took 26 s to exit. Its deadline reaper was
+    stuck in KILL QUERY on a dead link, and closing the agent waited behind it in the same
+    thread. Closing is now bounded.)"""
+    proxy = ProxyControl(cluster.component(PROXY).address)
+    agent = cluster.component("agent-us")
+
+    def expiring_statement() -> None:
+        with grpc.insecure_channel(agent.address) as channel, contextlib.suppress(grpc.RpcError):
+            pb_grpc.ParticipantStub(channel).Execute(
+                pb.BranchExecuteRequest(
+                    txid="elsewhere.r-reaper-stuck",
+                    participant="us",
+                    sequence=1,
+                    timeout_ms=1_500,  # the reaper goes for it while the link is dead
+                    statements=[pb.Statement(sql="SELECT SLEEP(30)")],
+                ),
+                timeout=60,
+            )
+
+    caller = threading.Thread(target=expiring_statement)
+    caller.start()
+    try:
+        wait_until(lambda: _sleeping_sessions(cluster, "us") == 1, 10, "the statement running")
+        proxy.set_fault("agent-us-mariadb", blackhole=True)
+        time.sleep(2.5)  # the fault's duration: the branch's deadline passes inside it
+        asked = time.monotonic()
+        agent.send(signal.SIGTERM)
+        wait_until(lambda: not agent.alive(), 60, "the agent exiting after SIGTERM")
+        took = time.monotonic() - asked
+    finally:
+        proxy.heal("agent-us-mariadb")
+        caller.join(timeout=60)
+        if not agent.alive():
+            cluster.restart("agent-us")
+    assert took < 15, f"the agent took {took:.1f} s to exit"
+    wait_until(lambda: _sleeping_sessions(cluster, "us") == 0, 40, "the stuck session ended")

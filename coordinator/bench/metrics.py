@@ -490,9 +490,12 @@ def table_row(cell: Mapping[str, Any]) -> list[str]:
 
 def format_table(cells: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table, a row per cell in the given order; numbers right-aligned."""
-    rows = [list(_COLUMNS)] + [table_row(cell) for cell in cells]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    text_columns = {0, 3}
+    return _markdown(list(_COLUMNS), [table_row(cell) for cell in cells], text_columns={0, 3})
+
+
+def _markdown(header: list[str], body: list[list[str]], *, text_columns: set[int]) -> str:
+    rows = [header, *body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
         padded = [
@@ -503,3 +506,68 @@ def format_table(cells: Sequence[Mapping[str, Any]]) -> str:
 
     rule = ["-" * w if i in text_columns else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
     return "\n".join([line(rows[0]), line(rule)] + [line(row) for row in rows[1:]])
+
+
+# --- the summary: one row per (workload, round trip, concurrency) ------------------------------
+
+_SUMMARY_COLUMNS = (
+    "workload",
+    "rtt ms",
+    "clients",
+    "twopc tps",
+    "direct-xa",
+    "sqla-twophase",
+    "local",
+    "twopc÷direct tps",
+    "twopc÷sqla tps",
+    "twopc p50 / p99 ms",
+    "direct-xa p50 ms",
+    "twopc÷direct p50",
+    "p50÷floor",
+    "p99÷floor",
+    "twopc abort %",
+)
+
+
+def summary_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """One row per (workload, round trip, concurrency), the systems side by side, from cells'
+    JSON; groups without a twopc cell are left out."""
+    groups: dict[tuple[str, int, int], dict[str, Mapping[str, Any]]] = {}
+    for cell in cells:
+        key = (cell["workload"], cell["rtt_ms"], cell["concurrency"])
+        groups.setdefault(key, {})[cell["system"]] = cell
+    rows = []
+    for (workload, rtt, clients), by_system in groups.items():
+        twopc = by_system.get("twopc")
+        if twopc is None:
+            continue
+        direct = by_system.get("direct-xa", {})
+        sqla = by_system.get("sqla-twophase", {})
+        local = by_system.get("local", {})
+        floor = twopc.get("floor_ratio") or {}
+        latency = twopc["latency_ms"]
+        rows.append(
+            [
+                workload,
+                str(rtt),
+                str(clients),
+                _fmt(twopc["tps"], 0),
+                _fmt(direct.get("tps"), 0),
+                _fmt(sqla.get("tps"), 0),
+                _fmt(local.get("tps"), 0),
+                _fmt((direct.get("twopc_ratio") or {}).get("tps"), 2),
+                _fmt((sqla.get("twopc_ratio") or {}).get("tps"), 2),
+                f"{_fmt(latency['p50'], 1)} / {_fmt(latency['p99'], 1)}",
+                _fmt((direct.get("latency_ms") or {}).get("p50"), 1),
+                _fmt((direct.get("twopc_ratio") or {}).get("p50"), 2),
+                _fmt(floor.get("p50"), 2),
+                _fmt(floor.get("p99"), 2),
+                _fmt(twopc["abort_rate"] * 100, 1),
+            ]
+        )
+    return rows
+
+
+def format_summary(cells: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of ``summary_rows``."""
+    return _markdown(list(_SUMMARY_COLUMNS), summary_rows(cells), text_columns={0})

@@ -36,6 +36,7 @@ from coordinator.bench.metrics import (
     LogSyncs,
     Tally,
     cpu_seconds,
+    format_summary,
     format_table,
     in_time_wait,
     peak_rss_kb,
@@ -63,6 +64,7 @@ from coordinator.playground.cluster import DATABASE, PROXY, STATE_FILE, Cluster,
 __all__ = ["Bench", "Settings", "add_arguments", "apply_round_trip", "run"]
 
 JSON_NAME, TABLE_NAME, PLOT_NAME = "bench.json", "bench.md", "bench.png"
+SUMMARY_NAME = "bench-summary.md"
 # Bounds on every loop: transactions per worker per run, and how long the cluster may take to
 # settle (twopc's phase 2 runs after its early answers) before a reset.
 MAX_STEPS_PER_WORKER = 10_000_000
@@ -615,6 +617,7 @@ def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
     if not data["complete"]:
         header += "**Interrupted: these are the cells measured before the interruption.**\n\n"
     paths[1].write_text(header + format_table(data["cells"]) + "\n")
+    (out / SUMMARY_NAME).write_text(header + format_summary(data["cells"]) + "\n")
     title = f"twopc bench ({'wait for phase 2' if settings['wait_phase2'] else 'early answer'})"
     plot_cells(data["cells"], paths[2], title=title)
     return paths
@@ -666,6 +669,7 @@ def run(args: argparse.Namespace) -> int:
     data = report(bench, started, versions, complete=complete)
     json_path, table_path, plot_path = write_report(data, args.out)
     say("\n" + format_table(data["cells"]))
+    say("\n" + format_summary(data["cells"]))
     say(f"\nreport: {json_path}\ntable: {table_path}\nplot: {plot_path}")
     # Plain local commits promise no atomicity: their check is for information only.
     broken = [

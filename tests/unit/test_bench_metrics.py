@@ -15,6 +15,7 @@ from coordinator.bench.metrics import (
     LogSyncs,
     Tally,
     count_time_wait,
+    format_summary,
     format_table,
     in_time_wait,
     parse_proc_net_tcp,
@@ -23,6 +24,7 @@ from coordinator.bench.metrics import (
     per_thousand,
     percentile,
     ratio,
+    summary_rows,
     time_wait_by_name,
 )
 from coordinator.bench.runner import add_ratios, apply_round_trip
@@ -355,3 +357,40 @@ def test_round_trip_goes_half_each_way_on_the_remote_links_only() -> None:
 class _LinksOnly:
     def __init__(self, links: list[LinkPlan]) -> None:
         self.links = links
+
+
+def test_summary_puts_the_systems_of_a_cell_side_by_side() -> None:
+    cells = [
+        _cell("twopc", 200, [10.0] * 99 + [30.0]),
+        _cell("direct-xa", 800, [2.5]),
+        _cell("sqla-twophase", 400, [5.0]),
+        _cell("local", 1000, [1.0]),
+    ]
+    add_ratios(cells, Floor(client_ms=1.0, agents_ms=3.0, fsync_ms=1.0))
+    rows = summary_rows([c.as_json() for c in cells])
+    assert rows == [
+        [
+            "transfer2",
+            "0",
+            "8",
+            "100",  # 200 committed in a 2 s window
+            "400",
+            "200",
+            "500",
+            "0.25",
+            "0.50",
+            "10.0 / 10.2",  # p99 interpolated between the 99th and 100th samples
+            "2.5",
+            "4.00",
+            "2.00",
+            "2.04",
+            "0.0",
+        ]
+    ]
+    table = format_summary([c.as_json() for c in cells]).splitlines()
+    assert len(table) == 3
+    assert table[0].startswith("| workload")
+
+
+def test_summary_leaves_out_cells_without_twopc() -> None:
+    assert summary_rows([_cell("direct-xa", 800, [2.5]).as_json()]) == []

@@ -118,6 +118,7 @@ class RecoveredBranch:
 
 _KILL_SETTLE_S = 5.0
 _LOCK_WAIT_S = 60.0
+_SEVER_AFTER_S = 2.0  # past a branch's deadline: KILL QUERY had its chance, the socket goes
 
 
 class Agent:
@@ -876,12 +877,22 @@ class Agent:
 
     def _interrupt_if_running(self, branch: Branch) -> None:
         session = branch.session
-        if branch.running_statement and session is not None:
-            try:
-                with self._admin() as admin:
-                    kill(admin, session.thread_id, query_only=True)
-            except DbError as err:
-                self._log.warning("interrupt_failed", txid=branch.txid, error=str(err))
+        if not branch.running_statement or session is None:
+            return
+        if self._clock() > branch.deadline + _SEVER_AFTER_S:
+            # KILL QUERY has not ended it: the statement or its answer is lost on a dead link,
+            # and the thread would wait out mysql_read_timeout_s. Shutting the socket ends the
+            # wait now; the server rolls the branch back once it sees the connection go.
+            if not branch.severed:
+                branch.severed = True
+                self._log.warning("branch_connection_severed", txid=branch.txid)
+            session.sever()
+            return
+        try:
+            with self._admin() as admin:
+                kill(admin, session.thread_id, query_only=True)
+        except (DbError, Unavailable) as err:
+            self._log.warning("interrupt_failed", txid=branch.txid, error=str(err))
 
     @contextmanager
     def _locked(self, branch: Branch) -> Iterator[None]:

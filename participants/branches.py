@@ -63,6 +63,7 @@ class Branch:
     last_sequence: int = 0
     last_outputs: list[StatementOutput] = field(default_factory=list)
     running_statement: bool = False
+    severed: bool = False  # the reaper shut its session's socket (a statement lost on a dead link)
     forgotten: bool = False
     reason: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)

@@ -170,3 +170,57 @@ def test_agent_stops_promptly_when_its_reaper_is_stuck_on_a_blackholed_link(
             cluster.restart("agent-us")
     assert took < 15, f"the agent took {took:.1f} s to exit"
     wait_until(lambda: _sleeping_sessions(cluster, "us") == 0, 40, "the stuck session ended")
+
+
+def _active_branches(cluster: Cluster, region: str) -> int:
+    with grpc.insecure_channel(cluster.component(f"agent-{region}").address) as channel:
+        info = pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
+    return int(info.active_branches)
+
+
+@pytest.mark.timeout(120)
+def test_statement_lost_on_a_blackholed_link_ends_soon_after_the_deadline(
+    cluster: Cluster,
+) -> None:
+    """(Chaos seed 107, on the final code: a statement sent into a blackhole left its thread
+    waiting for mysql_read_timeout_s, 120 s; KILL QUERY could not help, the server had never
+    seen the statement. The branch stayed active, held its session and delayed quiescence by
+    57 s after the heal. Past its deadline the reaper now shuts the session's socket.)"""
+    proxy = ProxyControl(cluster.component(PROXY).address)
+    agent = cluster.component("agent-us")
+    deadline_ms = 2_000
+    with grpc.insecure_channel(agent.address) as channel:
+        stub = pb_grpc.ParticipantStub(channel)
+        stub.Execute(
+            pb.BranchExecuteRequest(
+                txid="elsewhere.r-lost-statement",
+                participant="us",
+                sequence=1,
+                timeout_ms=deadline_ms,
+                statements=[pb.Statement(sql="SELECT 1")],
+            ),
+            timeout=10,
+        )
+        proxy.set_fault("agent-us-mariadb", blackhole=True)
+        sent = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Execute(
+                    pb.BranchExecuteRequest(
+                        txid="elsewhere.r-lost-statement",
+                        participant="us",
+                        sequence=2,
+                        continues=True,
+                        statements=[pb.Statement(sql="SELECT 2")],
+                    ),
+                    timeout=60,
+                )
+            answered = time.monotonic() - sent
+        finally:
+            proxy.heal("agent-us-mariadb")
+    assert failed.value.code() is not grpc.StatusCode.DEADLINE_EXCEEDED, failed.value
+    # The deadline, the reaper's grace, and one KILL QUERY attempt that the reaper makes first
+    # over the dead link (a new connection: up to the 5 s connect timeout, then the 3 s command
+    # timeout): far below the 120 s read timeout that held it before.
+    assert answered < deadline_ms / 1000 + 2 + 5 + COMMAND_TIMEOUT_S + 5, f"after {answered:.1f} s"
+    wait_until(lambda: _active_branches(cluster, "us") == 0, 10, "the branch gone from the agent")

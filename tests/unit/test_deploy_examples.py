@@ -44,3 +44,16 @@ def test_command_timeout_must_outlast_a_lock_wait_and_not_the_read_timeout(
             lock_wait_timeout_s=lock_wait,
             mysql_read_timeout_s=read,
         )
+
+
+def test_ci_runs_the_setup_then_exactly_the_test_command_the_readme_gives() -> None:
+    root = EXAMPLES.parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme.split("## Run the tests", 1)[1]
+    readme_command = section.split("```sh\n", 1)[1].split("```", 1)[0].strip()
+    commands = [
+        line.strip()
+        for line in (root / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "set ", "cd "))
+    ]
+    assert commands == ["deploy/setup.sh", readme_command]

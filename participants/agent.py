@@ -187,15 +187,19 @@ class Agent:
                 branch.lock.release()
         self._pool.dispose()
 
-    def _kill_session_of(self, branch: Branch) -> None:
+    def _kill_session_of(self, branch: Branch, *, query_only: bool = False) -> None:
+        """KILL [QUERY] on the session of ``branch``, from an admin session; a failure is
+        logged (the caller has a fallback: the read timeout, or the process's exit)."""
         session = branch.session
         if session is None:
             return
         try:
             with self._admin() as admin:
-                kill(admin, session.thread_id, query_only=False)
+                kill(admin, session.thread_id, query_only=query_only)
         except (DbError, Unavailable) as err:
-            self._log.warning("shutdown_kill_failed", txid=branch.txid, error=str(err))
+            self._log.warning(
+                "kill_failed", txid=branch.txid, query_only=query_only, error=str(err)
+            )
 
     # --- RPCs -------------------------------------------------------------------------------------
 
@@ -888,11 +892,7 @@ class Agent:
                 self._log.warning("branch_connection_severed", txid=branch.txid)
             session.sever()
             return
-        try:
-            with self._admin() as admin:
-                kill(admin, session.thread_id, query_only=True)
-        except (DbError, Unavailable) as err:
-            self._log.warning("interrupt_failed", txid=branch.txid, error=str(err))
+        self._kill_session_of(branch, query_only=True)
 
     @contextmanager
     def _locked(self, branch: Branch) -> Iterator[None]:

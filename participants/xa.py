@@ -134,8 +134,7 @@ class Session:
 
     def xa(self, command: str, xid: Xid, suffix: str = "") -> None:
         """``XA <command> <xid> [suffix]``, e.g. ``xa("COMMIT", xid, "ONE PHASE")``."""
-        with self._commands():
-            self.execute(f"XA {command} {xid.sql()} {suffix}".rstrip())
+        self.command(f"XA {command} {xid.sql()} {suffix}".rstrip())
 
     def sever(self) -> None:
         """Shuts the connection's socket down, from any thread: a read blocked on it fails at

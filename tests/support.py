@@ -24,6 +24,16 @@ def markers(cluster: Cluster, txid: str) -> set[str]:
     return {region for region, txids in committed_markers(cluster, [txid]).items() if txid in txids}
 
 
+def sleeping_sessions(cluster: Cluster, region: str) -> int:
+    """Sessions on ``region``'s server running a ``SELECT SLEEP(...)`` (a test's long statement)."""
+    with cluster.mysql(region) as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP%'"
+        )
+        row = cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
 def prepared(cluster: Cluster) -> dict[str, list[str]]:
     return {region: txids for region, txids in prepared_branches(cluster).items() if txids}
 

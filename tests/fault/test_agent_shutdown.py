@@ -15,15 +15,7 @@ import grpc
 from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.playground.cluster import Cluster, wait_until
-
-
-def sleeping_sessions(cluster: Cluster) -> int:
-    with cluster.mysql("us") as conn, conn.cursor() as cursor:
-        cursor.execute(
-            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP%'"
-        )
-        row = cursor.fetchone()
-    return int(row[0]) if row else 0
+from tests.support import sleeping_sessions
 
 
 def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(
@@ -50,7 +42,7 @@ def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(
 
     caller = threading.Thread(target=long_statement)
     caller.start()
-    wait_until(lambda: sleeping_sessions(live_cluster) == 1, 10, "the statement running")
+    wait_until(lambda: sleeping_sessions(live_cluster, "us") == 1, 10, "the statement running")
 
     asked = time.monotonic()
     agent.send(signal.SIGTERM)
@@ -58,4 +50,4 @@ def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(
     assert time.monotonic() - asked < 15
     caller.join(timeout=30)
     assert errors, "the interrupted call fails; it does not hang"
-    wait_until(lambda: sleeping_sessions(live_cluster) == 0, 10, "the session ended")
+    wait_until(lambda: sleeping_sessions(live_cluster, "us") == 0, 10, "the session ended")

@@ -27,7 +27,7 @@ from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.chaos.proxy_service import ProxyControl
 from coordinator.client import Client
 from coordinator.playground.cluster import PROXY, Cluster, wait_until
-from tests.support import balance, markers, prepared, transfer_sql
+from tests.support import balance, markers, prepared, sleeping_sessions, transfer_sql
 
 COMMAND_TIMEOUT_S = 3.0
 
@@ -81,6 +81,33 @@ def _phase2_retried(log: Path, txid: str, participant: str) -> bool:
     )
 
 
+def _execute(
+    channel: grpc.Channel,
+    txid: str,
+    sequence: int,
+    sql: str,
+    *,
+    timeout_ms: int = 0,
+    continues: bool = False,
+) -> None:
+    """One statement into ``txid``'s branch on us, straight through the Participant API."""
+    request = pb.BranchExecuteRequest(
+        txid=txid,
+        participant="us",
+        sequence=sequence,
+        timeout_ms=timeout_ms,
+        continues=continues,
+        statements=[pb.Statement(sql=sql)],
+    )
+    pb_grpc.ParticipantStub(channel).Execute(request, timeout=60)
+
+
+def _active_branches(cluster: Cluster, region: str) -> int:
+    with grpc.insecure_channel(cluster.component(f"agent-{region}").address) as channel:
+        info = pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
+    return int(info.active_branches)
+
+
 @pytest.mark.timeout(120)
 def test_commit_lost_on_a_blackholed_link_frees_the_branch_in_seconds(cluster: Cluster) -> None:
     proxy = ProxyControl(cluster.component(PROXY).address)
@@ -121,15 +148,6 @@ def test_commit_lost_on_a_blackholed_link_frees_the_branch_in_seconds(cluster: C
         cursor.execute("UPDATE accounts SET balance = balance WHERE id = 1")
 
 
-def _sleeping_sessions(cluster: Cluster, region: str) -> int:
-    with cluster.mysql(region) as conn, conn.cursor() as cursor:
-        cursor.execute(
-            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP%'"
-        )
-        row = cursor.fetchone()
-    return int(row[0]) if row else 0
-
-
 @pytest.mark.timeout(120)
 def test_agent_stops_promptly_when_its_reaper_is_stuck_on_a_blackholed_link(
     cluster: Cluster,
@@ -142,21 +160,13 @@ def test_agent_stops_promptly_when_its_reaper_is_stuck_on_a_blackholed_link(
 
     def expiring_statement() -> None:
         with grpc.insecure_channel(agent.address) as channel, contextlib.suppress(grpc.RpcError):
-            pb_grpc.ParticipantStub(channel).Execute(
-                pb.BranchExecuteRequest(
-                    txid="elsewhere.r-reaper-stuck",
-                    participant="us",
-                    sequence=1,
-                    timeout_ms=1_500,  # the reaper goes for it while the link is dead
-                    statements=[pb.Statement(sql="SELECT SLEEP(30)")],
-                ),
-                timeout=60,
-            )
+            # timeout_ms: the reaper goes for it while the link is dead
+            _execute(channel, "elsewhere.r-reaper-stuck", 1, "SELECT SLEEP(30)", timeout_ms=1_500)
 
     caller = threading.Thread(target=expiring_statement)
     caller.start()
     try:
-        wait_until(lambda: _sleeping_sessions(cluster, "us") == 1, 10, "the statement running")
+        wait_until(lambda: sleeping_sessions(cluster, "us") == 1, 10, "the statement running")
         proxy.set_fault("agent-us-mariadb", blackhole=True)
         time.sleep(2.5)  # the fault's duration: the branch's deadline passes inside it
         asked = time.monotonic()
@@ -169,13 +179,7 @@ def test_agent_stops_promptly_when_its_reaper_is_stuck_on_a_blackholed_link(
         if not agent.alive():
             cluster.restart("agent-us")
     assert took < 15, f"the agent took {took:.1f} s to exit"
-    wait_until(lambda: _sleeping_sessions(cluster, "us") == 0, 40, "the stuck session ended")
-
-
-def _active_branches(cluster: Cluster, region: str) -> int:
-    with grpc.insecure_channel(cluster.component(f"agent-{region}").address) as channel:
-        info = pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
-    return int(info.active_branches)
+    wait_until(lambda: sleeping_sessions(cluster, "us") == 0, 40, "the stuck session ended")
 
 
 @pytest.mark.timeout(120)
@@ -190,31 +194,12 @@ def test_statement_lost_on_a_blackholed_link_ends_soon_after_the_deadline(
     agent = cluster.component("agent-us")
     deadline_ms = 2_000
     with grpc.insecure_channel(agent.address) as channel:
-        stub = pb_grpc.ParticipantStub(channel)
-        stub.Execute(
-            pb.BranchExecuteRequest(
-                txid="elsewhere.r-lost-statement",
-                participant="us",
-                sequence=1,
-                timeout_ms=deadline_ms,
-                statements=[pb.Statement(sql="SELECT 1")],
-            ),
-            timeout=10,
-        )
+        _execute(channel, "elsewhere.r-lost-statement", 1, "SELECT 1", timeout_ms=deadline_ms)
         proxy.set_fault("agent-us-mariadb", blackhole=True)
         sent = time.monotonic()
         try:
             with pytest.raises(grpc.RpcError) as failed:
-                stub.Execute(
-                    pb.BranchExecuteRequest(
-                        txid="elsewhere.r-lost-statement",
-                        participant="us",
-                        sequence=2,
-                        continues=True,
-                        statements=[pb.Statement(sql="SELECT 2")],
-                    ),
-                    timeout=60,
-                )
+                _execute(channel, "elsewhere.r-lost-statement", 2, "SELECT 2", continues=True)
             answered = time.monotonic() - sent
         finally:
             proxy.heal("agent-us-mariadb")

@@ -86,14 +86,10 @@ SETTINGS = EngineSettings(
 )
 PAST_EVERY_DEADLINE_S = SETTINGS.max_timeout_ms / 1000 + 1
 # The failpoints the engine passes on the event loop (``after_begin`` is a blocking hit in begin).
-COORDINATOR_FAILPOINTS = (
-    "coordinator.after_execute",
-    "coordinator.mid_prepare",
-    "coordinator.before_commit_record",
-    "coordinator.after_commit_record",
-    "coordinator.mid_commit",
-    "coordinator.before_end_record",
-    "coordinator.recovery",
+COORDINATOR_FAILPOINTS = tuple(
+    name
+    for name in FAILPOINTS
+    if name.startswith("coordinator.") and name != "coordinator.after_begin"
 )
 FAILPOINT_KINDS = ("unavailable", "deadline")  # what a real component sends there
 HAZARD_EVENTS = {"heuristic_hazard", "recovery_conflict", "decision_log_failed"}

@@ -1,13 +1,16 @@
 """The coordinator's gRPC clients of the participant agents (``ParticipantPort`` over gRPC).
 
-One persistent HTTP/2 channel per agent. Calls made on behalf of a transaction (execute, prepare,
-commit) wait for the channel to connect, within the transaction's time: an agent that restarts
-is reached as soon as it is back. Rollback, Recover and Inspect fail fast: their callers have
-another way (the agent's deadline reaper, the next recovery pass).
+One persistent HTTP/2 channel per agent; on it, one long-lived stream carries the hot path's
+Prepare and CommitMany calls (``coordinator.pipeline``) and the other calls are unary. Calls made
+on behalf of a transaction (execute, prepare, commit) wait for the channel to connect, within the
+transaction's time: an agent that restarts is reached as soon as it is back. Rollback, Recover and
+Inspect fail fast: their callers have another way (the agent's deadline reaper, the next recovery
+pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +29,7 @@ from coordinator.engine.ports import (
 )
 from coordinator.errors import InvalidArgument
 from coordinator.phase2 import CommitBatcher, Send
+from coordinator.pipeline import AgentPipeline, PipelineUnsupported
 from coordinator.serving import channel
 from coordinator.status import error_from_rpc
 
@@ -54,6 +58,7 @@ class AgentClients:
         self._names = tuple(sorted(addresses))
         self._channels: dict[str, aio.Channel] = {n: channel(a) for n, a in addresses.items()}
         self._stubs = {n: pb_grpc.ParticipantStub(c) for n, c in self._channels.items()}
+        self._pipelines = {n: AgentPipeline(n, stub) for n, stub in self._stubs.items()}
         self._batchers = {n: CommitBatcher(n, self._sender(n)) for n in self._names}
 
     def names(self) -> Sequence[str]:
@@ -61,6 +66,11 @@ class AgentClients:
 
     def _sender(self, participant: str) -> Send:
         async def send(request: pb.CommitManyRequest, timeout: float) -> pb.CommitManyResponse:
+            pipeline = self._pipelines[participant]
+            if not pipeline.unsupported:
+                with contextlib.suppress(PipelineUnsupported):
+                    piped = await pipeline.call(pb.PipelineCall(commit_many=request), timeout)
+                    return piped.commit_many
             stub = self._stubs[participant]
             reply: pb.CommitManyResponse = await self._call(
                 stub.CommitMany, request, timeout, wait=True
@@ -72,6 +82,8 @@ class AgentClients:
     async def close(self) -> None:
         for batcher in self._batchers.values():
             await batcher.close()
+        for pipeline in self._pipelines.values():
+            await pipeline.close()
         for ch in self._channels.values():
             await ch.close(grace=None)
 
@@ -106,10 +118,23 @@ class AgentClients:
             sequence=sequence,
             timeout_ms=_ms(timeout),
         )
-        reply = await self._call(self._stubs[participant].Prepare, request, timeout, wait=True)
+        reply = await self._prepare(participant, request, timeout)
         return VoteReply(
             _VOTES.get(reply.vote, Vote.ABORT), reply.reason, reply.mysql_errno, list(reply.results)
         )
+
+    async def _prepare(
+        self, participant: str, request: pb.PrepareRequest, timeout: float
+    ) -> pb.PrepareResponse:
+        pipeline = self._pipelines[participant]
+        if not pipeline.unsupported:
+            with contextlib.suppress(PipelineUnsupported):
+                piped = await pipeline.call(pb.PipelineCall(prepare=request), timeout)
+                return piped.prepare
+        reply: pb.PrepareResponse = await self._call(
+            self._stubs[participant].Prepare, request, timeout, wait=True
+        )
+        return reply
 
     async def commit(
         self,

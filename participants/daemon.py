@@ -72,7 +72,8 @@ async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> No
     )
     housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper")
     server = new_server()
-    pb_grpc.add_ParticipantServicer_to_server(ParticipantServicer(agent, workers), server)
+    servicer = ParticipantServicer(agent, workers)
+    pb_grpc.add_ParticipantServicer_to_server(servicer, server)
     if config.admin_failpoints:
         add_failpoint_admin(server, failpoints)
     port = listen(server, config.listen)
@@ -84,6 +85,7 @@ async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> No
         log.info("agent_stopping", signal=sig.name)
     finally:
         reaper.cancel()
+        servicer.stop()
         await server.stop(grace=5)
         closing = asyncio.get_running_loop().run_in_executor(housekeeping, agent.close)
         try:

@@ -7,7 +7,7 @@ Blocking database work runs in a thread pool so that the event loop keeps answer
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TypeVar
 
@@ -16,7 +16,7 @@ from grpc import aio
 
 from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.errors import Internal, TwopcError
+from coordinator.errors import Internal, InvalidArgument, TwopcError
 from coordinator.logs import redact
 from coordinator.status import abort_with
 from coordinator.values import from_values, to_values
@@ -62,6 +62,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         self._agent = agent
         self._executor = executor
         self._log = structlog.get_logger("twopc.agent.rpc")
+        self._stopping = asyncio.Event()
 
     async def Execute(
         self, request: pb.BranchExecuteRequest, context: Context
@@ -80,22 +81,22 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         return await self._call(context, request.txid, run)
 
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
-        def run() -> pb.PrepareResponse:
-            result = self._agent.prepare(
-                request.txid,
-                request.participant,
-                statement_requests(request.statements),
-                request.sequence,
-                request.timeout_ms,
-            )
-            return pb.PrepareResponse(
-                vote=_VOTES[result.vote],
-                reason=result.reason,
-                mysql_errno=result.mysql_errno,
-                results=statement_results(result.outputs),
-            )
+        return await self._call(context, request.txid, lambda: self._prepare(request))
 
-        return await self._call(context, request.txid, run)
+    def _prepare(self, request: pb.PrepareRequest) -> pb.PrepareResponse:
+        result = self._agent.prepare(
+            request.txid,
+            request.participant,
+            statement_requests(request.statements),
+            request.sequence,
+            request.timeout_ms,
+        )
+        return pb.PrepareResponse(
+            vote=_VOTES[result.vote],
+            reason=result.reason,
+            mysql_errno=result.mysql_errno,
+            results=statement_results(result.outputs),
+        )
 
     async def Commit(
         self, request: pb.BranchCommitRequest, context: Context
@@ -119,6 +120,9 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     async def CommitMany(
         self, request: pb.CommitManyRequest, context: Context
     ) -> pb.CommitManyResponse:
+        return await self._commit_many(request)
+
+    async def _commit_many(self, request: pb.CommitManyRequest) -> pb.CommitManyResponse:
         loop = asyncio.get_running_loop()
 
         def commit(txid: str) -> pb.BranchOutcome:
@@ -146,6 +150,94 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             *(loop.run_in_executor(self._executor, commit, txid) for txid in request.txids)
         )
         return pb.CommitManyResponse(outcomes=outcomes)
+
+    async def Pipeline(  # type: ignore[override]
+        self, requests: AsyncIterator[pb.PipelineRequest], context: Context
+    ) -> None:
+        """Serves the stream until the coordinator closes it or the agent stops. Each call runs
+        as its own task; one writer sends the answers, all that are ready in one message (it
+        answers with ``context.write``; the stub's type expects a generator of answers)."""
+        ready: asyncio.Queue[pb.PipelineAnswer | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(call: pb.PipelineCall) -> None:
+            ready.put_nowait(await self._pipeline_answer(call))
+
+        async def read() -> None:
+            async for request in requests:
+                for call in request.calls:
+                    task = asyncio.ensure_future(answer(call))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+
+        async def write() -> None:
+            finished = False
+            while not finished:
+                answers: list[pb.PipelineAnswer] = []
+                item = await ready.get()
+                while item is not None:
+                    answers.append(item)
+                    if ready.empty():
+                        break
+                    item = ready.get_nowait()
+                finished = item is None
+                if not answers:
+                    continue
+                try:
+                    await context.write(pb.PipelineResponse(answers=answers))
+                except Exception as err:  # the stream is gone: its caller sees it broken
+                    self._log.debug("pipeline_answers_lost", count=len(answers), error=str(err))
+                    return
+
+        reader = asyncio.ensure_future(read())
+        writer = asyncio.ensure_future(write())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((reader, writer, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            stopping.cancel()
+            if running:  # work already handed to the database is answered before the end
+                await asyncio.wait(running)
+            ready.put_nowait(None)
+            await asyncio.wait((writer,))
+
+    async def _pipeline_answer(self, call: pb.PipelineCall) -> pb.PipelineAnswer:
+        kind = call.WhichOneof("call")
+        txid = call.prepare.txid if kind == "prepare" else ""
+        loop = asyncio.get_running_loop()
+        try:
+            if kind == "prepare":
+                prepared = await loop.run_in_executor(self._executor, self._prepare, call.prepare)
+                return pb.PipelineAnswer(id=call.id, prepare=prepared)
+            if kind == "commit_many":
+                committed = await self._commit_many(call.commit_many)
+                return pb.PipelineAnswer(id=call.id, commit_many=committed)
+            error: TwopcError = InvalidArgument(
+                "a pipeline call carries no request (prepare or commit_many); is the "
+                "coordinator newer than this agent?"
+            )
+        except TwopcError as err:
+            error = err
+        except Exception as err:
+            self._log.exception("rpc_crashed", txid=txid)
+            error = Internal(f"agent error: {type(err).__name__}: {err}", txid=txid)
+        if error.code in ("INTERNAL", "UNKNOWN"):
+            self._log.error("rpc_failed", txid=txid, error=redact(error.message))
+        return pb.PipelineAnswer(
+            id=call.id,
+            error=pb.CallError(
+                code=error.code,
+                error_class=type(error).__name__,
+                message=error.message,
+                txid=error.txid or txid,
+                mysql_errno=error.mysql_errno,
+            ),
+        )
+
+    def stop(self) -> None:
+        """Ends every open pipeline once its work in flight is answered (the agent stops)."""
+        self._stopping.set()
 
     async def Rollback(
         self, request: pb.BranchRollbackRequest, context: Context

@@ -664,6 +664,144 @@ class RunTransactionResponse(_message.Message):
 Global___RunTransactionResponse: _TypeAlias = RunTransactionResponse  # noqa: Y015
 
 @_typing.final
+class PipelineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___PipelineCall]: ...
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___PipelineCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineRequest: _TypeAlias = PipelineRequest  # noqa: Y015
+
+@_typing.final
+class PipelineCall(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PREPARE_FIELD_NUMBER: _builtins.int
+    COMMIT_MANY_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """chosen by the caller, unique among its calls in flight on this stream"""
+    @_builtins.property
+    def prepare(self) -> Global___PrepareRequest: ...
+    @_builtins.property
+    def commit_many(self) -> Global___CommitManyRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        prepare: Global___PrepareRequest | None = ...,
+        commit_many: Global___CommitManyRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "commit_many", b"commit_many", "prepare", b"prepare"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "commit_many", b"commit_many", "id", b"id", "prepare", b"prepare"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["prepare", "commit_many"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___PipelineCall: _TypeAlias = PipelineCall  # noqa: Y015
+
+@_typing.final
+class PipelineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PipelineAnswer]: ...
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___PipelineAnswer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineResponse: _TypeAlias = PipelineResponse  # noqa: Y015
+
+@_typing.final
+class PipelineAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PREPARE_FIELD_NUMBER: _builtins.int
+    COMMIT_MANY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def prepare(self) -> Global___PrepareResponse: ...
+    @_builtins.property
+    def commit_many(self) -> Global___CommitManyResponse: ...
+    @_builtins.property
+    def error(self) -> Global___CallError:
+        """The error status the unary call would have ended with."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        prepare: Global___PrepareResponse | None = ...,
+        commit_many: Global___CommitManyResponse | None = ...,
+        error: Global___CallError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commit_many", b"commit_many", "error", b"error", "prepare", b"prepare", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_many", b"commit_many", "error", b"error", "id", b"id", "prepare", b"prepare", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["prepare", "commit_many", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___PipelineAnswer: _TypeAlias = PipelineAnswer  # noqa: Y015
+
+@_typing.final
+class CallError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    ERROR_CLASS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TXID_FIELD_NUMBER: _builtins.int
+    MYSQL_ERRNO_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """a gRPC status code name, e.g. "INVALID_ARGUMENT" """
+    error_class: _builtins.str
+    """the twopc error class name, e.g. "InvalidArgument" """
+    message: _builtins.str
+    txid: _builtins.str
+    mysql_errno: _builtins.int
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        error_class: _builtins.str = ...,
+        message: _builtins.str = ...,
+        txid: _builtins.str = ...,
+        mysql_errno: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error_class", b"error_class", "message", b"message", "mysql_errno", b"mysql_errno", "txid", b"txid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallError: _TypeAlias = CallError  # noqa: Y015
+
+@_typing.final
 class BranchExecuteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

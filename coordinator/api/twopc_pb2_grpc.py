@@ -370,6 +370,11 @@ class ParticipantStub:
                 request_serializer=twopc_dot_v1_dot_twopc__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=twopc_dot_v1_dot_twopc__pb2.AgentInfo.FromString,
                 _registered_method=True)
+        self.Pipeline = channel.stream_stream(
+                '/twopc.v1.Participant/Pipeline',
+                request_serializer=twopc_dot_v1_dot_twopc__pb2.PipelineRequest.SerializeToString,
+                response_deserializer=twopc_dot_v1_dot_twopc__pb2.PipelineResponse.FromString,
+                _registered_method=True)
 
 
 class ParticipantServicer:
@@ -430,6 +435,17 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pipeline(self, request_iterator, context):
+        """Prepare and CommitMany multiplexed on one long-lived stream per coordinator. A message on an
+        open stream costs about a third of the CPU of a unary call, and each message carries every
+        call (or answer) that is ready when it is sent. Each call carries an id that its answer
+        repeats; answers come in the order the work finishes, so a slow branch holds up no other.
+        Each call means exactly what its unary twin means, and is as idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -472,6 +488,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=twopc_dot_v1_dot_twopc__pb2.GetInfoRequest.FromString,
                     response_serializer=twopc_dot_v1_dot_twopc__pb2.AgentInfo.SerializeToString,
+            ),
+            'Pipeline': grpc.stream_stream_rpc_method_handler(
+                    servicer.Pipeline,
+                    request_deserializer=twopc_dot_v1_dot_twopc__pb2.PipelineRequest.FromString,
+                    response_serializer=twopc_dot_v1_dot_twopc__pb2.PipelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -690,6 +711,33 @@ class Participant:
             '/twopc.v1.Participant/GetInfo',
             twopc_dot_v1_dot_twopc__pb2.GetInfoRequest.SerializeToString,
             twopc_dot_v1_dot_twopc__pb2.AgentInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pipeline(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/twopc.v1.Participant/Pipeline',
+            twopc_dot_v1_dot_twopc__pb2.PipelineRequest.SerializeToString,
+            twopc_dot_v1_dot_twopc__pb2.PipelineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,7 @@ class _Stream:
         while True:
             calls: list[pb.PipelineCall] = []
             item = await self.outbox.get()
+            await asyncio.sleep(0)  # one turn of the loop: calls made in it share the message
             while item is not None:
                 call, reply = item
                 if not reply.done():

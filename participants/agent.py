@@ -49,11 +49,13 @@ from participants.xa import (
     ER_XA_RBROLLBACK,
     ER_XAER_DUPID,
     ER_XAER_NOTA,
+    BatchFailed,
     ConnectionLost,
     DbError,
     Session,
     SessionPool,
     StatementOutput,
+    check_rows,
     committed_markers,
     durable_xa_problem,
     kill,
@@ -94,6 +96,7 @@ class _Work:
     sql: str
     params: list[SqlValue]
     kind: StatementKind
+    body: str | None  # the statement to send in a batch (None: it must go on its own)
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,8 @@ class Agent:
                 return self._vote_of_finished(xid.txid, FinishedBranch(found.state, found.reason))
             if found.state is BranchState.PREPARED:
                 return VoteResult(Vote.PREPARED, outputs=tuple(found.last_outputs))
+            if self._one_trip_possible(found, work):
+                return self._prepare_in_one_trip(found, work, sequence)
             try:
                 self._ensure_started(found)
                 outputs = self._run_or_abort(found, work, sequence) if work else []
@@ -522,6 +527,119 @@ class Agent:
         self._log.debug("branch_prepared", txid=branch.txid)
         self._failpoints.hit("agent.after_prepare")
         return VoteResult(Vote.PREPARED, outputs=outputs)
+
+    def _one_trip_possible(self, branch: Branch, work: Sequence[_Work]) -> bool:
+        return (
+            bool(work)
+            and branch.session is None
+            and branch.state is BranchState.ACTIVE
+            and branch.last_sequence == 0
+            and not branch.forgotten
+            and all(item.body is not None for item in work)
+            # keep the points between the steps reachable
+            and not self._failpoints.spec("agent.mid_statement")
+            and not self._failpoints.spec("agent.after_end")
+        )
+
+    def _prepare_in_one_trip(
+        self, branch: Branch, work: Sequence[_Work], sequence: int
+    ) -> VoteResult:
+        """A one-shot branch in one round trip: XA START, the statements, the marker, XA END and
+        XA PREPARE (a branch that only reads ends with XA END and XA ROLLBACK, and votes
+        READ_ONLY). Each outcome is the one the step-by-step path gives."""
+        xid = branch.xid.sql()
+        writes = any(item.kind is StatementKind.WRITE for item in work)
+        finish = (
+            [self._marker_sql(branch.xid), f"XA END {xid}", f"XA PREPARE {xid}"]
+            if writes
+            else [f"XA END {xid}", f"XA ROLLBACK {xid}"]
+        )
+        try:
+            session = self._pool.session()
+        except DbError as err:
+            self._registry.forget(branch)
+            raise Unavailable(
+                f"participant {self.name} could not start the branch: {err}", txid=branch.txid
+            ) from err
+        try:
+            bound = [session.bind(item.body or item.sql, item.params) for item in work]
+        except BaseException:
+            session.release()
+            self._registry.forget(branch)
+            raise
+        branch.session = session
+        statements = [f"XA START {xid}", *bound, *finish]
+        branch.running_statement = True
+        try:
+            outputs = session.batch(statements)
+        except BatchFailed as failed:
+            return self._vote_of_failed_trip(branch, len(work), failed)
+        finally:
+            branch.running_statement = False
+        results = outputs[1 : 1 + len(work)]
+        branch.last_sequence = sequence
+        branch.last_outputs = results
+        branch.wrote = writes
+        if not writes:
+            self._finish(branch, BranchState.READ_ONLY, release=True)
+            return VoteResult(Vote.READ_ONLY, outputs=tuple(results))
+        branch.move_to(BranchState.PREPARED)
+        self._log.debug("branch_prepared", txid=branch.txid, trips=1)
+        try:
+            for output in results:
+                check_rows(output, self.config.max_result_rows)
+        except DbError as err:
+            self._rollback_prepared_locked(branch)
+            return VoteResult(Vote.ABORT, f"statement failed: {err}")
+        self._failpoints.hit("agent.after_prepare")
+        return VoteResult(Vote.PREPARED, outputs=tuple(results))
+
+    def _vote_of_failed_trip(
+        self, branch: Branch, statements: int, failed: BatchFailed
+    ) -> VoteResult:
+        """The vote when a statement of ``_prepare_in_one_trip`` failed (the server ran none
+        after it): the step that failed decides, as it would on the step-by-step path."""
+        session = branch.session
+        assert session is not None
+        err = failed.error
+        if isinstance(err, ConnectionLost):
+            # Whatever ran may have reached PREPARE: the server settles it once the session ends.
+            session.discard()
+            branch.session = None
+            if failed.completed == 0:
+                self._pool.reset()  # the database may have restarted: its idle sessions are gone
+            return self._vote_after_lost_prepare(branch, session.thread_id)
+        if failed.completed == 0:  # XA START
+            branch.session = None
+            session.release()
+            self._registry.forget(branch)  # as _ensure_started: never record it as finished
+            if err.errno == ER_XAER_DUPID:
+                return VoteResult(
+                    Vote.ABORT,
+                    f"a branch of {branch.txid} already exists on {self.name} (prepared by an "
+                    "earlier attempt, or held by another session); this attempt was not started",
+                )
+            raise Unavailable(
+                f"participant {self.name} could not start the branch: {err}", txid=branch.txid
+            ) from err
+        if failed.completed <= statements:
+            expired = self._clock() > branch.deadline
+            reason = (
+                "the transaction's deadline passed during a statement"
+                if expired
+                else f"statement {failed.completed} failed: {err}"
+            )
+            self._abort(branch, reason)
+            return VoteResult(
+                Vote.ABORT,
+                f"{reason} on participant {self.name}; the transaction is rolled back",
+                err.errno,
+            )
+        if err.errno == ER_DUP_ENTRY and failed.completed == statements + 1:  # the marker
+            self._abort(branch, "this transaction committed here before (a retried request)")
+            return VoteResult(Vote.ALREADY_COMMITTED, branch.reason)
+        self._abort(branch, f"prepare failed: {err}")
+        return VoteResult(Vote.ABORT, branch.reason, err.errno)
 
     def _vote_after_lost_prepare(self, branch: Branch, thread_id: int) -> VoteResult:
         """The connection broke during XA END/PREPARE: the server prepares the branch (it is
@@ -948,7 +1066,7 @@ class Agent:
                 placeholders=len(statement.params),
                 protected_tables=(self.config.marker_table.lower(),),
             )
-            work.append(_Work(statement.sql, statement.params, checked.kind))
+            work.append(_Work(statement.sql, statement.params, checked.kind, checked.body))
         return work
 
     def _deadline(self, timeout_ms: int) -> float:

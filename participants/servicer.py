@@ -175,6 +175,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             while not finished:
                 answers: list[pb.PipelineAnswer] = []
                 item = await ready.get()
+                await asyncio.sleep(0)  # one turn of the loop: answers ready in it share a message
                 while item is not None:
                     answers.append(item)
                     if ready.empty():

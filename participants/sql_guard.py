@@ -57,10 +57,14 @@ class CheckedStatement:
     Attributes:
         kind: whether it reads only or may write.
         sql: the SQL exactly as given (a trailing ``;`` and comments included).
+        body: the SQL without its terminating ``;`` and what follows it, to be sent with other
+            statements (it may still end in a comment); None when what follows holds a ``%``,
+            which pymysql's formatting would see.
     """
 
     kind: StatementKind
     sql: str
+    body: str | None
 
 
 # Characters of an unquoted identifier or keyword: MySQL's ASCII identifier characters plus every
@@ -189,7 +193,7 @@ def check_statement(
             "parameters"
         )
     names = {name.lower() for name in protected_tables}
-    code, found = _skeleton(sql, placeholders, names)
+    code, found, semicolon = _skeleton(sql, placeholders, names)
     kind = _kind(code)
     # Cheap substring tests before the word-level ones (sound: the words looked for are ASCII).
     lowered = code.lower()
@@ -202,16 +206,23 @@ def check_statement(
             f"statement has {found} '%s' placeholder{'' if found == 1 else 's'} but "
             f"{placeholders} parameter{' was' if placeholders == 1 else 's were'} given"
         )
-    return CheckedStatement(kind, sql)
+    return CheckedStatement(kind, sql, _body(sql, semicolon))
 
 
-def _skeleton(sql: str, placeholders: int, names: set[str]) -> tuple[str, int]:
+def _body(sql: str, semicolon: int) -> str | None:
+    if semicolon < 0:
+        return sql
+    return None if "%" in sql[semicolon:] else sql[:semicolon]
+
+
+def _skeleton(sql: str, placeholders: int, names: set[str]) -> tuple[str, int, int]:
     """Lexes ``sql`` once, refusing what is wrong at the lexical level.
 
     Returns:
         The code with every string literal emptied to two single quotes, every quoted
         identifier emptied to two backticks, comments turned into spaces, and the trailing ``;``
-        and what follows it dropped; and the number of ``%s`` placeholders outside literals.
+        and what follows it dropped; the number of ``%s`` placeholders outside literals; and the
+        offset of the terminating ``;`` (-1 when there is none).
     """
     skeleton: list[str] = []
     found = 0
@@ -252,7 +263,7 @@ def _skeleton(sql: str, placeholders: int, names: set[str]) -> tuple[str, int]:
             skeleton.append(text)
         else:  # semicolon
             semicolon = match.start()
-    return "".join(skeleton), found
+    return "".join(skeleton), found, semicolon
 
 
 def _check_comment(text: str, offset: int, placeholders: int) -> None:

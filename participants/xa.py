@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import select
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,12 +52,40 @@ class ConnectionLost(DbError):
     unknown."""
 
 
+class BatchFailed(Exception):
+    """A statement of a batch failed: ``completed`` statements ran before it, ``error`` is its
+    error (the server runs none of the statements after it)."""
+
+    def __init__(self, completed: int, error: DbError) -> None:
+        super().__init__(f"statement {completed + 1} of the batch failed: {error}")
+        self.completed = completed
+        self.error = error
+
+
 @dataclass(frozen=True)
 class StatementOutput:
     affected_rows: int
     last_insert_id: int
     columns: list[str]
     rows: list[tuple[Any, ...]]
+
+
+def _output_of(cursor: Any) -> StatementOutput:
+    """The output of the statement whose result the cursor holds."""
+    columns = [d[0] for d in cursor.description] if cursor.description else []
+    rows = list(cursor.fetchall()) if columns else []
+    affected = 0 if columns else max(cursor.rowcount, 0)
+    return StatementOutput(affected, cursor.lastrowid or 0, columns, rows)
+
+
+def check_rows(output: StatementOutput, max_rows: int) -> None:
+    """``max_rows`` > 0 makes a larger result an error (nothing is cut)."""
+    if max_rows and len(output.rows) > max_rows:
+        raise DbError(
+            0,
+            f"result has {len(output.rows)} rows, more than the agent's max_result_rows "
+            f"({max_rows}); add a LIMIT or narrow the query",
+        )
 
 
 def translate(err: Exception) -> DbError:
@@ -107,19 +136,39 @@ class Session:
         try:
             with self._conn.cursor() as cursor:
                 cursor.execute(sql, tuple(params) if params else None)
-                columns = [d[0] for d in cursor.description] if cursor.description else []
-                rows = list(cursor.fetchall()) if columns else []
-                affected = 0 if columns else max(cursor.rowcount, 0)
-                last_id = cursor.lastrowid or 0
+                output = _output_of(cursor)
         except _DRIVER_ERRORS as err:
             raise translate(err) from err
-        if max_rows and len(rows) > max_rows:
-            raise DbError(
-                0,
-                f"result has {len(rows)} rows, more than the agent's max_result_rows ({max_rows}); "
-                "add a LIMIT or narrow the query",
+        check_rows(output, max_rows)
+        return output
+
+    def bind(self, sql: str, params: Sequence[SqlValue]) -> str:
+        """``sql`` with its ``%s`` placeholders replaced by literals, as ``execute`` sends it."""
+        if not params:
+            return sql
+        with self._conn.cursor() as cursor:
+            return str(cursor.mogrify(sql, tuple(params)))
+
+    def batch(self, statements: Sequence[str]) -> list[StatementOutput]:
+        """Runs bound statements in one round trip and returns the output of each. Each must be
+        a single statement without its terminating ``;``; they are sent one per line, so that a
+        trailing ``--`` or ``#`` comment ends where its statement does. Raises ``BatchFailed``
+        at the first that fails; the server runs none after it."""
+        outputs: list[StatementOutput] = []
+        try:
+            with self._conn.cursor() as cursor:
+                cursor.execute("\n;\n".join(statements))
+                outputs.append(_output_of(cursor))
+                while cursor.nextset():
+                    outputs.append(_output_of(cursor))
+        except _DRIVER_ERRORS as err:
+            raise BatchFailed(len(outputs), translate(err)) from err
+        if len(outputs) != len(statements):  # the guard splits statements as the server does
+            raise BatchFailed(
+                len(outputs),
+                DbError(0, f"the server ran {len(outputs)} statements of {len(statements)}"),
             )
-        return StatementOutput(affected, last_id, columns, rows)
+        return outputs
 
     def script(self, statements: Sequence[str]) -> None:
         """Runs statements of twopc's own (literals only, no parameters) in one round trip.
@@ -149,6 +198,19 @@ class Session:
         """One statement of twopc's own, under the command timeout (see ``_commands``)."""
         with self._commands():
             self.execute(sql)
+
+    def closed_by_server(self) -> bool:
+        """True when this idle connection's socket is readable: the server closed it (EOF) or
+        sent what nobody asked for; either way it cannot carry a statement."""
+        sock = getattr(self._conn, "_sock", None)
+        if sock is None:
+            return True
+        try:
+            poller = select.poll()  # not select(): it fails on descriptors past 1023
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def release(self) -> None:
         """Returns the connection to the pool (only when no branch is attached to it)."""
@@ -225,6 +287,17 @@ class SessionPool:
         )
 
     def session(self) -> Session:
+        """A pooled session. An idle connection that the server has closed (it restarted) is
+        seen without a round trip, by its socket being readable; then every idle one is
+        dropped, since they all went the same way."""
+        session = self._checkout()
+        if session.closed_by_server():
+            session.discard()
+            self.reset()
+            session = self._checkout()
+        return session
+
+    def _checkout(self) -> Session:
         try:
             return Session(self._engine.raw_connection(), self._command_timeout)
         except sqlalchemy.exc.TimeoutError as err:

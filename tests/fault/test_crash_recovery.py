@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -120,6 +121,26 @@ def test_database_killed_with_a_prepared_branch(
     assert balance(live_cluster, "eu", 4) == 1000
     client.run({"eu": transfer_sql(1, 4)}, timeout=5)  # the row is not locked any more
     assert balance(live_cluster, "eu", 4) == 1001
+
+
+def test_first_transaction_after_a_database_restart_commits(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    """The agent's pooled connections die with their database. The one-shot path takes a pooled
+    connection straight into its batch (no XA START round trip to find it dead first): the
+    pool must see a closed connection before using it, so no transaction pays for it."""
+
+    def transfer(account: int) -> None:
+        client.run({"eu": transfer_sql(-1, account), "us": transfer_sql(1, account)}, timeout=5)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # eight idle connections in each pool
+        list(pool.map(transfer, range(1, 9)))
+    live_cluster.kill("mariadb-us", signal.SIGKILL)
+    live_cluster.restart("mariadb-us")  # returns once the server takes connections
+    result = client.run({"eu": transfer_sql(-3, 5), "us": transfer_sql(3, 5)}, timeout=5)
+    wait_until(lambda: markers(live_cluster, result.txid) == {"eu", "us"}, 5, "phase 2")
+    assert balance(live_cluster, "us", 5) == 1004
+    assert total_balance(live_cluster) == bank
 
 
 def test_statements_lost_with_a_restarted_agent_abort_the_transaction(

@@ -152,6 +152,55 @@ def test_single_participant_takes_the_one_phase_path(
     assert result.txid.encode() not in logged, "a one-phase commit must not write the log"
 
 
+def test_one_shot_statements_ending_in_comments_or_terminators_commit(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    """The agent sends a one-shot branch to its database in one batch, one statement per line:
+    a trailing comment or ';' of a client statement must not swallow the XA commands after it."""
+    result = client.run(
+        {
+            "eu": [
+                ("SELECT balance FROM accounts WHERE id = %s; -- look first", [7]),
+                ("UPDATE accounts SET balance = balance - %s WHERE id = %s -- take", [40, 7]),
+            ],
+            "us": [("UPDATE accounts SET balance = balance + %s WHERE id = %s; # give", [40, 7])],
+        },
+        timeout=5,
+        wait_for_phase2=True,
+    )
+    assert result.results["eu"][0].rows == [(1000,)]
+    assert result.results["eu"][1].affected_rows == 1
+    assert result.results["us"][0].affected_rows == 1
+    assert markers(live_cluster, result.txid) == {"eu", "us"}
+    assert balance(live_cluster, "eu", 7) == 960
+    assert balance(live_cluster, "us", 7) == 1040
+
+
+def test_failing_statement_inside_a_one_shot_is_named_and_undoes_the_ones_before(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    """The second of three statements fails: the first is rolled back with the branch, the
+    third never runs, and the rows are free at once."""
+    work = {
+        "eu": [
+            ("UPDATE accounts SET balance = balance - %s WHERE id = %s", [25, 8]),
+            ("INSERT INTO accounts (id, balance) VALUES (%s, %s)", [8, 1]),  # id 8 exists
+            ("UPDATE accounts SET balance = balance - %s WHERE id = %s", [25, 9]),
+        ],
+        "us": transfer_sql(50, 8),
+    }
+    with pytest.raises(StatementFailed) as caught:
+        client.run(work, timeout=5)
+    assert caught.value.mysql_errno == DUPLICATE_KEY
+    assert "statement 2 failed" in caught.value.message
+    assert markers(live_cluster, caught.value.txid) == set()
+    assert balance(live_cluster, "eu", 8) == 1000
+    assert balance(live_cluster, "eu", 9) == 1000
+    assert balance(live_cluster, "us", 8) == 1000
+    client.run({"eu": transfer_sql(1, 8), "us": transfer_sql(-1, 8)}, timeout=2)
+    assert balance(live_cluster, "eu", 8) == 1001
+
+
 def test_read_only_branch_leaves_phase_two(
     live_cluster: Cluster, client: Client, bank: int
 ) -> None:

@@ -383,3 +383,22 @@ def test_accepted_with_parameters_means_pymysql_can_format_it(tail: str) -> None
         # that the guard did not count as a placeholder.
         formatted = sql % (("'v'",) * placeholders)
         assert formatted.count("'v'") >= placeholders
+
+
+@pytest.mark.parametrize(
+    ("sql", "placeholders", "body"),
+    [
+        ("UPDATE t SET a = 1", 0, "UPDATE t SET a = 1"),
+        ("UPDATE t SET a = 1;", 0, "UPDATE t SET a = 1"),
+        ("UPDATE t SET a = 1 ;  -- done", 0, "UPDATE t SET a = 1 "),
+        ("UPDATE t SET a = 1 -- no ';' here", 0, "UPDATE t SET a = 1 -- no ';' here"),
+        ("SELECT ';' FROM t; # x", 0, "SELECT ';' FROM t"),
+        ("UPDATE t SET a = %s; /* 100%% */", 1, None),  # pymysql would format the comment too
+    ],
+)
+def test_body_is_the_statement_without_its_terminator(
+    sql: str, placeholders: int, body: str | None
+) -> None:
+    """What a batch sends: the statement up to its terminating ';' (comments after it are cut,
+    and one before it is ended by the batch's line break)."""
+    assert check_statement(sql, placeholders=placeholders).body == body

@@ -18,6 +18,7 @@ from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.errors import Internal, InvalidArgument, TwopcError
 from coordinator.logs import redact
+from coordinator.pipeline import split_by_size
 from coordinator.status import abort_with
 from coordinator.values import from_values, to_values
 from participants.agent import Agent, Presence, StatementRequest, Vote
@@ -182,13 +183,12 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                         break
                     item = ready.get_nowait()
                 finished = item is None
-                if not answers:
-                    continue
-                try:
-                    await context.write(pb.PipelineResponse(answers=answers))
-                except Exception as err:  # the stream is gone: its caller sees it broken
-                    self._log.debug("pipeline_answers_lost", count=len(answers), error=str(err))
-                    return
+                for part in split_by_size(answers):
+                    try:
+                        await context.write(pb.PipelineResponse(answers=part))
+                    except Exception as err:  # the stream is gone: its caller sees it broken
+                        self._log.debug("pipeline_answers_lost", count=len(part), error=str(err))
+                        return
 
         reader = asyncio.ensure_future(read())
         writer = asyncio.ensure_future(write())

@@ -136,7 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", type=Path, default=Path(".twopc-bench"), help="cluster directory")
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
     parser.add_argument("--regions", default="eu,us,ap", help="region names, in order of use")
-    parser.add_argument("--accounts", type=int, default=1000, help="accounts per region")
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        default=10_000,
+        help="accounts per region (fewer make transfers collide on row locks more often)",
+    )
     parser.add_argument(
         "--max-retries", type=int, default=20, help="flash-optimistic retries per order"
     )

@@ -14,7 +14,7 @@
 - ``read-mostly``: 90 % read-only transactions reading an account in each of the first two
   regions, 10 % ``transfer2``.
 
-The accounts (``accounts``, 1,000 per region by default) and the stock (``stock`` in the first
+The accounts (``accounts``, 10,000 per region by default) and the stock (``stock`` in the first
 region, ``orders`` in the second) are InnoDB tables in the cluster's database, set up once and reset
 before each system's run through root connections. ``check`` tells whether the money (or the
 stock) was conserved: sum of balances unchanged; units sold = order rows = version bumps.
@@ -99,7 +99,7 @@ class Workload(ABC):
     name: ClassVar[str]
     regions_needed: ClassVar[int] = 2
 
-    def __init__(self, regions: Sequence[str], *, accounts: int = 1000, max_retries: int = 20):
+    def __init__(self, regions: Sequence[str], *, accounts: int = 10_000, max_retries: int = 20):
         if len(regions) < self.regions_needed:
             raise ValueError(f"{self.name} needs {self.regions_needed} regions, got {regions}")
         self.regions = list(regions[: self.regions_needed])
@@ -301,7 +301,7 @@ WORKLOADS = tuple(_KINDS)
 
 
 def make_workload(
-    name: str, regions: Sequence[str], *, accounts: int = 1000, max_retries: int = 20
+    name: str, regions: Sequence[str], *, accounts: int = 10_000, max_retries: int = 20
 ) -> Workload:
     """The workload called ``name`` (one of ``WORKLOADS``).
 

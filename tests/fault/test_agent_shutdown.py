@@ -14,8 +14,9 @@ import grpc
 
 from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
+from coordinator.client import Client
 from coordinator.playground.cluster import Cluster, wait_until
-from tests.support import sleeping_sessions
+from tests.support import sleeping_sessions, transfer_sql
 
 
 def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(
@@ -51,3 +52,17 @@ def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(
     caller.join(timeout=30)
     assert errors, "the interrupted call fails; it does not hang"
     wait_until(lambda: sleeping_sessions(live_cluster, "us") == 0, 10, "the session ended")
+
+
+def test_agent_with_an_open_pipeline_stops_at_once_on_sigterm(
+    live_cluster: Cluster, client: Client, bank: int
+) -> None:
+    """The coordinator keeps a Pipeline stream open to every agent. On SIGTERM the agent ends
+    the stream itself once its work in flight is answered, instead of waiting out the server's
+    grace period for a call that never ends."""
+    client.run({"eu": transfer_sql(-1, 3), "us": transfer_sql(1, 3)}, timeout=5)  # stream open
+    agent = live_cluster.component("agent-us")
+    asked = time.monotonic()
+    agent.send(signal.SIGTERM)
+    wait_until(lambda: not agent.alive(), 20, "the agent exiting after SIGTERM")
+    assert time.monotonic() - asked < 3, "the open stream held the agent's shutdown"

@@ -1032,7 +1032,8 @@ class Agent:
         except DbError as err:
             raise Unavailable(f"participant {self.name} cannot reach its database: {err}") from err
         try:
-            yield session
+            with session.commands():  # twopc's own statements only: the command timeout
+                yield session
         except ConnectionLost:
             session.discard()
             raise

@@ -50,6 +50,7 @@ class AgentConfig:
     marker_table: str = "twopc_branch_marker"
     marker_retention_s: int = 7 * 24 * 3600
     reaper_interval_s: float = 0.2
+    marker_gc_interval_s: float = 3600.0
     finished_branch_memory: int = 50_000
     log_level: str = "info"
     admin_failpoints: bool = False
@@ -64,6 +65,8 @@ class AgentConfig:
             )
         if self.pool_size < 1 or self.max_branches < 1:
             raise ValueError("pool_size and max_branches must be at least 1")
+        if self.marker_gc_interval_s <= 0 or self.reaper_interval_s <= 0:
+            raise ValueError("marker_gc_interval_s and reaper_interval_s must be positive")
         if not self.lock_wait_timeout_s < self.mysql_command_timeout_s <= self.mysql_read_timeout_s:
             raise ValueError(
                 f"mysql_command_timeout_s ({self.mysql_command_timeout_s}) must be above "

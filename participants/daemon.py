@@ -24,7 +24,6 @@ from participants.servicer import ParticipantServicer
 from participants.xa import DbError, SessionPool
 
 _STARTUP_PATIENCE_S = 60.0
-_MARKER_GC_INTERVAL_S = 3600.0
 _CLOSE_BUDGET_S = 5.0  # for agent.close() at shutdown, after the gRPC grace period
 
 log = structlog.get_logger("twopc.agent")
@@ -71,6 +70,7 @@ async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> No
         max_workers=config.pool_size + config.pool_overflow + 4, thread_name_prefix="branch"
     )
     housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper")
+    gc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marker-gc")
     server = new_server()
     servicer = ParticipantServicer(agent, workers)
     pb_grpc.add_ParticipantServicer_to_server(servicer, server)
@@ -79,12 +79,14 @@ async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> No
     port = listen(server, config.listen)
     await server.start()
     log.info("agent_listening", address=config.listen, port=port)
-    reaper = asyncio.create_task(_housekeeping(agent, config, housekeeping))
+    reaper = asyncio.create_task(_reap(agent, config, housekeeping))
+    collector = asyncio.create_task(_collect_markers(agent, config, gc))
     try:
         sig = await wait_for_stop_signal()
         log.info("agent_stopping", signal=sig.name)
     finally:
         reaper.cancel()
+        collector.cancel()
         servicer.stop()
         await server.stop(grace=5)
         closing = asyncio.get_running_loop().run_in_executor(housekeeping, agent.close)
@@ -97,20 +99,31 @@ async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> No
             log.warning("agent_close_timed_out", budget_s=_CLOSE_BUDGET_S)
         workers.shutdown(wait=False, cancel_futures=True)
         housekeeping.shutdown(wait=False)
+        gc.shutdown(wait=False)
 
 
-async def _housekeeping(agent: Agent, config: AgentConfig, executor: ThreadPoolExecutor) -> None:
+async def _reap(agent: Agent, config: AgentConfig, executor: ThreadPoolExecutor) -> None:
     loop = asyncio.get_running_loop()
-    next_gc = 0.0
     while True:
         await asyncio.sleep(config.reaper_interval_s)
         try:
             await loop.run_in_executor(executor, agent.reap_expired)
-            if loop.time() >= next_gc:
-                await loop.run_in_executor(executor, agent.collect_markers)
-                next_gc = loop.time() + _MARKER_GC_INTERVAL_S
         except Exception:
             log.exception("housekeeping_failed")
+
+
+async def _collect_markers(agent: Agent, config: AgentConfig, executor: ThreadPoolExecutor) -> None:
+    """In a thread of its own: a marker DELETE stuck on a dead link (up to the command
+    timeout) must not hold up the deadline reaper."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await loop.run_in_executor(executor, agent.collect_markers)
+        except (DbError, Unavailable) as err:
+            log.warning("marker_gc_failed", error=str(err))
+        except Exception:
+            log.exception("marker_gc_failed")
+        await asyncio.sleep(config.marker_gc_interval_s)
 
 
 def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> int:

@@ -113,7 +113,7 @@ class Session:
         self._command_timeout = command_timeout
 
     @contextlib.contextmanager
-    def _commands(self) -> Iterator[None]:
+    def commands(self) -> Iterator[None]:
         """Twopc's own commands get ``command_timeout`` instead of the read timeout that client
         statements need (they may run long). pymysql applies ``_read_timeout`` and
         ``_write_timeout`` at every socket read and write, so setting them around a call is
@@ -174,7 +174,7 @@ class Session:
         """Runs statements of twopc's own (literals only, no parameters) in one round trip.
         The server stops at the first that fails, and that error is raised."""
         try:
-            with self._commands(), self._conn.cursor() as cursor:
+            with self.commands(), self._conn.cursor() as cursor:
                 cursor.execute("; ".join(statements))
                 while cursor.nextset():
                     pass
@@ -195,8 +195,8 @@ class Session:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def command(self, sql: str) -> None:
-        """One statement of twopc's own, under the command timeout (see ``_commands``)."""
-        with self._commands():
+        """One statement of twopc's own, under the command timeout (see ``commands``)."""
+        with self.commands():
             self.execute(sql)
 
     def closed_by_server(self) -> bool:

@@ -3,7 +3,8 @@
 Run at start and then periodically (PROTOCOL.md, Recovery):
 1. every COMMIT record without END is driven again (XA COMMIT on each branch is idempotent);
 2. every prepared branch of ours that an agent lists is committed if it has a COMMIT record,
-   skipped if its transaction is live in this process, and rolled back otherwise (presumed abort).
+   skipped if its transaction is live in this process or known here to have committed (the
+   listing predates its phase 2), and rolled back otherwise (presumed abort).
 A crash during recovery is harmless: each step is idempotent and the next run starts over.
 """
 
@@ -16,6 +17,7 @@ import structlog
 
 from coordinator.decision_log import CommitRecord
 from coordinator.engine.manager import TransactionManager
+from coordinator.engine.states import TxState
 from coordinator.errors import FailedPrecondition, TwopcError
 from coordinator.failpoints import Failpoints
 
@@ -103,6 +105,10 @@ class Recovery:
                             report.committed += 1
                         else:
                             report.left += 1
+                    elif self._manager.view(txid).state is TxState.COMMITTED:
+                        # Listed while it was prepared, committed everywhere since (its END is
+                        # written): the listing is stale, there is nothing to do.
+                        log.debug("recovery_listing_stale", txid=txid, participant=participant)
                     else:
                         await ports.rollback(participant, txid, self._rpc_timeout)
                         report.rolled_back += 1

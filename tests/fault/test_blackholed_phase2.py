@@ -43,6 +43,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "admin_failpoints": True,
             "mysql_command_timeout_s": COMMAND_TIMEOUT_S,
             "lock_wait_timeout_s": 1,
+            # The marker GC runs all the time here, so that it meets every blackhole below
+            # (and the reaper must keep working while it is stuck).
+            "marker_gc_interval_s": 0.2,
         },
     )
     try:
@@ -209,3 +212,31 @@ def test_statement_lost_on_a_blackholed_link_ends_soon_after_the_deadline(
     # timeout): far below the 120 s read timeout that held it before.
     assert answered < deadline_ms / 1000 + 2 + 5 + COMMAND_TIMEOUT_S + 5, f"after {answered:.1f} s"
     wait_until(lambda: _active_branches(cluster, "us") == 0, 10, "the branch gone from the agent")
+
+
+@pytest.mark.timeout(120)
+def test_marker_gc_on_a_blackholed_link_gives_up_after_the_command_timeout(
+    cluster: Cluster,
+) -> None:
+    """(Chaos seed 107, after the Pipeline change: an agent restarted just before a blackhole on
+    its database link sent its start-up marker GC into it. The DELETE waited for the 120 s read
+    timeout, in the thread the deadline reaper shares, so branches lost on that link were not
+    freed and quiescence came 28 s after the heal. The GC's statements now have the command
+    timeout, and the GC has a thread of its own.)"""
+    proxy = ProxyControl(cluster.component(PROXY).address)
+    log = Path(cluster.component("agent-us").log)
+    failures_before = log.read_text().count('"marker_gc_failed"')
+    proxy.set_fault("agent-us-mariadb", blackhole=True)
+    blackholed = time.monotonic()
+    try:
+        wait_until(
+            lambda: log.read_text().count('"marker_gc_failed"') > failures_before,
+            60,
+            "the marker GC giving up on the dead link",
+        )
+        gave_up = time.monotonic() - blackholed
+    finally:
+        proxy.heal("agent-us-mariadb")
+    # A new connection may wait out the 5 s connect timeout first: far below the 120 s read
+    # timeout that held it before.
+    assert gave_up < 5 + COMMAND_TIMEOUT_S + 5, f"the GC waited {gave_up:.1f} s"

@@ -866,6 +866,7 @@ class Agent:
                         raise self._db_unavailable(xid, err) from err
                 else:
                     if committing:
+                        self._check_commit_landed(session, xid)
                         self._failpoints.hit("agent.after_commit")
                     self._log.info("branch_finished_by_recovery", txid=xid.txid, how=command)
                     return False
@@ -951,8 +952,37 @@ class Agent:
                 txid=xid.txid,
             )
         if session_exists(session, owner):
+            # Waited for, not only killed: MariaDB 10.11 answers OK to an XA COMMIT that races
+            # with the KILL of the branch's owner, and then leaves the transaction behind
+            # uncommitted, its locks held, until the server restarts (about 1 in 10 tries when
+            # the COMMIT follows the KILL at once; none in 400 once the owner has left the
+            # processlist).
             self._log.warning("killing_branch_owner", txid=xid.txid, session=owner)
-            kill(session, owner, query_only=False)
+            if not self._end_session(session, owner):
+                raise Unavailable(
+                    f"branch {xid.txid} on {self.name} is held by session {owner}, which has "
+                    "not ended yet after KILL; ask again later",
+                    txid=xid.txid,
+                )
+
+    def _check_commit_landed(self, session: Session, xid: Xid) -> None:
+        """After an XA COMMIT from a session other than the branch's own: its marker row must be
+        committed now. If it is not, the server lost the commit (see ``_detach_from_owner``):
+        say so, and fail the call so that the coordinator keeps its COMMIT record and commits
+        the branch again once the server has restarted (it is then prepared once more)."""
+        if committed_markers(session, self.config.marker_table, [xid.txid]):
+            return
+        self._log.error(
+            "commit_lost_by_database",
+            txid=xid.txid,
+            action="restart the database: the branch comes back prepared and recovery commits it",
+        )
+        raise Unavailable(
+            f"the database of {self.name} answered OK to XA COMMIT of {xid.txid} but did not "
+            "commit it (its transaction is left holding its locks); restart that database and "
+            "recovery will commit the branch",
+            txid=xid.txid,
+        )
 
     # --- helpers ----------------------------------------------------------------------------------
 

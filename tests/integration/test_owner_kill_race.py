@@ -1,0 +1,71 @@
+"""Finishing a prepared branch whose owner session is still alive (a frozen or replaced agent).
+
+Chaos seed 105, on the Pipeline code: an agent committed two branches from an admin session right
+after killing their owner sessions. MariaDB 10.11 answered OK, yet left both transactions behind
+uncommitted, out of XA RECOVER, holding their row locks; after the next restart of the server
+they were prepared again, with the coordinator's COMMIT record already closed. Run by hand,
+XA COMMIT at once after KILL of the owner lost about 1 commit in 10; after waiting for the owner
+to leave the processlist, none in 400. The agent now waits, and checks that the commit landed.
+
+This test walks that path forty times and checks the server afterwards. On a quiet machine the
+owner dies within the 20 ms the agent used to wait between attempts, so it does not catch the
+race every time; the chaos run under load did.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from coordinator.failpoints import Failpoints
+from coordinator.playground.cluster import Cluster
+from participants.agent import Agent, StatementRequest, Vote
+from participants.config import AgentConfig
+from participants.daemon import build_agent
+
+ROUNDS = 40
+TABLE = "owner_kill_race"
+
+
+@pytest.fixture
+def agents(live_cluster: Cluster) -> Iterator[tuple[Agent, Agent]]:
+    host, port = live_cluster.component("mariadb-eu").address.rsplit(":", 1)
+    config = AgentConfig(name="eu", mysql_host=host, mysql_port=int(port), pool_size=ROUNDS + 4)
+    with live_cluster.mysql("eu") as conn, conn.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        cursor.execute(f"CREATE TABLE {TABLE} (id INT PRIMARY KEY)")
+    started = []
+    try:
+        for _ in range(2):
+            agent = build_agent(config, os.environ, Failpoints())
+            agent.start()
+            started.append(agent)
+        yield started[0], started[1]
+    finally:
+        for agent in started:
+            agent.close(patience=0.1)
+
+
+def test_a_branch_committed_after_killing_its_owner_is_committed(
+    live_cluster: Cluster, agents: tuple[Agent, Agent]
+) -> None:
+    owner, other = agents
+    # A coordinator id of no running coordinator: the cluster's recovery leaves these alone.
+    txids = [f"elsewhere.r-owner-kill-{i}" for i in range(ROUNDS)]
+    for i, txid in enumerate(txids):
+        insert = StatementRequest(f"INSERT INTO {TABLE} (id) VALUES (%s)", [i])
+        assert owner.prepare(txid, "eu", [insert], 1, 30_000).vote is Vote.PREPARED
+        # `other` has never seen the branch: it must kill the owner's session to commit it.
+        other.commit(txid, "eu", one_phase=False)
+
+    with live_cluster.mysql("eu") as conn, conn.cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*) FROM {TABLE}")
+        assert cursor.fetchone() == (ROUNDS,), "an XA COMMIT answered OK did not commit"
+        cursor.execute(
+            "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_mysql_thread_id = 0"
+        )
+        assert cursor.fetchone() == (0,), "a transaction was left behind without a session"
+        cursor.execute("XA RECOVER")
+        assert not [row for row in cursor.fetchall() if b"owner-kill" in bytes(row[3])]

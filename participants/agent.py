@@ -880,6 +880,9 @@ class Agent:
                 if xid not in prepared_xids(session):
                     if not committing:
                         return True
+                    # Neither prepared nor committed: unless its marker row is there,
+                    # uncommitted, in a transaction the server lost track of.
+                    self._check_commit_landed(session, xid)
                     raise FailedPrecondition(
                         f"branch {xid.txid} is not prepared on {self.name} and left no commit "
                         "marker: it was rolled back, so it cannot commit (heuristic outcome)",
@@ -967,20 +970,23 @@ class Agent:
 
     def _check_commit_landed(self, session: Session, xid: Xid) -> None:
         """After an XA COMMIT from a session other than the branch's own: its marker row must be
-        committed now. If it is not, the server lost the commit (see ``_detach_from_owner``):
+        committed now. If it is there but uncommitted (a dirty read sees it), the server lost the
+        commit (see ``_detach_from_owner``):
         say so, and fail the call so that the coordinator keeps its COMMIT record and commits
         the branch again once the server has restarted (it is then prepared once more)."""
         if committed_markers(session, self.config.marker_table, [xid.txid]):
             return
+        if marker_owner(session, self.config.marker_table, xid) is None:
+            return  # no marker at all: a branch that twopc's agent did not write
         self._log.error(
             "commit_lost_by_database",
             txid=xid.txid,
             action="restart the database: the branch comes back prepared and recovery commits it",
         )
         raise Unavailable(
-            f"the database of {self.name} answered OK to XA COMMIT of {xid.txid} but did not "
-            "commit it (its transaction is left holding its locks); restart that database and "
-            "recovery will commit the branch",
+            f"the database of {self.name} holds the work of branch {xid.txid} uncommitted, in a "
+            "transaction that is neither prepared nor committed (it lost an XA COMMIT, which it "
+            "had answered OK); restart that database and recovery will commit the branch",
             txid=xid.txid,
         )
 

@@ -3,8 +3,9 @@
 Run at start and then periodically (PROTOCOL.md, Recovery):
 1. every COMMIT record without END is driven again (XA COMMIT on each branch is idempotent);
 2. every prepared branch of ours that an agent lists is committed if it has a COMMIT record,
-   skipped if its transaction is live in this process or known here to have committed (the
-   listing predates its phase 2), and rolled back otherwise (presumed abort).
+   committed too if its transaction is known here as committed (the listing predates phase 2,
+   or a database lost a commit and brought the branch back prepared), skipped if its
+   transaction is live in this process, and rolled back otherwise (presumed abort).
 A crash during recovery is harmless: each step is idempotent and the next run starts over.
 """
 
@@ -106,9 +107,13 @@ class Recovery:
                         else:
                             report.left += 1
                     elif self._manager.view(txid).state is TxState.COMMITTED:
-                        # Listed while it was prepared, committed everywhere since (its END is
-                        # written): the listing is stale, there is nothing to do.
-                        log.debug("recovery_listing_stale", txid=txid, participant=participant)
+                        # Known here as committed (its END is written): most often the listing
+                        # predates phase 2 and the agent answers that it committed already; a
+                        # branch prepared again (a database that lost a commit, then restarted)
+                        # must commit too. Never a rollback.
+                        await ports.commit(
+                            participant, txid, one_phase=False, timeout=self._rpc_timeout
+                        )
                     else:
                         await ports.rollback(participant, txid, self._rpc_timeout)
                         report.rolled_back += 1

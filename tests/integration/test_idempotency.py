@@ -310,3 +310,28 @@ def test_commit_many_retried_answers_each_branch_on_its_own(
     assert balance(live_cluster, "us", 0) == 1001
     assert balance(live_cluster, "us", 1) == 1001
     assert markers(live_cluster, txids[0]) == {"us"}
+
+
+def test_a_branch_whose_commit_the_database_lost_is_reported_not_declared_rolled_back(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
+) -> None:
+    """MariaDB 10.11 can answer OK to an XA COMMIT racing with the KILL of the branch's owner and
+    leave the transaction uncommitted, out of XA RECOVER, holding its marker row (see
+    test_owner_kill_race.py). Asked to commit such a branch, the agent must not call it rolled
+    back (FAILED_PRECONDITION: the coordinator would close its COMMIT record): it answers
+    UNAVAILABLE and says to restart the database. Here a plain transaction holding the marker
+    row uncommitted stands for the lost one."""
+    txid = "elsewhere.r-lost-commit"
+    xid = Xid(txid, "us")
+    with live_cluster.mysql("us") as conn, conn.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute(
+            "INSERT INTO twopc_branch_marker (gtrid, bqual, owner_thread, agent_instance) "
+            "VALUES (%s, %s, CONNECTION_ID(), %s)",
+            [xid.gtrid, xid.bqual, "0" * 32],
+        )
+        with pytest.raises(grpc.RpcError) as failed:
+            agent_us.Commit(pb.BranchCommitRequest(txid=txid, participant="us"), timeout=20)
+        cursor.execute("ROLLBACK")
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE, failed.value
+    assert "restart that database" in (failed.value.details() or "")

@@ -855,18 +855,22 @@ async def test_recovery_leaves_live_transactions_alone() -> None:
 
 
 @scenario
-async def test_recovery_does_not_roll_back_a_branch_listed_before_its_phase_2() -> None:
+async def test_recovery_commits_a_listed_branch_of_a_transaction_known_as_committed() -> None:
     """XA RECOVER listed the branch while it was prepared; by the time recovery gets to it the
-    transaction has committed everywhere and left this process. It must not be rolled back
-    (the agent would refuse: its marker is committed), nor reported as a conflict."""
+    transaction has committed everywhere and left this process (or the database lost the commit
+    and brought the branch back prepared). It is committed, never rolled back, and no conflict
+    is reported."""
     env = make_env()
     tx = await env.open([("eu", WRITE), ("us", WRITE)])
     assert await env.manager.commit(tx.txid, wait_for_phase2=True) is TxState.COMMITTED
-    env.ports.seed("us", tx.txid, BranchState.PREPARED)  # what the stale listing shows
+    env.ports.seed("us", tx.txid, BranchState.PREPARED)  # what the listing shows
+    commits_before = len(env.ports.calls_of("commit"))
     with structlog.testing.capture_logs() as logs:
         report = await Recovery(env.manager).run_once()
     assert env.ports.calls_of("rollback") == []
-    assert (report.rolled_back, report.committed, report.left) == (0, 0, 0)
+    assert len(env.ports.calls_of("commit")) == commits_before + 1
+    assert env.ports.state("us", tx.txid) is BranchState.COMMITTED
+    assert (report.rolled_back, report.left) == (0, 0)
     assert not [line for line in logs if line["log_level"] in ("warning", "error")]
 
 

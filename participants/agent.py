@@ -321,6 +321,16 @@ class Agent:
             return self._rollback_on_server(xid)
         self._interrupt_if_running(found)
         with self._locked(found):
+            if found.forgotten:
+                # Given up meanwhile by the call that held it: its outcome on the server is not
+                # known here (a one-phase commit whose connection broke may have landed). The
+                # server decides, once the broken session has ended.
+                self._registry.tombstone(txid, "rolled back on request")
+                try:
+                    return self._rollback_on_server(xid)
+                except FailedPrecondition:
+                    self._registry.remember(txid, FinishedBranch(BranchState.COMMITTED, ""))
+                    raise
             if found.state is BranchState.COMMITTED:
                 raise FailedPrecondition(
                     f"branch {txid} on {self.name} committed; it cannot be rolled back", txid=txid

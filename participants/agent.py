@@ -435,18 +435,7 @@ class Agent:
         try:
             session = self._started_session(branch.xid)
         except DbError as err:
-            # The XID may belong to a prepared branch of an earlier life: never record this
-            # branch as finished, or a later commit of that prepared branch would be refused.
-            self._registry.forget(branch)
-            if err.errno == ER_XAER_DUPID:
-                raise TransactionAborted(
-                    f"a branch of {branch.txid} already exists on {self.name} (prepared by an "
-                    "earlier attempt, or held by another session); this attempt was not started",
-                    txid=branch.txid,
-                ) from err
-            raise Unavailable(
-                f"participant {self.name} could not start the branch: {err}", txid=branch.txid
-            ) from err
+            raise self._not_started(branch, err) from err
         branch.session = session
         self._log.debug("branch_started", txid=branch.txid, session=session.thread_id)
 
@@ -478,18 +467,7 @@ class Agent:
                     item.sql, item.params, max_rows=self.config.max_result_rows
                 )
             except DbError as err:
-                expired = self._clock() > branch.deadline
-                reason = (
-                    "the transaction's deadline passed during a statement"
-                    if expired
-                    else f"statement {index} failed: {err}"
-                )
-                self._abort(branch, reason)
-                raise StatementFailed(
-                    f"{reason} on participant {self.name}; the transaction is rolled back",
-                    txid=branch.txid,
-                    mysql_errno=err.errno,
-                ) from err
+                raise self._abort_after_statement(branch, index, err) from err
             finally:
                 branch.running_statement = False
             if item.kind is StatementKind.WRITE:
@@ -622,34 +600,47 @@ class Agent:
         if failed.completed == 0:  # XA START
             branch.session = None
             session.release()
-            self._registry.forget(branch)  # as _ensure_started: never record it as finished
-            if err.errno == ER_XAER_DUPID:
-                return VoteResult(
-                    Vote.ABORT,
-                    f"a branch of {branch.txid} already exists on {self.name} (prepared by an "
-                    "earlier attempt, or held by another session); this attempt was not started",
-                )
-            raise Unavailable(
-                f"participant {self.name} could not start the branch: {err}", txid=branch.txid
-            ) from err
+            refused = self._not_started(branch, err)
+            if isinstance(refused, TransactionAborted):
+                return VoteResult(Vote.ABORT, refused.message)
+            raise refused from err
         if failed.completed <= statements:
-            expired = self._clock() > branch.deadline
-            reason = (
-                "the transaction's deadline passed during a statement"
-                if expired
-                else f"statement {failed.completed} failed: {err}"
-            )
-            self._abort(branch, reason)
-            return VoteResult(
-                Vote.ABORT,
-                f"{reason} on participant {self.name}; the transaction is rolled back",
-                err.errno,
-            )
+            aborted = self._abort_after_statement(branch, failed.completed, err)
+            return VoteResult(Vote.ABORT, aborted.message, aborted.mysql_errno)
         if err.errno == ER_DUP_ENTRY and failed.completed == statements + 1:  # the marker
             self._abort(branch, "this transaction committed here before (a retried request)")
             return VoteResult(Vote.ALREADY_COMMITTED, branch.reason)
         self._abort(branch, f"prepare failed: {err}")
         return VoteResult(Vote.ABORT, branch.reason, err.errno)
+
+    def _abort_after_statement(self, branch: Branch, index: int, err: DbError) -> StatementFailed:
+        """Rolls the branch back after its statement ``index`` failed; the error to answer."""
+        reason = (
+            "the transaction's deadline passed during a statement"
+            if self._clock() > branch.deadline
+            else f"statement {index} failed: {err}"
+        )
+        self._abort(branch, reason)
+        return StatementFailed(
+            f"{reason} on participant {self.name}; the transaction is rolled back",
+            txid=branch.txid,
+            mysql_errno=err.errno,
+        )
+
+    def _not_started(self, branch: Branch, err: DbError) -> TwopcError:
+        """XA START failed: the error to answer. The XID may belong to a prepared branch of an
+        earlier life, so the branch is forgotten, never recorded as finished (a later commit of
+        that prepared branch would be refused)."""
+        self._registry.forget(branch)
+        if err.errno == ER_XAER_DUPID:
+            return TransactionAborted(
+                f"a branch of {branch.txid} already exists on {self.name} (prepared by an "
+                "earlier attempt, or held by another session); this attempt was not started",
+                txid=branch.txid,
+            )
+        return Unavailable(
+            f"participant {self.name} could not start the branch: {err}", txid=branch.txid
+        )
 
     def _vote_after_lost_prepare(self, branch: Branch, thread_id: int) -> VoteResult:
         """The connection broke during XA END/PREPARE: the server prepares the branch (it is

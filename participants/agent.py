@@ -1064,6 +1064,8 @@ class Agent:
 
     @contextmanager
     def _admin(self) -> Iterator[Session]:
+        """A pooled session for the agent's own commands. A database error that leaves the block
+        becomes Unavailable: every caller can answer that, and the coordinator retries."""
         try:
             session = self._pool.session()
         except DbError as err:
@@ -1071,9 +1073,16 @@ class Agent:
         try:
             with session.commands():  # twopc's own statements only: the command timeout
                 yield session
-        except ConnectionLost:
+        except ConnectionLost as err:
             session.discard()
-            raise
+            raise Unavailable(
+                f"participant {self.name} lost its database during a command of its own: {err}"
+            ) from err
+        except DbError as err:
+            session.release()
+            raise Unavailable(
+                f"participant {self.name}: its database refused a command of its own: {err}"
+            ) from err
         except BaseException:
             session.release()
             raise

@@ -240,3 +240,89 @@ def test_marker_gc_on_a_blackholed_link_gives_up_after_the_command_timeout(
     # A new connection may wait out the 5 s connect timeout first: far below the 120 s read
     # timeout that held it before.
     assert gave_up < 5 + COMMAND_TIMEOUT_S + 5, f"the GC waited {gave_up:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_a_rollback_that_waited_behind_a_lost_one_phase_commit_does_not_declare_it_rolled_back(
+    cluster: Cluster,
+) -> None:
+    """(Chaos seed 107 on 3a804bf broke I6: a one-phase commit landed, its answer was lost on the
+    agent's database link, and the agent could not reach the database to tell whether it had
+    landed, so it gave the branch up as doubtful. A Rollback that was waiting for the branch then
+    found it ACTIVE with no session and answered "rolled back" without asking the server.)"""
+    proxy = ProxyControl(cluster.component(PROXY).address)
+    agent = cluster.component("agent-us")
+    txid = "elsewhere.r-lost-one-phase"
+    before = balance(cluster, "us", 1)
+    committed: dict[str, grpc.StatusCode] = {}
+    with grpc.insecure_channel(agent.address) as channel:
+        participant = pb_grpc.ParticipantStub(channel)
+        rollback = pb.BranchRollbackRequest(txid=txid, participant="us")
+        _execute(
+            channel,
+            txid,
+            1,
+            "UPDATE accounts SET balance = balance + 5 WHERE id = 1",
+            timeout_ms=60_000,
+        )
+
+        def commit_one_phase() -> None:
+            try:
+                participant.Commit(
+                    pb.BranchCommitRequest(txid=txid, participant="us", one_phase=True), timeout=60
+                )
+            except grpc.RpcError as err:
+                committed["code"] = err.code()
+            else:
+                committed["code"] = grpc.StatusCode.OK
+
+        # Every chunk on the link waits 1.5 s in the proxy: the commit reaches the server, and
+        # its answer is still in the proxy when the blackhole starts and drops it.
+        proxy.set_fault("agent-us-mariadb", latency_ms=1_500)
+        committer = threading.Thread(target=commit_one_phase)
+        committer.start()
+        try:
+            wait_until(lambda: markers(cluster, txid) == {"us"}, 20, "the commit landed")
+            proxy.set_fault("agent-us-mariadb", blackhole=True)
+            # The committer holds the branch for the command timeout, then fails to reach the
+            # database and gives the branch up; this Rollback waits for it meanwhile.
+            with pytest.raises(grpc.RpcError) as while_cut:
+                participant.Rollback(rollback, timeout=60)
+            committer.join(timeout=60)
+        finally:
+            proxy.heal("agent-us-mariadb")
+        assert while_cut.value.code() is grpc.StatusCode.UNAVAILABLE, while_cut.value
+        assert committed == {"code": grpc.StatusCode.UNAVAILABLE}
+        with pytest.raises(grpc.RpcError) as healed:
+            participant.Rollback(rollback, timeout=60)
+        assert healed.value.code() is grpc.StatusCode.FAILED_PRECONDITION, healed.value
+        assert "committed" in str(healed.value.details())
+        retried = participant.Commit(
+            pb.BranchCommitRequest(txid=txid, participant="us", one_phase=True), timeout=60
+        )
+    assert retried.already_committed
+    assert markers(cluster, txid) == {"us"}
+    assert balance(cluster, "us", 1) == before + 5
+
+
+@pytest.mark.timeout(120)
+def test_an_agent_command_lost_on_a_blackholed_link_answers_unavailable(cluster: Cluster) -> None:
+    """XA RECOVER on a pooled session whose link went dead gives up after the command timeout;
+    the coordinator must be told to retry (UNAVAILABLE), not that the agent crashed (INTERNAL)."""
+    proxy = ProxyControl(cluster.component(PROXY).address)
+    agent = cluster.component("agent-us")
+    log = Path(agent.log)
+    crashes_before = log.read_text().count('"rpc_crashed"')
+    with grpc.insecure_channel(agent.address) as channel:
+        participant = pb_grpc.ParticipantStub(channel)
+        participant.Recover(pb.RecoverRequest(), timeout=30)  # leaves a session in the pool
+        proxy.set_fault("agent-us-mariadb", blackhole=True)
+        try:
+            with pytest.raises(grpc.RpcError) as failed:
+                participant.Recover(pb.RecoverRequest(), timeout=60)
+        finally:
+            proxy.heal("agent-us-mariadb")
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE, failed.value
+        assert "us" in str(failed.value.details())
+        assert log.read_text().count('"rpc_crashed"') == crashes_before
+        participant.Recover(pb.RecoverRequest(), timeout=30)  # and it recovers after the heal

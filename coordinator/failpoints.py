@@ -96,7 +96,7 @@ FAILPOINTS: tuple[str, ...] = (
     "coordinator.mid_commit",
     "coordinator.before_end_record",
     "coordinator.recovery",
-    # participant agent (worker threads: ``hit``)
+    # participant agent (asyncio: ``ahit``)
     "agent.mid_statement",
     "agent.after_end",
     "agent.after_prepare",

@@ -1,8 +1,9 @@
 """The participant agent: runs the XA branches of one MySQL/MariaDB server for the coordinator.
 
-Each public method is one RPC of the Participant service, blocking (the gRPC adapter runs it in a
-thread), thread-safe and idempotent. Operations on one branch are serialised by the branch's lock; a
-statement that runs too long is interrupted with KILL QUERY from another session.
+Each public method is one RPC of the Participant service: a coroutine on the agent's event loop
+(database I/O included, with aiomysql: no thread hop per call), and idempotent. Operations on one
+branch are serialised by the branch's lock; a statement that runs too long is interrupted with KILL
+QUERY from another session.
 
 What happens to a branch:
 - Execute: XA START on the first call (the branch is pinned to one pooled session), statements run.
@@ -19,12 +20,12 @@ What happens to a branch:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -121,6 +122,7 @@ class RecoveredBranch:
 
 _KILL_SETTLE_S = 5.0
 _LOCK_WAIT_S = 60.0
+_REAPER_PATIENCE_S = 0.05  # a branch busy longer is interrupted instead, then reaped next time
 _SEVER_AFTER_S = 2.0  # past a branch's deadline: KILL QUERY had its chance, the socket goes
 
 
@@ -147,21 +149,20 @@ class Agent:
         # Sessions whose connection broke mid-PREPARE or mid-COMMIT and that could not be ended
         # then: txid -> server session id. Nothing is answered about that txid before it ends.
         self._doubtful: dict[str, int] = {}
-        self._doubtful_lock = threading.Lock()
         self.server_version = ""
 
     # --- start and stop ---------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Checks the server and creates the marker table. Raises FailedPrecondition when the
         server's XA PREPARE is not durable, Unavailable when it cannot be reached."""
-        with self._admin() as session:
-            version = str(session.execute("SELECT VERSION()").rows[0][0])
+        async with self._admin() as session:
+            version = str((await session.execute("SELECT VERSION()")).rows[0][0])
             problem = durable_xa_problem(version)
             if problem is not None:
                 raise FailedPrecondition(problem)
-            session.execute(marker_table_ddl(self.config.marker_table))
-            flush = session.execute("SELECT @@innodb_flush_log_at_trx_commit").rows[0][0]
+            await session.execute(marker_table_ddl(self.config.marker_table))
+            flush = (await session.execute("SELECT @@innodb_flush_log_at_trx_commit")).rows[0][0]
         self.server_version = version
         if int(flush) != 1:
             self._log.warning(
@@ -171,18 +172,21 @@ class Agent:
             )
         self._log.info("agent_ready", server_version=version, instance=self.instance_id)
 
-    def close(self, patience: float = 1.0) -> None:
+    async def close(self, patience: float = 1.0) -> None:
         """Rolls back active branches and lets prepared ones go (they stay prepared on the
         server, where recovery finishes them). Bounded: a branch whose statement is still
         running (a lock wait, a cut link) is not waited for; its session is killed, and the
         server rolls an unprepared branch back when its session ends."""
         for branch in self._registry.live():
-            if not branch.lock.acquire(timeout=patience):
-                self._kill_session_of(branch)
+            try:
+                async with asyncio.timeout(patience):
+                    await branch.lock.acquire()
+            except TimeoutError:
+                await self._kill_session_of(branch)
                 continue
             try:
                 if branch.state is BranchState.ACTIVE:
-                    self._abort(branch, "agent shutting down")
+                    await self._abort(branch, "agent shutting down")
                 elif branch.session is not None:
                     branch.session.discard()
                     branch.session = None
@@ -190,15 +194,15 @@ class Agent:
                 branch.lock.release()
         self._pool.dispose()
 
-    def _kill_session_of(self, branch: Branch, *, query_only: bool = False) -> None:
+    async def _kill_session_of(self, branch: Branch, *, query_only: bool = False) -> None:
         """KILL [QUERY] on the session of ``branch``, from an admin session; a failure is
         logged (the caller has a fallback: the read timeout, or the process's exit)."""
         session = branch.session
         if session is None:
             return
         try:
-            with self._admin() as admin:
-                kill(admin, session.thread_id, query_only=query_only)
+            async with self._admin() as admin:
+                await kill(admin, session.thread_id, query_only=query_only)
         except (DbError, Unavailable) as err:
             self._log.warning(
                 "kill_failed", txid=branch.txid, query_only=query_only, error=str(err)
@@ -206,7 +210,7 @@ class Agent:
 
     # --- RPCs -------------------------------------------------------------------------------------
 
-    def execute(
+    async def execute(
         self,
         txid: str,
         participant: str,
@@ -223,7 +227,7 @@ class Agent:
         found = self._registry.create(xid, self._deadline(timeout_ms))
         if isinstance(found, FinishedBranch):
             raise self._finished_error(txid, found)
-        with self._locked(found):
+        async with self._locked(found):
             if continues and found.session is None and found.state is BranchState.ACTIVE:
                 # Created just now: the branch that ran the earlier statements is gone.
                 self._registry.forget(found)
@@ -233,12 +237,12 @@ class Agent:
                     "transaction is rolled back",
                     txid=txid,
                 )
-            self._ensure_started(found)
+            await self._ensure_started(found)
             if found.state is not BranchState.ACTIVE:
                 raise self._not_active_error(found)
-            return self._run_or_abort(found, work, sequence)
+            return await self._run_or_abort(found, work, sequence)
 
-    def prepare(
+    async def prepare(
         self,
         txid: str,
         participant: str,
@@ -251,27 +255,29 @@ class Agent:
         found = self._registry.get(txid)
         if found is None:
             if not work:
-                return self._vote_without_branch(xid)
+                return await self._vote_without_branch(xid)
             found = self._registry.create(xid, self._deadline(timeout_ms))
         if isinstance(found, FinishedBranch):
-            return self._vote_of_finished(xid.txid, found)
-        with self._locked(found):
+            return await self._vote_of_finished(xid.txid, found)
+        async with self._locked(found):
             if found.state.finished:
-                return self._vote_of_finished(xid.txid, FinishedBranch(found.state, found.reason))
+                return await self._vote_of_finished(
+                    xid.txid, FinishedBranch(found.state, found.reason)
+                )
             if found.state is BranchState.PREPARED:
                 return VoteResult(Vote.PREPARED, outputs=tuple(found.last_outputs))
             if self._one_trip_possible(found, work):
-                return self._prepare_in_one_trip(found, work, sequence)
+                return await self._prepare_in_one_trip(found, work, sequence)
             try:
-                self._ensure_started(found)
-                outputs = self._run_or_abort(found, work, sequence) if work else []
+                await self._ensure_started(found)
+                outputs = await self._run_or_abort(found, work, sequence) if work else []
             except StatementFailed as err:
                 return VoteResult(Vote.ABORT, err.message, err.mysql_errno)
             except TransactionAborted as err:
                 return VoteResult(Vote.ABORT, err.message)
-            return self._prepare_locked(found, tuple(outputs))
+            return await self._prepare_locked(found, tuple(outputs))
 
-    def commit(
+    async def commit(
         self,
         txid: str,
         participant: str,
@@ -286,20 +292,20 @@ class Agent:
         if work and not one_phase:
             raise InvalidArgument("statements come with a one-phase commit only", txid=txid)
         if one_phase:
-            return self._commit_one_phase(xid, work, sequence, timeout_ms)
+            return await self._commit_one_phase(xid, work, sequence, timeout_ms)
         found = self._registry.get(txid)
         if isinstance(found, FinishedBranch) and found.state is not BranchState.ROLLED_BACK:
             return CommitResult(already_committed=True)
         if found is None or isinstance(found, FinishedBranch):
             # Remembered as rolled back, or not at all: the server decides (it refuses, with
             # FailedPrecondition, a branch that is neither prepared nor committed).
-            already = self._commit_on_server(xid)
+            already = await self._commit_on_server(xid)
             self._log.info("branch_committed", txid=txid, by="recovery", already=already)
             return CommitResult(already_committed=already)
-        with self._locked(found):
-            return self._commit_prepared_locked(found)
+        async with self._locked(found):
+            return await self._commit_prepared_locked(found)
 
-    def rollback(self, txid: str, participant: str) -> bool:
+    async def rollback(self, txid: str, participant: str) -> bool:
         """Rolls the branch back; True when there was nothing left to roll back."""
         xid = self._xid(txid, participant)
         found = self._registry.tombstone(txid, "rolled back before this agent saw it")
@@ -307,7 +313,7 @@ class Agent:
             # Nothing held here: what the server holds (a branch prepared in an earlier life of
             # the agent) is rolled back, and the tombstone refuses a request still on its way.
             try:
-                return self._rollback_on_server(xid)
+                return await self._rollback_on_server(xid)
             except FailedPrecondition:
                 self._registry.remember(txid, FinishedBranch(BranchState.COMMITTED, ""))
                 raise
@@ -318,16 +324,16 @@ class Agent:
                 )
             # What the agent remembers is advice; the server is the truth (recovery asks to roll
             # back what XA RECOVER lists).
-            return self._rollback_on_server(xid)
-        self._interrupt_if_running(found)
-        with self._locked(found):
+            return await self._rollback_on_server(xid)
+        await self._interrupt_if_running(found)
+        async with self._locked(found):
             if found.forgotten:
                 # Given up meanwhile by the call that held it: its outcome on the server is not
                 # known here (a one-phase commit whose connection broke may have landed). The
                 # server decides, once the broken session has ended.
                 self._registry.tombstone(txid, "rolled back on request")
                 try:
-                    return self._rollback_on_server(xid)
+                    return await self._rollback_on_server(xid)
                 except FailedPrecondition:
                     self._registry.remember(txid, FinishedBranch(BranchState.COMMITTED, ""))
                     raise
@@ -338,13 +344,13 @@ class Agent:
             if found.state.finished:
                 return True
             if found.state is BranchState.ACTIVE:
-                self._abort(found, "rolled back on request")
+                await self._abort(found, "rolled back on request")
                 return False
-            return self._rollback_prepared_locked(found)
+            return await self._rollback_prepared_locked(found)
 
-    def recover(self, txid_prefix: str) -> list[RecoveredBranch]:
-        with self._admin() as session:
-            xids = prepared_xids(session)
+    async def recover(self, txid_prefix: str) -> list[RecoveredBranch]:
+        async with self._admin() as session:
+            xids = await prepared_xids(session)
         held = {
             b.txid
             for b in self._registry.live()
@@ -356,7 +362,7 @@ class Agent:
             if xid.txid.startswith(txid_prefix) and xid.branch == self.name
         ]
 
-    def inspect(self, txids: Sequence[str]) -> dict[str, Presence]:
+    async def inspect(self, txids: Sequence[str]) -> dict[str, Presence]:
         result: dict[str, Presence] = {}
         unknown = []
         for txid in txids:
@@ -374,11 +380,11 @@ class Agent:
             else:
                 unknown.append(txid)
         if unknown:
-            with self._admin() as session:
+            async with self._admin() as session:
                 for txid in unknown:
-                    self._settle_doubtful(session, txid)
-                committed = committed_markers(session, self.config.marker_table, unknown)
-                prepared = {x.txid for x in prepared_xids(session) if x.branch == self.name}
+                    await self._settle_doubtful(session, txid)
+                committed = await committed_markers(session, self.config.marker_table, unknown)
+                prepared = {x.txid for x in await prepared_xids(session) if x.branch == self.name}
             for txid in unknown:
                 if txid in committed:
                     result[txid] = Presence.COMMITTED
@@ -393,7 +399,7 @@ class Agent:
 
     # --- housekeeping -----------------------------------------------------------------------------
 
-    def reap_expired(self) -> int:
+    async def reap_expired(self) -> int:
         """Rolls back active branches past their deadline (a statement still running is
         interrupted first). Returns how many were rolled back now."""
         reaped = 0
@@ -401,21 +407,24 @@ class Agent:
         for branch in self._registry.live():
             if branch.state is not BranchState.ACTIVE or now <= branch.deadline:
                 continue
-            if branch.lock.acquire(blocking=False):
-                try:
-                    if branch.state is BranchState.ACTIVE:
-                        self._abort(branch, "the transaction's deadline passed")
-                        reaped += 1
-                finally:
-                    branch.lock.release()
-            else:
-                self._interrupt_if_running(branch)
+            try:
+                async with asyncio.timeout(_REAPER_PATIENCE_S):
+                    await branch.lock.acquire()
+            except TimeoutError:
+                await self._interrupt_if_running(branch)
+                continue
+            try:
+                if branch.state is BranchState.ACTIVE:
+                    await self._abort(branch, "the transaction's deadline passed")
+                    reaped += 1
+            finally:
+                branch.lock.release()
         return reaped
 
-    def collect_markers(self, limit: int = 1000) -> int:
+    async def collect_markers(self, limit: int = 1000) -> int:
         """Deletes marker rows older than the retention; returns how many went."""
-        with self._admin() as session:
-            output = session.execute(
+        async with self._admin() as session:
+            output = await session.execute(
                 f"DELETE FROM `{self.config.marker_table}` "
                 "WHERE created_at < NOW(6) - INTERVAL %s SECOND LIMIT %s",
                 [self.config.marker_retention_s, limit],
@@ -424,7 +433,7 @@ class Agent:
 
     # --- branch steps (caller holds the branch lock) --------------------------------------------
 
-    def _ensure_started(self, branch: Branch) -> None:
+    async def _ensure_started(self, branch: Branch) -> None:
         if branch.forgotten:
             raise Unavailable(
                 f"branch {branch.txid} on {self.name} could not be started; retry",
@@ -433,13 +442,13 @@ class Agent:
         if branch.session is not None or branch.state is not BranchState.ACTIVE:
             return
         try:
-            session = self._started_session(branch.xid)
+            session = await self._started_session(branch.xid)
         except DbError as err:
             raise self._not_started(branch, err) from err
         branch.session = session
         self._log.debug("branch_started", txid=branch.txid, session=session.thread_id)
 
-    def _run_or_abort(
+    async def _run_or_abort(
         self, branch: Branch, work: Sequence[_Work], sequence: int
     ) -> list[StatementOutput]:
         if sequence == branch.last_sequence and sequence > 0:
@@ -455,19 +464,19 @@ class Agent:
         outputs = []
         for index, item in enumerate(work, start=1):
             if self._clock() > branch.deadline:
-                self._abort(branch, "the transaction's deadline passed")
+                await self._abort(branch, "the transaction's deadline passed")
                 raise TransactionAborted(
                     f"the transaction's deadline passed on {self.name}; branch rolled back",
                     txid=branch.txid,
                 )
-            self._failpoints.hit("agent.mid_statement")
+            await self._failpoints.ahit("agent.mid_statement")
             branch.running_statement = True
             try:
-                output = session.execute(
+                output = await session.execute(
                     item.sql, item.params, max_rows=self.config.max_result_rows
                 )
             except DbError as err:
-                raise self._abort_after_statement(branch, index, err) from err
+                raise await self._abort_after_statement(branch, index, err) from err
             finally:
                 branch.running_statement = False
             if item.kind is StatementKind.WRITE:
@@ -477,43 +486,51 @@ class Agent:
         branch.last_outputs = outputs
         return outputs
 
-    def _prepare_locked(self, branch: Branch, outputs: tuple[StatementOutput, ...]) -> VoteResult:
+    async def _prepare_locked(
+        self, branch: Branch, outputs: tuple[StatementOutput, ...]
+    ) -> VoteResult:
         session = branch.session
         assert session is not None
         if self._clock() > branch.deadline:
-            self._abort(branch, "the transaction's deadline passed before prepare")
+            await self._abort(branch, "the transaction's deadline passed before prepare")
             return VoteResult(Vote.ABORT, branch.reason)
         if not branch.wrote:
             # Rolled back, not committed: a SELECT that called a writing stored function must
             # not commit that write ahead of the global decision.
             try:
-                session.script([f"XA END {branch.xid.sql()}", f"XA ROLLBACK {branch.xid.sql()}"])
+                await session.script(
+                    [f"XA END {branch.xid.sql()}", f"XA ROLLBACK {branch.xid.sql()}"]
+                )
             except DbError as err:
-                self._abort(branch, f"read-only finish failed: {err}")
+                await self._abort(branch, f"read-only finish failed: {err}")
                 return VoteResult(Vote.ABORT, branch.reason, err.errno)
             self._finish(branch, BranchState.READ_ONLY, release=True)
             return VoteResult(Vote.READ_ONLY, outputs=outputs)
         xid = branch.xid.sql()
         try:
             if self._failpoints.spec("agent.after_end"):  # keep the point between END and PREPARE
-                session.script([self._marker_sql(branch.xid), f"XA END {xid}"])
-                self._failpoints.hit("agent.after_end")
-                session.xa("PREPARE", branch.xid)
+                await session.script([self._marker_sql(branch.xid), f"XA END {xid}"])
+                await self._failpoints.ahit("agent.after_end")
+                await session.xa("PREPARE", branch.xid)
             else:  # one round trip: the marker, XA END and XA PREPARE
-                session.script([self._marker_sql(branch.xid), f"XA END {xid}", f"XA PREPARE {xid}"])
+                await session.script(
+                    [self._marker_sql(branch.xid), f"XA END {xid}", f"XA PREPARE {xid}"]
+                )
         except ConnectionLost:
             session.discard()
             branch.session = None
-            return self._vote_after_lost_prepare(branch, session.thread_id)
+            return await self._vote_after_lost_prepare(branch, session.thread_id)
         except DbError as err:
             if err.errno == ER_DUP_ENTRY:
-                self._abort(branch, "this transaction committed here before (a retried request)")
+                await self._abort(
+                    branch, "this transaction committed here before (a retried request)"
+                )
                 return VoteResult(Vote.ALREADY_COMMITTED, branch.reason)
-            self._abort(branch, f"prepare failed: {err}")
+            await self._abort(branch, f"prepare failed: {err}")
             return VoteResult(Vote.ABORT, branch.reason, err.errno)
         branch.move_to(BranchState.PREPARED)
         self._log.debug("branch_prepared", txid=branch.txid)
-        self._failpoints.hit("agent.after_prepare")
+        await self._failpoints.ahit("agent.after_prepare")
         return VoteResult(Vote.PREPARED, outputs=outputs)
 
     def _one_trip_possible(self, branch: Branch, work: Sequence[_Work]) -> bool:
@@ -529,7 +546,7 @@ class Agent:
             and not self._failpoints.spec("agent.after_end")
         )
 
-    def _prepare_in_one_trip(
+    async def _prepare_in_one_trip(
         self, branch: Branch, work: Sequence[_Work], sequence: int
     ) -> VoteResult:
         """A one-shot branch in one round trip: XA START, the statements, the marker, XA END and
@@ -543,7 +560,7 @@ class Agent:
             else [f"XA END {xid}", f"XA ROLLBACK {xid}"]
         )
         try:
-            session = self._pool.session()
+            session = await self._pool.session()
         except DbError as err:
             self._registry.forget(branch)
             raise Unavailable(
@@ -559,9 +576,9 @@ class Agent:
         statements = [f"XA START {xid}", *bound, *finish]
         branch.running_statement = True
         try:
-            outputs = session.batch(statements)
+            outputs = await session.batch(statements)
         except BatchFailed as failed:
-            return self._vote_of_failed_trip(branch, len(work), failed)
+            return await self._vote_of_failed_trip(branch, len(work), failed)
         finally:
             branch.running_statement = False
         results = outputs[1 : 1 + len(work)]
@@ -577,12 +594,12 @@ class Agent:
             for output in results:
                 check_rows(output, self.config.max_result_rows)
         except DbError as err:
-            self._rollback_prepared_locked(branch)
+            await self._rollback_prepared_locked(branch)
             return VoteResult(Vote.ABORT, f"statement failed: {err}")
-        self._failpoints.hit("agent.after_prepare")
+        await self._failpoints.ahit("agent.after_prepare")
         return VoteResult(Vote.PREPARED, outputs=tuple(results))
 
-    def _vote_of_failed_trip(
+    async def _vote_of_failed_trip(
         self, branch: Branch, statements: int, failed: BatchFailed
     ) -> VoteResult:
         """The vote when a statement of ``_prepare_in_one_trip`` failed (the server ran none
@@ -596,7 +613,7 @@ class Agent:
             branch.session = None
             if failed.completed == 0:
                 self._pool.reset()  # the database may have restarted: its idle sessions are gone
-            return self._vote_after_lost_prepare(branch, session.thread_id)
+            return await self._vote_after_lost_prepare(branch, session.thread_id)
         if failed.completed == 0:  # XA START
             branch.session = None
             session.release()
@@ -605,22 +622,24 @@ class Agent:
                 return VoteResult(Vote.ABORT, refused.message)
             raise refused from err
         if failed.completed <= statements:
-            aborted = self._abort_after_statement(branch, failed.completed, err)
+            aborted = await self._abort_after_statement(branch, failed.completed, err)
             return VoteResult(Vote.ABORT, aborted.message, aborted.mysql_errno)
         if err.errno == ER_DUP_ENTRY and failed.completed == statements + 1:  # the marker
-            self._abort(branch, "this transaction committed here before (a retried request)")
+            await self._abort(branch, "this transaction committed here before (a retried request)")
             return VoteResult(Vote.ALREADY_COMMITTED, branch.reason)
-        self._abort(branch, f"prepare failed: {err}")
+        await self._abort(branch, f"prepare failed: {err}")
         return VoteResult(Vote.ABORT, branch.reason, err.errno)
 
-    def _abort_after_statement(self, branch: Branch, index: int, err: DbError) -> StatementFailed:
+    async def _abort_after_statement(
+        self, branch: Branch, index: int, err: DbError
+    ) -> StatementFailed:
         """Rolls the branch back after its statement ``index`` failed; the error to answer."""
         reason = (
             "the transaction's deadline passed during a statement"
             if self._clock() > branch.deadline
             else f"statement {index} failed: {err}"
         )
-        self._abort(branch, reason)
+        await self._abort(branch, reason)
         return StatementFailed(
             f"{reason} on participant {self.name}; the transaction is rolled back",
             txid=branch.txid,
@@ -642,14 +661,14 @@ class Agent:
             f"participant {self.name} could not start the branch: {err}", txid=branch.txid
         )
 
-    def _vote_after_lost_prepare(self, branch: Branch, thread_id: int) -> VoteResult:
+    async def _vote_after_lost_prepare(self, branch: Branch, thread_id: int) -> VoteResult:
         """The connection broke during XA END/PREPARE: the server prepares the branch (it is
         then detached and listed by XA RECOVER) or rolls it back, but only once it is done with
         the session, which may still be executing the PREPARE."""
         try:
-            with self._admin() as admin:
-                settled = self._end_session(admin, thread_id)
-                prepared = settled and branch.xid in prepared_xids(admin)
+            async with self._admin() as admin:
+                settled = await self._end_session(admin, thread_id)
+                prepared = settled and branch.xid in await prepared_xids(admin)
         except (DbError, Unavailable) as err:
             settled, prepared = False, False
             reason = f"lost the database during prepare: {err}"
@@ -666,14 +685,14 @@ class Agent:
         self._finish(branch, BranchState.ROLLED_BACK, "lost the database during prepare")
         return VoteResult(Vote.ABORT, branch.reason)
 
-    def _commit_one_phase(
+    async def _commit_one_phase(
         self, xid: Xid, work: Sequence[_Work], sequence: int, timeout_ms: int
     ) -> CommitResult:
         found = self._registry.get(xid.txid)
         if found is None and not work:
-            with self._admin() as admin:
-                self._settle_doubtful(admin, xid.txid)
-                if committed_markers(admin, self.config.marker_table, [xid.txid]):
+            async with self._admin() as admin:
+                await self._settle_doubtful(admin, xid.txid)
+                if await committed_markers(admin, self.config.marker_table, [xid.txid]):
                     return CommitResult(already_committed=True)
             raise TransactionAborted(
                 f"participant {self.name} has no branch of {xid.txid}: it was rolled back "
@@ -683,57 +702,61 @@ class Agent:
         if found is None:
             found = self._registry.create(xid, self._deadline(timeout_ms))
         if isinstance(found, FinishedBranch):
-            return self._one_phase_result_of_finished(xid.txid, found)
-        with self._locked(found):
+            return await self._one_phase_result_of_finished(xid.txid, found)
+        async with self._locked(found):
             if found.state.finished:
-                return self._one_phase_result_of_finished(
+                return await self._one_phase_result_of_finished(
                     xid.txid, FinishedBranch(found.state, found.reason)
                 )
             if found.state is BranchState.PREPARED:
                 raise FailedPrecondition(
                     f"branch {xid.txid} is prepared: it takes a two-phase commit", txid=xid.txid
                 )
-            self._ensure_started(found)
-            outputs = tuple(self._run_or_abort(found, work, sequence) if work else ())
+            await self._ensure_started(found)
+            outputs = tuple(await self._run_or_abort(found, work, sequence) if work else ())
             session = found.session
             assert session is not None
             if self._clock() > found.deadline:
-                self._abort(found, "the transaction's deadline passed before commit")
+                await self._abort(found, "the transaction's deadline passed before commit")
                 raise TransactionAborted(found.reason, txid=xid.txid)
             marker = [self._marker_sql(xid)] if found.wrote else []
             try:  # one round trip: the marker, XA END and XA COMMIT ... ONE PHASE
-                session.script([*marker, f"XA END {xid.sql()}", f"XA COMMIT {xid.sql()} ONE PHASE"])
+                await session.script(
+                    [*marker, f"XA END {xid.sql()}", f"XA COMMIT {xid.sql()} ONE PHASE"]
+                )
             except ConnectionLost as err:
                 session.discard()
                 found.session = None
-                return self._one_phase_after_lost_commit(found, outputs, err, session.thread_id)
+                return await self._one_phase_after_lost_commit(
+                    found, outputs, err, session.thread_id
+                )
             except DbError as err:
                 if err.errno == ER_DUP_ENTRY:
-                    self._abort(found, "this transaction committed here before")
+                    await self._abort(found, "this transaction committed here before")
                     return CommitResult(outputs, already_committed=True)
-                self._abort(found, f"one-phase commit failed: {err}")
+                await self._abort(found, f"one-phase commit failed: {err}")
                 raise TransactionAborted(
                     f"one-phase commit on {self.name} failed: {err}; rolled back",
                     txid=xid.txid,
                     mysql_errno=err.errno,
                 ) from err
             self._finish(found, BranchState.COMMITTED, release=True)
-            self._failpoints.hit("agent.after_commit")
+            await self._failpoints.ahit("agent.after_commit")
             return CommitResult(outputs)
 
-    def _one_phase_after_lost_commit(
+    async def _one_phase_after_lost_commit(
         self, branch: Branch, outputs: tuple[StatementOutput, ...], err: DbError, thread_id: int
     ) -> CommitResult:
         if not branch.wrote:
             self._finish(branch, BranchState.READ_ONLY)
             return CommitResult(outputs)
         try:
-            with self._admin() as admin:
+            async with self._admin() as admin:
                 # The marker tells only once the server is done with the session: until then
                 # the commit may still be running there.
-                settled = self._end_session(admin, thread_id)
+                settled = await self._end_session(admin, thread_id)
                 committed = settled and bool(
-                    committed_markers(admin, self.config.marker_table, [branch.txid])
+                    await committed_markers(admin, self.config.marker_table, [branch.txid])
                 )
         except (DbError, Unavailable) as again:
             settled, problem = False, str(again)
@@ -756,8 +779,8 @@ class Agent:
             txid=branch.txid,
         ) from err
 
-    def _one_phase_result_of_finished(self, txid: str, found: FinishedBranch) -> CommitResult:
-        if found.state is BranchState.ROLLED_BACK and self._committed_on_server(txid):
+    async def _one_phase_result_of_finished(self, txid: str, found: FinishedBranch) -> CommitResult:
+        if found.state is BranchState.ROLLED_BACK and await self._committed_on_server(txid):
             return CommitResult(already_committed=True)
         if found.state is BranchState.ROLLED_BACK:
             raise TransactionAborted(
@@ -765,7 +788,7 @@ class Agent:
             )
         return CommitResult(already_committed=True)
 
-    def _commit_prepared_locked(self, branch: Branch) -> CommitResult:
+    async def _commit_prepared_locked(self, branch: Branch) -> CommitResult:
         if branch.state is BranchState.ROLLED_BACK:
             raise FailedPrecondition(
                 f"branch {branch.txid} on {self.name} was rolled back ({branch.reason}); "
@@ -783,23 +806,23 @@ class Agent:
         session = branch.session
         if session is not None:
             try:
-                session.xa("COMMIT", branch.xid)
+                await session.xa("COMMIT", branch.xid)
             except DbError:
                 session.discard()
                 branch.session = None
             else:
-                self._failpoints.hit("agent.after_commit")
+                await self._failpoints.ahit("agent.after_commit")
                 self._finish(branch, BranchState.COMMITTED, release=True)
                 return CommitResult()
-        already = self._commit_on_server(branch.xid)
+        already = await self._commit_on_server(branch.xid)
         self._finish(branch, BranchState.COMMITTED)
         return CommitResult(already_committed=already)
 
-    def _rollback_prepared_locked(self, branch: Branch) -> bool:
+    async def _rollback_prepared_locked(self, branch: Branch) -> bool:
         session = branch.session
         if session is not None:
             try:
-                session.xa("ROLLBACK", branch.xid)
+                await session.xa("ROLLBACK", branch.xid)
             except DbError:
                 session.discard()
                 branch.session = None
@@ -808,11 +831,11 @@ class Agent:
                     branch, BranchState.ROLLED_BACK, "rolled back on request", release=True
                 )
                 return False
-        already = self._rollback_on_server(branch.xid)
+        already = await self._rollback_on_server(branch.xid)
         self._finish(branch, BranchState.ROLLED_BACK, "rolled back on request")
         return already
 
-    def _abort(self, branch: Branch, reason: str) -> None:
+    async def _abort(self, branch: Branch, reason: str) -> None:
         """Rolls back an ACTIVE branch. Dropping the session is the fallback: the server rolls
         back an unprepared branch whose session ends."""
         session = branch.session
@@ -820,12 +843,12 @@ class Agent:
         if session is not None:
             try:
                 try:
-                    session.xa("END", branch.xid)
+                    await session.xa("END", branch.xid)
                 except ConnectionLost:
                     raise
                 except DbError:
                     pass  # already ended, or rollback-only after a deadlock: ROLLBACK still works
-                session.xa("ROLLBACK", branch.xid)
+                await session.xa("ROLLBACK", branch.xid)
             except DbError:
                 session.discard()
             else:
@@ -844,22 +867,22 @@ class Agent:
 
     # --- finishing a branch from another session -------------------------------------------------
 
-    def _commit_on_server(self, xid: Xid) -> bool:
+    async def _commit_on_server(self, xid: Xid) -> bool:
         """XA COMMIT from a pooled session; True if it had committed already."""
-        return self._finish_on_server(xid, "COMMIT")
+        return await self._finish_on_server(xid, "COMMIT")
 
-    def _rollback_on_server(self, xid: Xid) -> bool:
+    async def _rollback_on_server(self, xid: Xid) -> bool:
         """XA ROLLBACK from a pooled session; True if there was nothing to roll back."""
-        return self._finish_on_server(xid, "ROLLBACK")
+        return await self._finish_on_server(xid, "ROLLBACK")
 
-    def _finish_on_server(self, xid: Xid, command: str) -> bool:
+    async def _finish_on_server(self, xid: Xid, command: str) -> bool:
         committing = command == "COMMIT"
         deadline = self._clock() + _KILL_SETTLE_S
-        with self._admin() as session:
-            self._settle_doubtful(session, xid.txid)
+        async with self._admin() as session:
+            await self._settle_doubtful(session, xid.txid)
             while True:
                 try:
-                    session.xa(command, xid)
+                    await session.xa(command, xid)
                 except DbError as err:
                     if err.errno == ER_XA_RBROLLBACK and not committing:
                         return True
@@ -867,117 +890,114 @@ class Agent:
                         raise self._db_unavailable(xid, err) from err
                 else:
                     if committing:
-                        self._check_commit_landed(session, xid)
-                        self._failpoints.hit("agent.after_commit")
+                        await self._check_commit_landed(session, xid)
+                        await self._failpoints.ahit("agent.after_commit")
                     self._log.info("branch_finished_by_recovery", txid=xid.txid, how=command)
                     return False
-                if committed_markers(session, self.config.marker_table, [xid.txid]):
+                if await committed_markers(session, self.config.marker_table, [xid.txid]):
                     if committing:
                         return True
                     raise FailedPrecondition(
                         f"branch {xid.txid} on {self.name} committed; it cannot be rolled back",
                         txid=xid.txid,
                     )
-                if xid not in prepared_xids(session):
+                if xid not in await prepared_xids(session):
                     if not committing:
                         return True
                     # Neither prepared nor committed: unless its marker row is there,
                     # uncommitted, in a transaction the server lost track of.
-                    self._check_commit_landed(session, xid)
+                    await self._check_commit_landed(session, xid)
                     raise FailedPrecondition(
                         f"branch {xid.txid} is not prepared on {self.name} and left no commit "
                         "marker: it was rolled back, so it cannot commit (heuristic outcome)",
                         txid=xid.txid,
                     )
-                self._detach_from_owner(session, xid)
+                await self._detach_from_owner(session, xid)
                 if self._clock() > deadline:
                     raise Unavailable(
                         f"branch {xid.txid} on {self.name} is still held by another session",
                         txid=xid.txid,
                     )
-                time.sleep(0.02)
+                await asyncio.sleep(0.02)
 
-    def _vote_of_finished(self, txid: str, found: FinishedBranch) -> VoteResult:
+    async def _vote_of_finished(self, txid: str, found: FinishedBranch) -> VoteResult:
         if found.state is BranchState.READ_ONLY:
             return VoteResult(Vote.READ_ONLY)
-        if found.state is BranchState.COMMITTED or self._committed_on_server(txid):
+        if found.state is BranchState.COMMITTED or await self._committed_on_server(txid):
             return VoteResult(Vote.ALREADY_COMMITTED, "the branch committed already")
         return VoteResult(Vote.ABORT, found.reason or "the branch was rolled back")
 
-    def _committed_on_server(self, txid: str) -> bool:
+    async def _committed_on_server(self, txid: str) -> bool:
         """Whether the branch's marker is committed. Asked before repeating a remembered
         rollback: the memory may come from a rollback recorded while the server could not be
         asked, and a commit started before it may have landed since (the server is the truth).
         Unavailable while a broken session of ``txid`` may still be committing."""
-        with self._admin() as admin:
-            self._settle_doubtful(admin, txid)
-            return bool(committed_markers(admin, self.config.marker_table, [txid]))
+        async with self._admin() as admin:
+            await self._settle_doubtful(admin, txid)
+            return bool(await committed_markers(admin, self.config.marker_table, [txid]))
 
     def _remember_doubtful(self, txid: str, thread_id: int) -> None:
-        with self._doubtful_lock:
-            self._doubtful[txid] = thread_id
+        self._doubtful[txid] = thread_id
 
-    def _settle_doubtful(self, admin: Session, txid: str) -> None:
+    async def _settle_doubtful(self, admin: Session, txid: str) -> None:
         """Ends the broken session that may still be working on ``txid``, if there is one;
         Unavailable while it cannot be ended (what the server shows is not final yet)."""
-        with self._doubtful_lock:
-            thread_id = self._doubtful.get(txid)
+        thread_id = self._doubtful.get(txid)
         if thread_id is None:
             return
-        if not self._end_session(admin, thread_id):
+        if not await self._end_session(admin, thread_id):
             raise Unavailable(
                 f"a session of {txid} on {self.name} is still running after its connection "
                 "broke; ask again later",
                 txid=txid,
             )
-        with self._doubtful_lock:
-            self._doubtful.pop(txid, None)
+        self._doubtful.pop(txid, None)
 
-    def _end_session(self, admin: Session, thread_id: int) -> bool:
+    async def _end_session(self, admin: Session, thread_id: int) -> bool:
         """Kills server session ``thread_id`` (its connection broke mid-statement) and waits until
         the server is done with it, so that what it shows afterwards is final. False if the
         session is still there after the settle time."""
-        kill(admin, thread_id, query_only=False)
+        await kill(admin, thread_id, query_only=False)
         deadline = self._clock() + _KILL_SETTLE_S
-        while session_exists(admin, thread_id):
+        while await session_exists(admin, thread_id):
             if self._clock() > deadline:
                 return False
-            time.sleep(0.01)
+            await asyncio.sleep(0.01)
         return True
 
-    def _detach_from_owner(self, session: Session, xid: Xid) -> None:
+    async def _detach_from_owner(self, session: Session, xid: Xid) -> None:
         """A prepared branch answered XAER_NOTA while XA RECOVER lists it: a live session (a frozen
         or cut-off agent) still owns it. Kill that session, found by the branch's marker row."""
-        owner = marker_owner(session, self.config.marker_table, xid)
+        owner = await marker_owner(session, self.config.marker_table, xid)
         if owner is None or owner == session.thread_id:
             raise Unavailable(
                 f"branch {xid.txid} on {self.name} is held by a session the agent cannot "
                 "identify; it is finished once that session ends",
                 txid=xid.txid,
             )
-        if session_exists(session, owner):
+        if await session_exists(session, owner):
             # Waited for, not only killed: MariaDB 10.11 answers OK to an XA COMMIT that races
             # with the KILL of the branch's owner, and then leaves the transaction behind
             # uncommitted, its locks held, until the server restarts (about 1 in 10 tries when
             # the COMMIT follows the KILL at once; none in 400 once the owner has left the
             # processlist).
             self._log.warning("killing_branch_owner", txid=xid.txid, session=owner)
-            if not self._end_session(session, owner):
+            if not await self._end_session(session, owner):
                 raise Unavailable(
                     f"branch {xid.txid} on {self.name} is held by session {owner}, which has "
                     "not ended yet after KILL; ask again later",
                     txid=xid.txid,
                 )
 
-    def _check_commit_landed(self, session: Session, xid: Xid) -> None:
+    async def _check_commit_landed(self, session: Session, xid: Xid) -> None:
         """After an XA COMMIT from a session other than the branch's own: its marker row must be
         committed now. If it is there but uncommitted (a dirty read sees it), the server lost the
         commit (see ``_detach_from_owner``):
         say so, and fail the call so that the coordinator keeps its COMMIT record and commits
         the branch again once the server has restarted (it is then prepared once more)."""
-        if committed_markers(session, self.config.marker_table, [xid.txid]):
+        if await committed_markers(session, self.config.marker_table, [xid.txid]):
             return
-        if marker_owner(session, self.config.marker_table, xid) is None:
+        if await marker_owner(session, self.config.marker_table, xid) is None:
             return  # no marker at all: a branch that twopc's agent did not write
         self._log.error(
             "commit_lost_by_database",
@@ -1002,14 +1022,14 @@ class Agent:
             f"'{self.instance_id}')"
         )
 
-    def _started_session(self, xid: Xid) -> Session:
+    async def _started_session(self, xid: Xid) -> Session:
         """A pooled session with ``xid`` started on it. A pooled connection may be dead (the
         database restarted); XA START on it fails without effect, so it is tried once more on
         a fresh pool."""
         for attempt in (1, 2):
-            session = self._pool.session()
+            session = await self._pool.session()
             try:
-                session.xa("START", xid)
+                await session.xa("START", xid)
             except ConnectionLost:
                 session.discard()
                 if attempt == 2:
@@ -1022,11 +1042,11 @@ class Agent:
                 return session
         raise AssertionError("unreachable")
 
-    def _vote_without_branch(self, xid: Xid) -> VoteResult:
+    async def _vote_without_branch(self, xid: Xid) -> VoteResult:
         """Prepare for a branch this agent does not hold: prepared in an earlier life of the agent
         (a retried prepare), or lost with it."""
-        with self._admin() as session:
-            if xid in prepared_xids(session):
+        async with self._admin() as session:
+            if xid in await prepared_xids(session):
                 return VoteResult(Vote.PREPARED)
         return VoteResult(
             Vote.ABORT,
@@ -1034,7 +1054,7 @@ class Agent:
             "restarted before prepare)",
         )
 
-    def _interrupt_if_running(self, branch: Branch) -> None:
+    async def _interrupt_if_running(self, branch: Branch) -> None:
         session = branch.session
         if not branch.running_statement or session is None:
             return
@@ -1047,27 +1067,30 @@ class Agent:
                 self._log.warning("branch_connection_severed", txid=branch.txid)
             session.sever()
             return
-        self._kill_session_of(branch, query_only=True)
+        await self._kill_session_of(branch, query_only=True)
 
-    @contextmanager
-    def _locked(self, branch: Branch) -> Iterator[None]:
-        if not branch.lock.acquire(timeout=_LOCK_WAIT_S):
+    @asynccontextmanager
+    async def _locked(self, branch: Branch) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(_LOCK_WAIT_S):
+                await branch.lock.acquire()
+        except TimeoutError:
             raise Unavailable(
                 f"branch {branch.txid} on {self.name} is busy (a statement has run for over "
                 f"{_LOCK_WAIT_S:.0f} s)",
                 txid=branch.txid,
-            )
+            ) from None
         try:
             yield
         finally:
             branch.lock.release()
 
-    @contextmanager
-    def _admin(self) -> Iterator[Session]:
+    @asynccontextmanager
+    async def _admin(self) -> AsyncIterator[Session]:
         """A pooled session for the agent's own commands. A database error that leaves the block
         becomes Unavailable: every caller can answer that, and the coordinator retries."""
         try:
-            session = self._pool.session()
+            session = await self._pool.session()
         except DbError as err:
             raise Unavailable(f"participant {self.name} cannot reach its database: {err}") from err
         try:

@@ -7,6 +7,7 @@ request gets the first answer without asking the server.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import threading
 from collections import OrderedDict
@@ -66,7 +67,7 @@ class Branch:
     severed: bool = False  # the reaper shut its session's socket (a statement lost on a dead link)
     forgotten: bool = False
     reason: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def txid(self) -> str:

@@ -7,7 +7,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -48,39 +47,34 @@ def build_agent(config: AgentConfig, environ: Mapping[str, str], failpoints: Fai
     return Agent(config, pool, failpoints=failpoints)
 
 
-def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> None:
+async def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> None:
     """Starts the agent, waiting for its database to come up (it may be restarting too)."""
     deadline = time.monotonic() + patience
     while True:
         try:
-            agent.start()
+            await agent.start()
         except (Unavailable, DbError) as err:
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"database of participant {agent.name} unreachable for {patience:.0f} s: {err}"
                 ) from err
             log.warning("database_unreachable", error=str(err))
-            time.sleep(0.5)
+            await asyncio.sleep(0.5)
         else:
             return
 
 
 async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> None:
-    workers = ThreadPoolExecutor(
-        max_workers=config.pool_size + config.pool_overflow + 4, thread_name_prefix="branch"
-    )
-    housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper")
-    gc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marker-gc")
     server = new_server()
-    servicer = ParticipantServicer(agent, workers)
+    servicer = ParticipantServicer(agent)
     pb_grpc.add_ParticipantServicer_to_server(servicer, server)
     if config.admin_failpoints:
         add_failpoint_admin(server, failpoints)
     port = listen(server, config.listen)
     await server.start()
     log.info("agent_listening", address=config.listen, port=port)
-    reaper = asyncio.create_task(_reap(agent, config, housekeeping))
-    collector = asyncio.create_task(_collect_markers(agent, config, gc))
+    reaper = asyncio.create_task(_reap(agent, config))
+    collector = asyncio.create_task(_collect_markers(agent, config))
     try:
         sig = await wait_for_stop_signal()
         log.info("agent_stopping", signal=sig.name)
@@ -89,36 +83,30 @@ async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> No
         collector.cancel()
         servicer.stop()
         await server.stop(grace=5)
-        closing = asyncio.get_running_loop().run_in_executor(housekeeping, agent.close)
         try:
-            # Bounded: the housekeeping thread may itself be stuck in a database call on a dead
-            # link. Prepared branches are durable on the server either way; active ones are
-            # rolled back by it when the process's connections close.
-            await asyncio.wait_for(closing, timeout=_CLOSE_BUDGET_S)
+            # Bounded: closing may be stuck in a database call on a dead link. Prepared
+            # branches are durable on the server either way; active ones are rolled back by it
+            # when the process's connections close.
+            await asyncio.wait_for(agent.close(), timeout=_CLOSE_BUDGET_S)
         except TimeoutError:
             log.warning("agent_close_timed_out", budget_s=_CLOSE_BUDGET_S)
-        workers.shutdown(wait=False, cancel_futures=True)
-        housekeeping.shutdown(wait=False)
-        gc.shutdown(wait=False)
 
 
-async def _reap(agent: Agent, config: AgentConfig, executor: ThreadPoolExecutor) -> None:
-    loop = asyncio.get_running_loop()
+async def _reap(agent: Agent, config: AgentConfig) -> None:
     while True:
         await asyncio.sleep(config.reaper_interval_s)
         try:
-            await loop.run_in_executor(executor, agent.reap_expired)
+            await agent.reap_expired()
         except Exception:
             log.exception("housekeeping_failed")
 
 
-async def _collect_markers(agent: Agent, config: AgentConfig, executor: ThreadPoolExecutor) -> None:
-    """In a thread of its own: a marker DELETE stuck on a dead link (up to the command
-    timeout) must not hold up the deadline reaper."""
-    loop = asyncio.get_running_loop()
+async def _collect_markers(agent: Agent, config: AgentConfig) -> None:
+    """A task of its own: a marker DELETE stuck on a dead link (up to the command timeout)
+    must not hold up the deadline reaper."""
     while True:
         try:
-            await loop.run_in_executor(executor, agent.collect_markers)
+            await agent.collect_markers()
         except (DbError, Unavailable) as err:
             log.warning("marker_gc_failed", error=str(err))
         except Exception:
@@ -139,19 +127,25 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
         log.error("agent_cannot_start", error=err.message)
         return 2
     agent = build_agent(config, environ, failpoints)
-    try:
-        start_agent(agent)
-    except (FailedPrecondition, Unavailable) as err:
-        log.error("agent_cannot_start", error=err.message)
-        return 2
     code = 0
+
+    async def run() -> None:
+        nonlocal code
+        try:
+            await start_agent(agent)
+        except (FailedPrecondition, Unavailable) as err:
+            log.error("agent_cannot_start", error=err.message)
+            code = 2
+            return
+        await serve(agent, config, failpoints)
+
     try:
-        run_daemon(serve(agent, config, failpoints))
+        run_daemon(run())
     except Exception:
         log.exception("agent_stopped_with_error")
         code = 1
-    # Worker threads still blocked in a database read (a cut link) would hold the process until
-    # their read timeout, with the port already closed: neither serving nor gone. Everything
-    # that matters is done (branches rolled back or left prepared, logs written).
+    # Calls still waiting on a database read (a cut link) would hold the process until their
+    # read timeout, with the port already closed: neither serving nor gone. Everything that
+    # matters is done (branches rolled back or left prepared, logs written).
     sys.stderr.flush()
     os._exit(code)

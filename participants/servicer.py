@@ -1,15 +1,15 @@
-"""The gRPC face of the agent: protobuf in, ``Agent`` calls in worker threads, protobuf out.
+"""The gRPC face of the agent: protobuf in, ``Agent`` calls on the event loop, protobuf out.
 
-Blocking database work runs in a thread pool so that the event loop keeps answering; every
-``TwopcError`` becomes a status here, and nothing else does.
+Every ``TwopcError`` becomes a status here, and nothing else does. An agent call runs to its end
+even when its caller goes away (a cancelled RPC, a broken stream): stopping it halfway would
+leave a branch between two states, its session in the middle of a statement.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import structlog
 from grpc import aio
@@ -59,17 +59,16 @@ def statement_results(outputs: Sequence[StatementOutput]) -> list[pb.StatementRe
 
 
 class ParticipantServicer(pb_grpc.ParticipantServicer):
-    def __init__(self, agent: Agent, executor: Executor) -> None:
+    def __init__(self, agent: Agent) -> None:
         self._agent = agent
-        self._executor = executor
         self._log = structlog.get_logger("twopc.agent.rpc")
         self._stopping = asyncio.Event()
 
     async def Execute(
         self, request: pb.BranchExecuteRequest, context: Context
     ) -> pb.BranchExecuteResponse:
-        def run() -> pb.BranchExecuteResponse:
-            outputs = self._agent.execute(
+        async def run() -> pb.BranchExecuteResponse:
+            outputs = await self._agent.execute(
                 request.txid,
                 request.participant,
                 statement_requests(request.statements),
@@ -84,8 +83,8 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
         return await self._call(context, request.txid, lambda: self._prepare(request))
 
-    def _prepare(self, request: pb.PrepareRequest) -> pb.PrepareResponse:
-        result = self._agent.prepare(
+    async def _prepare(self, request: pb.PrepareRequest) -> pb.PrepareResponse:
+        result = await self._agent.prepare(
             request.txid,
             request.participant,
             statement_requests(request.statements),
@@ -102,8 +101,8 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     async def Commit(
         self, request: pb.BranchCommitRequest, context: Context
     ) -> pb.BranchCommitResponse:
-        def run() -> pb.BranchCommitResponse:
-            result = self._agent.commit(
+        async def run() -> pb.BranchCommitResponse:
+            result = await self._agent.commit(
                 request.txid,
                 request.participant,
                 one_phase=request.one_phase,
@@ -121,14 +120,12 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     async def CommitMany(
         self, request: pb.CommitManyRequest, context: Context
     ) -> pb.CommitManyResponse:
-        return await self._commit_many(request)
+        return await _finish(self._commit_many(request))
 
     async def _commit_many(self, request: pb.CommitManyRequest) -> pb.CommitManyResponse:
-        loop = asyncio.get_running_loop()
-
-        def commit(txid: str) -> pb.BranchOutcome:
+        async def commit(txid: str) -> pb.BranchOutcome:
             try:
-                result = self._agent.commit(txid, request.participant, one_phase=False)
+                result = await self._agent.commit(txid, request.participant, one_phase=False)
             except TwopcError as err:
                 return pb.BranchOutcome(
                     txid=txid,
@@ -147,9 +144,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             return pb.BranchOutcome(txid=txid, already_committed=result.already_committed)
 
         # Concurrently: each commit is an fsync on the server, and concurrent ones share them.
-        outcomes = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, commit, txid) for txid in request.txids)
-        )
+        outcomes = await asyncio.gather(*(commit(txid) for txid in request.txids))
         return pb.CommitManyResponse(outcomes=outcomes)
 
     async def Pipeline(  # type: ignore[override]
@@ -206,13 +201,12 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     async def _pipeline_answer(self, call: pb.PipelineCall) -> pb.PipelineAnswer:
         kind = call.WhichOneof("call")
         txid = call.prepare.txid if kind == "prepare" else ""
-        loop = asyncio.get_running_loop()
         try:
             if kind == "prepare":
-                prepared = await loop.run_in_executor(self._executor, self._prepare, call.prepare)
+                prepared = await _finish(self._prepare(call.prepare))
                 return pb.PipelineAnswer(id=call.id, prepare=prepared)
             if kind == "commit_many":
-                committed = await self._commit_many(call.commit_many)
+                committed = await _finish(self._commit_many(call.commit_many))
                 return pb.PipelineAnswer(id=call.id, commit_many=committed)
             error: TwopcError = InvalidArgument(
                 "a pipeline call carries no request (prepare or commit_many); is the "
@@ -243,15 +237,15 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     async def Rollback(
         self, request: pb.BranchRollbackRequest, context: Context
     ) -> pb.BranchRollbackResponse:
-        def run() -> pb.BranchRollbackResponse:
-            already = self._agent.rollback(request.txid, request.participant)
+        async def run() -> pb.BranchRollbackResponse:
+            already = await self._agent.rollback(request.txid, request.participant)
             return pb.BranchRollbackResponse(already_rolled_back=already)
 
         return await self._call(context, request.txid, run)
 
     async def Recover(self, request: pb.RecoverRequest, context: Context) -> pb.RecoverResponse:
-        def run() -> pb.RecoverResponse:
-            branches = self._agent.recover(request.txid_prefix)
+        async def run() -> pb.RecoverResponse:
+            branches = await self._agent.recover(request.txid_prefix)
             return pb.RecoverResponse(
                 branches=[
                     pb.PreparedBranch(
@@ -266,8 +260,8 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         return await self._call(context, "", run)
 
     async def Inspect(self, request: pb.InspectRequest, context: Context) -> pb.InspectResponse:
-        def run() -> pb.InspectResponse:
-            states = self._agent.inspect(list(request.txids))
+        async def run() -> pb.InspectResponse:
+            states = await self._agent.inspect(list(request.txids))
             return pb.InspectResponse(
                 branches=[
                     pb.BranchStatus(txid=txid, state=_PRESENCE[state])
@@ -287,10 +281,9 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             prepared_branches=prepared,
         )
 
-    async def _call(self, context: Context, txid: str, run: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
+    async def _call(self, context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await loop.run_in_executor(self._executor, run)
+            return await _finish(run())
         except TwopcError as err:
             err.txid = err.txid or txid
             if err.code in ("INTERNAL", "UNKNOWN"):
@@ -302,3 +295,21 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 context, Internal(f"agent error: {type(err).__name__}: {err}", txid=txid)
             )
         raise AssertionError("unreachable: abort_with raises")
+
+
+_unfinished: set[asyncio.Future[Any]] = set()  # held until done, whoever still awaits them
+
+
+async def _finish(work: Awaitable[T]) -> T:
+    """Awaits ``work``, which runs to its end even if this await is cancelled (the caller is
+    then not answered; the branch is left in a state of the protocol)."""
+    task = asyncio.ensure_future(work)
+    _unfinished.add(task)
+    task.add_done_callback(_forget)
+    return await asyncio.shield(task)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _unfinished.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error nobody awaits any more is not reported twice

@@ -1,6 +1,6 @@
-"""The agent's edge to MySQL/MariaDB: pooled pymysql sessions, XA statements, driver errors.
+"""The agent's edge to MySQL/MariaDB: pooled aiomysql sessions, XA statements, driver errors.
 
-Everything pymysql- and SQLAlchemy-specific stays in this module; the rest of the agent sees
+Everything driver-specific stays in this module; the rest of the agent sees
 ``Session`` objects and ``DbError``. XIDs are written as hex literals (XA statements take no
 placeholders). Sessions run with autocommit on: with pymysql's default autocommit off,
 XA START fails with XAER_OUTSIDE after any earlier statement.
@@ -8,18 +8,17 @@ XA START fails with XAER_OUTSIDE after any earlier statement.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import re
-import select
-import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import aiomysql
 import pymysql
-import sqlalchemy
 from pymysql.constants import CLIENT
-from sqlalchemy.pool import PoolProxiedConnection
 
 from coordinator.txid import Xid
 from coordinator.values import SqlValue
@@ -70,10 +69,10 @@ class StatementOutput:
     rows: list[tuple[Any, ...]]
 
 
-def _output_of(cursor: Any) -> StatementOutput:
+async def _output_of(cursor: Any) -> StatementOutput:
     """The output of the statement whose result the cursor holds."""
     columns = [d[0] for d in cursor.description] if cursor.description else []
-    rows = list(cursor.fetchall()) if columns else []
+    rows = list(await cursor.fetchall()) if columns else []
     affected = 0 if columns else max(cursor.rowcount, 0)
     return StatementOutput(affected, cursor.lastrowid or 0, columns, rows)
 
@@ -99,46 +98,71 @@ def translate(err: Exception) -> DbError:
 
 
 _DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)
+_TIMED_OUT = "Lost connection to MySQL server during query (timed out)"
+T = TypeVar("T")
 
 
 class Session:
-    """One pooled connection, used for one XA branch at a time or for administration."""
+    """One pooled connection, used for one XA branch at a time or for administration. Its I/O
+    runs on the event loop (aiomysql); a call that outlives its timeout closes the connection
+    and raises ``ConnectionLost``, as a blocking driver's socket timeout would."""
 
     def __init__(
-        self, proxied: PoolProxiedConnection, command_timeout: float | None = None
+        self,
+        conn: aiomysql.Connection,
+        pool: SessionPool,
+        *,
+        read_timeout: float,
+        command_timeout: float | None,
     ) -> None:
-        self._proxied = proxied
-        self._conn: pymysql.connections.Connection[Any] = proxied.dbapi_connection  # type: ignore[assignment]
-        self.thread_id: int = self._conn.thread_id()  # type: ignore[no-untyped-call]
+        self._conn = conn
+        self._pool = pool
+        self.thread_id: int = conn.thread_id()
+        self._read_timeout = read_timeout
         self._command_timeout = command_timeout
+        self._commands = 0
+        self._returned = False
 
     @contextlib.contextmanager
     def commands(self) -> Iterator[None]:
         """Twopc's own commands get ``command_timeout`` instead of the read timeout that client
-        statements need (they may run long). pymysql applies ``_read_timeout`` and
-        ``_write_timeout`` at every socket read and write, so setting them around a call is
-        enough; they have no public setter."""
-        if self._command_timeout is None:
-            yield
-            return
-        conn: Any = self._conn  # the timeouts are not in the type stubs
-        saved = conn._read_timeout, conn._write_timeout
-        conn._read_timeout = conn._write_timeout = self._command_timeout
+        statements need (they may run long)."""
+        self._commands += 1
         try:
             yield
         finally:
-            conn._read_timeout, conn._write_timeout = saved
+            self._commands -= 1
 
-    def execute(
+    @property
+    def _timeout(self) -> float:
+        if self._commands and self._command_timeout is not None:
+            return self._command_timeout
+        return self._read_timeout
+
+    async def _io(self, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await work()
+        except TimeoutError:
+            # The statement's answer is lost or late: the connection cannot carry another.
+            self._conn.close()
+            raise ConnectionLost(2013, _TIMED_OUT) from None
+        except _DRIVER_ERRORS as err:
+            raise translate(err) from err
+
+    async def execute(
         self, sql: str, params: Sequence[SqlValue] | None = None, *, max_rows: int = 0
     ) -> StatementOutput:
         """Runs one statement. ``max_rows`` > 0 makes a larger result an error (nothing is cut)."""
-        try:
-            with self._conn.cursor() as cursor:
-                cursor.execute(sql, tuple(params) if params else None)
-                output = _output_of(cursor)
-        except _DRIVER_ERRORS as err:
-            raise translate(err) from err
+
+        bound = self.bind(sql, params or ())
+
+        async def run() -> StatementOutput:
+            cursor = _Cursor(self._conn)
+            await cursor.execute(bound)
+            return await _output_of(cursor)
+
+        output = await self._io(run)
         check_rows(output, max_rows)
         return output
 
@@ -146,23 +170,26 @@ class Session:
         """``sql`` with its ``%s`` placeholders replaced by literals, as ``execute`` sends it."""
         if not params:
             return sql
-        with self._conn.cursor() as cursor:
-            return str(cursor.mogrify(sql, tuple(params)))
+        return sql % tuple(_literal(value) for value in params)
 
-    def batch(self, statements: Sequence[str]) -> list[StatementOutput]:
+    async def batch(self, statements: Sequence[str]) -> list[StatementOutput]:
         """Runs bound statements in one round trip and returns the output of each. Each must be
         a single statement without its terminating ``;``; they are sent one per line, so that a
         trailing ``--`` or ``#`` comment ends where its statement does. Raises ``BatchFailed``
         at the first that fails; the server runs none after it."""
         outputs: list[StatementOutput] = []
+
+        async def run() -> None:
+            cursor = _Cursor(self._conn)
+            await cursor.execute("\n;\n".join(statements))
+            outputs.append(await _output_of(cursor))
+            while await cursor.nextset():
+                outputs.append(await _output_of(cursor))
+
         try:
-            with self._conn.cursor() as cursor:
-                cursor.execute("\n;\n".join(statements))
-                outputs.append(_output_of(cursor))
-                while cursor.nextset():
-                    outputs.append(_output_of(cursor))
-        except _DRIVER_ERRORS as err:
-            raise BatchFailed(len(outputs), translate(err)) from err
+            await self._io(run)
+        except DbError as err:
+            raise BatchFailed(len(outputs), err) from err
         if len(outputs) != len(statements):  # the guard splits statements as the server does
             raise BatchFailed(
                 len(outputs),
@@ -170,63 +197,88 @@ class Session:
             )
         return outputs
 
-    def script(self, statements: Sequence[str]) -> None:
+    async def script(self, statements: Sequence[str]) -> None:
         """Runs statements of twopc's own (literals only, no parameters) in one round trip.
         The server stops at the first that fails, and that error is raised."""
-        try:
-            with self.commands(), self._conn.cursor() as cursor:
-                cursor.execute("; ".join(statements))
-                while cursor.nextset():
-                    pass
-        except _DRIVER_ERRORS as err:
-            raise translate(err) from err
 
-    def xa(self, command: str, xid: Xid, suffix: str = "") -> None:
+        async def run() -> None:
+            cursor = _Cursor(self._conn)
+            await cursor.execute("; ".join(statements))
+            while await cursor.nextset():
+                pass
+
+        with self.commands():
+            await self._io(run)
+
+    async def xa(self, command: str, xid: Xid, suffix: str = "") -> None:
         """``XA <command> <xid> [suffix]``, e.g. ``xa("COMMIT", xid, "ONE PHASE")``."""
-        self.command(f"XA {command} {xid.sql()} {suffix}".rstrip())
+        await self.command(f"XA {command} {xid.sql()} {suffix}".rstrip())
 
     def sever(self) -> None:
-        """Shuts the connection's socket down, from any thread: a read blocked on it fails at
-        once (pymysql raises 2013) instead of waiting for the read timeout. The server sees the
-        connection go when the FIN reaches it. The session is unusable afterwards."""
-        sock = getattr(self._conn, "_sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        """Drops the connection now: a read waiting on it fails at once (2013) instead of
+        waiting for its timeout. The server sees the connection go when the FIN reaches it.
+        The session is unusable afterwards."""
+        writer = self._conn._writer
+        if writer is not None:
+            writer.transport.abort()
 
-    def command(self, sql: str) -> None:
+    async def command(self, sql: str) -> None:
         """One statement of twopc's own, under the command timeout (see ``commands``)."""
         with self.commands():
-            self.execute(sql)
+            await self.execute(sql)
 
     def closed_by_server(self) -> bool:
-        """True when this idle connection's socket is readable: the server closed it (EOF) or
-        sent what nobody asked for; either way it cannot carry a statement."""
-        sock = getattr(self._conn, "_sock", None)
-        if sock is None:
-            return True
-        try:
-            poller = select.poll()  # not select(): it fails on descriptors past 1023
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return True
+        return _unusable(self._conn)
 
     def release(self) -> None:
         """Returns the connection to the pool (only when no branch is attached to it)."""
-        self._proxied.close()
+        if not self._returned:
+            self._returned = True
+            self._pool.give_back(self._conn, broken=False)
 
     def discard(self) -> None:
         """Closes the connection for good: the server detaches (prepared) or rolls back (active)
         whatever branch it held."""
-        try:
-            self._proxied.invalidate()
-        finally:
-            self._proxied.close()
+        if not self._returned:
+            self._returned = True
+            self._pool.give_back(self._conn, broken=True)
+
+
+class _Cursor(aiomysql.Cursor):  # type: ignore[misc]  # aiomysql has no type information
+    """aiomysql's cursor without its SHOW WARNINGS after a statement that left warnings: a round
+    trip more, and Python warnings that say nothing to an operator (a note from CREATE TABLE
+    IF NOT EXISTS). PyMySQL, which the agent used before, stopped doing it in 1.0."""
+
+    async def _show_warnings(self, conn: object) -> None:
+        return None
+
+
+def _literal(value: SqlValue) -> str:
+    """A value as an SQL literal, as PyMySQL's ``Connection.escape`` writes it (aiomysql's
+    ``escape`` fails on bytes with PyMySQL 1.2, so it is not used). Sessions run without
+    NO_BACKSLASH_ESCAPES, so backslash escaping is right."""
+    if isinstance(value, str):
+        return "'" + pymysql.converters.escape_string(value) + "'"
+    if isinstance(value, bytes | bytearray):
+        return f"X'{value.hex()}'"
+    return str(pymysql.converters.escape_item(value, "utf8mb4"))
+
+
+def _unusable(conn: aiomysql.Connection) -> bool:
+    """True when an idle connection cannot carry a statement: closed here, or the server closed
+    it (EOF) or sent what nobody asked for. Seen without a round trip: the event loop has read
+    whatever arrived."""
+    reader = conn._reader
+    if conn.closed or reader is None:
+        return True
+    return bool(reader.at_eof() or reader._buffer)
 
 
 class SessionPool:
-    """A SQLAlchemy connection pool of pymysql connections set up for XA."""
+    """A pool of aiomysql connections set up for XA: ``pool_size`` kept idle at most, up to
+    ``overflow`` more opened under load and closed when returned, a checkout waits up to
+    ``checkout_timeout`` for a free one. (aiomysql's own pool has no checkout timeout and keeps
+    overflow connections; this one keeps the SQLAlchemy QueuePool behaviour the agent had.)"""
 
     def __init__(
         self,
@@ -245,7 +297,14 @@ class SessionPool:
         idle_timeout: int,
         command_timeout: float | None = None,
     ) -> None:
+        self._read_timeout = read_timeout
         self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._checkout_timeout = checkout_timeout
+        self._pool_size = pool_size
+        self._capacity = pool_size + overflow
+        self._slots: asyncio.Semaphore | None = None  # made on the loop, at first use
+        self._idle: collections.deque[aiomysql.Connection] = collections.deque()
         # sql_mode: the statement guard lexes quotes as MySQL does by default; the two modes
         # that change quoting are removed so that the server splits statements the same way.
         init = (
@@ -254,74 +313,97 @@ class SessionPool:
             "sql_mode = REPLACE(REPLACE(@@SESSION.sql_mode, 'NO_BACKSLASH_ESCAPES', ''), "
             "'ANSI_QUOTES', '')"
         )
+        self._connect_args: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "user": user,
+            "password": password,
+            "db": database,
+            "autocommit": True,
+            "charset": "utf8mb4",
+            "connect_timeout": connect_timeout,
+            "program_name": "twopc-agent",
+            "init_command": init,
+            # For Session.script: twopc's own statements in one round trip. Client SQL is
+            # still one statement per call (the statement guard refuses ';').
+            "client_flag": CLIENT.MULTI_STATEMENTS,
+        }
 
-        def connect() -> Any:
-            return pymysql.connect(
-                host=host,
-                port=port,
-                user=user,
-                password=password,
-                database=database,
-                autocommit=True,
-                charset="utf8mb4",
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                write_timeout=read_timeout,
-                program_name="twopc-agent",
-                init_command=init,
-                # For Session.script: twopc's own statements in one round trip. Client SQL is
-                # still one statement per call (the statement guard refuses ';').
-                client_flag=CLIENT.MULTI_STATEMENTS,
-            )
-
-        # The engine is used only for its pool; statements go straight to pymysql so that
-        # nothing between us and the server adds round trips. No pre-ping (a round trip per
-        # checkout): a stale connection shows itself at XA START, which is retried (reset()).
-        self._engine = sqlalchemy.create_engine(
-            "mysql+pymysql://",
-            creator=connect,
-            pool_size=pool_size,
-            max_overflow=overflow,
-            pool_timeout=checkout_timeout,
-            pool_reset_on_return=None,
+    async def session(self) -> Session:
+        """A pooled session. An idle connection that the server has closed (it restarted) is
+        seen without a round trip; then every idle one is dropped, since they all went the
+        same way. Raises ``DbError`` when none is free in time or the server cannot be
+        reached (``ConnectionLost``)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._capacity)
+        try:
+            async with asyncio.timeout(self._checkout_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise DbError(
+                0,
+                f"no free database connection in the agent's pool after "
+                f"{self._checkout_timeout:g} s ({self._capacity} in use)",
+            ) from None
+        try:
+            conn = self._idle_connection() or await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+        return Session(
+            conn, self, read_timeout=self._read_timeout, command_timeout=self._command_timeout
         )
 
-    def session(self) -> Session:
-        """A pooled session. An idle connection that the server has closed (it restarted) is
-        seen without a round trip, by its socket being readable; then every idle one is
-        dropped, since they all went the same way."""
-        session = self._checkout()
-        if session.closed_by_server():
-            session.discard()
+    def _idle_connection(self) -> aiomysql.Connection | None:
+        while self._idle:
+            conn = self._idle.pop()  # the most recently used: the least likely to be stale
+            if not _unusable(conn):
+                return conn
+            conn.close()
             self.reset()
-            session = self._checkout()
-        return session
+        return None
 
-    def _checkout(self) -> Session:
+    async def _connect(self) -> aiomysql.Connection:
+        conn = aiomysql.Connection(**self._connect_args)
         try:
-            return Session(self._engine.raw_connection(), self._command_timeout)
-        except sqlalchemy.exc.TimeoutError as err:
-            raise DbError(0, f"no free database connection in the agent's pool: {err}") from err
-        except sqlalchemy.exc.DBAPIError as err:
-            cause = err.orig if isinstance(err.orig, Exception) else err
-            raise translate(cause) from err
+            # The whole handshake, not only the TCP connect (all that aiomysql bounds): on a
+            # link that swallows bytes the greeting never comes.
+            async with asyncio.timeout(self._connect_timeout):
+                await conn._connect()
+        except TimeoutError:
+            conn.close()
+            raise ConnectionLost(2003, "Can't connect to MySQL server (timed out)") from None
         except _DRIVER_ERRORS as err:
+            conn.close()
             raise translate(err) from err
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def give_back(self, conn: aiomysql.Connection, *, broken: bool) -> None:
+        if broken or _unusable(conn) or len(self._idle) >= self._pool_size:
+            conn.close()
+        else:
+            self._idle.append(conn)
+        if self._slots is not None:
+            self._slots.release()
 
     def reset(self) -> None:
         """Drops every idle connection (the database restarted: they are all dead)."""
-        self._engine.dispose()
+        while self._idle:
+            self._idle.pop().close()
 
     def dispose(self) -> None:
-        self._engine.dispose()
+        self.reset()
 
 
 # --- administration: what a session can ask the server about branches ---------------------------
 
 
-def prepared_xids(session: Session) -> list[Xid]:
+async def prepared_xids(session: Session) -> list[Xid]:
     """Our prepared branches on the server (XA RECOVER, filtered on our format id)."""
-    output = session.execute("XA RECOVER")
+    output = await session.execute("XA RECOVER")
     xids = []
     for format_id, gtrid_length, _bqual_length, data in output.rows:
         xid = Xid.from_recover_row(int(format_id), int(gtrid_length), bytes(data))
@@ -330,42 +412,42 @@ def prepared_xids(session: Session) -> list[Xid]:
     return xids
 
 
-def committed_markers(session: Session, table: str, txids: Sequence[str]) -> set[str]:
+async def committed_markers(session: Session, table: str, txids: Sequence[str]) -> set[str]:
     """The txids among ``txids`` whose marker row is committed (so their branch committed)."""
     if not txids:
         return set()
     marks = ", ".join(["%s"] * len(txids))
-    output = session.execute(
+    output = await session.execute(
         f"SELECT gtrid FROM `{table}` WHERE gtrid IN ({marks})",
         [t.encode("ascii") for t in txids],
     )
     return {bytes(row[0]).decode("ascii") for row in output.rows}
 
 
-def marker_owner(session: Session, table: str, xid: Xid) -> int | None:
+async def marker_owner(session: Session, table: str, xid: Xid) -> int | None:
     """The session id that wrote the (uncommitted) marker of a prepared branch: its owner.
 
     A dirty read: the marker row of a prepared branch is visible only at READ UNCOMMITTED.
     """
-    session.execute("SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
-    output = session.execute(
+    await session.execute("SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
+    output = await session.execute(
         f"SELECT owner_thread FROM `{table}` WHERE gtrid = %s AND bqual = %s",
         [xid.gtrid, xid.bqual],
     )
     return int(output.rows[0][0]) if output.rows else None
 
 
-def kill(session: Session, thread_id: int, *, query_only: bool) -> None:
+async def kill(session: Session, thread_id: int, *, query_only: bool) -> None:
     """KILL [QUERY] a session; a session that is already gone is not an error."""
     try:
-        session.command(f"KILL {'QUERY ' if query_only else ''}{int(thread_id)}")
+        await session.command(f"KILL {'QUERY ' if query_only else ''}{int(thread_id)}")
     except DbError as err:
         if err.errno != ER_NO_SUCH_THREAD:
             raise
 
 
-def session_exists(session: Session, thread_id: int) -> bool:
-    output = session.execute(
+async def session_exists(session: Session, thread_id: int) -> bool:
+    output = await session.execute(
         "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", [thread_id]
     )
     return bool(output.rows[0][0])

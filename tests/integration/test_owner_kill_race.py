@@ -14,14 +14,12 @@ race every time; the chaos run under load did.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
-
-import pytest
 
 from coordinator.failpoints import Failpoints
 from coordinator.playground.cluster import Cluster
-from participants.agent import Agent, StatementRequest, Vote
+from participants.agent import StatementRequest, Vote
 from participants.config import AgentConfig
 from participants.daemon import build_agent
 
@@ -29,36 +27,31 @@ ROUNDS = 40
 TABLE = "owner_kill_race"
 
 
-@pytest.fixture
-def agents(live_cluster: Cluster) -> Iterator[tuple[Agent, Agent]]:
+def test_a_branch_committed_after_killing_its_owner_is_committed(live_cluster: Cluster) -> None:
     host, port = live_cluster.component("mariadb-eu").address.rsplit(":", 1)
     config = AgentConfig(name="eu", mysql_host=host, mysql_port=int(port), pool_size=ROUNDS + 4)
     with live_cluster.mysql("eu") as conn, conn.cursor() as cursor:
         cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
         cursor.execute(f"CREATE TABLE {TABLE} (id INT PRIMARY KEY)")
-    started = []
-    try:
-        for _ in range(2):
-            agent = build_agent(config, os.environ, Failpoints())
-            agent.start()
-            started.append(agent)
-        yield started[0], started[1]
-    finally:
-        for agent in started:
-            agent.close(patience=0.1)
-
-
-def test_a_branch_committed_after_killing_its_owner_is_committed(
-    live_cluster: Cluster, agents: tuple[Agent, Agent]
-) -> None:
-    owner, other = agents
     # A coordinator id of no running coordinator: the cluster's recovery leaves these alone.
     txids = [f"elsewhere.r-owner-kill-{i}" for i in range(ROUNDS)]
-    for i, txid in enumerate(txids):
-        insert = StatementRequest(f"INSERT INTO {TABLE} (id) VALUES (%s)", [i])
-        assert owner.prepare(txid, "eu", [insert], 1, 30_000).vote is Vote.PREPARED
-        # `other` has never seen the branch: it must kill the owner's session to commit it.
-        other.commit(txid, "eu", one_phase=False)
+
+    async def walk() -> None:
+        owner, other = (build_agent(config, os.environ, Failpoints()) for _ in range(2))
+        try:
+            await owner.start()
+            await other.start()
+            for i, txid in enumerate(txids):
+                insert = StatementRequest(f"INSERT INTO {TABLE} (id) VALUES (%s)", [i])
+                vote = await owner.prepare(txid, "eu", [insert], 1, 30_000)
+                assert vote.vote is Vote.PREPARED
+                # `other` has never seen the branch: it must kill the owner's session to commit.
+                await other.commit(txid, "eu", one_phase=False)
+        finally:
+            await owner.close(patience=0.1)
+            await other.close(patience=0.1)
+
+    asyncio.run(walk())
 
     with live_cluster.mysql("eu") as conn, conn.cursor() as cursor:
         cursor.execute(f"SELECT COUNT(*) FROM {TABLE}")

@@ -149,6 +149,9 @@ class Session:
             raise ConnectionLost(2013, _TIMED_OUT) from None
         except _DRIVER_ERRORS as err:
             raise translate(err) from err
+        except BaseException:
+            self._conn.close()  # cancelled mid-statement: where the protocol stands is unknown
+            raise
 
     async def execute(
         self, sql: str, params: Sequence[SqlValue] | None = None, *, max_rows: int = 0

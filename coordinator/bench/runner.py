@@ -198,7 +198,9 @@ def create_cluster(directory: Path, settings: Settings) -> Cluster:
 
     Each agent's pool holds a connection for every branch that can be alive at once: with early
     answers a client starts its next transaction while phase 2 of the last one is still under
-    way, so up to twice the clients, plus the agent's own sessions. A smaller pool opens and
+    way, and phase 2 is batched, so a few times the clients (twice left overflow connections
+    opened and closed at 32 clients once agents got faster), plus the agent's own sessions. A
+    smaller pool opens and
     closes overflow connections per branch (TIME_WAIT grows; at 32 clients that cost the agents
     40 % more CPU per transaction)."""
     return Cluster.create(
@@ -208,7 +210,7 @@ def create_cluster(directory: Path, settings: Settings) -> Cluster:
         client_db_links=True,
         remote_links_only=True,
         agent_settings={
-            "pool_size": 2 * max(settings.concurrency) + 16,
+            "pool_size": 3 * max(settings.concurrency) + 16,
             "pool_overflow": 32,
             "lock_wait_timeout_s": settings.lock_wait_timeout_s,
         },

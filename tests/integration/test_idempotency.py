@@ -335,3 +335,29 @@ def test_a_branch_whose_commit_the_database_lost_is_reported_not_declared_rolled
         cursor.execute("ROLLBACK")
     assert failed.value.code() is grpc.StatusCode.UNAVAILABLE, failed.value
     assert "restart that database" in (failed.value.details() or "")
+
+
+def test_a_caller_that_gives_up_mid_statement_leaves_the_branch_whole(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
+) -> None:
+    """The agent's calls run on its event loop; a cancelled RPC must not cancel the work halfway
+    (a statement cut off mid-answer would close the session and lose the branch). Retrying the
+    same call gets the first answer, and the branch goes on to commit."""
+    txid = "elsewhere.r-caller-gave-up"
+    work = [
+        statement("UPDATE accounts SET balance = balance + 7 WHERE id = 5"),
+        statement("SELECT SLEEP(0.8)"),
+    ]
+    execute = pb.BranchExecuteRequest(
+        txid=txid, participant="us", sequence=1, timeout_ms=20_000, statements=work
+    )
+    with pytest.raises(grpc.RpcError) as gave_up:
+        agent_us.Execute(execute, timeout=0.2)
+    assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    retried = agent_us.Execute(execute, timeout=10)  # waits for the first call, then its answer
+    assert retried.results[0].affected_rows == 1
+    vote = agent_us.Prepare(pb.PrepareRequest(txid=txid, participant="us"), timeout=10)
+    assert vote.vote == pb.VOTE_PREPARED
+    agent_us.Commit(pb.BranchCommitRequest(txid=txid, participant="us"), timeout=10)
+    assert balance(live_cluster, "us", 5) == 1007
+    assert markers(live_cluster, txid) == {"us"}

@@ -84,3 +84,21 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
     assert cells[(4, "local")]["latency_ms"]["p50"] > cells[(0, "local")]["latency_ms"]["p50"]
     assert (out / "bench.md").read_text().count("| transfer2") == len(cells)
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_agent_io_micro_benchmark_runs_both_models_and_commits_every_branch(
+    live_cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coordinator.bench import agent_io  # noqa: PLC0415 (only this test needs it)
+
+    host, port = live_cluster.component("mariadb-eu").address.rsplit(":", 1)
+    agent_io.main(
+        [f"--host={host}", f"--port={port}", "--branches=40", "--rounds=1", "--concurrency=4"]
+    )
+    printed = capsys.readouterr().out
+    assert [line.split()[0] for line in printed.splitlines()[2:]] == ["thread", "loop"]
+    with live_cluster.mysql("eu", database="twopc_agent_io_bench") as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT (SELECT COUNT(*) FROM markers), (SELECT SUM(balance) FROM accounts)")
+        assert cursor.fetchone() == (80, 80)
+        cursor.execute("XA RECOVER")
+        assert not [row for row in cursor.fetchall() if b"agent-io" in bytes(row[3])]

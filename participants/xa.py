@@ -149,6 +149,12 @@ class Session:
             raise ConnectionLost(2013, _TIMED_OUT) from None
         except _DRIVER_ERRORS as err:
             raise translate(err) from err
+        except RuntimeError as err:
+            if not _transport_gone(self._conn):
+                raise
+            # uvloop refuses to write on a transport the peer has closed (asyncio ignores it)
+            self._conn.close()
+            raise ConnectionLost(2013, f"Lost connection to MySQL server ({err})") from err
         except BaseException:
             self._conn.close()  # cancelled mid-statement: where the protocol stands is unknown
             raise
@@ -267,6 +273,11 @@ def _literal(value: SqlValue) -> str:
     return str(pymysql.converters.escape_item(value, "utf8mb4"))
 
 
+def _transport_gone(conn: aiomysql.Connection) -> bool:
+    writer = conn._writer
+    return writer is None or writer.transport.is_closing()
+
+
 def _unusable(conn: aiomysql.Connection) -> bool:
     """True when an idle connection cannot carry a statement: closed here, or the server closed
     it (EOF) or sent what nobody asked for. Seen without a round trip: the event loop has read
@@ -379,6 +390,11 @@ class SessionPool:
         except _DRIVER_ERRORS as err:
             conn.close()
             raise translate(err) from err
+        except RuntimeError as err:
+            # the server closed the connection at once (it is starting or stopping): uvloop's
+            # transport then has no socket for aiomysql's keepalive setting, or refuses a write
+            conn.close()
+            raise ConnectionLost(2003, f"Can't connect to MySQL server ({err})") from err
         except BaseException:
             conn.close()
             raise

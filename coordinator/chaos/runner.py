@@ -139,7 +139,16 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
         ]
         for thread in threads:
             thread.start()
-        _show_progress(injector, counts, args.duration, stop)
+        try:
+            _show_progress(injector, counts, args.duration, stop)
+        except BaseException:
+            # Interrupted (Ctrl-C): the injector must stop before the cluster goes down, or a
+            # component it restarts afterwards outlives the run, and the next run in the same
+            # directory meets it.
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+            raise
         if not injector.done.is_set():
             say(f"the schedule ran {LATE_SCHEDULE_GRACE_S:.0f} s late: its last faults dropped")
         for thread in threads:

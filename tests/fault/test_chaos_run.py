@@ -6,12 +6,17 @@ the command's own invariant check must pass, and its report must show that the f
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from coordinator.playground.cluster import wait_until
 
 DURATION_S = 45
 SEED = 20261129
@@ -49,3 +54,67 @@ def test_bounded_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert {"cut", "latency"} <= set(report["faults_by_kind"]), "links were cut and slowed"
     assert report["quiescence_after_last_heal_s"] < 30
     assert (directory / "chaos-timeline.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _restarts(directory: Path) -> int:
+    starts = 0
+    for log in [*directory.glob("*/agent.log"), directory / "coordinator" / "coordinator.log"]:
+        if log.exists():
+            text = log.read_text(errors="replace")
+            starts += max(
+                text.count('"agent_ready"') + text.count('"coordinator_listening"') - 1, 0
+            )
+    return starts
+
+
+def _processes_under(directory: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(directory) in command:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_an_interrupted_chaos_run_leaves_no_process_behind(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a run: the injector stops before the cluster goes down, so no
+    component it restarts outlives the run (a stray agent once met the next run in the same
+    directory, bound to its port)."""
+    directory = tmp_path / "chaos"
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "chaos",
+            f"--dir={directory}",
+            "--duration=60",
+            f"--seed={SEED}",
+            "--mean-gap=0.5",  # faults, restarts among them, all the time
+            "--workers=4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # A component restarted by the harness writes a second start line to its log.
+        wait_until(lambda: _restarts(directory) > 0, 60, "the harness restarting a component")
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    try:
+        wait_until(lambda: not _processes_under(directory), 30, "every process of the run gone")
+    finally:  # a failing run must not leave its cluster on the machine
+        for pid in _processes_under(directory):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -122,7 +122,6 @@ class RecoveredBranch:
 
 _KILL_SETTLE_S = 5.0
 _LOCK_WAIT_S = 60.0
-_REAPER_PATIENCE_S = 0.05  # a branch busy longer is interrupted instead, then reaped next time
 _SEVER_AFTER_S = 2.0  # past a branch's deadline: KILL QUERY had its chance, the socket goes
 
 
@@ -408,7 +407,9 @@ class Agent:
             if branch.state is not BranchState.ACTIVE or now <= branch.deadline:
                 continue
             try:
-                async with asyncio.timeout(_REAPER_PATIENCE_S):
+                # Taken only if free now: a free lock is acquired without yielding, before a
+                # zero timeout can fire; a busy branch is interrupted and reaped next time.
+                async with asyncio.timeout(0):
                     await branch.lock.acquire()
             except TimeoutError:
                 await self._interrupt_if_running(branch)

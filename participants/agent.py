@@ -1061,7 +1061,7 @@ class Agent:
             return
         if self._clock() > branch.deadline + _SEVER_AFTER_S:
             # KILL QUERY has not ended it: the statement or its answer is lost on a dead link,
-            # and the thread would wait out mysql_read_timeout_s. Shutting the socket ends the
+            # and the call would wait out mysql_read_timeout_s. Shutting the socket ends the
             # wait now; the server rolls the branch back once it sees the connection go.
             if not branch.severed:
                 branch.severed = True

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
+import structlog
 from pymysql.constants import CLIENT
 
 from coordinator.txid import Xid
@@ -98,6 +99,7 @@ def translate(err: Exception) -> DbError:
 
 
 _DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)
+_log = structlog.get_logger("twopc.agent.sessions")
 _TIMED_OUT = "Lost connection to MySQL server during query (timed out)"
 T = TypeVar("T")
 
@@ -251,6 +253,15 @@ class Session:
         if not self._returned:
             self._returned = True
             self._pool.give_back(self._conn, broken=True)
+
+    def __del__(self) -> None:
+        # A path that dropped its session without releasing it would lose the pool a slot for
+        # good; closing it is the only safe end (whatever it held, the server settles).
+        if not self._returned:
+            self._returned = True
+            with contextlib.suppress(Exception):
+                _log.error("session_leaked", session=self.thread_id)
+                self._pool.give_back(self._conn, broken=True)
 
 
 class _Cursor(aiomysql.Cursor):  # type: ignore[misc]  # aiomysql has no type information

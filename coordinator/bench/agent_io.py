@@ -5,7 +5,7 @@ Run as ``python -m coordinator.bench.agent_io --port 3306``. Each round runs the
 from ``--concurrency`` concurrent callers on an asyncio loop, two ways:
 
 * ``thread``: blocking PyMySQL calls handed to a thread pool, one hop per database call (the
-  agent up to 3e6ba6b);
+  agent up to 4df172a);
 * ``loop``: the agent's own ``participants.xa`` sessions, aiomysql on the event loop.
 
 It prints, per model, the median over the rounds of throughput, this process's CPU per branch

@@ -125,6 +125,17 @@ _LOCK_WAIT_S = 60.0
 _SEVER_AFTER_S = 2.0  # past a branch's deadline: KILL QUERY had its chance, the socket goes
 
 
+async def _take_lock(branch: Branch, patience: float) -> bool:
+    """Takes the branch's lock if it is free within ``patience`` seconds. With 0, only if it is
+    free now: a free lock is taken without yielding, before a zero timeout can fire."""
+    try:
+        async with asyncio.timeout(patience):
+            await branch.lock.acquire()
+    except TimeoutError:
+        return False
+    return True
+
+
 class Agent:
     def __init__(
         self,
@@ -177,10 +188,7 @@ class Agent:
         running (a lock wait, a cut link) is not waited for; its session is killed, and the
         server rolls an unprepared branch back when its session ends."""
         for branch in self._registry.live():
-            try:
-                async with asyncio.timeout(patience):
-                    await branch.lock.acquire()
-            except TimeoutError:
+            if not await _take_lock(branch, patience):
                 await self._kill_session_of(branch)
                 continue
             try:
@@ -406,12 +414,7 @@ class Agent:
         for branch in self._registry.live():
             if branch.state is not BranchState.ACTIVE or now <= branch.deadline:
                 continue
-            try:
-                # Taken only if free now: a free lock is acquired without yielding, before a
-                # zero timeout can fire; a busy branch is interrupted and reaped next time.
-                async with asyncio.timeout(0):
-                    await branch.lock.acquire()
-            except TimeoutError:
+            if not await _take_lock(branch, 0):  # busy: interrupted now, reaped next time
                 await self._interrupt_if_running(branch)
                 continue
             try:
@@ -1072,15 +1075,12 @@ class Agent:
 
     @asynccontextmanager
     async def _locked(self, branch: Branch) -> AsyncIterator[None]:
-        try:
-            async with asyncio.timeout(_LOCK_WAIT_S):
-                await branch.lock.acquire()
-        except TimeoutError:
+        if not await _take_lock(branch, _LOCK_WAIT_S):
             raise Unavailable(
                 f"branch {branch.txid} on {self.name} is busy (a statement has run for over "
                 f"{_LOCK_WAIT_S:.0f} s)",
                 txid=branch.txid,
-            ) from None
+            )
         try:
             yield
         finally:

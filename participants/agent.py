@@ -210,7 +210,7 @@ class Agent:
         try:
             async with self._admin() as admin:
                 await kill(admin, session.thread_id, query_only=query_only)
-        except (DbError, Unavailable) as err:
+        except Unavailable as err:
             self._log.warning(
                 "kill_failed", txid=branch.txid, query_only=query_only, error=str(err)
             )
@@ -673,7 +673,7 @@ class Agent:
             async with self._admin() as admin:
                 settled = await self._end_session(admin, thread_id)
                 prepared = settled and branch.xid in await prepared_xids(admin)
-        except (DbError, Unavailable) as err:
+        except Unavailable as err:
             settled, prepared = False, False
             reason = f"lost the database during prepare: {err}"
         else:
@@ -762,7 +762,7 @@ class Agent:
                 committed = settled and bool(
                     await committed_markers(admin, self.config.marker_table, [branch.txid])
                 )
-        except (DbError, Unavailable) as again:
+        except Unavailable as again:
             settled, problem = False, str(again)
         else:
             problem = f"session {thread_id} did not end"

@@ -20,7 +20,7 @@ from coordinator.serving import listen, new_server, run_daemon, wait_for_stop_si
 from participants.agent import Agent
 from participants.config import AgentConfig, load_agent_config
 from participants.servicer import ParticipantServicer
-from participants.xa import DbError, SessionPool
+from participants.xa import SessionPool
 
 _STARTUP_PATIENCE_S = 60.0
 _CLOSE_BUDGET_S = 5.0  # for agent.close() at shutdown, after the gRPC grace period
@@ -53,7 +53,7 @@ async def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> No
     while True:
         try:
             await agent.start()
-        except (Unavailable, DbError) as err:
+        except Unavailable as err:
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"database of participant {agent.name} unreachable for {patience:.0f} s: {err}"
@@ -107,7 +107,7 @@ async def _collect_markers(agent: Agent, config: AgentConfig) -> None:
     while True:
         try:
             await agent.collect_markers()
-        except (DbError, Unavailable) as err:
+        except Unavailable as err:
             log.warning("marker_gc_failed", error=str(err))
         except Exception:
             log.exception("marker_gc_failed")

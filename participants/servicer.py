@@ -151,7 +151,8 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         self, requests: AsyncIterator[pb.PipelineRequest], context: Context
     ) -> None:
         """Serves the stream until the coordinator closes it or the agent stops. Each call runs
-        as its own task; one writer sends the answers, all that are ready in one message (it
+        as its own task, which nothing cancels (so it needs no shield: a broken stream only
+        loses its answer); one writer sends the answers, all that are ready in one message (it
         answers with ``context.write``; the stub's type expects a generator of answers)."""
         ready: asyncio.Queue[pb.PipelineAnswer | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
@@ -203,10 +204,10 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         txid = call.prepare.txid if kind == "prepare" else ""
         try:
             if kind == "prepare":
-                prepared = await _finish(self._prepare(call.prepare))
+                prepared = await self._prepare(call.prepare)
                 return pb.PipelineAnswer(id=call.id, prepare=prepared)
             if kind == "commit_many":
-                committed = await _finish(self._commit_many(call.commit_many))
+                committed = await self._commit_many(call.commit_many)
                 return pb.PipelineAnswer(id=call.id, commit_many=committed)
             error: TwopcError = InvalidArgument(
                 "a pipeline call carries no request (prepare or commit_many); is the "

@@ -3,6 +3,7 @@ gets the same answer. Driven with raw gRPC stubs, as a client library with its o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -10,10 +11,10 @@ import pytest
 
 from coordinator.api import twopc_pb2 as pb
 from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.playground.cluster import Cluster
+from coordinator.playground.cluster import Cluster, wait_until
 from coordinator.txid import Xid
 from coordinator.values import to_values
-from tests.support import balance, markers, prepared
+from tests.support import balance, markers, prepared, sleeping_sessions
 
 
 def statement(sql: str, *params: object) -> pb.Statement:
@@ -360,4 +361,39 @@ def test_a_caller_that_gives_up_mid_statement_leaves_the_branch_whole(
     assert vote.vote == pb.VOTE_PREPARED
     agent_us.Commit(pb.BranchCommitRequest(txid=txid, participant="us"), timeout=10)
     assert balance(live_cluster, "us", 5) == 1007
+    assert markers(live_cluster, txid) == {"us"}
+
+
+def test_a_pipeline_stream_broken_mid_prepare_leaves_the_branch_prepared(
+    live_cluster: Cluster, agent_us: pb_grpc.ParticipantStub, bank: int
+) -> None:
+    """A prepare on the coordinator's stream runs to its end when the stream breaks under it
+    (the coordinator restarted): a retried Prepare gets PREPARED, and the branch commits."""
+    txid = "elsewhere.r-stream-broke"
+    prepare = pb.PrepareRequest(
+        txid=txid,
+        participant="us",
+        sequence=1,
+        timeout_ms=20_000,
+        statements=[
+            statement("UPDATE accounts SET balance = balance + 9 WHERE id = 6"),
+            statement("SELECT SLEEP(0.8)"),
+        ],
+    )
+    hold_open = threading.Event()
+
+    def requests() -> Iterator[pb.PipelineRequest]:
+        yield pb.PipelineRequest(calls=[pb.PipelineCall(id=1, prepare=prepare)])
+        hold_open.wait(30)
+
+    stream = agent_us.Pipeline(requests())
+    try:
+        wait_until(lambda: sleeping_sessions(live_cluster, "us") == 1, 10, "the prepare running")
+        stream.cancel()
+    finally:
+        hold_open.set()
+    vote = agent_us.Prepare(pb.PrepareRequest(txid=txid, participant="us"), timeout=10)
+    assert vote.vote == pb.VOTE_PREPARED
+    agent_us.Commit(pb.BranchCommitRequest(txid=txid, participant="us"), timeout=10)
+    assert balance(live_cluster, "us", 6) == 1009
     assert markers(live_cluster, txid) == {"us"}

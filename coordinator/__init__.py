@@ -1,5 +1,7 @@
-"""twopc: a two-phase-commit coordinator for MySQL/MariaDB XA across regions.
+"""The twopc coordinator daemon: presumed-abort two-phase commit over the participant agents.
 
-This package holds the coordinator daemon, the client SDK (``coordinator.client``), the ``twopc``
-command and what the agent shares with them (errors, txids, values, the generated wire API).
+``engine`` holds the protocol (states, decisions, recovery) and imports no grpc and no database
+driver; ``decision_log`` makes decisions durable; ``agents``, ``pipeline`` and ``phase2`` are its
+gRPC clients of the agents; ``servicer`` is its gRPC face to clients; ``daemon`` wires them up.
+It shares only the ``twopc`` package's common code with the agent, never the agent itself.
 """

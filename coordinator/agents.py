@@ -17,8 +17,6 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.engine.ports import (
     CommitReply,
     Presence,
@@ -27,11 +25,13 @@ from coordinator.engine.ports import (
     Vote,
     VoteReply,
 )
-from coordinator.errors import InvalidArgument
 from coordinator.phase2 import CommitBatcher, Send
 from coordinator.pipeline import AgentPipeline, PipelineUnsupported
-from coordinator.serving import channel
-from coordinator.status import error_from_rpc
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.errors import InvalidArgument
+from twopc.serving import channel
+from twopc.status import error_from_rpc
 
 _VOTES = {
     pb.VOTE_PREPARED: Vote.PREPARED,

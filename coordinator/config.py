@@ -9,8 +9,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from coordinator.engine.manager import EngineSettings
-from coordinator.settings import load_settings
-from coordinator.txid import check_coordinator_id, check_participant_name
+from twopc.settings import load_settings
+from twopc.txid import check_coordinator_id, check_participant_name
 
 ENV_PREFIX = "TWOPC_COORDINATOR_"
 
@@ -22,7 +22,7 @@ class CoordinatorConfig:
     ``participants`` maps each participant (region) name to its agent's address, host:port.
 
     ``admin_failpoints`` (test tooling, default false): also serve the ``twopc.chaos.v1.Failpoints``
-    RPC on ``listen``, which arms and lists failpoints at run time (see ``coordinator.failpoints``);
+    RPC on ``listen``, which arms and lists failpoints at run time (see ``twopc.failpoints``);
     when false, its calls get UNIMPLEMENTED. Whoever reaches the port can then crash or stall the
     coordinator: never enable it in production.
     """

@@ -11,18 +11,18 @@ from pathlib import Path
 import structlog
 
 from coordinator.agents import AgentClients
-from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.config import CoordinatorConfig, load_coordinator_config
 from coordinator.decision_log import DecisionLogCorrupted
 from coordinator.decision_log.file_log import FileDecisionLog
 from coordinator.engine.manager import TransactionManager
 from coordinator.engine.recovery import Recovery
-from coordinator.errors import InvalidArgument
-from coordinator.failpoint_admin import add_failpoint_admin
-from coordinator.failpoints import Failpoints
-from coordinator.logs import configure_logging
 from coordinator.servicer import CoordinatorServicer
-from coordinator.serving import listen, new_server, run_daemon, wait_for_stop_signal
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.errors import InvalidArgument
+from twopc.failpoint_admin import add_failpoint_admin
+from twopc.failpoints import Failpoints
+from twopc.logs import configure_logging
+from twopc.serving import listen, new_server, run_daemon, wait_for_stop_signal
 
 log = structlog.get_logger("twopc.coordinator")
 

@@ -13,9 +13,9 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from coordinator.api import twopc_pb2 as pb
 from coordinator.engine.ports import CommitReply
-from coordinator.errors import Internal, TwopcError, error_class_named, error_for_code
+from twopc.api import twopc_pb2 as pb
+from twopc.errors import Internal, TwopcError, error_class_named, error_for_code
 
 MAX_BATCH = 256
 

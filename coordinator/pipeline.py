@@ -17,47 +17,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.errors import (
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.errors import (
     DeadlineExceeded,
     TwopcError,
     Unavailable,
     error_class_named,
     error_for_code,
 )
-from coordinator.status import error_from_rpc
+from twopc.pipeline_messages import split_by_size
+from twopc.status import error_from_rpc
 
 log = structlog.get_logger("twopc.coordinator.pipeline")
-
-#: What one pipeline message carries at most, unless a single call or answer is larger (it then
-#: goes alone, within gRPC's message limit, as its unary twin would).
-MESSAGE_BUDGET_BYTES = 4 * 1024 * 1024
-
-_Message = TypeVar("_Message", pb.PipelineCall, pb.PipelineAnswer)
-
-
-def split_by_size(
-    items: Sequence[_Message], budget: int = MESSAGE_BUDGET_BYTES
-) -> Iterator[list[_Message]]:
-    """``items`` in order, in runs whose serialized size stays within ``budget``."""
-    run: list[_Message] = []
-    size = 0
-    for item in items:
-        item_size = item.ByteSize()
-        if run and size + item_size > budget:
-            yield run
-            run, size = [], 0
-        run.append(item)
-        size += item_size
-    if run:
-        yield run
 
 
 class PipelineUnsupported(Exception):

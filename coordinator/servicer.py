@@ -8,13 +8,13 @@ from typing import TypeVar
 import structlog
 from grpc import aio
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.engine.manager import TransactionManager, TransactionView
 from coordinator.engine.states import Outcome, TxState
-from coordinator.errors import Internal, InvalidArgument, TwopcError
-from coordinator.logs import redact
-from coordinator.status import abort_with
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.errors import Internal, InvalidArgument, TwopcError
+from twopc.logs import redact
+from twopc.status import abort_with
 
 T = TypeVar("T")
 Context = aio.ServicerContext[object, object]

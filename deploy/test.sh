@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one test command; README and .ci/run both call it. Lint, format check, type check, then
+# The one test command; README and .ci/run both call it. Lint, format check, type check, the
+# import contracts (pyproject.toml [tool.importlinter]), then
 # pytest (arguments go to pytest), from the repository's .venv, stopping at the first failure.
 # pytest's own exit code is the script's: 5 ("no tests collected") fails too.
 # Run deploy/setup.sh once first.
@@ -22,4 +23,5 @@ run() {
 run "$bin/ruff" check .
 run "$bin/ruff" format --check .
 run "$bin/mypy"
+run "$bin/lint-imports" --no-cache
 run "$bin/python" -m pytest "$@"

@@ -21,7 +21,6 @@ What happens to a branch:
 from __future__ import annotations
 
 import asyncio
-import enum
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,18 +29,6 @@ from dataclasses import dataclass
 
 import structlog
 
-from coordinator.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    StatementFailed,
-    TransactionAborted,
-    TwopcError,
-    Unavailable,
-)
-from coordinator.failpoints import Failpoints
-from coordinator.logs import redact
-from coordinator.txid import Xid, check_participant_name, parse_txid
-from coordinator.values import SqlValue
 from participants.branches import Branch, BranchRegistry, BranchState, FinishedBranch
 from participants.config import AgentConfig
 from participants.sql_guard import StatementKind, check_statement
@@ -65,25 +52,21 @@ from participants.xa import (
     prepared_xids,
     session_exists,
 )
+from twopc.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    StatementFailed,
+    TransactionAborted,
+    TwopcError,
+    Unavailable,
+)
+from twopc.failpoints import Failpoints
+from twopc.logs import redact
+from twopc.txid import Xid, check_participant_name, parse_txid
+from twopc.values import SqlValue
+from twopc.votes import Presence, Vote
 
 Clock = Callable[[], float]
-
-
-class Vote(enum.Enum):
-    PREPARED = "prepared"
-    READ_ONLY = "read-only"
-    ABORT = "abort"
-    ALREADY_COMMITTED = "already committed"
-
-
-class Presence(enum.Enum):
-    """What the agent can tell of a branch (Inspect)."""
-
-    UNKNOWN = "unknown"
-    ACTIVE = "active"
-    PREPARED = "prepared"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled back"
 
 
 @dataclass(frozen=True)

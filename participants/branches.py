@@ -13,9 +13,9 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from coordinator.errors import FailedPrecondition, ResourceExhausted
-from coordinator.txid import Xid
 from participants.xa import Session, StatementOutput
+from twopc.errors import FailedPrecondition, ResourceExhausted
+from twopc.txid import Xid
 
 
 class BranchState(enum.Enum):

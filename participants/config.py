@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.settings import load_settings
-from coordinator.txid import check_participant_name
+from twopc.settings import load_settings
+from twopc.txid import check_participant_name
 
 ENV_PREFIX = "TWOPC_AGENT_"
 
@@ -21,7 +21,7 @@ class AgentConfig:
     ``mysql_password_env`` names (TWOPC_MYSQL_PASSWORD by default).
 
     ``admin_failpoints`` (test tooling, default false): also serve the ``twopc.chaos.v1.Failpoints``
-    RPC on ``listen``, which arms and lists failpoints at run time (see ``coordinator.failpoints``);
+    RPC on ``listen``, which arms and lists failpoints at run time (see ``twopc.failpoints``);
     when false, its calls get UNIMPLEMENTED. Whoever reaches the port can then crash or stall the
     agent: never enable it in production.
     """

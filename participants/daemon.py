@@ -11,16 +11,16 @@ from pathlib import Path
 
 import structlog
 
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.errors import FailedPrecondition, InvalidArgument, Unavailable
-from coordinator.failpoint_admin import add_failpoint_admin
-from coordinator.failpoints import Failpoints
-from coordinator.logs import configure_logging
-from coordinator.serving import listen, new_server, run_daemon, wait_for_stop_signal
 from participants.agent import Agent
 from participants.config import AgentConfig, load_agent_config
 from participants.servicer import ParticipantServicer
 from participants.xa import SessionPool
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.errors import FailedPrecondition, InvalidArgument, Unavailable
+from twopc.failpoint_admin import add_failpoint_admin
+from twopc.failpoints import Failpoints
+from twopc.logs import configure_logging
+from twopc.serving import listen, new_server, run_daemon, wait_for_stop_signal
 
 _STARTUP_PATIENCE_S = 60.0
 _CLOSE_BUDGET_S = 5.0  # for agent.close() at shutdown, after the gRPC grace period

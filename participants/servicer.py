@@ -14,15 +14,16 @@ from typing import Any, TypeVar
 import structlog
 from grpc import aio
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.errors import Internal, InvalidArgument, TwopcError
-from coordinator.logs import redact
-from coordinator.pipeline import split_by_size
-from coordinator.status import abort_with
-from coordinator.values import from_values, to_values
-from participants.agent import Agent, Presence, StatementRequest, Vote
+from participants.agent import Agent, StatementRequest
 from participants.xa import StatementOutput
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.errors import Internal, InvalidArgument, TwopcError
+from twopc.logs import redact
+from twopc.pipeline_messages import split_by_size
+from twopc.status import abort_with
+from twopc.values import from_values, to_values
+from twopc.votes import Presence, Vote
 
 T = TypeVar("T")
 Context = aio.ServicerContext[object, object]

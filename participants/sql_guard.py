@@ -38,7 +38,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from coordinator.errors import InvalidArgument
+from twopc.errors import InvalidArgument
 
 __all__ = ["CheckedStatement", "StatementKind", "check_statement"]
 

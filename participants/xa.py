@@ -21,8 +21,8 @@ import pymysql
 import structlog
 from pymysql.constants import CLIENT
 
-from coordinator.txid import Xid
-from coordinator.values import SqlValue
+from twopc.txid import Xid
+from twopc.values import SqlValue
 
 # MySQL error numbers the agent acts on.
 ER_DUP_ENTRY = 1062

@@ -1,7 +1,7 @@
-"""Regenerates the Python code of the twopc wire API from proto/ into coordinator/api/.
+"""Regenerates the Python code of the twopc wire API from proto/ into twopc/api/.
 
-    python proto/generate.py            # rewrite coordinator/api/
-    python proto/generate.py --check    # exit 1 if coordinator/api/ is stale
+    python proto/generate.py            # rewrite twopc/api/
+    python proto/generate.py --check    # exit 1 if twopc/api/ is stale
 
 protoc writes imports that follow the .proto path (``from twopc.v1 import twopc_pb2``); they are
 rewritten to the package the code lives in, so the generated package needs nothing on sys.path.
@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 SOURCES = ["twopc/v1/twopc.proto", "twopc/chaos/v1/chaos.proto"]
-TARGET = ROOT / "coordinator" / "api"
-PACKAGE = "coordinator.api"
+TARGET = ROOT / "twopc" / "api"
+PACKAGE = "twopc.api"
 INIT = '"""Generated from proto/twopc/ by proto/generate.py. Do not edit."""\n'
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.client import Client, RetryPolicy
-from coordinator.playground.bank import create_accounts
-from coordinator.playground.cluster import Cluster, wait_until
-from coordinator.playground.invariants import prepared_branches
+from twopc.client import Client, RetryPolicy
+from twopc.testing.playground.bank import create_accounts
+from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.testing.playground.invariants import prepared_branches
 
 REGIONS = ("eu", "us", "ap")
 

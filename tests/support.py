@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import grpc
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.playground.cluster import Cluster
-from coordinator.playground.invariants import committed_markers, prepared_branches
-from coordinator.values import to_values
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.testing.playground.cluster import Cluster
+from twopc.testing.playground.invariants import committed_markers, prepared_branches
+from twopc.values import to_values
 
 
 def balance(cluster: Cluster, region: str, account: int) -> int:

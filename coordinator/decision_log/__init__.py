@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from coordinator.errors import Internal, ResourceExhausted
+from twopc.errors import Internal, ResourceExhausted
 
 __all__ = [
     "CommitRecord",

@@ -40,7 +40,7 @@ from coordinator.engine.ports import (
     VoteReply,
 )
 from coordinator.engine.states import Outcome, TxState, check_transition, outcome_of
-from coordinator.errors import (
+from twopc.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -51,9 +51,9 @@ from coordinator.errors import (
     Unavailable,
     is_transport_failure,
 )
-from coordinator.failpoints import Failpoints
-from coordinator.logs import redact
-from coordinator.txid import new_txid, parse_txid, txid_for_request, txid_prefix
+from twopc.failpoints import Failpoints
+from twopc.logs import redact
+from twopc.txid import new_txid, parse_txid, txid_for_request, txid_prefix
 
 log = structlog.get_logger("twopc.coordinator")
 

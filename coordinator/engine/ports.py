@@ -6,28 +6,24 @@ Statements and results pass through the coordinator untouched: they are opaque t
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from twopc.votes import Presence, Vote
+
+__all__ = [
+    "CommitReply",
+    "ParticipantPort",
+    "Presence",
+    "Results",
+    "Statements",
+    "Vote",
+    "VoteReply",
+]
+
 Statements = Sequence[object]
 Results = Sequence[object]
-
-
-class Vote(enum.Enum):
-    PREPARED = "prepared"
-    READ_ONLY = "read-only"
-    ABORT = "abort"
-    ALREADY_COMMITTED = "already committed"
-
-
-class Presence(enum.Enum):
-    UNKNOWN = "unknown"
-    ACTIVE = "active"
-    PREPARED = "prepared"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled back"
 
 
 @dataclass(frozen=True)

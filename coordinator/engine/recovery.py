@@ -19,8 +19,8 @@ import structlog
 from coordinator.decision_log import CommitRecord
 from coordinator.engine.manager import TransactionManager
 from coordinator.engine.states import TxState
-from coordinator.errors import FailedPrecondition, TwopcError
-from coordinator.failpoints import Failpoints
+from twopc.errors import FailedPrecondition, TwopcError
+from twopc.failpoints import Failpoints
 
 log = structlog.get_logger("twopc.recovery")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from coordinator.errors import FailedPrecondition
+from twopc.errors import FailedPrecondition
 
 
 class TxState(enum.Enum):

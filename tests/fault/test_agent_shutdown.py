@@ -12,11 +12,11 @@ import time
 
 import grpc
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.client import Client
-from coordinator.playground.cluster import Cluster, wait_until
 from tests.support import sleeping_sessions, transfer_sql
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.client import Client
+from twopc.testing.playground.cluster import Cluster, wait_until
 
 
 def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(

@@ -20,14 +20,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.api import chaos_pb2 as cpb
-from coordinator.api import chaos_pb2_grpc as cpb_grpc
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.chaos.proxy_service import ProxyControl
-from coordinator.client import Client
-from coordinator.playground.cluster import PROXY, Cluster, wait_until
 from tests.support import balance, markers, prepared, sleeping_sessions, transfer_sql
+from twopc.api import chaos_pb2 as cpb
+from twopc.api import chaos_pb2_grpc as cpb_grpc
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.client import Client
+from twopc.testing.chaos.proxy_service import ProxyControl
+from twopc.testing.playground.cluster import PROXY, Cluster, wait_until
 
 COMMAND_TIMEOUT_S = 3.0
 

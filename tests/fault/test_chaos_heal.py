@@ -13,14 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.api import chaos_pb2 as cpb
-from coordinator.api import chaos_pb2_grpc as cpb_grpc
-from coordinator.chaos.injector import AppliedFault, Injector
-from coordinator.chaos.proxy_service import ProxyControl
-from coordinator.chaos.schedule import FaultEvent, FaultKind
-from coordinator.client import Client
-from coordinator.playground.cluster import PROXY, Cluster
 from tests.support import transfer_sql
+from twopc.api import chaos_pb2 as cpb
+from twopc.api import chaos_pb2_grpc as cpb_grpc
+from twopc.client import Client
+from twopc.testing.chaos.injector import AppliedFault, Injector
+from twopc.testing.chaos.proxy_service import ProxyControl
+from twopc.testing.chaos.schedule import FaultEvent, FaultKind
+from twopc.testing.playground.cluster import PROXY, Cluster
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.playground.cluster import wait_until
+from twopc.testing.playground.cluster import wait_until
 
 DURATION_S = 45
 SEED = 20261129
@@ -29,7 +29,7 @@ def test_bounded_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "coordinator.cli",
+            "twopc.cli",
             "chaos",
             f"--dir={directory}",
             f"--duration={DURATION_S}",
@@ -91,7 +91,7 @@ def test_an_interrupted_chaos_run_leaves_no_process_behind(tmp_path: Path) -> No
         [
             sys.executable,
             "-m",
-            "coordinator.cli",
+            "twopc.cli",
             "chaos",
             f"--dir={directory}",
             "--duration=60",

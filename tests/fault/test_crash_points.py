@@ -14,16 +14,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from coordinator.client import (
+from tests.support import markers, prepared
+from twopc.client import (
     Client,
     Outcome,
     RetryPolicy,
     TransactionAborted,
     TwopcError,
 )
-from coordinator.playground.bank import total_balance
-from coordinator.playground.cluster import Cluster, wait_until
-from tests.support import markers, prepared
+from twopc.testing.playground.bank import total_balance
+from twopc.testing.playground.cluster import Cluster, wait_until
 
 BOTH, NEITHER = frozenset({"eu", "us"}), frozenset()
 

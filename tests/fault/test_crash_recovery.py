@@ -11,16 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from coordinator.client import (
+from tests.support import balance, markers, prepare_on_agent, prepared, transfer_sql
+from twopc.client import (
     Client,
     Outcome,
     OutcomeUnknown,
     RetryPolicy,
     TransactionAborted,
 )
-from coordinator.playground.bank import total_balance
-from coordinator.playground.cluster import Cluster, wait_until
-from tests.support import balance, markers, prepare_on_agent, prepared, transfer_sql
+from twopc.testing.playground.bank import total_balance
+from twopc.testing.playground.cluster import Cluster, wait_until
 
 RECOVERY_DEADLINE_S = 10.0
 

@@ -14,11 +14,11 @@ import grpc
 import pymysql
 import pytest
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.playground.cluster import Cluster
-from coordinator.playground.ports import free_port
 from tests.support import balance, markers, prepare_on_agent, prepared
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.testing.playground.cluster import Cluster
+from twopc.testing.playground.ports import free_port
 
 
 @pytest.fixture

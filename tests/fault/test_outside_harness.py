@@ -27,7 +27,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from coordinator.client import (
+from twopc.client import (
     Client,
     Outcome,
     OutcomeUnknown,
@@ -46,7 +46,7 @@ FORMAT_ID = 0x74706331
 
 def twopc(*args: str) -> None:
     subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *args],
+        [sys.executable, "-m", "twopc.cli", *args],
         check=True,
         timeout=180,
         capture_output=True,

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 import uvloop
 
-from coordinator.playground.cluster import Cluster
 from participants.xa import ConnectionLost, SessionPool
+from twopc.testing.playground.cluster import Cluster
 
 
 def _pool(host: str, port: int) -> SessionPool:

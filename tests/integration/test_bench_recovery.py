@@ -21,7 +21,7 @@ def test_bench_recovery_resolves_every_in_doubt_transaction(tmp_path: Path) -> N
         [
             sys.executable,
             "-m",
-            "coordinator.cli",
+            "twopc.cli",
             "bench-recovery",
             f"--in-doubt={IN_DOUBT}",
             f"--dir={tmp_path / 'cluster'}",

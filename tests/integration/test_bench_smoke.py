@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.bench.systems import BENCH_FORMAT_ID, SYSTEMS
-from coordinator.playground.cluster import Cluster
+from twopc.testing.bench.systems import BENCH_FORMAT_ID, SYSTEMS
+from twopc.testing.playground.cluster import Cluster
 
 RTTS = (0, 4)
 CONCURRENCY = 2
@@ -25,7 +25,7 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "coordinator.bench.runner",
+                "twopc.testing.bench.runner",
                 "--workloads=transfer2",
                 "--systems=all",
                 f"--concurrency={CONCURRENCY}",
@@ -89,7 +89,7 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
 def test_agent_io_micro_benchmark_runs_both_models_and_commits_every_branch(
     live_cluster: Cluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from coordinator.bench import agent_io  # noqa: PLC0415 (only this test needs it)
+    from twopc.testing.bench import agent_io  # noqa: PLC0415 (only this test needs it)
 
     host, port = live_cluster.component("mariadb-eu").address.rsplit(":", 1)
     agent_io.main(

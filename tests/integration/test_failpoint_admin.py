@@ -14,12 +14,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 import pytest
 
-from coordinator.api import chaos_pb2 as chaos_pb
-from coordinator.api import chaos_pb2_grpc as chaos_grpc
-from coordinator.client import Client, Outcome, TransactionAborted, TransactionState
-from coordinator.failpoints import FAILPOINTS
-from coordinator.playground.cluster import Cluster, wait_until
 from tests.support import balance, markers, prepared, transfer_sql
+from twopc.api import chaos_pb2 as chaos_pb
+from twopc.api import chaos_pb2_grpc as chaos_grpc
+from twopc.client import Client, Outcome, TransactionAborted, TransactionState
+from twopc.failpoints import FAILPOINTS
+from twopc.testing.playground.cluster import Cluster, wait_until
 
 ADMIN_ENV = "TWOPC_COORDINATOR_ADMIN_FAILPOINTS"
 POINT = "coordinator.before_commit_record"

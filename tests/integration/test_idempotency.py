@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.playground.cluster import Cluster, wait_until
-from coordinator.txid import Xid
-from coordinator.values import to_values
 from tests.support import balance, markers, prepared, sleeping_sessions
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.txid import Xid
+from twopc.values import to_values
 
 
 def statement(sql: str, *params: object) -> pb.Statement:

@@ -18,7 +18,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from coordinator.playground.mariadb import (
+from twopc.testing.playground.mariadb import (
     MariaDBBinaries,
     MariaDBInstance,
     MariaDBNotInstalled,

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import os
 
-from coordinator.failpoints import Failpoints
-from coordinator.playground.cluster import Cluster
-from participants.agent import StatementRequest, Vote
+from participants.agent import StatementRequest
 from participants.config import AgentConfig
 from participants.daemon import build_agent
+from twopc.failpoints import Failpoints
+from twopc.testing.playground.cluster import Cluster
+from twopc.votes import Vote
 
 ROUNDS = 40
 TABLE = "owner_kill_race"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.playground.cluster import Cluster
-from coordinator.playground.mariadb import PlaygroundError
+from twopc.testing.playground.cluster import Cluster
+from twopc.testing.playground.mariadb import PlaygroundError
 
 
 def test_a_cluster_that_fails_to_start_leaves_nothing_running(tmp_path: Path) -> None:

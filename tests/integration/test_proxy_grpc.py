@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.chaos.proxy_service import ProxyControl, main
-from coordinator.errors import NotFound
-from coordinator.serving import CHANNEL_OPTIONS
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.errors import NotFound
+from twopc.serving import CHANNEL_OPTIONS
+from twopc.testing.chaos.proxy_service import ProxyControl, main
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ class Proxy:
 @contextmanager
 def proxy_process(tmp_path: Path, *links: str) -> Iterator[Proxy]:
     log = tmp_path / "proxy.log"
-    command = [sys.executable, "-m", "coordinator.chaos.proxy_service", "--control", f"{HOST}:0"]
+    command = [sys.executable, "-m", "twopc.testing.chaos.proxy_service", "--control", f"{HOST}:0"]
     for link in links:
         command += ["--link", link]
     with log.open("wb") as stderr:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.client import (
+from tests.support import balance, markers, prepared, transfer_sql
+from twopc.client import (
     Client,
     InvalidArgument,
     NotFound,
@@ -20,8 +21,7 @@ from coordinator.client import (
     TransactionAborted,
     TransactionState,
 )
-from coordinator.playground.cluster import Cluster, wait_until
-from tests.support import balance, markers, prepared, transfer_sql
+from twopc.testing.playground.cluster import Cluster, wait_until
 
 DUPLICATE_KEY = 1062
 

@@ -30,7 +30,8 @@ from collections.abc import Iterable, Sequence
 
 from coordinator.decision_log import CommitRecord, Replay
 from coordinator.engine.ports import CommitReply, Presence, Results, Statements, Vote, VoteReply
-from coordinator.errors import (
+from participants.branches import BranchState
+from twopc.errors import (
     FailedPrecondition,
     InvalidArgument,
     StatementFailed,
@@ -38,7 +39,6 @@ from coordinator.errors import (
     TwopcError,
     Unavailable,
 )
-from participants.branches import BranchState
 
 __all__ = [
     "Call",

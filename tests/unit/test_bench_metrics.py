@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.bench import metrics
-from coordinator.bench.floor import Floor
-from coordinator.bench.metrics import (
+from coordinator.decision_log import CommitRecord
+from coordinator.decision_log._format import HEADER, encode_commit, encode_end, frame_batch
+from twopc.testing.bench import metrics
+from twopc.testing.bench.floor import Floor
+from twopc.testing.bench.metrics import (
     CellResult,
     LogSyncs,
     Tally,
@@ -27,10 +29,8 @@ from coordinator.bench.metrics import (
     summary_rows,
     time_wait_by_name,
 )
-from coordinator.bench.runner import add_ratios, apply_round_trip
-from coordinator.decision_log import CommitRecord
-from coordinator.decision_log._format import HEADER, encode_commit, encode_end, frame_batch
-from coordinator.playground.cluster import LinkPlan
+from twopc.testing.bench.runner import add_ratios, apply_round_trip
+from twopc.testing.playground.cluster import LinkPlan
 
 # Captured from this kind of machine: a listener, two loopback sockets in TIME_WAIT (06) and an
 # established one (01) on another address.

@@ -1,4 +1,4 @@
-"""The SDK (coordinator.client) against a fake Coordinator servicer on a real gRPC server.
+"""The SDK (twopc.client) against a fake Coordinator servicer on a real gRPC server.
 
 The fake runs on a ``grpc.aio`` server in a thread of its own (on 127.0.0.1, port 0) and is shared
 by the blocking and the asyncio client. Like python-spanner's mock servicer it records every
@@ -24,10 +24,11 @@ import grpc
 import pytest
 from grpc import aio
 
-import coordinator.client
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
-from coordinator.client import (
+import twopc
+import twopc.client
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.client import (
     AsyncClient,
     Client,
     FailedPrecondition,
@@ -47,8 +48,8 @@ from coordinator.client import (
     Unavailable,
     _common,
 )
-from coordinator.status import abort_with
-from coordinator.values import to_values
+from twopc.status import abort_with
+from twopc.values import to_values
 
 T = TypeVar("T")
 Fault = TwopcError | grpc.StatusCode
@@ -363,7 +364,7 @@ class Boom(Exception):
 
 
 def test_public_names_are_pinned() -> None:
-    assert coordinator.client.__all__ == [
+    assert twopc.client.__all__ == [
         "AsyncClient",
         "AsyncTransaction",
         "Client",
@@ -386,8 +387,15 @@ def test_public_names_are_pinned() -> None:
         "TwopcError",
         "Unavailable",
     ]
-    for name in coordinator.client.__all__:
-        assert getattr(coordinator.client, name).__module__.startswith("coordinator.")
+    for name in twopc.client.__all__:
+        assert getattr(twopc.client, name).__module__.startswith("twopc.")
+
+
+def test_the_package_is_the_sdk() -> None:
+    """``from twopc import Client`` and the rest: the package's face is the SDK, name for name."""
+    assert twopc.__all__ == twopc.client.__all__
+    for name in twopc.__all__:
+        assert getattr(twopc, name) is getattr(twopc.client, name)
 
 
 def test_every_wire_state_and_outcome_has_an_enum_member() -> None:
@@ -675,7 +683,7 @@ def test_retries_stop_at_the_deadline(
         (grpc.StatusCode.ABORTED, TransactionAborted),
         (InvalidArgument("only SELECT, INSERT, ..."), InvalidArgument),
         (grpc.StatusCode.FAILED_PRECONDITION, FailedPrecondition),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, coordinator.client.ResourceExhausted),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, twopc.client.ResourceExhausted),
     ],
 )
 def test_other_errors_are_never_retried(

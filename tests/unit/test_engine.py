@@ -30,7 +30,10 @@ from coordinator.engine.states import (
     check_transition,
     outcome_of,
 )
-from coordinator.errors import (
+from participants import branches
+from participants.branches import Branch, BranchRegistry, BranchState
+from tests.unit.fakes import FakeClock, FakeParticipants, Gate, InMemoryDecisionLog
+from twopc.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -40,10 +43,7 @@ from coordinator.errors import (
     TransactionAborted,
     Unavailable,
 )
-from coordinator.txid import Xid
-from participants import branches
-from participants.branches import Branch, BranchRegistry, BranchState
-from tests.unit.fakes import FakeClock, FakeParticipants, Gate, InMemoryDecisionLog
+from twopc.txid import Xid
 
 P = ParamSpec("P")
 

@@ -49,7 +49,9 @@ from coordinator.engine.manager import EngineSettings, TransactionManager
 from coordinator.engine.ports import CommitReply, Statements, Vote, VoteReply
 from coordinator.engine.recovery import Recovery
 from coordinator.engine.states import Outcome, TxState
-from coordinator.errors import (
+from participants.branches import BranchState
+from tests.unit.fakes import FakeClock, FakeParticipants, InMemoryDecisionLog
+from twopc.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -58,9 +60,7 @@ from coordinator.errors import (
     TwopcError,
     Unavailable,
 )
-from coordinator.failpoints import FAILPOINTS, Failpoints
-from participants.branches import BranchState
-from tests.unit.fakes import FakeClock, FakeParticipants, InMemoryDecisionLog
+from twopc.failpoints import FAILPOINTS, Failpoints
 
 T = TypeVar("T")
 

@@ -26,7 +26,9 @@ from structlog.testing import capture_logs
 from coordinator.engine.manager import EngineSettings, TransactionManager
 from coordinator.engine.recovery import Recovery
 from coordinator.engine.states import TxState
-from coordinator.errors import (
+from participants.branches import BranchState
+from tests.unit.fakes import FakeClock, FakeParticipants, InMemoryDecisionLog
+from twopc.errors import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,
@@ -34,7 +36,7 @@ from coordinator.errors import (
     TwopcError,
     Unavailable,
 )
-from coordinator.failpoints import (
+from twopc.failpoints import (
     ENV_VAR,
     FAILPOINTS,
     SEED_ENV_VAR,
@@ -44,8 +46,6 @@ from coordinator.failpoints import (
     Term,
     parse_spec,
 )
-from participants.branches import BranchState
-from tests.unit.fakes import FakeClock, FakeParticipants, InMemoryDecisionLog
 
 REPO = Path(__file__).resolve().parents[2]
 POINT = "agent.after_prepare"
@@ -387,7 +387,7 @@ def test_crash_sigkills_the_process(how: str) -> None:
     call = f"fp.hit({POINT!r})" if how == "hit" else f"asyncio.run(fp.ahit({POINT!r}))"
     code = (
         "import asyncio\n"
-        "from coordinator.failpoints import Failpoints\n"
+        "from twopc.failpoints import Failpoints\n"
         f"fp = Failpoints({{{POINT!r}: '1*crash'}})\n"
         "print('armed', flush=True)\n"
         f"{call}\n"

@@ -1,4 +1,4 @@
-"""The generated wire code in coordinator/api/ matches proto/: regenerating changes nothing."""
+"""The generated wire code in twopc/api/ matches proto/: regenerating changes nothing."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.logs import redact
+from twopc.logs import redact
 
 
 def test_database_message_is_cut_and_the_error_number_kept() -> None:

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from coordinator.api import twopc_pb2 as pb
 from coordinator.engine.ports import CommitReply
-from coordinator.errors import FailedPrecondition, Unavailable
 from coordinator.phase2 import CommitBatcher
+from twopc.api import twopc_pb2 as pb
+from twopc.errors import FailedPrecondition, Unavailable
 
 
 class FakeAgent:

@@ -14,12 +14,13 @@ import pytest
 from grpc import aio
 
 from coordinator.agents import AgentClients
-from coordinator.api import twopc_pb2 as pb
-from coordinator.api import twopc_pb2_grpc as pb_grpc
 from coordinator.engine.ports import Vote
-from coordinator.errors import DeadlineExceeded, FailedPrecondition, Unavailable
-from coordinator.pipeline import AgentPipeline, split_by_size
-from coordinator.serving import channel
+from coordinator.pipeline import AgentPipeline
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from twopc.pipeline_messages import split_by_size
+from twopc.serving import channel
 
 Context = aio.ServicerContext[object, object]
 

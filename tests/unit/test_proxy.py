@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.chaos.proxy import (
+from twopc.testing.chaos.proxy import (
     READ_SIZE,
     FaultSpec,
     LinkSpec,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.chaos.schedule import (
+from twopc.testing.chaos.schedule import (
     LINK_FAULTS,
     FaultKind,
     Targets,

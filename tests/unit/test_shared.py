@@ -18,11 +18,12 @@ import grpc
 import pymysql
 import pytest
 
-from coordinator import errors
-from coordinator.api import twopc_pb2 as pb
 from coordinator.decision_log import DecisionLogFull
 from coordinator.engine.states import IllegalTransition
-from coordinator.errors import (
+from participants.xa import ConnectionLost, DbError, durable_xa_problem, translate
+from twopc import errors
+from twopc.api import twopc_pb2 as pb
+from twopc.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -34,9 +35,9 @@ from coordinator.errors import (
     TwopcError,
     Unavailable,
 )
-from coordinator.failpoints import ENV_VAR, Failpoints
-from coordinator.settings import load_settings
-from coordinator.status import (
+from twopc.failpoints import ENV_VAR, Failpoints
+from twopc.settings import load_settings
+from twopc.status import (
     ERROR_CLASS_KEY,
     MYSQL_ERRNO_KEY,
     TXID_KEY,
@@ -44,7 +45,7 @@ from coordinator.status import (
     status_code,
     trailing_metadata,
 )
-from coordinator.txid import (
+from twopc.txid import (
     FORMAT_ID,
     MAX_XID_PART,
     Xid,
@@ -56,8 +57,7 @@ from coordinator.txid import (
     txid_for_request,
     txid_prefix,
 )
-from coordinator.values import SqlValue, from_value, from_values, to_value, to_values
-from participants.xa import ConnectionLost, DbError, durable_xa_problem, translate
+from twopc.values import SqlValue, from_value, from_values, to_value, to_values
 
 LONGEST_COORDINATOR = "c" + "-" * 18 + "9"  # 20 characters
 LONGEST_REQUEST = "R" * 20 + "_" * 10 + "-" * 10  # 40 characters

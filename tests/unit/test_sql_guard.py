@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pymysql.converters import escape_string
 
-from coordinator.errors import InvalidArgument
 from participants.sql_guard import CheckedStatement, StatementKind, check_statement
+from twopc.errors import InvalidArgument
 
 READ = StatementKind.READ
 WRITE = StatementKind.WRITE

@@ -1,0 +1,120 @@
+"""The package layout holds: the SDK installs and imports with its base dependencies only, and the
+import contracts that ``lint-imports`` checks cover every shared module.
+
+The contracts themselves (pyproject.toml, ``[tool.importlinter]``) run in deploy/test.sh.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import pkgutil
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import twopc
+
+ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# The daemons' and the tools' dependencies: none of them may load with the SDK.
+NOT_FOR_THE_SDK = ("structlog", "pymysql", "aiomysql", "sqlalchemy", "uvloop", "matplotlib")
+
+
+def _contract(name_start: str) -> dict[str, object]:
+    for contract in PYPROJECT["tool"]["importlinter"]["contracts"]:
+        if contract["name"].startswith(name_start):
+            return dict(contract)
+    raise AssertionError(f"no import contract named {name_start!r}...")
+
+
+def _distribution_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip()
+
+
+def test_the_base_install_is_grpc_and_protobuf() -> None:
+    base = {_distribution_name(r) for r in PYPROJECT["project"]["dependencies"]}
+    assert base == {"grpcio", "protobuf"}
+
+
+def test_every_shared_module_is_under_the_contract() -> None:
+    """A module added to ``twopc`` (outside the command and the test tools) must not escape the
+    rule that the SDK and the shared code import neither daemon."""
+    shared = {
+        f"twopc.{info.name}"
+        for info in pkgutil.iter_modules(twopc.__path__)
+        if info.name not in ("cli", "testing")
+    }
+    contract = _contract("The SDK and the shared code")
+    assert set(contract["source_modules"]) == shared  # type: ignore[arg-type]
+
+
+def _requirements_closure(names: list[str]) -> set[str]:
+    """The distributions ``names`` need at run time, themselves included (extras left out)."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        for requirement in importlib.metadata.requires(name) or []:
+            if "extra ==" not in requirement:
+                todo.append(_distribution_name(requirement))
+    return seen
+
+
+def _site_with_only(distributions: set[str], site: Path) -> None:
+    """A directory that holds the installed files of ``distributions`` and nothing else."""
+    site.mkdir()
+    for name in distributions:
+        files = importlib.metadata.files(name) or []
+        tops = {Path(str(f)).parts[0] for f in files}
+        for top in tops - {"__pycache__", "..", "bin"}:
+            source = Path(str(importlib.metadata.distribution(name).locate_file(top)))
+            if source.exists() and not (site / top).exists():
+                (site / top).symlink_to(source)
+
+
+def test_the_sdk_runs_with_the_base_dependencies_only(tmp_path: Path) -> None:
+    """``pip install twopc`` gives grpcio and protobuf: the SDK must import and build a client
+    with those alone. A Python without its site-packages gets a directory holding only them
+    (and what they need), then the repository."""
+    base = [_distribution_name(r) for r in PYPROJECT["project"]["dependencies"]]
+    site = tmp_path / "site"
+    _site_with_only(_requirements_closure(base), site)
+    program = f"""
+import sys
+sys.path[:0] = [{str(site)!r}, {str(ROOT)!r}]
+for name in {NOT_FOR_THE_SDK!r}:
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"{{name}} is importable: the check would prove nothing")
+from twopc import AsyncClient, Client, OutcomeUnknown, RetryPolicy, TransactionAborted
+with Client("127.0.0.1:1", retry_policy=RetryPolicy(attempts=1)) as client:
+    pass
+loaded = sorted(n for n in {NOT_FOR_THE_SDK!r} if n in sys.modules)
+daemons = sorted(n for n in sys.modules if n.split(".")[0] in ("coordinator", "participants"))
+print("loaded:", loaded, "daemons:", daemons)
+"""
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", program],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "loaded: [] daemons: []"
+
+
+@pytest.mark.parametrize("dependency", NOT_FOR_THE_SDK)
+def test_the_sdk_contract_names_each_daemon_dependency(dependency: str) -> None:
+    contract = _contract("The SDK needs grpcio and protobuf only")
+    assert dependency in contract["forbidden_modules"]  # type: ignore[operator]

@@ -1,0 +1,68 @@
+"""The twopc SDK: run distributed transactions through a twopc coordinator.
+
+Blocking::
+
+    from twopc import Client
+
+    with Client("127.0.0.1:7100") as client:
+        with client.transaction(timeout=5.0) as tx:
+            balance = tx.execute("eu", "SELECT balance FROM accounts WHERE id = %s", [1]).scalar()
+            tx.execute("us", "UPDATE accounts SET balance = balance + %s WHERE id = %s", [5, 2])
+        # committed here; an exception in the block rolls back and propagates
+
+        client.run({"eu": [("UPDATE ...", [1])], "us": [("UPDATE ...", [2])]})  # one-shot
+
+asyncio: ``AsyncClient``, the same API with ``await`` / ``async with``.
+
+Requests whose answer is lost (UNAVAILABLE, DEADLINE_EXCEEDED) are retried unchanged, as the
+``RetryPolicy`` allows; nothing else is retried. A commit whose answer never comes raises
+``OutcomeUnknown``: look its outcome up with ``get_transaction``. Every error is a ``TwopcError``.
+"""
+
+from twopc.client._async import AsyncClient, AsyncTransaction
+from twopc.client._common import (
+    Outcome,
+    Result,
+    RetryPolicy,
+    RunResult,
+    TransactionInfo,
+    TransactionState,
+)
+from twopc.client._sync import Client, Transaction
+from twopc.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutcomeUnknown,
+    ResourceExhausted,
+    StatementFailed,
+    TransactionAborted,
+    TwopcError,
+    Unavailable,
+)
+
+__all__ = [
+    "AsyncClient",
+    "AsyncTransaction",
+    "Client",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "Outcome",
+    "OutcomeUnknown",
+    "ResourceExhausted",
+    "Result",
+    "RetryPolicy",
+    "RunResult",
+    "StatementFailed",
+    "Transaction",
+    "TransactionAborted",
+    "TransactionInfo",
+    "TransactionState",
+    "TwopcError",
+    "Unavailable",
+]

@@ -1,0 +1,306 @@
+"""The asyncio client: ``AsyncClient`` and its ``AsyncTransaction``.
+
+The same behaviour as ``_sync`` (see there and ``_common``); only the waiting differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+from grpc import aio
+
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.client._common import (
+    DEFAULT_RPC_TIMEOUT,
+    ChannelOption,
+    ExitAction,
+    Result,
+    RetryPolicy,
+    RetryTracker,
+    RunResult,
+    StatementLike,
+    TransactionCore,
+    TransactionInfo,
+    TransactionState,
+    Work,
+    begin_request,
+    channel_options_with,
+    get_transaction_request,
+    info_from_pb,
+    logger,
+    request_id_or_new,
+    run_outcome_unknown,
+    run_request,
+    run_result_from_pb,
+    with_txid,
+)
+from twopc.errors import FailedPrecondition, TwopcError
+from twopc.status import error_from_rpc, is_transport_failure
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+_NO_RETRY = RetryPolicy(attempts=1)
+
+
+class AsyncClient:
+    """An asyncio client of a twopc coordinator, over one long-lived ``grpc.aio`` channel.
+
+    Create it inside the event loop that uses it (``async with AsyncClient(...) as client``).
+    Arguments as for ``Client``; ``sleep`` is a coroutine function (``asyncio.sleep``).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Iterable[ChannelOption] = (),
+        retry_policy: RetryPolicy | None = None,
+        rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        options = channel_options_with(channel_options)
+        self._channel = (
+            aio.insecure_channel(target, options=options)
+            if credentials is None
+            else aio.secure_channel(target, credentials, options=options)
+        )
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._target = target
+        self._retry = retry_policy or RetryPolicy()
+        self._rpc_timeout = rpc_timeout
+        self._sleep = sleep
+        self._clock = clock
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self._target!r})"
+
+    async def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self._channel.close(None)
+
+    # ---------------------------------------------------------------------------------------------
+
+    async def begin(
+        self,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncTransaction:
+        """Starts an interactive transaction (see ``Client.begin``)."""
+        return await self._begin(timeout, request_id, wait_for_phase2=False)
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        wait_for_phase2: bool = False,
+    ) -> AsyncIterator[AsyncTransaction]:
+        """Begins a transaction for an ``async with`` block (see ``Client.transaction``)."""
+        async with await self._begin(timeout, request_id, wait_for_phase2) as tx:
+            yield tx
+
+    async def run(
+        self,
+        work: Work,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        wait_for_phase2: bool = False,
+    ) -> RunResult:
+        """Runs a one-shot transaction (see ``Client.run``)."""
+        rid = request_id_or_new(request_id)
+        request = run_request(work, timeout, rid, wait_for_phase2)
+        try:
+            response = await self._call("RunTransaction", self._stub.RunTransaction, request)
+        except TwopcError as error:
+            if is_transport_failure(error):
+                raise run_outcome_unknown(error, rid) from error
+            raise
+        return run_result_from_pb(request, response)
+
+    async def get_transaction(
+        self, txid: str | None = None, *, request_id: str | None = None
+    ) -> TransactionInfo:
+        """The state and outcome of a transaction (see ``Client.get_transaction``)."""
+        request = get_transaction_request(txid, request_id)
+        info = await self._call(
+            "GetTransaction", self._stub.GetTransaction, request, txid=txid or ""
+        )
+        return info_from_pb(info)
+
+    # ---------------------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        callable_: aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        *,
+        txid: str = "",
+        retry: bool = True,
+    ) -> Resp:
+        """Sends ``request``, again on transport failures as the retry policy allows; every gRPC
+        error comes out as a ``TwopcError`` raised from it."""
+        if self._closed:
+            raise FailedPrecondition(f"the client of {self._target} is closed", txid=txid)
+        policy = self._retry if retry else _NO_RETRY
+        tracker = RetryTracker(policy, self._clock, method, txid)
+        while True:
+            try:
+                return await callable_(request, timeout=self._rpc_timeout)
+            except grpc.RpcError as rpc_error:
+                error = with_txid(error_from_rpc(rpc_error), txid)
+                delay = tracker.next_delay(error)
+                if delay is None:
+                    raise error from rpc_error
+            await self._sleep(delay)
+
+    async def _begin(
+        self, timeout: float | None, request_id: str | None, wait_for_phase2: bool
+    ) -> AsyncTransaction:
+        rid = request_id_or_new(request_id)
+        response = await self._call("Begin", self._stub.Begin, begin_request(timeout, rid))
+        return AsyncTransaction(self, TransactionCore(response, rid, wait_for_phase2))
+
+    async def _lookup(self, txid: str) -> TransactionInfo | None:
+        """One GetTransaction, no retries: None when it fails too."""
+        try:
+            request = get_transaction_request(txid, None)
+            info = await self._call(
+                "GetTransaction", self._stub.GetTransaction, request, txid=txid, retry=False
+            )
+            return info_from_pb(info)
+        except TwopcError as error:
+            logger.warning(
+                "GetTransaction after a lost commit answer failed (txid=%s): %s",
+                txid,
+                type(error).__name__,
+            )
+            return None
+
+
+class AsyncTransaction:
+    """An interactive transaction of an ``AsyncClient`` (see ``Transaction``)."""
+
+    def __init__(self, client: AsyncClient, core: TransactionCore) -> None:
+        self._client = client
+        self._core = core
+
+    @property
+    def txid(self) -> str:
+        return self._core.txid
+
+    @property
+    def request_id(self) -> str:
+        """The idempotency key its Begin was sent with."""
+        return self._core.request_id
+
+    @property
+    def timeout(self) -> float:
+        """Seconds from Begin to the commit decision, as the coordinator set it."""
+        return self._core.timeout
+
+    @property
+    def state(self) -> TransactionState:
+        """As ``Transaction.state``."""
+        return self._core.state
+
+    def __repr__(self) -> str:
+        return f"AsyncTransaction({self.txid!r}, {self.state.name})"
+
+    async def __aenter__(self) -> AsyncTransaction:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        action = self._core.exit_action(failed=exc is not None)
+        if action is ExitAction.COMMIT:
+            await self.commit(wait_for_phase2=self._core.exit_wait_for_phase2)
+        elif action is ExitAction.ROLLBACK:
+            await self._rollback_quietly()
+        elif action is ExitAction.ROLLBACK_AND_RAISE:
+            await self._rollback_quietly()
+            raise self._core.in_doubt_error()
+
+    async def execute(self, participant: str, sql: str, params: Sequence[object] = ()) -> Result:
+        """Runs one statement on ``participant`` (see ``Transaction.execute``)."""
+        return (await self.execute_many(participant, [(sql, params)]))[0]
+
+    async def execute_many(
+        self, participant: str, statements: Sequence[StatementLike]
+    ) -> list[Result]:
+        """Runs statements on ``participant`` in one request."""
+        request = self._core.execute_request(participant, statements)
+        try:
+            response = await self._client._call(
+                "Execute", self._client._stub.Execute, request, txid=self.txid
+            )
+        except TwopcError as error:
+            self._core.execute_failed(error)
+            raise
+        return self._core.execute_done(request, response)
+
+    async def commit(self, *, wait_for_phase2: bool = False) -> TransactionState:
+        """Two-phase commit of everything executed (see ``Transaction.commit``)."""
+        request = self._core.commit_request(wait_for_phase2)
+        try:
+            response = await self._client._call(
+                "Commit", self._client._stub.Commit, request, txid=self.txid
+            )
+        except TwopcError as error:
+            info = await self._client._lookup(self.txid) if is_transport_failure(error) else None
+            return self._core.commit_failed(error, info)
+        return self._core.commit_done(response)
+
+    async def rollback(self) -> TransactionState:
+        """Rolls back; does nothing when rolled back already (see ``Transaction.rollback``)."""
+        request = self._core.rollback_request()
+        if request is None:
+            return self._core.state
+        try:
+            response = await self._client._call(
+                "Rollback", self._client._stub.Rollback, request, txid=self.txid
+            )
+        except TwopcError as error:
+            self._core.rollback_failed(error)
+            raise
+        return self._core.rollback_done(response)
+
+    async def _rollback_quietly(self) -> None:
+        try:
+            await self.rollback()
+        except Exception as error:  # best effort: the block's own error matters more
+            logger.warning(
+                "rollback of %s failed: %s; the coordinator rolls it back at its timeout",
+                self.txid,
+                type(error).__name__,
+            )

@@ -1,0 +1,612 @@
+"""The parts of the SDK that do no I/O, shared by the blocking and the asyncio client.
+
+Request building, response conversion, the retry schedule and the client-side state of an
+interactive transaction live here; ``_sync`` and ``_async`` only send the requests, sleep and wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Final, TypeAlias
+
+from twopc.api import twopc_pb2 as pb
+from twopc.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    OutcomeUnknown,
+    TransactionAborted,
+    TwopcError,
+)
+from twopc.status import is_transport_failure
+from twopc.txid import check_request_id
+from twopc.values import SqlValue, from_values, to_values
+
+logger = logging.getLogger("twopc.client")
+
+#: A statement as callers write it: ``"SQL"`` or ``("SQL with %s", [params])``.
+StatementLike: TypeAlias = str | tuple[str, Sequence[object]]
+#: The work of a one-shot transaction: participant name -> its statements, in order.
+Work: TypeAlias = Mapping[str, Sequence[StatementLike]]
+
+DEFAULT_RPC_TIMEOUT: Final = 30.0
+MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+_MAX_TIMEOUT_MS: Final = 2**32 - 1
+
+#: Channel options for a long-lived channel to a coordinator. Keepalive pings find a dead connection
+#: (a half-open TCP link after a network cut) in about 40 s instead of the kernel's hours; the
+#: coordinator's server accepts pings without calls down to one every 5 s.
+DEFAULT_CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+ChannelOption: TypeAlias = tuple[str, str | int]
+
+
+def channel_options_with(extra: Iterable[ChannelOption] = ()) -> list[ChannelOption]:
+    """The default channel options, overridden key by key by ``extra``."""
+    merged: dict[str, str | int] = dict(DEFAULT_CHANNEL_OPTIONS)
+    merged.update(extra)
+    return list(merged.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Public value types
+# --------------------------------------------------------------------------------------------------
+
+
+class TransactionState(enum.Enum):
+    """The coordinator's state of a global transaction (see PROTOCOL.md)."""
+
+    ACTIVE = "ACTIVE"  # accepting statements
+    PREPARING = "PREPARING"  # votes being collected (or: commit sent, outcome not known yet)
+    COMMITTING = "COMMITTING"  # decided COMMIT, durably; phase 2 under way
+    COMMITTED = "COMMITTED"  # every branch committed
+    ABORTING = "ABORTING"  # decided ABORT; rollbacks under way
+    ABORTED = "ABORTED"  # rolled back, or presumed so
+
+
+class Outcome(enum.Enum):
+    """The decision on a transaction, as far as the coordinator knows it."""
+
+    PENDING = "PENDING"  # not decided yet
+    COMMITTED = "COMMITTED"  # decided commit: applied, or being applied by phase 2 / recovery
+    ABORTED = "ABORTED"  # decided abort, or presumed abort
+
+
+_STATES: Final[dict[int, TransactionState]] = {
+    pb.TRANSACTION_STATE_ACTIVE: TransactionState.ACTIVE,
+    pb.TRANSACTION_STATE_PREPARING: TransactionState.PREPARING,
+    pb.TRANSACTION_STATE_COMMITTING: TransactionState.COMMITTING,
+    pb.TRANSACTION_STATE_COMMITTED: TransactionState.COMMITTED,
+    pb.TRANSACTION_STATE_ABORTING: TransactionState.ABORTING,
+    pb.TRANSACTION_STATE_ABORTED: TransactionState.ABORTED,
+}
+_OUTCOMES: Final[dict[int, Outcome]] = {
+    pb.OUTCOME_PENDING: Outcome.PENDING,
+    pb.OUTCOME_COMMITTED: Outcome.COMMITTED,
+    pb.OUTCOME_ABORTED: Outcome.ABORTED,
+}
+_DECIDED_COMMIT: Final = frozenset({TransactionState.COMMITTING, TransactionState.COMMITTED})
+
+
+def state_from_pb(value: int) -> TransactionState:
+    try:
+        return _STATES[value]
+    except KeyError:
+        raise Internal(f"the coordinator sent an unknown transaction state {value}") from None
+
+
+def outcome_from_pb(value: int) -> Outcome:
+    try:
+        return _OUTCOMES[value]
+    except KeyError:
+        raise Internal(f"the coordinator sent an unknown outcome {value}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The result of one statement.
+
+    Attributes:
+        columns: column names of the rows (empty for statements that return no rows).
+        rows: one tuple per row, values as Python objects (int, Decimal, bytes, datetime, None...).
+        affected_rows: rows changed (INSERT, UPDATE, DELETE, REPLACE).
+        last_insert_id: the AUTO_INCREMENT value generated by an INSERT, else 0.
+    """
+
+    columns: list[str]
+    rows: list[tuple[SqlValue, ...]]
+    affected_rows: int = 0
+    last_insert_id: int = 0
+
+    def scalar(self) -> SqlValue:
+        """The first column of the first row, or None when there is no row."""
+        if not self.rows or not self.rows[0]:
+            return None
+        return self.rows[0][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """The answer to a one-shot transaction (``Client.run``).
+
+    Attributes:
+        txid: the transaction id.
+        state: COMMITTING (decided, phase 2 running) or COMMITTED.
+        results: per participant, the results of its statements in order.
+    """
+
+    txid: str
+    state: TransactionState
+    results: dict[str, list[Result]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransactionInfo:
+    """What the coordinator knows of a transaction (``Client.get_transaction``).
+
+    Attributes:
+        presumed: the outcome is ABORTED by presumed abort: no commit decision exists.
+    """
+
+    txid: str
+    state: TransactionState
+    outcome: Outcome
+    participants: list[str]
+    abort_reason: str
+    presumed: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# Retries
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How the SDK retries a request whose answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED).
+
+    Only transport failures are retried, and always with the very same request, which the
+    coordinator answers idempotently. The n-th retry waits
+    ``min(max_backoff, initial_backoff * multiplier ** (n - 1))`` seconds first.
+
+    Attributes:
+        attempts: tries in all, the first one included (1 disables retries).
+        initial_backoff: seconds before the first retry.
+        max_backoff: the longest wait between two tries.
+        multiplier: growth of the wait from one retry to the next.
+        deadline: seconds after the first try past which no retry is started.
+    """
+
+    attempts: int = 5
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+    deadline: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ValueError("backoffs must not be negative")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be at least 1, not {self.multiplier}")
+        if self.deadline <= 0:
+            raise ValueError(f"deadline must be positive, not {self.deadline}")
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
+        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+
+    def delay_after(self, failures: int, elapsed: float) -> float | None:
+        """The wait before the next try, after ``failures`` failed ones and ``elapsed`` seconds
+        since the first began; None when the tries or the deadline are used up."""
+        if failures >= self.attempts:
+            return None
+        delay = self.backoff(failures)
+        if elapsed + delay > self.deadline:
+            return None
+        return delay
+
+
+class RetryTracker:
+    """The retry bookkeeping of one call: counts failures and says how long to wait, or to stop."""
+
+    def __init__(
+        self, policy: RetryPolicy, clock: Callable[[], float], method: str, txid: str = ""
+    ) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._started = clock()
+        self._failures = 0
+        self._method = method
+        self._txid = txid
+
+    def next_delay(self, error: TwopcError) -> float | None:
+        """Seconds to wait before trying again after ``error``, or None to give up and raise it."""
+        if not is_transport_failure(error):
+            return None
+        self._failures += 1
+        delay = self._policy.delay_after(self._failures, self._clock() - self._started)
+        if delay is None:
+            logger.warning(
+                "%s failed after %d tries, giving up (txid=%s): %s: %s",
+                self._method,
+                self._failures,
+                self._txid or error.txid or "-",
+                type(error).__name__,
+                error.message,
+            )
+        else:
+            logger.info(
+                "%s failed (try %d of %d, txid=%s): %s: %s; retrying in %.3f s",
+                self._method,
+                self._failures,
+                self._policy.attempts,
+                self._txid or error.txid or "-",
+                type(error).__name__,
+                error.message,
+                delay,
+            )
+        return delay
+
+
+def with_txid(error: TwopcError, txid: str) -> TwopcError:
+    """``error``, naming ``txid`` when the server did not say which transaction it was about."""
+    if txid and not error.txid:
+        error.txid = txid
+    return error
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests and responses
+# --------------------------------------------------------------------------------------------------
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key: 32 hex characters."""
+    return uuid.uuid4().hex
+
+
+def request_id_or_new(request_id: str | None) -> str:
+    return new_request_id() if request_id is None else check_request_id(request_id)
+
+
+def timeout_ms(timeout: float | None) -> int:
+    """Seconds as the wire's milliseconds; None is 0 (the coordinator's default)."""
+    if timeout is None:
+        return 0
+    if not timeout > 0:
+        raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
+    millis = max(1, round(timeout * 1000))
+    if millis > _MAX_TIMEOUT_MS:
+        raise InvalidArgument(f"timeout {timeout} s is too long")
+    return millis
+
+
+def statement(item: StatementLike) -> pb.Statement:
+    """One statement as the wire's ``Statement``; InvalidArgument for a malformed one."""
+    if isinstance(item, str):
+        return pb.Statement(sql=item)
+    try:
+        sql, params = item
+    except (TypeError, ValueError):
+        raise InvalidArgument(
+            "a statement is a string or a (sql, params) pair, "
+            f"not a {type(item).__name__}"  # the type only: never show parameter values
+        ) from None
+    return pb.Statement(sql=_sql(sql), params=to_values(_params(params)))
+
+
+def _sql(sql: object) -> str:
+    if not isinstance(sql, str):
+        raise InvalidArgument(f"SQL must be a string, not {type(sql).__name__}")
+    return sql
+
+
+def _params(params: object) -> Sequence[object]:
+    # A string or a mapping is iterable, but as parameters it is surely a mistake ("%s" % "abc").
+    if isinstance(params, str | bytes | bytearray | Mapping) or not isinstance(params, Sequence):
+        raise InvalidArgument(
+            f"parameters must be a list or tuple of values, not {type(params).__name__}"
+        )
+    return params
+
+
+def statements(items: Sequence[StatementLike]) -> list[pb.Statement]:
+    if isinstance(items, str):
+        raise InvalidArgument("statements must be a list of statements, not one string")
+    result = [statement(item) for item in items]
+    if not result:
+        raise InvalidArgument("no statements to run")
+    return result
+
+
+def begin_request(timeout: float | None, request_id: str) -> pb.BeginRequest:
+    return pb.BeginRequest(timeout_ms=timeout_ms(timeout), request_id=request_id)
+
+
+def run_request(
+    work: Work, timeout: float | None, request_id: str, wait_for_phase2: bool
+) -> pb.RunTransactionRequest:
+    if not isinstance(work, Mapping):
+        raise InvalidArgument("work must map participant names to lists of statements")
+    return pb.RunTransactionRequest(
+        timeout_ms=timeout_ms(timeout),
+        request_id=request_id,
+        work=[
+            pb.ParticipantStatements(participant=participant, statements=statements(items))
+            for participant, items in work.items()
+        ],
+        wait_for_phase2=wait_for_phase2,
+    )
+
+
+def get_transaction_request(txid: str | None, request_id: str | None) -> pb.GetTransactionRequest:
+    if (txid is None) == (request_id is None):
+        raise InvalidArgument("give either a txid or a request_id")
+    if txid is not None:
+        if not txid:
+            raise InvalidArgument("txid must not be empty")
+        return pb.GetTransactionRequest(txid=txid)
+    return pb.GetTransactionRequest(request_id=check_request_id(request_id or ""))
+
+
+def result_from_pb(result: pb.StatementResult) -> Result:
+    try:
+        rows = [tuple(from_values(row.values)) for row in result.rows]
+    except InvalidArgument as err:
+        raise Internal(f"the coordinator sent a malformed value: {err.message}") from err
+    return Result(
+        columns=list(result.columns),
+        rows=rows,
+        affected_rows=result.affected_rows,
+        last_insert_id=result.last_insert_id,
+    )
+
+
+def results_from_pb(results: Sequence[pb.StatementResult], expected: int) -> list[Result]:
+    if len(results) != expected:
+        raise Internal(f"the coordinator sent {len(results)} results for {expected} statements")
+    return [result_from_pb(r) for r in results]
+
+
+def run_result_from_pb(
+    request: pb.RunTransactionRequest, response: pb.RunTransactionResponse
+) -> RunResult:
+    state = state_from_pb(response.state)
+    if state not in _DECIDED_COMMIT:
+        raise Internal(f"the coordinator answered a commit with state {state.name}")
+    sent = {work.participant: len(work.statements) for work in request.work}
+    results: dict[str, list[Result]] = {}
+    for part in response.results:
+        results[part.participant] = results_from_pb(part.results, sent.get(part.participant, 0))
+    return RunResult(txid=response.txid, state=state, results=results)
+
+
+def info_from_pb(info: pb.TransactionInfo) -> TransactionInfo:
+    return TransactionInfo(
+        txid=info.txid,
+        state=state_from_pb(info.state),
+        outcome=outcome_from_pb(info.outcome),
+        participants=list(info.participants),
+        abort_reason=info.abort_reason,
+        presumed=info.presumed,
+    )
+
+
+def run_outcome_unknown(error: TwopcError, request_id: str) -> OutcomeUnknown:
+    """The error for a RunTransaction whose answer never came: it may have committed."""
+    return OutcomeUnknown(
+        f"no answer from the coordinator to RunTransaction ({type(error).__name__}: "
+        f"{error.message}); it may have committed: look it up with "
+        f"get_transaction(request_id={request_id!r}) or run it again with the same request_id",
+        txid=error.txid,
+        request_id=request_id,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The client side of an interactive transaction
+# --------------------------------------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    """Where an interactive transaction stands, as far as this client knows."""
+
+    ACTIVE = enum.auto()  # begun: execute, commit and rollback allowed
+    IN_DOUBT = enum.auto()  # an Execute's answer was lost for good: only rollback allowed
+    COMMITTED = enum.auto()  # the commit decision is made (COMMITTING or COMMITTED)
+    ABORTED = enum.auto()  # rolled back, by us or by the coordinator
+    OUTCOME_UNKNOWN = enum.auto()  # the Commit's answer was lost for good
+
+
+class ExitAction(enum.Enum):
+    """What leaving a ``with`` block does."""
+
+    NOTHING = enum.auto()
+    COMMIT = enum.auto()
+    ROLLBACK = enum.auto()
+    ROLLBACK_AND_RAISE = enum.auto()  # clean exit while in doubt: roll back, then say so
+
+
+# Which operation may run in which phase: anything else raises FailedPrecondition locally.
+_ALLOWED: Final[dict[str, frozenset[Phase]]] = {
+    "execute": frozenset({Phase.ACTIVE}),
+    "commit": frozenset({Phase.ACTIVE}),
+    # After an unknown outcome a rollback is still worth trying: the coordinator refuses it
+    # (FAILED_PRECONDITION) if the transaction committed, and aborts it otherwise.
+    "rollback": frozenset({Phase.ACTIVE, Phase.IN_DOUBT, Phase.OUTCOME_UNKNOWN}),
+}
+_WHY_NOT: Final[dict[Phase, str]] = {
+    Phase.ACTIVE: "it is active",
+    Phase.IN_DOUBT: "an earlier execute got no answer, so the transaction may lack a statement; "
+    "roll it back",
+    Phase.COMMITTED: "it is committed",
+    Phase.ABORTED: "it is rolled back",
+    Phase.OUTCOME_UNKNOWN: "its commit got no answer; look its outcome up with get_transaction",
+}
+
+
+class TransactionCore:
+    """The state of an interactive transaction on the client side, and the requests it may send.
+
+    Not thread-safe: a transaction is used by one thread (or one task) at a time.
+    """
+
+    def __init__(
+        self, response: pb.BeginResponse, request_id: str, exit_wait_for_phase2: bool = False
+    ) -> None:
+        self.txid = response.txid
+        self.request_id = request_id
+        self.timeout = response.timeout_ms / 1000
+        self.phase = Phase.ACTIVE
+        self.state = TransactionState.ACTIVE
+        #: wait_for_phase2 of the commit at the end of a ``with`` block.
+        self.exit_wait_for_phase2 = exit_wait_for_phase2
+        self._sequences: dict[str, int] = {}
+        self.abort_reason = "rolled back"
+
+    def _require(self, operation: str) -> None:
+        if self.phase is Phase.ABORTED and operation != "rollback":
+            # The outcome, not a usage error: the transaction is over and nothing of it applied.
+            raise TransactionAborted(
+                f"cannot {operation} transaction {self.txid}: it was aborted ({self.abort_reason})",
+                txid=self.txid,
+            )
+        if self.phase not in _ALLOWED[operation]:
+            raise FailedPrecondition(
+                f"cannot {operation} transaction {self.txid}: {_WHY_NOT[self.phase]}",
+                txid=self.txid,
+            )
+
+    # execute
+
+    def execute_request(
+        self, participant: str, items: Sequence[StatementLike]
+    ) -> pb.ExecuteRequest:
+        """The request for the next Execute on ``participant``; takes its sequence number."""
+        self._require("execute")
+        built = statements(items)  # first, so that a bad statement uses no sequence number
+        sequence = self._sequences.get(participant, 0) + 1
+        self._sequences[participant] = sequence
+        return pb.ExecuteRequest(
+            txid=self.txid, participant=participant, statements=built, sequence=sequence
+        )
+
+    def execute_done(
+        self, request: pb.ExecuteRequest, response: pb.ExecuteResponse
+    ) -> list[Result]:
+        return results_from_pb(response.results, len(request.statements))
+
+    def execute_failed(self, error: TwopcError) -> None:
+        """Moves the transaction as the error of its Execute says (the caller re-raises it)."""
+        with_txid(error, self.txid)
+        if isinstance(error, TransactionAborted):
+            self.abort_reason = error.message
+            self._move(Phase.ABORTED, TransactionState.ABORTED)
+        elif is_transport_failure(error):
+            self.phase = Phase.IN_DOUBT
+
+    # commit
+
+    def commit_request(self, wait_for_phase2: bool) -> pb.CommitRequest:
+        self._require("commit")
+        return pb.CommitRequest(txid=self.txid, wait_for_phase2=wait_for_phase2)
+
+    def commit_done(self, response: pb.CommitResponse) -> TransactionState:
+        state = state_from_pb(response.state)
+        if state in (TransactionState.ABORTING, TransactionState.ABORTED):
+            self._move(Phase.ABORTED, state)
+            raise TransactionAborted(f"transaction {self.txid} aborted", txid=self.txid)
+        if state not in _DECIDED_COMMIT:
+            raise Internal(
+                f"the coordinator answered the commit of {self.txid} with state {state.name}",
+                txid=self.txid,
+            )
+        self._move(Phase.COMMITTED, state)
+        return state
+
+    def commit_failed(self, error: TwopcError, info: TransactionInfo | None) -> TransactionState:
+        """Settles a failed Commit: returns the state when ``info`` (the answer of a GetTransaction
+        made after the Commit's answers were lost) shows the commit decided, else raises."""
+        with_txid(error, self.txid)
+        if isinstance(error, TransactionAborted):
+            self._move(Phase.ABORTED, TransactionState.ABORTED)
+            raise error
+        if not is_transport_failure(error):
+            raise error
+        if info is not None and info.outcome is Outcome.COMMITTED and info.state in _DECIDED_COMMIT:
+            logger.info("commit of %s confirmed by GetTransaction: %s", self.txid, info.state.name)
+            self._move(Phase.COMMITTED, info.state)
+            return info.state
+        if info is not None and info.outcome is Outcome.ABORTED:
+            self._move(Phase.ABORTED, TransactionState.ABORTED)
+            reason = info.abort_reason or "no reason given"
+            raise TransactionAborted(
+                f"transaction {self.txid} aborted: {reason}", txid=self.txid
+            ) from error
+        # PREPARING stands for "commit sent, decision not known": the nearest true state.
+        self._move(Phase.OUTCOME_UNKNOWN, TransactionState.PREPARING)
+        raise OutcomeUnknown(
+            f"no answer from the coordinator to the commit of {self.txid} "
+            f"({type(error).__name__}: {error.message}); it may have committed: look it up with "
+            f"get_transaction({self.txid!r})",
+            txid=self.txid,
+            request_id=self.request_id,
+        ) from error
+
+    # rollback
+
+    def rollback_request(self) -> pb.RollbackRequest | None:
+        """The Rollback to send, or None when the transaction is rolled back already."""
+        if self.phase is Phase.ABORTED:
+            return None
+        self._require("rollback")
+        return pb.RollbackRequest(txid=self.txid)
+
+    def rollback_done(self, response: pb.RollbackResponse) -> TransactionState:
+        state = (
+            TransactionState.ABORTED
+            if response.state == pb.TRANSACTION_STATE_UNSPECIFIED
+            else state_from_pb(response.state)
+        )
+        self._move(Phase.ABORTED, state)
+        return state
+
+    def rollback_failed(self, error: TwopcError) -> None:
+        with_txid(error, self.txid)
+
+    # with-block
+
+    def exit_action(self, *, failed: bool) -> ExitAction:
+        if self.phase in (Phase.COMMITTED, Phase.ABORTED, Phase.OUTCOME_UNKNOWN):
+            return ExitAction.NOTHING
+        if failed:
+            return ExitAction.ROLLBACK
+        if self.phase is Phase.IN_DOUBT:
+            return ExitAction.ROLLBACK_AND_RAISE
+        return ExitAction.COMMIT
+
+    def in_doubt_error(self) -> TransactionAborted:
+        return TransactionAborted(
+            f"transaction {self.txid} rolled back: an execute got no answer, so it might have "
+            "missed a statement",
+            txid=self.txid,
+        )
+
+    def _move(self, phase: Phase, state: TransactionState) -> None:
+        self.phase = phase
+        self.state = state

@@ -1,0 +1,509 @@
+"""A whole twopc cluster on one machine: one MariaDB and one agent per region, and a coordinator.
+
+Every component is a real process in a session of its own, started from a command line that the
+state file records (``state.json`` in the cluster's directory), so that an outside harness can kill
+any part with a real signal and start it again exactly as the cluster did::
+
+    {"version": 1, "directory": ..., "coordinator_id": "c1", "regions": ["eu", "us", "ap"],
+     "database": "twopc", "client_address": "127.0.0.1:40001",
+     "links": [{"name": "coordinator-agent-eu", "listen": ..., "upstream": ...}, ...],
+     "components": {
+        "mariadb-eu": {"kind": "mariadb", "region": "eu", "address": "127.0.0.1:41234",
+                       "pid": 1234, "data_dir": ..., "command": [...], "cwd": ..., "env": {...},
+                       "log": ...},
+        "agent-eu": {...}, ..., "coordinator": {...}, "proxy": {...}}}
+
+``client_address`` is where the SDK connects (the proxy's end of the client link when the
+cluster was made with fault proxies; ``links`` is empty otherwise). The ``proxy`` component's
+address is its FaultProxy control endpoint. Start a component again:
+``subprocess.Popen(c["command"], cwd=c["cwd"], env=os.environ | c["env"])``
+(or ``twopc playground --restart NAME``, which also records the new pid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pymysql
+
+from twopc.api import chaos_pb2 as cpb
+from twopc.api import chaos_pb2_grpc as cpb_grpc
+from twopc.api import twopc_pb2 as pb
+from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.testing.playground.mariadb import MariaDBInstance, PlaygroundError
+from twopc.testing.playground.ports import LOOPBACK, free_port
+
+STATE_FILE = "state.json"
+DATABASE = "twopc"
+PROXY = "proxy"
+CLIENT_LINK = "client-coordinator"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """A fault-proxy link: the proxy accepts on ``listen`` and forwards to ``upstream``."""
+
+    name: str
+    listen: str
+    upstream: str
+
+
+@dataclass
+class Component:
+    name: str
+    kind: str  # "mariadb" | "agent" | "coordinator"
+    address: str
+    data_dir: str
+    command: list[str]
+    cwd: str
+    log: str
+    env: dict[str, str] = field(default_factory=dict)
+    region: str = ""
+    pid: int | None = None
+
+    def spawn(self) -> int:
+        """Starts the command in a new session, output appended to ``log``; returns the pid."""
+        Path(self.log).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            process = subprocess.Popen(
+                self.command,
+                cwd=self.cwd,
+                env={**os.environ, **self.env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _CHILDREN[process.pid] = process
+        self.pid = process.pid
+        return process.pid
+
+    def alive(self) -> bool:
+        return self.pid is not None and process_alive(self.pid)
+
+    def send(self, sig: int) -> None:
+        if self.pid is None:
+            raise PlaygroundError(f"{self.name} has no recorded pid")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+
+# Popen objects of the processes this Python process started, so that dead ones get reaped.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as dead)."""
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Polls ``predicate`` until it is true; TimeoutError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:.1f} s")
+        time.sleep(interval)
+
+
+class Cluster:
+    def __init__(
+        self,
+        directory: Path,
+        regions: Sequence[str],
+        components: Mapping[str, Component],
+        coordinator_id: str = "c1",
+        links: Sequence[LinkPlan] = (),
+    ) -> None:
+        self.directory = directory.resolve()
+        self.regions = list(regions)
+        self.components = dict(components)
+        self.coordinator_id = coordinator_id
+        self.links = list(links)
+
+    # --- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        regions: Sequence[str],
+        *,
+        coordinator_id: str = "c1",
+        coordinator_settings: Mapping[str, object] | None = None,
+        agent_settings: Mapping[str, object] | None = None,
+        proxied: bool = False,
+        client_db_links: bool = False,
+        remote_links_only: bool = False,
+        python: str = sys.executable,
+    ) -> Cluster:
+        """Lays out directories and configuration files; starts nothing.
+
+        With ``proxied``, a fault proxy sits on every hop: client -> coordinator
+        (``client-coordinator``), coordinator -> each agent (``coordinator-agent-<region>``) and
+        each agent -> its database (``agent-<region>-mariadb``). The daemons are configured with
+        the proxy's addresses, and ``coordinator_address`` is the proxied one.
+
+        With ``client_db_links`` as well, each region gets one more link,
+        ``client-mariadb-<region>``, from a port of its own to that region's database, for
+        clients that talk to the databases directly (the benchmark's baselines) through the same
+        kind of link as the coordinator's. Without ``proxied`` it adds nothing.
+
+        With ``remote_links_only`` as well, only the hops that cross regions in a real deployment
+        go through the proxy (``coordinator-agent-<region>``, ``client-mariadb-<region>``); the
+        client's hop to the coordinator and each agent's to its own database are direct, as they
+        are when those parts sit side by side (the benchmark: a proxy hop costs CPU).
+        """
+        directory = directory.resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(_REPO_ROOT)}
+        components: dict[str, Component] = {}
+        agents: dict[str, str] = {}
+        links: list[LinkPlan] = []
+
+        def through_proxy(name: str, upstream: str) -> str:
+            local = name == CLIENT_LINK or (name.endswith("-mariadb") and name.startswith("agent-"))
+            if not proxied or (remote_links_only and local):
+                return upstream
+            link = LinkPlan(name, f"{LOOPBACK}:{free_port()}", upstream)
+            links.append(link)
+            return link.listen
+
+        for region in regions:
+            base = directory / region
+            base.mkdir(parents=True, exist_ok=True)
+            db = MariaDBInstance(region, base / "mariadb", free_port())
+            components[f"mariadb-{region}"] = Component(
+                name=f"mariadb-{region}",
+                kind="mariadb",
+                region=region,
+                address=db.address,
+                data_dir=str(db.data_dir),
+                command=db.command_line(),
+                cwd=str(base),
+                log=str(base / "mariadb" / "mariadbd.out"),
+            )
+            agent_address = f"{LOOPBACK}:{free_port()}"
+            agents[region] = through_proxy(f"coordinator-agent-{region}", agent_address)
+            database_address = through_proxy(f"agent-{region}-mariadb", db.address)
+            if client_db_links:
+                through_proxy(f"client-mariadb-{region}", db.address)
+            config = base / "agent.toml"
+            _write_toml(
+                config,
+                {
+                    "name": region,
+                    "listen": agent_address,
+                    "mysql_host": LOOPBACK,
+                    "mysql_port": int(database_address.rsplit(":", 1)[1]),
+                    "mysql_user": "root",
+                    "mysql_database": DATABASE,
+                    **(agent_settings or {}),
+                },
+            )
+            components[f"agent-{region}"] = Component(
+                name=f"agent-{region}",
+                kind="agent",
+                region=region,
+                address=agent_address,
+                data_dir=str(base),
+                command=[python, "-m", "twopc.cli", "agent", "--config", str(config)],
+                cwd=str(base),
+                log=str(base / "agent.log"),
+                env=dict(env),
+            )
+        coordinator_dir = directory / "coordinator"
+        coordinator_dir.mkdir(parents=True, exist_ok=True)
+        address = f"{LOOPBACK}:{free_port()}"
+        config = coordinator_dir / "coordinator.toml"
+        _write_toml(
+            config,
+            {
+                "coordinator_id": coordinator_id,
+                "listen": address,
+                "data_dir": str(coordinator_dir / "data"),
+                **(coordinator_settings or {}),
+            },
+            tables={"participants": agents},
+        )
+        components["coordinator"] = Component(
+            name="coordinator",
+            kind="coordinator",
+            address=address,
+            data_dir=str(coordinator_dir / "data"),
+            command=[python, "-m", "twopc.cli", "coordinator", "--config", str(config)],
+            cwd=str(coordinator_dir),
+            log=str(coordinator_dir / "coordinator.log"),
+            env=dict(env),
+        )
+        through_proxy(CLIENT_LINK, address)
+        if proxied:
+            control = f"{LOOPBACK}:{free_port()}"
+            link_args = [f"--link={k.name}={k.listen}={k.upstream}" for k in links]
+            components[PROXY] = Component(
+                name=PROXY,
+                kind=PROXY,
+                address=control,
+                data_dir=str(directory),
+                command=[
+                    python,
+                    "-m",
+                    "twopc.cli",
+                    "proxy",
+                    f"--control={control}",
+                    *link_args,
+                ],
+                cwd=str(directory),
+                log=str(directory / "proxy.log"),
+                env=dict(env),
+            )
+        return cls(directory, regions, components, coordinator_id, links)
+
+    @classmethod
+    def load(cls, directory: Path) -> Cluster:
+        path = directory / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise PlaygroundError(f"no playground in {directory} (no {STATE_FILE})") from err
+        components = {n: Component(**c) for n, c in state["components"].items()}
+        links = [LinkPlan(**link) for link in state.get("links", [])]
+        return cls(
+            Path(state["directory"]), state["regions"], components, state["coordinator_id"], links
+        )
+
+    # --- running ------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    @property
+    def coordinator_address(self) -> str:
+        """Where clients connect: through the proxy when there is one."""
+        for link in self.links:
+            if link.name == CLIENT_LINK:
+                return link.listen
+        return self.components["coordinator"].address
+
+    @property
+    def proxied(self) -> bool:
+        return PROXY in self.components
+
+    def component(self, name: str) -> Component:
+        try:
+            return self.components[name]
+        except KeyError:
+            known = ", ".join(sorted(self.components))
+            raise PlaygroundError(f"no component {name!r}; the cluster has: {known}") from None
+
+    def up(self, timeout: float = 60.0) -> None:
+        """Starts everything: databases, then agents, then the coordinator; each waited for.
+
+        The state file is written before anything starts and as each part starts, so that
+        ``twopc playground --down`` always knows what runs; if a part fails to start, what was
+        started is stopped again before the error is raised."""
+        self.save()
+        try:
+            if self.proxied:
+                self.restart(PROXY, timeout=timeout)
+            databases = [self.components[f"mariadb-{r}"] for r in self.regions]
+            with ThreadPoolExecutor(max_workers=len(databases)) as pool:
+                list(pool.map(lambda c: self._start_database(c, timeout), databases))
+            self.save()
+            for region in self.regions:
+                self.restart(f"agent-{region}", timeout=timeout)
+            self.restart("coordinator", timeout=timeout)
+        except BaseException:
+            self.down(timeout=10)
+            raise
+
+    def _start_database(self, component: Component, timeout: float) -> None:
+        port = int(component.address.rsplit(":", 1)[1])
+        instance = MariaDBInstance(component.region, Path(component.data_dir).parent, port)
+        instance.initialize()
+        component.command = instance.command_line()
+        self.restart(component.name, timeout=timeout, save=False)
+        with self.mysql(component.region, database="") as conn, conn.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
+
+    def restart(
+        self, name: str, *, timeout: float = 60.0, save: bool = True, wait: bool = True
+    ) -> int:
+        """Starts a component from its recorded command line and (unless ``wait`` is false)
+        waits until it answers."""
+        component = self.component(name)
+        if component.alive():
+            raise PlaygroundError(f"{name} is running (pid {component.pid}); kill it first")
+        pid = component.spawn()
+        if save:
+            self.save()
+        if wait:
+            self.wait_ready(name, timeout)
+        return pid
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, *, wait: bool = True) -> None:
+        component = self.component(name)
+        component.send(sig)
+        if wait and sig in (signal.SIGKILL, signal.SIGTERM):
+            wait_until(lambda: not component.alive(), 30.0, f"{name} exiting")
+
+    def wait_ready(self, name: str, timeout: float = 60.0) -> None:
+        component = self.component(name)
+
+        def ready() -> bool:
+            if not component.alive():
+                raise PlaygroundError(
+                    f"{name} exited while starting; its log {component.log} ends with:\n"
+                    + _tail(component.log)
+                )
+            return _answers(component)
+
+        wait_until(ready, timeout, f"{name} answering on {component.address}", interval=0.05)
+
+    def down(self, timeout: float = 30.0) -> None:
+        """Stops every component: SIGTERM, then SIGKILL after ``timeout``."""
+        order = ["coordinator"] + [f"agent-{r}" for r in self.regions]
+        order += [f"mariadb-{r}" for r in self.regions]
+        order += [PROXY] if self.proxied else []
+        for name in order:
+            component = self.components[name]
+            for pid in _pids_of(component):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name in order:
+            for pid in _pids_of(self.components[name]):
+                remaining = deadline - time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    wait_until(lambda p=pid: not process_alive(p), max(remaining, 0.1), name)
+                if process_alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    wait_until(lambda p=pid: not process_alive(p), 10.0, f"{name} exiting")
+        self.save()
+
+    def save(self) -> None:
+        state = {
+            "version": 1,
+            "directory": str(self.directory),
+            "coordinator_id": self.coordinator_id,
+            "regions": self.regions,
+            "database": DATABASE,
+            "client_address": self.coordinator_address,
+            "links": [asdict(link) for link in self.links],
+            "components": {n: asdict(c) for n, c in self.components.items()},
+        }
+        scratch = self.state_path.with_suffix(".tmp")
+        scratch.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(scratch, self.state_path)
+
+    # --- talking to the parts -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def mysql(self, region: str, database: str = DATABASE) -> Iterator[pymysql.Connection]:
+        """A root connection to a region's database (for schemas and checks, not for the
+        workload, which goes through twopc)."""
+        host, port = self.components[f"mariadb-{region}"].address.rsplit(":", 1)
+        conn = pymysql.connect(
+            host=host,
+            port=int(port),
+            user="root",
+            password="",
+            database=database,
+            autocommit=True,
+            connect_timeout=5,
+        )
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def _answers(component: Component) -> bool:
+    host, port = component.address.rsplit(":", 1)
+    if component.kind == "mariadb":
+        try:
+            pymysql.connect(host=host, port=int(port), user="root", connect_timeout=1).close()
+        except pymysql.err.MySQLError:
+            return False
+        return True
+    with grpc.insecure_channel(component.address) as channel:
+        try:
+            if component.kind == PROXY:
+                cpb_grpc.FaultProxyStub(channel).ListLinks(cpb.ListLinksRequest(), timeout=1)
+            elif component.kind == "agent":
+                pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=1)
+            else:
+                pb_grpc.CoordinatorStub(channel).GetTransaction(
+                    pb.GetTransactionRequest(txid="readiness-probe.r-probe"), timeout=1
+                )
+        except grpc.RpcError as err:
+            return err.code() == grpc.StatusCode.NOT_FOUND
+    return True
+
+
+def _pids_of(component: Component) -> list[int]:
+    """The recorded pid, and any process started from the same command line (a harness may
+    have restarted the component without telling the state file)."""
+    pids = {component.pid} if component.pid and process_alive(component.pid) else set()
+    wanted = "\0".join(component.command).encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().rstrip(b"\0") == wanted:
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+    return sorted(p for p in pids if process_alive(p))
+
+
+def _write_toml(
+    path: Path, values: Mapping[str, object], tables: Mapping[str, Mapping[str, str]] | None = None
+) -> None:
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    for table, entries in (tables or {}).items():
+        lines.append(f"\n[{table}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in entries.items())
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

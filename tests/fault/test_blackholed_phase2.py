@@ -11,11 +11,13 @@ the FIN again, and phase 2 is retried from another connection.)
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -151,38 +153,94 @@ def test_commit_lost_on_a_blackholed_link_frees_the_branch_in_seconds(cluster: C
         cursor.execute("UPDATE accounts SET balance = balance WHERE id = 1")
 
 
+def _agent_events(log: Path, offset: int) -> list[dict[str, Any]]:
+    """The events an agent logged (JSON lines) after byte ``offset`` of its log."""
+    with log.open("rb") as file:
+        file.seek(offset)
+        lines = file.read().decode(errors="replace").splitlines()
+    events = []
+    for line in lines:
+        with contextlib.suppress(ValueError):  # a line still being written, or not JSON
+            events.append(json.loads(line))
+    return events
+
+
+def _logged(events: list[dict[str, Any]], event: str, txid: str, **fields: object) -> bool:
+    return any(
+        e.get("event") == event
+        and e.get("txid") == txid
+        and all(e.get(k) == v for k, v in fields.items())
+        for e in events
+    )
+
+
 @pytest.mark.timeout(120)
 def test_agent_stops_promptly_when_its_reaper_is_stuck_on_a_blackholed_link(
     cluster: Cluster,
 ) -> None:
     """(Chaos seed 105: an agent asked to restart took 26 s to exit. Its deadline reaper was
     stuck in KILL QUERY on a dead link, and closing the agent waited behind it in the same
-    thread. Closing is now bounded.)"""
+    thread. Closing is now bounded.)
+
+    Three branches on us, then its database link turns into a blackhole. The reaper meets
+    ``running`` past its deadline: its KILL QUERY goes into the blackhole and gives up
+    (``kill_failed``); on its next pass it shuts that session's socket
+    (``branch_connection_severed``) and goes on to roll back ``idle``, which expired meanwhile,
+    over that branch's own dead connection, where it hangs for the command timeout. The agent
+    is asked to stop right then, with ``long`` still running on the dead link too."""
     proxy = ProxyControl(cluster.component(PROXY).address)
     agent = cluster.component("agent-us")
+    log = Path(agent.log)
+    logged_before = log.stat().st_size
+    running, idle, long = (f"elsewhere.r-reaper-stuck-{n}" for n in ("running", "idle", "long"))
 
-    def expiring_statement() -> None:
+    def statement(txid: str, timeout_ms: int) -> None:
         with grpc.insecure_channel(agent.address) as channel, contextlib.suppress(grpc.RpcError):
-            # timeout_ms: the reaper goes for it while the link is dead
-            _execute(channel, "elsewhere.r-reaper-stuck", 1, "SELECT SLEEP(30)", timeout_ms=1_500)
+            _execute(channel, txid, 1, "SELECT SLEEP(30)", timeout_ms=timeout_ms)
 
-    caller = threading.Thread(target=expiring_statement)
-    caller.start()
+    callers = [
+        threading.Thread(target=statement, args=(running, 2_000)),
+        threading.Thread(target=statement, args=(long, 60_000)),
+    ]
+    for caller in callers:
+        caller.start()
     try:
-        wait_until(lambda: sleeping_sessions(cluster, "us") == 1, 10, "the statement running")
+        wait_until(lambda: sleeping_sessions(cluster, "us") == 2, 10, "the statements running")
+        with grpc.insecure_channel(agent.address) as channel:
+            # Expires after `running` (so the reaper's first pass, stuck in its KILL QUERY,
+            # skips it) and before that KILL QUERY gives up (the command or the connect
+            # timeout: 3 s at least).
+            _execute(channel, idle, 1, "SELECT 1", timeout_ms=3_500)
         proxy.set_fault("agent-us-mariadb", blackhole=True)
-        time.sleep(2.5)  # the fault's duration: the branch's deadline passes inside it
+        wait_until(
+            lambda: _logged(
+                _agent_events(log, logged_before), "branch_connection_severed", running
+            ),
+            60,
+            "the reaper cutting the connection of the branch past its deadline",
+        )
         asked = time.monotonic()
         agent.send(signal.SIGTERM)
         wait_until(lambda: not agent.alive(), 60, "the agent exiting after SIGTERM")
         took = time.monotonic() - asked
     finally:
         proxy.heal("agent-us-mariadb")
-        caller.join(timeout=60)
+        for caller in callers:
+            caller.join(timeout=60)
         if not agent.alive():
             cluster.restart("agent-us")
     assert took < 15, f"the agent took {took:.1f} s to exit"
-    wait_until(lambda: sleeping_sessions(cluster, "us") == 0, 40, "the stuck session ended")
+    events = _agent_events(log, logged_before)
+    stopping = next(i for i, e in enumerate(events) if e.get("event") == "agent_stopping")
+    before_stop = events[:stopping]
+    # The reaper did meet the dead link: its KILL QUERY there gave up, then it cut the socket
+    # (no Rollback asked for `running`: only the reaper interrupts its statement).
+    assert _logged(before_stop, "kill_failed", running, query_only=True), before_stop
+    assert _logged(before_stop, "branch_connection_severed", running), before_stop
+    # And it was stuck on it when the agent was asked to stop: its rollback of `idle`, begun in
+    # the same pass as the cut, had not come back.
+    assert not _logged(before_stop, "branch_rolled_back", idle), before_stop
+    wait_until(lambda: sleeping_sessions(cluster, "us") == 0, 40, "the stuck sessions ended")
 
 
 @pytest.mark.timeout(120)

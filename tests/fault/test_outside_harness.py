@@ -1,11 +1,12 @@
 """The foundation's acceptance run, done the way an outside harness would do it.
 
-Only public surfaces: ``twopc playground`` started as a command, its JSON state file, the SDK,
-plain pymysql connections to the databases, and real signals. Two hundred transfers between
-accounts in three regions run while the coordinator is SIGKILLed at random moments and started
-again from the command line in the state file. Within 10 s of the last restart nothing may stay
-prepared; every transfer the client saw COMMITTED is applied on both sides, every one it saw
-ABORTED on neither, unknown ones resolve by lookup to what was applied, and money is conserved.
+Only public surfaces: ``twopc playground`` started as a command, its JSON state file, the SDK
+(``twopc.txid.Xid`` reads twopc's branches back from XA RECOVER), plain pymysql connections to the
+databases, and real signals. Two hundred transfers between accounts in three regions run while
+the coordinator is SIGKILLed at random moments and started again from the command line in the
+state file. Within 10 s of the last restart nothing may stay prepared; every transfer the client
+saw COMMITTED is applied on both sides, every one it saw ABORTED on neither, unknown ones resolve
+by lookup to what was applied, and money is conserved.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ from twopc.client import (
     TransactionAborted,
     TwopcError,
 )
+from twopc.txid import Xid
 
 TRANSFERS = 200
 WORKERS = 8
 KILLS = 5
 ACCOUNTS = 20
 QUIESCENCE_S = 10.0
-FORMAT_ID = 0x74706331
 
 
 def twopc(*args: str) -> None:
@@ -225,9 +226,11 @@ def prepared(state: dict[str, Any]) -> list[str]:
     for region in state["regions"]:
         with database(state, region) as cursor:
             cursor.execute("XA RECOVER")
-            left += [
-                f"{region}:{row[3]!r}" for row in cursor.fetchall() if int(row[0]) == FORMAT_ID
-            ]
+            xids = (
+                Xid.from_recover_row(int(format_id), int(gtrid_length), bytes(data))
+                for format_id, gtrid_length, _bqual_length, data in cursor.fetchall()
+            )
+            left += [f"{region}:{xid.txid}" for xid in xids if xid is not None]
     return left
 
 

@@ -22,6 +22,7 @@ from participants.config import AgentConfig
 from participants.daemon import build_agent
 from twopc.failpoints import Failpoints
 from twopc.testing.playground.cluster import Cluster
+from twopc.txid import Xid
 from twopc.votes import Vote
 
 ROUNDS = 40
@@ -62,4 +63,5 @@ def test_a_branch_committed_after_killing_its_owner_is_committed(live_cluster: C
         )
         assert cursor.fetchone() == (0,), "a transaction was left behind without a session"
         cursor.execute("XA RECOVER")
-        assert not [row for row in cursor.fetchall() if b"owner-kill" in bytes(row[3])]
+        xids = (Xid.from_recover_row(int(f), int(g), bytes(d)) for f, g, _b, d in cursor.fetchall())
+        assert not [xid for xid in xids if xid is not None and xid.txid in txids]

@@ -16,12 +16,14 @@ from twopc.errors import FailedPrecondition, Unavailable
 class FakeAgent:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
+        self.called = asyncio.Event()  # a call has reached the agent
         self.release = asyncio.Event()
         self.fail_call: Unavailable | None = None
         self.refuse: set[str] = set()
 
     async def send(self, request: pb.CommitManyRequest, timeout: float) -> pb.CommitManyResponse:
         self.calls.append(list(request.txids))
+        self.called.set()
         await self.release.wait()
         if self.fail_call is not None:
             raise self.fail_call
@@ -117,13 +119,58 @@ def test_an_idle_batcher_sends_a_lone_commit_at_once() -> None:
     asyncio.run(scenario())
 
 
+def _batcher_tasks() -> list[asyncio.Task[object]]:
+    """The batcher's own tasks still running (its private coroutines; callers run ``commit``)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").startswith("CommitBatcher._")
+    ]
+
+
 @pytest.mark.parametrize("count", [1, 7])
-def test_close_leaves_nothing_running(count: int) -> None:
+@pytest.mark.parametrize("answered", [True, False], ids=["answered", "call-in-flight"])
+def test_close_leaves_nothing_running(count: int, answered: bool) -> None:
     async def scenario() -> None:
         agent = FakeAgent()
-        agent.release.set()
         batcher = CommitBatcher("eu", agent.send)
-        await asyncio.gather(*(batcher.commit(f"c1.t{i}", 5) for i in range(count)))
+        commits = [asyncio.ensure_future(batcher.commit(f"c1.t{i}", 5)) for i in range(count)]
+        async with asyncio.timeout(1):
+            await agent.called.wait()
+        assert agent.calls == [[f"c1.t{i}" for i in range(count)]]
+        assert len(_batcher_tasks()) == 1  # the call is in flight from the batcher's task
+        if answered:
+            agent.release.set()
+            await asyncio.gather(*commits)
+
         await batcher.close()
+
+        assert _batcher_tasks() == []
+        # Nothing pending: every commit has its answer (or, cut off by close, is cancelled).
+        _, pending = await asyncio.wait(commits, timeout=1)
+        assert not pending
+        assert all(c.cancelled() != answered for c in commits)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.xfail(
+    reason="close() cancels the call in flight but never answers the commits queued behind it: "
+    "their callers wait for ever (coordinator/phase2.py; the daemon cancels those callers "
+    "before it closes the batchers, so it does not hang today)",
+    strict=True,
+)
+def test_close_answers_the_commits_queued_behind_the_call_in_flight() -> None:
+    async def scenario() -> None:
+        agent = FakeAgent()
+        batcher = CommitBatcher("eu", agent.send, max_batch=2)
+        commits = [asyncio.ensure_future(batcher.commit(f"c1.t{i}", 5)) for i in range(5)]
+        async with asyncio.timeout(1):
+            await agent.called.wait()
+        await batcher.close()
+        _, pending = await asyncio.wait(commits, timeout=0.2)
+        for commit in pending:
+            commit.cancel()
+        assert not pending, f"{len(pending)} commits left waiting after close"
 
     asyncio.run(scenario())

@@ -60,6 +60,7 @@ from twopc.testing.bench.systems import (
 from twopc.testing.bench.workloads import WORKLOADS, Workload, make_workload, regions_needed
 from twopc.testing.chaos.proxy_service import ProxyControl
 from twopc.testing.playground.cluster import DATABASE, PROXY, STATE_FILE, Cluster, wait_until
+from twopc.txid import Xid
 
 __all__ = ["Bench", "Settings", "add_arguments", "apply_round_trip", "run"]
 
@@ -497,13 +498,12 @@ class Bench:
         else:
             return {}
         left = self._prepared()
-        for region, branches in left.items():
-            for fmt, data, glen in branches:
-                if fmt == BENCH_FORMAT_ID:
-                    xid = f"X'{data[:glen].hex()}',X'{data[glen:].hex()}',{fmt}"
-                    with self._admin_connection(region).cursor() as cursor:
-                        cursor.execute(f"XA ROLLBACK {xid}")
-        self._say(f"  ! branches still prepared: { {r: len(b) for r, b in left.items()} }")
+        for region in left:
+            self._roll_back_direct_xa(region)
+        named = {r: b[:3] for r, b in left.items() if b}
+        self._say(
+            f"  ! branches still prepared: { {r: len(b) for r, b in left.items()} } (e.g. {named})"
+        )
         return {r: len(b) for r, b in left.items() if b}
 
     def _admin_connection(self, region: str) -> Any:
@@ -514,9 +514,10 @@ class Bench:
             )
         return conn
 
-    def _prepared(self) -> dict[str, list[tuple[int, bytes, int]]]:
-        """Per region, every branch XA RECOVER lists: (format id, data, gtrid length)."""
-        found: dict[str, list[tuple[int, bytes, int]]] = {}
+    def _prepared(self) -> dict[str, list[str]]:
+        """Per region, every branch XA RECOVER lists: twopc's by txid, any other system's by
+        its format id."""
+        found: dict[str, list[str]] = {}
         for region in self.cluster.regions:
             try:
                 with self._admin_connection(region).cursor() as cursor:
@@ -525,8 +526,21 @@ class Bench:
             except pymysql.err.OperationalError:
                 self._admin.pop(region, None)  # a broken connection: a new one next time
                 raise
-            found[region] = [(int(fmt), bytes(data), int(glen)) for fmt, glen, _, data in rows]
+            found[region] = []
+            for fmt, glen, _blen, data in rows:
+                xid = Xid.from_recover_row(int(fmt), int(glen), bytes(data))
+                found[region].append(xid.txid if xid is not None else f"format {int(fmt)}")
         return found
+
+    def _roll_back_direct_xa(self, region: str) -> None:
+        """Rolls back what the direct-XA baseline left prepared in ``region``. Its branches are
+        not twopc's (``Xid`` does not describe them): the server writes out each XID, as XA
+        ROLLBACK takes it (``XA RECOVER FORMAT='SQL'``), so no second parser of rows is needed."""
+        with self._admin_connection(region).cursor() as cursor:
+            cursor.execute("XA RECOVER FORMAT='SQL'")
+            for fmt, _glen, _blen, xid_literal in cursor.fetchall():
+                if int(fmt) == BENCH_FORMAT_ID:
+                    cursor.execute(f"XA ROLLBACK {xid_literal}")
 
     def _pids(self, system: System) -> dict[str, list[int]]:
         def pid(name: str) -> list[int]:

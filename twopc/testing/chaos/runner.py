@@ -31,7 +31,7 @@ from twopc.testing.chaos.schedule import FaultKind, Targets, plan
 from twopc.testing.playground.bank import Transfer, TransferWorkload, create_accounts, total_balance
 from twopc.testing.playground.cluster import STATE_FILE, Cluster, wait_until
 from twopc.testing.playground.invariants import (
-    Verdict,
+    agents_liveness,
     check_bank,
     prepared_branches,
     resolve_unknown,
@@ -170,15 +170,8 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
             actual_total=total_balance(cluster),
             resolved=resolved,
         )
-        held = _held_by_agents(cluster)
         verdicts.append(
-            Verdict(
-                "I5 liveness (agents)",
-                not held and quiescence < QUIESCENCE_DEADLINE_S,
-                f"{len(held)} agent(s) holding branches or not answering "
-                f"{quiescence:.1f} s after the heal",
-                held,
-            )
+            agents_liveness(_held_by_agents(cluster), quiescence, QUIESCENCE_DEADLINE_S)
         )
     return ChaosResult(
         seed=args.seed,

@@ -11,11 +11,14 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
+
+import pymysql
 
 from twopc.client import Client, OutcomeUnknown, TransactionAborted
 from twopc.errors import TwopcError
-from twopc.testing.playground.cluster import Cluster
 from twopc.txid import txid_for_request
 
 INITIAL_BALANCE = 1000
@@ -25,6 +28,18 @@ SCHEMA = (
 )
 
 COMMITTED, ABORTED, UNKNOWN = "committed", "aborted", "unknown"
+
+
+class Databases(Protocol):
+    """Where the bank lives: a region's database, reached as root. A ``Cluster`` is one; so is
+    anything else that can hand out such connections (a test's own MariaDB servers)."""
+
+    @property
+    def regions(self) -> Sequence[str]: ...
+
+    def mysql(self, region: str) -> AbstractContextManager[pymysql.Connection]:
+        """A connection with autocommit on, to the database that holds the accounts."""
+        ...
 
 
 @dataclass
@@ -44,23 +59,23 @@ class Transfer:
         return self.source[0], self.target[0]
 
 
-def create_accounts(cluster: Cluster, per_region: int) -> int:
+def create_accounts(databases: Databases, per_region: int) -> int:
     """(Re)creates the accounts table in every region; returns the total of all balances."""
-    for region in cluster.regions:
-        with cluster.mysql(region) as conn, conn.cursor() as cursor:
+    for region in databases.regions:
+        with databases.mysql(region) as conn, conn.cursor() as cursor:
             cursor.execute(SCHEMA)
             cursor.execute("DELETE FROM accounts")
             cursor.executemany(
                 "INSERT INTO accounts (id, balance) VALUES (%s, %s)",
                 [(i, INITIAL_BALANCE) for i in range(per_region)],
             )
-    return INITIAL_BALANCE * per_region * len(cluster.regions)
+    return INITIAL_BALANCE * per_region * len(databases.regions)
 
 
-def total_balance(cluster: Cluster) -> int:
+def total_balance(databases: Databases) -> int:
     total = 0
-    for region in cluster.regions:
-        with cluster.mysql(region) as conn, conn.cursor() as cursor:
+    for region in databases.regions:
+        with databases.mysql(region) as conn, conn.cursor() as cursor:
             cursor.execute("SELECT COALESCE(SUM(balance), 0) FROM accounts")
             row = cursor.fetchone()
             total += int(row[0]) if row else 0

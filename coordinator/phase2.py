@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from coordinator.engine.ports import CommitReply
 from twopc.api import twopc_pb2 as pb
-from twopc.errors import Internal, TwopcError, error_class_named, error_for_code
+from twopc.errors import Internal, TwopcError, Unavailable, error_class_named, error_for_code
 
 MAX_BATCH = 256
 
@@ -48,10 +48,22 @@ class CommitBatcher:
         return await reply
 
     async def close(self) -> None:
+        """Stops sending. Every commit still waiting (the call in flight, and those queued behind
+        it) is answered Unavailable: its outcome is not known here, and recovery finishes it."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        queued, self._queue = self._queue, []
+        for waiting in queued:
+            _settle(waiting, error=self._closing(waiting.txid))
+
+    def _closing(self, txid: str) -> TwopcError:
+        return Unavailable(
+            f"the coordinator closed its link to {self._participant} during phase 2 of {txid}; "
+            "recovery finishes it",
+            txid=txid,
+        )
 
     async def _drain(self) -> None:
         try:
@@ -70,6 +82,10 @@ class CommitBatcher:
             for waiting in batch:
                 _settle(waiting, error=type(err)(err.message, txid=waiting.txid))
             return
+        except asyncio.CancelledError:
+            for waiting in batch:  # close() stopped the call: its outcome is not known here
+                _settle(waiting, error=self._closing(waiting.txid))
+            raise
         except BaseException as err:
             for waiting in batch:
                 _settle(waiting, error=err)

@@ -588,15 +588,13 @@ class TransactionManager:
         pending = list(record.participants)
         backoff = self.settings.phase2_backoff_s
         for attempt in range(self.settings.phase2_attempts):
-            replies = await asyncio.gather(
-                *(
-                    self._ports.commit(
-                        p, record.txid, one_phase=False, timeout=self.settings.rpc_timeout_s
-                    )
-                    for p in pending
-                ),
-                return_exceptions=True,
-            )
+            if attempt == 0 and self._failpoints.spec("coordinator.mid_commit"):
+                staged = await self._commit_first_alone(record.txid, pending)
+                if staged is None:
+                    return False
+                replies = staged
+            else:
+                replies = await self._send_commits(record.txid, pending)
             still = []
             for participant, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, FailedPrecondition):
@@ -617,11 +615,6 @@ class TransactionManager:
                             participant=participant,
                             error=reply.message,
                         )
-                elif attempt == 0 and participant == pending[0]:
-                    fault = await self._fault_at("coordinator.mid_commit")
-                    if fault:  # phase 2 stops here; recovery finishes it
-                        log.warning("phase2_stopped", txid=record.txid, error=fault)
-                        return False
             pending = still
             if not pending or attempt == self.settings.phase2_attempts - 1:
                 break
@@ -642,6 +635,35 @@ class TransactionManager:
         self._open_commits.pop(record.txid, None)
         self._remember(TransactionView(record.txid, TxState.COMMITTED, record.participants))
         return True
+
+    async def _send_commits(
+        self, txid: str, participants: Sequence[str]
+    ) -> list[CommitReply | BaseException]:
+        """Phase 2's XA COMMIT to each of ``participants``, all at once; an error in place of
+        each reply that did not come."""
+        return await asyncio.gather(
+            *(
+                self._ports.commit(p, txid, one_phase=False, timeout=self.settings.rpc_timeout_s)
+                for p in participants
+            ),
+            return_exceptions=True,
+        )
+
+    async def _commit_first_alone(
+        self, txid: str, participants: Sequence[str]
+    ) -> list[CommitReply | BaseException] | None:
+        """Phase 2's first attempt while ``coordinator.mid_commit`` is armed: the first branch's
+        XA COMMIT alone, the point once that branch acknowledged, then the others' XA COMMITs
+        (the messages of an unarmed phase 2, in two steps), so that a crash there leaves one
+        branch committed and the others prepared. None when the point stopped phase 2 (its
+        ``return(kind)``: recovery finishes the commit)."""
+        first = await self._send_commits(txid, participants[:1])
+        if first and not isinstance(first[0], BaseException):
+            fault = await self._fault_at("coordinator.mid_commit")
+            if fault:
+                log.warning("phase2_stopped", txid=txid, error=fault)
+                return None
+        return first + await self._send_commits(txid, participants[1:])
 
     # --- abort -------------------------------------------------------------------------------
 

@@ -939,6 +939,59 @@ async def test_phase_2_treats_a_committed_branch_as_acknowledged() -> None:
     assert env.log.ends == [tx.txid]
 
 
+@scenario
+async def test_phase_2_sends_every_commit_at_once_when_mid_commit_is_not_armed() -> None:
+    env = make_env()
+    tx = await env.open([("eu", WRITE), ("us", WRITE), ("ap", WRITE)])
+    gates = [env.ports.hold("commit", p) for p in REGIONS]
+    assert await env.manager.commit(tx.txid, wait_for_phase2=False) is TxState.COMMITTING
+    # Every XA COMMIT is on its way while none has been answered.
+    await until(lambda: all(g.entered.is_set() for g in gates), "every commit sent")
+    for gate in gates:
+        gate.release()
+    await tx.done.wait()
+    assert tx.state is TxState.COMMITTED
+
+
+@scenario
+async def test_mid_commit_comes_after_the_first_commit_and_before_the_others_are_sent() -> None:
+    env = make_env(failpoints={"mid_commit": "1*pause"})
+    tx = await env.open([("eu", WRITE), ("us", WRITE), ("ap", WRITE)])
+    assert await env.manager.commit(tx.txid, wait_for_phase2=False) is TxState.COMMITTING
+    await until(
+        lambda: fired(env.failpoints, "coordinator.mid_commit") == 1,
+        "phase 2 reaching coordinator.mid_commit",
+    )
+    assert [c.participant for c in env.ports.calls_of("commit")] == ["eu"]
+    assert env.ports.state("eu", tx.txid) is BranchState.COMMITTED
+    assert env.ports.state("us", tx.txid) is BranchState.PREPARED
+    assert env.ports.state("ap", tx.txid) is BranchState.PREPARED
+    env.failpoints.set("coordinator.mid_commit", "")  # releases the pause
+    await tx.done.wait()
+    assert tx.state is TxState.COMMITTED
+    # The same messages as an unarmed phase 2: one XA COMMIT per branch, then END.
+    assert sorted(c.participant for c in env.ports.calls_of("commit")) == sorted(REGIONS)
+    assert not any(c.one_phase for c in env.ports.calls_of("commit"))
+    assert env.log.ends == [tx.txid]
+    env.assert_decision_first(tx.txid)
+
+
+@scenario
+async def test_mid_commit_failing_leaves_the_other_branches_prepared_for_recovery() -> None:
+    env = make_env(failpoints={"mid_commit": "1*return(internal)"})
+    tx = await env.open([("eu", WRITE), ("us", WRITE)])
+    assert await env.manager.commit(tx.txid, wait_for_phase2=True) is TxState.COMMITTING
+    assert [c.participant for c in env.ports.calls_of("commit")] == ["eu"]
+    assert env.ports.state("eu", tx.txid) is BranchState.COMMITTED
+    assert env.ports.state("us", tx.txid) is BranchState.PREPARED
+    assert env.manager.commit_record(tx.txid) == CommitRecord(tx.txid, ("eu", "us"))
+    report = await Recovery(env.manager, failpoints=env.failpoints).run_once()
+    assert report.clean
+    assert env.ports.state("us", tx.txid) is BranchState.COMMITTED
+    assert env.log.ends == [tx.txid]
+    assert (await env.manager.lookup(tx.txid)).state is TxState.COMMITTED
+
+
 # --------------------------------------------------------------------------------------------------
 # Recovery
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from coordinator.decision_log import (
     DecisionLogFailed,
     DecisionLogFull,
 )
+from coordinator.engine.aborts import AbortReason
 from coordinator.engine.ports import (
     CommitReply,
     ParticipantPort,
@@ -37,7 +38,6 @@ from coordinator.engine.ports import (
     Results,
     Statements,
     Vote,
-    VoteReply,
 )
 from coordinator.engine.states import Outcome, TxState, check_transition, outcome_of
 from twopc.errors import (
@@ -45,7 +45,6 @@ from twopc.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    StatementFailed,
     TransactionAborted,
     TwopcError,
     Unavailable,
@@ -102,13 +101,14 @@ class Transaction:
     # Participants whose Prepare got no answer: they may have prepared, so they get a rollback.
     unreached: set[str] = field(default_factory=set)
     prepared: tuple[str, ...] = ()
-    abort_reason: str = ""
-    abort_errno: int = 0
-    # Set when the abort was caused by a request the agent refused (the client's own error).
-    refused: bool = False
-    # Set when an abort is no answer for the client: see TransactionManager._tally.
-    inconclusive: bool = False
-    abort_requested: bool = False
+    # Why the transaction was aborted: set by ``decide_abort``, the only way to ABORTING, so it
+    # is there exactly when the outcome is ABORTED (an abort that turns out to be the commit of
+    # an earlier attempt drops it again: see TransactionManager._roll_back).
+    abort: AbortReason | None = None
+    # An abort asked for while PREPARING (the client's Rollback). The decider owns a PREPARING
+    # transaction, so nothing else may abort it: the decider applies this at the tally, unless a
+    # participant's refusal explains the abort first, or the decision was COMMIT already.
+    abort_request: AbortReason | None = None
     results: dict[str, Results] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     decided: asyncio.Event = field(default_factory=asyncio.Event)
@@ -122,9 +122,27 @@ class Transaction:
         if target.final:
             self.done.set()
 
+    def decide_abort(self, reason: AbortReason) -> None:
+        self.move_to(TxState.ABORTING)
+        self.abort = reason
+
+    @property
+    def abort_reason(self) -> str:
+        """What GetTransaction tells of the abort ("" when not aborted)."""
+        return self.abort.message if self.abort is not None else ""
+
     def touch(self, participant: str) -> None:
         if participant not in self.participants:
             self.participants.append(participant)
+
+
+@dataclass(frozen=True)
+class _Ballot:
+    """A participant's vote as the decider counts it; ``against`` says why an ABORT refuses."""
+
+    vote: Vote
+    results: Results = ()
+    against: AbortReason | None = None
 
 
 @dataclass(frozen=True)
@@ -254,7 +272,7 @@ class TransactionManager:
             self._require_active(tx)
             remaining = self._remaining(tx)
             if remaining <= 0:
-                await self._abort(tx, "the transaction's deadline passed")
+                await self._abort(tx, AbortReason.deadline())
                 self._require_active(tx)
             try:
                 results = await self._ports.execute(
@@ -271,9 +289,10 @@ class TransactionManager:
                 tx.touch(participant)
                 if isinstance(err, TransactionAborted) or not is_transport_failure(err):
                     tx.settled_branches.add(participant)  # the agent rolled its branch back
-                await self._abort(tx, f"participant {participant}: {err.message}", err.mysql_errno)
-                cls = StatementFailed if err.mysql_errno else TransactionAborted
-                raise cls(tx.abort_reason, txid=txid, mysql_errno=err.mysql_errno) from err
+                await self._abort(tx, AbortReason.participant_failed(participant, err))
+                # This abort's error, or that of an abort decided meanwhile (a rollback, the
+                # deadline), or FailedPrecondition if an earlier attempt turned out committed.
+                raise self._inactive_error(tx) from err
             tx.touch(participant)
             if tx.state is not TxState.ACTIVE:
                 # Rolled back while the statement ran: the branch may have started after the
@@ -304,10 +323,10 @@ class TransactionManager:
                 self._settled_state(view)  # raises Unavailable: the outcome is not known yet
             return TxState.ABORTED
         if tx.state is TxState.ACTIVE:
-            self._abort_now(tx, "rolled back by the client")
+            self._abort_now(tx, AbortReason.rolled_back())
             await self._shielded(self._roll_back(tx))
         elif tx.state is TxState.PREPARING:
-            tx.abort_requested = True
+            tx.abort_request = AbortReason.rolled_back()
         await tx.decided.wait()
         self._raise_if_in_doubt(tx)
         if outcome_of(tx.state) is Outcome.COMMITTED:
@@ -390,56 +409,60 @@ class TransactionManager:
             self._retire(tx)
             return
         if self._remaining(tx) <= 0:
-            await self._abort(tx, "the transaction's deadline passed before commit")
+            await self._abort(tx, AbortReason.deadline(" before commit"))
             return
         tx.move_to(TxState.PREPARING)
         if len(tx.participants) == 1:
             await self._commit_one_phase(tx, (work or {}).get(tx.participants[0], ()))
             return
-        votes = await asyncio.gather(
+        ballots = await asyncio.gather(
             *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
         )
         # A fault injected here is handled below as a failed write of the COMMIT record.
         fault = await self._fault_at("coordinator.before_commit_record")
-        prepared, refusal = self._tally(tx, votes)
-        if refusal is not None and refusal.vote is Vote.ALREADY_COMMITTED:
+        prepared, committed_earlier, refusal = self._tally(tx, ballots)
+        reason = refusal or tx.abort_request
+        if committed_earlier:
             await self._seal_committed_earlier(tx)
-        elif refusal is not None or tx.abort_requested:
-            reason = refusal.reason if refusal is not None else "rolled back by the client"
-            await self._abort(tx, reason, refusal.mysql_errno if refusal is not None else 0)
+        elif reason is not None:
+            await self._abort(tx, reason)
         elif not prepared:
             tx.move_to(TxState.COMMITTED)  # every branch read-only: nothing to commit
             self._retire(tx)
         elif fault:
-            await self._abort(tx, fault)
+            await self._abort(tx, AbortReason.log_write_failed(fault))
         else:
             await self._commit(tx, CommitRecord(tx.txid, tuple(prepared)))
 
     def _tally(
-        self, tx: Transaction, votes: Sequence[VoteReply]
-    ) -> tuple[list[str], VoteReply | None]:
-        """The participants that prepared, and the vote that refuses the commit, if any (a
-        branch that committed under an earlier attempt outranks a plain no)."""
+        self, tx: Transaction, ballots: Sequence[_Ballot]
+    ) -> tuple[list[str], bool, AbortReason | None]:
+        """The participants that prepared; whether a branch committed under an earlier attempt
+        (which outranks any no); and why the commit is refused, if it is: a refused request
+        outranks the other refusals, and among those the last participant's speaks."""
         prepared = []
-        refusal: VoteReply | None = None
+        committed_earlier = False
+        refusal: AbortReason | None = None
         refused_by_reachable = False
-        for participant, reply in zip(tx.participants, votes, strict=True):
-            if reply.results:
-                tx.results[participant] = reply.results
-            if reply.vote is Vote.PREPARED:
+        for participant, ballot in zip(tx.participants, ballots, strict=True):
+            if ballot.results:
+                tx.results[participant] = ballot.results
+            if ballot.vote is Vote.PREPARED:
                 prepared.append(participant)
             elif participant not in tx.unreached:
                 tx.settled_branches.add(participant)  # finished by the agent itself
-                refused_by_reachable |= reply.vote is Vote.ABORT
-            if reply.vote in (Vote.ABORT, Vote.ALREADY_COMMITTED) and (
-                refusal is None or refusal.vote is Vote.ABORT
+                refused_by_reachable |= ballot.vote is Vote.ABORT
+            committed_earlier |= ballot.vote is Vote.ALREADY_COMMITTED
+            if ballot.against is not None and (
+                refusal is None or not refusal.outranks_others or ballot.against.outranks_others
             ):
-                refusal = reply
+                refusal = ballot.against
         # A request-id transaction refused only by participants that could not be reached may
         # have committed there under an earlier attempt (before a restart of this coordinator):
         # its abort is no answer to give the client.
-        tx.inconclusive = bool(tx.request_id and tx.unreached and not refused_by_reachable)
-        return prepared, refusal
+        if refusal is not None and tx.request_id and tx.unreached and not refused_by_reachable:
+            refusal = refusal.maybe_committed_earlier(tx.request_id)
+        return prepared, committed_earlier, refusal
 
     async def _seal_committed_earlier(self, tx: Transaction) -> None:
         """A retried request whose first attempt committed: undo this attempt, report COMMITTED
@@ -460,7 +483,8 @@ class TransactionManager:
         try:
             await self._log.record_commit(record)
         except DecisionLogFull as err:
-            await self._abort(tx, f"the decision log could not be written: {err.message}")
+            reason = f"the decision log could not be written: {err.message}"
+            await self._abort(tx, AbortReason.log_write_failed(reason))
             return
         except DecisionLogFailed as err:
             self._fatal(err)
@@ -476,10 +500,10 @@ class TransactionManager:
 
     async def _prepare_one(
         self, tx: Transaction, participant: str, statements: Statements
-    ) -> VoteReply:
+    ) -> _Ballot:
         remaining = self._remaining(tx)
         if remaining <= 0:
-            return VoteReply(Vote.ABORT, "the transaction's deadline passed before prepare")
+            return _Ballot(Vote.ABORT, against=AbortReason.deadline(" before prepare"))
         try:
             reply = await self._ports.prepare(
                 participant, tx.txid, statements, 1 if statements else 0, remaining
@@ -487,20 +511,15 @@ class TransactionManager:
         except TwopcError as err:
             if is_transport_failure(err):
                 tx.unreached.add(participant)
-            tx.refused = tx.refused or isinstance(err, InvalidArgument)
-            return VoteReply(Vote.ABORT, f"participant {participant}: {err.message}")
+            return _Ballot(Vote.ABORT, against=AbortReason.prepare_failed(participant, err))
         if reply.vote is Vote.ABORT:
-            return VoteReply(
-                Vote.ABORT,
-                f"participant {participant} voted no: {reply.reason}",
-                reply.mysql_errno,
-                reply.results,
-            )
+            no = AbortReason.voted_no(participant, reply.reason, reply.mysql_errno)
+            return _Ballot(Vote.ABORT, reply.results, no)
         fault = await self._fault_at("coordinator.mid_prepare")
         if fault:  # as if the vote were lost: the branch may be prepared
             tx.unreached.add(participant)
-            return VoteReply(Vote.ABORT, f"participant {participant}: {fault}")
-        return reply
+            return _Ballot(Vote.ABORT, against=AbortReason.unreachable(participant, fault))
+        return _Ballot(reply.vote, reply.results)
 
     async def _commit_one_phase(self, tx: Transaction, statements: Statements) -> None:
         participant = tx.participants[0]
@@ -519,7 +538,7 @@ class TransactionManager:
                 await self._settle_unknown_one_phase(tx, participant, err)
                 return
             tx.settled_branches.add(participant)
-            await self._abort(tx, f"participant {participant}: {err.message}", err.mysql_errno)
+            await self._abort(tx, AbortReason.participant_failed(participant, err))
             return
         if reply.results:
             tx.results[participant] = reply.results
@@ -549,7 +568,7 @@ class TransactionManager:
                 txid=tx.txid,
             ) from err
         tx.settled_branches.add(participant)
-        await self._abort(tx, f"participant {participant}: {err.message}")
+        await self._abort(tx, AbortReason.unreachable(participant, err.message))
 
     # --- phase 2 -----------------------------------------------------------------------------
 
@@ -569,15 +588,13 @@ class TransactionManager:
         pending = list(record.participants)
         backoff = self.settings.phase2_backoff_s
         for attempt in range(self.settings.phase2_attempts):
-            replies = await asyncio.gather(
-                *(
-                    self._ports.commit(
-                        p, record.txid, one_phase=False, timeout=self.settings.rpc_timeout_s
-                    )
-                    for p in pending
-                ),
-                return_exceptions=True,
-            )
+            if attempt == 0 and self._failpoints.spec("coordinator.mid_commit"):
+                staged = await self._commit_first_alone(record.txid, pending)
+                if staged is None:
+                    return False
+                replies = staged
+            else:
+                replies = await self._send_commits(record.txid, pending)
             still = []
             for participant, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, FailedPrecondition):
@@ -598,11 +615,6 @@ class TransactionManager:
                             participant=participant,
                             error=reply.message,
                         )
-                elif attempt == 0 and participant == pending[0]:
-                    fault = await self._fault_at("coordinator.mid_commit")
-                    if fault:  # phase 2 stops here; recovery finishes it
-                        log.warning("phase2_stopped", txid=record.txid, error=fault)
-                        return False
             pending = still
             if not pending or attempt == self.settings.phase2_attempts - 1:
                 break
@@ -624,9 +636,38 @@ class TransactionManager:
         self._remember(TransactionView(record.txid, TxState.COMMITTED, record.participants))
         return True
 
+    async def _send_commits(
+        self, txid: str, participants: Sequence[str]
+    ) -> list[CommitReply | BaseException]:
+        """Phase 2's XA COMMIT to each of ``participants``, all at once; an error in place of
+        each reply that did not come."""
+        return await asyncio.gather(
+            *(
+                self._ports.commit(p, txid, one_phase=False, timeout=self.settings.rpc_timeout_s)
+                for p in participants
+            ),
+            return_exceptions=True,
+        )
+
+    async def _commit_first_alone(
+        self, txid: str, participants: Sequence[str]
+    ) -> list[CommitReply | BaseException] | None:
+        """Phase 2's first attempt while ``coordinator.mid_commit`` is armed: the first branch's
+        XA COMMIT alone, the point once that branch acknowledged, then the others' XA COMMITs
+        (the messages of an unarmed phase 2, in two steps), so that a crash there leaves one
+        branch committed and the others prepared. None when the point stopped phase 2 (its
+        ``return(kind)``: recovery finishes the commit)."""
+        first = await self._send_commits(txid, participants[:1])
+        if first and not isinstance(first[0], BaseException):
+            fault = await self._fault_at("coordinator.mid_commit")
+            if fault:
+                log.warning("phase2_stopped", txid=txid, error=fault)
+                return None
+        return first + await self._send_commits(txid, participants[1:])
+
     # --- abort -------------------------------------------------------------------------------
 
-    def _abort_now(self, tx: Transaction, reason: str, mysql_errno: int = 0) -> bool:
+    def _abort_now(self, tx: Transaction, reason: AbortReason) -> bool:
         """Decides ABORT at once, with no await, so that nothing can decide otherwise in
         between. False when the transaction was decided already (or is being decided by a
         commit that owns it: a PREPARING transaction is aborted only by its decider)."""
@@ -634,16 +675,19 @@ class TransactionManager:
             return False
         if tx.txid in self._open_commits:
             raise AssertionError(f"refusing to roll back {tx.txid}: it has a COMMIT record")
-        tx.abort_reason = reason
-        tx.abort_errno = mysql_errno
-        tx.move_to(TxState.ABORTING)
-        log.info("transaction_aborted", txid=tx.txid, reason=redact(reason))
+        tx.decide_abort(reason)
+        log.info(
+            "transaction_aborted",
+            txid=tx.txid,
+            cause=reason.cause.value,
+            reason=redact(reason.message),
+        )
         return True
 
-    async def _abort(self, tx: Transaction, reason: str, mysql_errno: int = 0) -> None:
+    async def _abort(self, tx: Transaction, reason: AbortReason) -> None:
         """Decides ABORT (no log write) and rolls back every branch that may hold something;
         when it was decided already, waits for that decision's end."""
-        if self._abort_now(tx, reason, mysql_errno):
+        if self._abort_now(tx, reason):
             await self._roll_back(tx)
         else:
             await tx.done.wait()
@@ -656,7 +700,7 @@ class TransactionManager:
         refusals = await asyncio.gather(*(self._rollback_quietly(p, tx.txid) for p in targets))
         if any(refusals):
             log.warning("committed_by_an_earlier_attempt", txid=tx.txid)
-            tx.abort_reason, tx.abort_errno, tx.refused = "", 0, False
+            tx.abort = None  # not aborted after all
             tx.move_to(TxState.COMMITTED)
         elif tx.state is TxState.ABORTING:
             tx.move_to(TxState.ABORTED)
@@ -682,7 +726,7 @@ class TransactionManager:
             for tx in list(self._live.values())
             if tx.state is TxState.ACTIVE
             and now > tx.deadline
-            and self._abort_now(tx, "the transaction's deadline passed")
+            and self._abort_now(tx, AbortReason.deadline())
         ]
         await asyncio.gather(*(self._roll_back(tx) for tx in expired))
         return len(expired)
@@ -727,8 +771,8 @@ class TransactionManager:
     async def _answer(self, tx: Transaction, wait_for_phase2: bool) -> TxState:
         await (tx.done.wait() if wait_for_phase2 else tx.decided.wait())
         self._raise_if_in_doubt(tx)
-        if outcome_of(tx.state) is Outcome.ABORTED:
-            raise self._abort_error(tx, tx.abort_reason or "aborted")
+        if tx.abort is not None:
+            raise tx.abort.client_error(tx.txid)
         return tx.state
 
     async def _lookup_on_participants(self, txid: str) -> TransactionView:
@@ -772,21 +816,6 @@ class TransactionManager:
         return TransactionView(txid, TxState.ABORTED, tuple(holding), reason, presumed=True)
 
     @staticmethod
-    def _abort_error(tx: Transaction, message: str) -> TwopcError:
-        """The error that tells a client its transaction was aborted, and why."""
-        if tx.inconclusive:
-            return Unavailable(
-                f"{message}; an earlier attempt of request {tx.request_id} may have committed "
-                "there, which only those participants can tell: retry the request (the same "
-                "request id) or look it up later",
-                txid=tx.txid,
-            )
-        if tx.refused:
-            return InvalidArgument(f"{message}; the transaction was rolled back", txid=tx.txid)
-        cls = StatementFailed if tx.abort_errno else TransactionAborted
-        return cls(message, txid=tx.txid, mysql_errno=tx.abort_errno)
-
-    @staticmethod
     def _raise_if_in_doubt(tx: Transaction) -> None:
         if outcome_of(tx.state) is Outcome.PENDING:
             raise Unavailable(
@@ -825,11 +854,16 @@ class TransactionManager:
         )
 
     def _require_active(self, tx: Transaction) -> None:
-        if tx.state is TxState.ACTIVE:
-            return
-        if outcome_of(tx.state) is Outcome.ABORTED:
-            raise self._abort_error(tx, f"transaction {tx.txid} was aborted: {tx.abort_reason}")
-        raise FailedPrecondition(
+        if tx.state is not TxState.ACTIVE:
+            raise self._inactive_error(tx, f"transaction {tx.txid} was aborted: {tx.abort_reason}")
+
+    @staticmethod
+    def _inactive_error(tx: Transaction, abort_message: str = "") -> TwopcError:
+        """Why ``tx`` takes no more statements: its abort's error (with ``abort_message`` in
+        place of the reason's, if given), or FailedPrecondition."""
+        if tx.abort is not None:
+            return tx.abort.client_error(tx.txid, abort_message)
+        return FailedPrecondition(
             f"transaction {tx.txid} is {tx.state.value}; it takes no more statements", txid=tx.txid
         )
 
@@ -847,7 +881,7 @@ class TransactionManager:
             return
         if self._live.get(tx.txid) is tx:
             del self._live[tx.txid]
-        if tx.inconclusive and tx.state is TxState.ABORTED:
+        if tx.abort is not None and not tx.abort.conclusive and tx.state is TxState.ABORTED:
             return  # not an outcome to repeat: lookups and retries ask the participants
         self._remember(TransactionView(tx.txid, tx.state, tuple(tx.participants), tx.abort_reason))
 

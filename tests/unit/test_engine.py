@@ -19,6 +19,7 @@ import pytest
 import structlog.testing
 
 from coordinator.decision_log import CommitRecord, DecisionLogFailed, DecisionLogFull, Replay
+from coordinator.engine.aborts import CLIENT_ERRORS, AbortCause, AbortReason
 from coordinator.engine.manager import EngineSettings, Transaction, TransactionManager
 from coordinator.engine.ports import CommitReply, Vote, VoteReply
 from coordinator.engine.recovery import Recovery
@@ -41,8 +42,10 @@ from twopc.errors import (
     ResourceExhausted,
     StatementFailed,
     TransactionAborted,
+    TwopcError,
     Unavailable,
 )
+from twopc.failpoints import Failpoints
 from twopc.txid import Xid
 
 P = ParamSpec("P")
@@ -81,6 +84,7 @@ class Env:
     clock: FakeClock
     manager: TransactionManager
     fatal: list[BaseException]
+    failpoints: Failpoints
 
     async def open(self, work: Iterable[tuple[str, str]], timeout_ms: int = 5_000) -> Transaction:
         """Begins a transaction and executes one statement per (participant, statement)."""
@@ -103,20 +107,40 @@ class Env:
 
 
 def make_env(
-    names: Sequence[str] = REGIONS, *, replay: Replay | None = None, **overrides: Any
+    names: Sequence[str] = REGIONS,
+    *,
+    replay: Replay | None = None,
+    failpoints: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> Env:
+    """An engine over fakes; ``failpoints`` arms coordinator points (short name -> spec)."""
     ports = FakeParticipants(names)
     log = InMemoryDecisionLog(ports.calls, replay)
     clock = FakeClock()
     fatal: list[BaseException] = []
+    points = Failpoints({f"coordinator.{k}": v for k, v in (failpoints or {}).items()})
     manager = TransactionManager(
         dataclasses.replace(SETTINGS, **overrides),
         ports,
         log,
         clock=clock,
+        failpoints=points,
         on_fatal=fatal.append,
     )
-    return Env(ports, log, clock, manager, fatal)
+    return Env(ports, log, clock, manager, fatal, points)
+
+
+def fired(points: Failpoints, name: str) -> int:
+    return next(state.fired for state in points.snapshot() if state.name == name)
+
+
+async def until(predicate: Callable[[], bool], what: str, steps: int = 1_000) -> None:
+    """Lets the loop run until ``predicate`` holds, for at most ``steps`` loop steps."""
+    for _ in range(steps):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{what} did not happen within {steps} loop steps")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,6 +575,133 @@ async def test_execute_and_commit_after_the_deadline_abort() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Abort reasons: one value decided with the abort, one mapping to the client's error
+# --------------------------------------------------------------------------------------------------
+
+# Every cause, built the way the engine builds it, and the error the client gets for it.
+ABORT_ERRORS: list[tuple[AbortReason, type[TwopcError], str]] = [
+    (AbortReason.rolled_back(), TransactionAborted, "rolled back by the client"),
+    (AbortReason.deadline(" before commit"), TransactionAborted, "deadline passed before commit"),
+    (
+        AbortReason.participant_failed("us", StatementFailed("dup key", mysql_errno=1062)),
+        StatementFailed,
+        "participant us: dup key",
+    ),
+    (
+        AbortReason.participant_failed("us", FailedPrecondition("lost the branch")),
+        TransactionAborted,
+        "participant us: lost the branch",
+    ),
+    (AbortReason.prepare_failed("us", DeadlineExceeded("late")), TransactionAborted, "us: late"),
+    (
+        AbortReason.prepare_failed("us", InvalidArgument("LOCK TABLES is refused")),
+        InvalidArgument,
+        "participant us: LOCK TABLES is refused; the transaction was rolled back",
+    ),
+    (AbortReason.voted_no("us", "gone", 0), TransactionAborted, "participant us voted no: gone"),
+    (AbortReason.voted_no("us", "lock wait", 1205), StatementFailed, "us voted no: lock wait"),
+    (AbortReason.log_write_failed("no space"), TransactionAborted, "no space"),
+    (
+        AbortReason.unreachable("us", "unreachable").maybe_committed_earlier("req-7"),
+        Unavailable,
+        "an earlier attempt of request req-7 may have committed there",
+    ),
+]
+
+
+def test_every_abort_cause_is_mapped_and_covered() -> None:
+    assert set(CLIENT_ERRORS) == set(AbortCause)
+    assert {reason.cause for reason, _, _ in ABORT_ERRORS} == set(AbortCause)
+
+
+@pytest.mark.parametrize(("reason", "error", "message"), ABORT_ERRORS, ids=lambda v: str(v)[:40])
+def test_the_client_error_of_each_abort_reason(
+    reason: AbortReason, error: type[TwopcError], message: str
+) -> None:
+    err = reason.client_error("c1.r-t")
+    assert type(err) is error
+    assert message in err.message
+    assert err.txid == "c1.r-t"
+    assert err.mysql_errno == reason.mysql_errno
+    assert (err.mysql_errno != 0) == (error is StatementFailed)
+    assert reason.conclusive == (error is not Unavailable)
+    context = reason.client_error("c1.r-t", "transaction c1.r-t was aborted: why")
+    assert type(context) is error
+    assert context.message.startswith("transaction c1.r-t was aborted: why")
+
+
+def test_an_abort_reason_carries_an_errno_only_for_a_failed_statement() -> None:
+    with pytest.raises(ValueError, match="voted_no"):
+        AbortReason(AbortCause.VOTED_NO, "no", mysql_errno=1205)
+    with pytest.raises(ValueError, match="statement_failed"):
+        AbortReason(AbortCause.STATEMENT_FAILED, "failed")
+    with pytest.raises(ValueError, match="request id"):
+        AbortReason(AbortCause.UNREACHABLE, "gone", request_id="req-1")
+    # An agent's error at prepare is no statement's: its MySQL error number is not passed on.
+    reason = AbortReason.prepare_failed("us", TransactionAborted("rolled back", mysql_errno=1213))
+    assert (reason.cause, reason.mysql_errno) == (AbortCause.PARTICIPANT_FAILED, 0)
+
+
+@scenario
+async def test_a_request_the_agent_refuses_at_prepare_aborts_as_the_clients_error() -> None:
+    env = make_env()
+    tx = await env.open([("eu", WRITE), ("us", WRITE), ("ap", WRITE)])
+    env.ports.fail("prepare", "us", InvalidArgument("statement refused by the SQL guard"))
+    # A later participant's plain no does not hide it: the refusal explains the abort.
+    env.ports.script("prepare", "ap", VoteReply(Vote.ABORT, "lock wait timeout", 1205))
+    with pytest.raises(InvalidArgument, match="rolled back") as caught:
+        await env.manager.commit(tx.txid, wait_for_phase2=False)
+    assert caught.value.message.startswith("participant us: statement refused by the SQL guard")
+    assert tx.abort == AbortReason(
+        AbortCause.REFUSED, "participant us: statement refused by the SQL guard"
+    )
+    assert tx.state is TxState.ABORTED
+    assert env.ports.state("eu", tx.txid) is BranchState.ROLLED_BACK
+    view = await env.manager.lookup(tx.txid)
+    assert (view.state, view.abort_reason) == (TxState.ABORTED, tx.abort.message)
+
+
+@scenario
+async def test_a_retried_request_refused_only_by_an_unreachable_agent_is_no_answer() -> None:
+    """Its first attempt (before a restart of the coordinator) may have committed on the agent
+    that cannot be reached: the client is told Unavailable, and nothing is remembered."""
+    env = make_env()
+    env.ports.fail("prepare", "us", Unavailable("agent us is unreachable"))
+    work = [("eu", [WRITE]), ("us", [WRITE])]
+    with pytest.raises(Unavailable, match="earlier attempt of request req-8") as caught:
+        await env.manager.run(work, timeout_ms=5_000, request_id="req-8")
+    txid = caught.value.txid
+    assert txid == env.manager.request_txid("req-8")
+    assert env.manager.view(txid).presumed  # not remembered as aborted
+    assert env.ports.state("eu", txid) is BranchState.ROLLED_BACK
+    # Without a request id the same failure is a plain abort.
+    env.ports.fail("prepare", "us", Unavailable("agent us is unreachable"))
+    with pytest.raises(TransactionAborted, match="unreachable") as plain:
+        await env.manager.run(work, timeout_ms=5_000)
+    assert type(plain.value) is TransactionAborted
+    assert not env.manager.view(plain.value.txid).presumed
+
+
+@scenario
+async def test_a_statement_failing_after_a_rollback_answers_the_rollback() -> None:
+    """The abort was decided (by the client's Rollback) before the statement's error came back:
+    the client learns the reason that was decided, not the statement's error number."""
+    env = make_env()
+    tx = await env.open([("eu", WRITE)])
+    gate = Gate()
+    env.ports.fail("execute", "us", StatementFailed("deadlock", mysql_errno=1213), gate=gate)
+    executing = asyncio.create_task(env.manager.execute(tx.txid, "us", [WRITE], 2))
+    await gate.entered.wait()
+    assert await env.manager.rollback(tx.txid) is TxState.ABORTED
+    gate.release()
+    with pytest.raises(TransactionAborted, match="rolled back by the client") as caught:
+        await executing
+    assert type(caught.value) is TransactionAborted
+    assert caught.value.mysql_errno == 0
+    assert tx.abort == AbortReason.rolled_back()
+
+
+# --------------------------------------------------------------------------------------------------
 # Rollback
 # --------------------------------------------------------------------------------------------------
 
@@ -565,7 +716,8 @@ async def test_rollback_while_preparing_leads_to_abort() -> None:
     assert tx.state is TxState.PREPARING
     rolling_back = asyncio.create_task(env.manager.rollback(tx.txid))
     await asyncio.sleep(0)
-    assert tx.abort_requested
+    assert tx.abort_request == AbortReason.rolled_back()
+    assert tx.state is TxState.PREPARING  # the decider, which owns it, applies the request
     gate.release()
     assert await rolling_back is TxState.ABORTED
     with pytest.raises(TransactionAborted, match="rolled back by the client"):
@@ -785,6 +937,59 @@ async def test_phase_2_treats_a_committed_branch_as_acknowledged() -> None:
     env.ports.script("commit", "eu", CommitReply(already_committed=True))
     assert await env.manager.commit(tx.txid, wait_for_phase2=True) is TxState.COMMITTED
     assert env.log.ends == [tx.txid]
+
+
+@scenario
+async def test_phase_2_sends_every_commit_at_once_when_mid_commit_is_not_armed() -> None:
+    env = make_env()
+    tx = await env.open([("eu", WRITE), ("us", WRITE), ("ap", WRITE)])
+    gates = [env.ports.hold("commit", p) for p in REGIONS]
+    assert await env.manager.commit(tx.txid, wait_for_phase2=False) is TxState.COMMITTING
+    # Every XA COMMIT is on its way while none has been answered.
+    await until(lambda: all(g.entered.is_set() for g in gates), "every commit sent")
+    for gate in gates:
+        gate.release()
+    await tx.done.wait()
+    assert tx.state is TxState.COMMITTED
+
+
+@scenario
+async def test_mid_commit_comes_after_the_first_commit_and_before_the_others_are_sent() -> None:
+    env = make_env(failpoints={"mid_commit": "1*pause"})
+    tx = await env.open([("eu", WRITE), ("us", WRITE), ("ap", WRITE)])
+    assert await env.manager.commit(tx.txid, wait_for_phase2=False) is TxState.COMMITTING
+    await until(
+        lambda: fired(env.failpoints, "coordinator.mid_commit") == 1,
+        "phase 2 reaching coordinator.mid_commit",
+    )
+    assert [c.participant for c in env.ports.calls_of("commit")] == ["eu"]
+    assert env.ports.state("eu", tx.txid) is BranchState.COMMITTED
+    assert env.ports.state("us", tx.txid) is BranchState.PREPARED
+    assert env.ports.state("ap", tx.txid) is BranchState.PREPARED
+    env.failpoints.set("coordinator.mid_commit", "")  # releases the pause
+    await tx.done.wait()
+    assert tx.state is TxState.COMMITTED
+    # The same messages as an unarmed phase 2: one XA COMMIT per branch, then END.
+    assert sorted(c.participant for c in env.ports.calls_of("commit")) == sorted(REGIONS)
+    assert not any(c.one_phase for c in env.ports.calls_of("commit"))
+    assert env.log.ends == [tx.txid]
+    env.assert_decision_first(tx.txid)
+
+
+@scenario
+async def test_mid_commit_failing_leaves_the_other_branches_prepared_for_recovery() -> None:
+    env = make_env(failpoints={"mid_commit": "1*return(internal)"})
+    tx = await env.open([("eu", WRITE), ("us", WRITE)])
+    assert await env.manager.commit(tx.txid, wait_for_phase2=True) is TxState.COMMITTING
+    assert [c.participant for c in env.ports.calls_of("commit")] == ["eu"]
+    assert env.ports.state("eu", tx.txid) is BranchState.COMMITTED
+    assert env.ports.state("us", tx.txid) is BranchState.PREPARED
+    assert env.manager.commit_record(tx.txid) == CommitRecord(tx.txid, ("eu", "us"))
+    report = await Recovery(env.manager, failpoints=env.failpoints).run_once()
+    assert report.clean
+    assert env.ports.state("us", tx.txid) is BranchState.COMMITTED
+    assert env.log.ends == [tx.txid]
+    assert (await env.manager.lookup(tx.txid)).state is TxState.COMMITTED
 
 
 # --------------------------------------------------------------------------------------------------

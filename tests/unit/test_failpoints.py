@@ -704,7 +704,8 @@ def test_engine_return_in_phase_2_leaves_the_commit_to_recovery(point: str) -> N
 
 def test_engine_return_in_recovery_leaves_the_record_for_the_next_pass() -> None:
     async def scenario() -> None:
-        env = engine(mid_commit="1*return(internal)", recovery="1*return(unavailable)")
+        # Every branch committed, END not written: only the record's re-drive finishes it.
+        env = engine(before_end_record="1*return(internal)", recovery="1*return(unavailable)")
         outcome = await env.manager.run(TWO_REGIONS, timeout_ms=5_000, wait_for_phase2=True)
         recovery = Recovery(env.manager, failpoints=env.points)
         first = await recovery.run_once()

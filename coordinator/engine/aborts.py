@@ -89,8 +89,11 @@ class AbortReason:
 
     @classmethod
     def participant_failed(cls, participant: str, error: TwopcError) -> AbortReason:
-        """An agent's error on a call that runs statements (Execute, a one-phase commit)."""
+        """An agent's error on a call that runs statements (Execute, a one-phase commit). A
+        request the agent refused is the client's error, as it is at prepare."""
         message = f"participant {participant}: {error.message}"
+        if isinstance(error, InvalidArgument):
+            return cls(AbortCause.REFUSED, message)
         if error.mysql_errno:
             return cls(AbortCause.STATEMENT_FAILED, message, error.mysql_errno)
         if is_transport_failure(error):

@@ -662,6 +662,17 @@ async def test_a_request_the_agent_refuses_at_prepare_aborts_as_the_clients_erro
 
 
 @scenario
+async def test_a_one_phase_commit_the_agent_refuses_aborts_as_the_clients_error() -> None:
+    """One participant or several, a refused request is InvalidArgument, never a plain abort."""
+    env = make_env()
+    env.ports.fail("commit", "eu", InvalidArgument("statement refused by the SQL guard"))
+    with pytest.raises(InvalidArgument, match="rolled back") as caught:
+        await env.manager.run([("eu", [WRITE])], timeout_ms=5_000)
+    assert caught.value.message.startswith("participant eu: statement refused by the SQL guard")
+    assert caught.value.txid
+
+
+@scenario
 async def test_a_retried_request_refused_only_by_an_unreachable_agent_is_no_answer() -> None:
     """Its first attempt (before a restart of the coordinator) may have committed on the agent
     that cannot be reached: the client is told Unavailable, and nothing is remembered."""

@@ -118,3 +118,30 @@ print("loaded:", loaded, "daemons:", daemons)
 def test_the_sdk_contract_names_each_daemon_dependency(dependency: str) -> None:
     contract = _contract("The SDK needs grpcio and protobuf only")
     assert dependency in contract["forbidden_modules"]  # type: ignore[operator]
+
+
+def test_the_playground_runs_the_daemons_of_this_checkout(tmp_path: Path) -> None:
+    """The playground puts the checkout that holds it first on its daemons' PYTHONPATH: a test
+    run in one checkout must not start the daemons of another (which an editable install in a
+    shared virtual environment points to)."""
+    from twopc.testing.playground.cluster import Cluster  # noqa: PLC0415 (pymysql: this test only)
+
+    cluster = Cluster.create(tmp_path / "cluster", ["eu"])  # lays files out, starts nothing
+    for name in ("agent-eu", "coordinator"):
+        component = cluster.components[name]
+        done = subprocess.run(
+            [
+                component.command[0],
+                "-c",
+                "import coordinator, participants, twopc; "
+                "print(twopc.__file__, coordinator.__file__, participants.__file__)",
+            ],
+            cwd=component.cwd,
+            env={"PATH": "/usr/bin:/bin", **component.env},
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        for module_file in done.stdout.split():
+            assert Path(module_file).is_relative_to(ROOT), f"{name} imports {module_file}"

@@ -49,7 +49,9 @@ STATE_FILE = "state.json"
 DATABASE = "twopc"
 PROXY = "proxy"
 CLIENT_LINK = "client-coordinator"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+# The directory that holds the ``twopc`` package (this file is twopc/testing/playground/cluster.py):
+# the daemons get it first on PYTHONPATH, so that they run this checkout's code.
+_REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 twopc coordinator --config coordinator.toml     run the coordinator daemon
 twopc agent --config agent.toml                 run a participant agent daemon
-twopc playground [--regions eu,us,ap]           start a throwaway local cluster (Ctrl-C stops it)
+twopc playground [--regions eu,us,ap]           start a throwaway local cluster with the README's
+                                                example tables (Ctrl-C stops it)
 twopc playground --down                         stop the cluster that the state file names
 twopc playground --restart NAME | --kill NAME   restart / signal one component of it
 twopc demo                                      bank transfers across regions, a coordinator
@@ -160,6 +161,12 @@ def _parser(named: str | None = None) -> argparse.ArgumentParser:
         "--proxied",
         action="store_true",
         help="put a fault proxy on every hop (the state file lists the links)",
+    )
+    playground.add_argument(
+        "--no-examples",
+        action="store_true",
+        help="leave the databases empty (default: the README's example tables stock, orders "
+        "and accounts, with a few rows, in every region)",
     )
 
     demo = subparsers["demo"]

@@ -151,7 +151,11 @@ def _parser(named: str | None = None) -> argparse.ArgumentParser:
     )
     action = playground.add_mutually_exclusive_group()
     action.add_argument("--down", action="store_true", help="stop the running playground")
-    action.add_argument("--restart", metavar="NAME", help="restart one component")
+    action.add_argument(
+        "--restart",
+        metavar="NAME",
+        help="restart one component (a running one is stopped first: SIGTERM, SIGKILL after 10 s)",
+    )
     action.add_argument("--kill", metavar="NAME", help="send a signal to one component")
     action.add_argument(
         "--detach", action="store_true", help="start the cluster and return (stop it with --down)"

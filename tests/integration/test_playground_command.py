@@ -1,4 +1,5 @@
-"""``twopc playground`` as a user runs it: a fixed port that is taken."""
+"""``twopc playground`` as a user runs it: restarting a running (or frozen) component, a fixed
+port that is taken, and a graceful stop that has to end in SIGKILL."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.testing.playground.cluster import Cluster, Component, process_alive, wait_until
 from twopc.testing.playground.ports import COORDINATOR_PORT, LOOPBACK
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +67,26 @@ def answers(component: dict[str, Any]) -> bool:
     return True
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["running", "frozen"])
+@pytest.mark.parametrize("name", ["agent-eu", "coordinator"])
+def test_restart_stops_a_running_component_and_starts_it_again(
+    detached: Path, name: str, frozen: bool
+) -> None:
+    before = state(detached)["components"][name]
+    if frozen:
+        signalled = twopc("playground", "--kill", name, "--signal", "STOP", cwd=detached)
+        assert signalled.returncode == 0, signalled.stderr
+    done = twopc("playground", "--restart", name, cwd=detached)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{name} pid {before['pid']}: SIGTERM, exited after" in done.stdout
+    after = state(detached)["components"][name]
+    assert after["pid"] != before["pid"]
+    assert f"{name} started again, pid {after['pid']}" in done.stdout
+    assert not process_alive(before["pid"])
+    assert process_alive(after["pid"])
+    assert answers(after)
+
+
 def test_a_taken_fixed_port_is_replaced_and_the_lookup_still_finds_the_coordinator(
     tmp_path: Path,
 ) -> None:
@@ -85,3 +107,28 @@ def test_a_taken_fixed_port_is_replaced_and_the_lookup_still_finds_the_coordinat
             assert lookup.returncode == 3, lookup.stdout + lookup.stderr
         finally:
             twopc("playground", "--down", cwd=tmp_path)
+
+
+def test_a_component_that_ignores_sigterm_is_sigkilled_after_the_bound(tmp_path: Path) -> None:
+    log = tmp_path / "stubborn.log"
+    program = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ignoring SIGTERM', flush=True); time.sleep(600)"
+        f"  # {tmp_path}"  # a command line of its own: stop() takes every process that runs it
+    )
+    stubborn = Component(
+        name="stubborn",
+        kind="agent",
+        address="",
+        data_dir=str(tmp_path),
+        command=[sys.executable, "-c", program],
+        cwd=str(tmp_path),
+        log=str(log),
+    )
+    cluster = Cluster(tmp_path, [], {"stubborn": stubborn})
+    pid = stubborn.spawn()
+    wait_until(lambda: "ignoring SIGTERM" in log.read_text(), 30, "the handler installed")
+    assert cluster.stop("stubborn", timeout=0.5) == [
+        f"pid {pid}: still running 0.5 s after SIGTERM, SIGKILLed"
+    ]
+    assert not process_alive(pid)

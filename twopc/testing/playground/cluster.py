@@ -17,7 +17,8 @@ any part with a real signal and start it again exactly as the cluster did::
 cluster was made with fault proxies; ``links`` is empty otherwise). The ``proxy`` component's
 address is its FaultProxy control endpoint. Start a component again:
 ``subprocess.Popen(c["command"], cwd=c["cwd"], env=os.environ | c["env"])``
-(or ``twopc playground --restart NAME``, which also records the new pid).
+(or ``twopc playground --restart NAME``, which stops it first if it runs, and records the new
+pid).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ STATE_FILE = "state.json"
 DATABASE = "twopc"
 PROXY = "proxy"
 CLIENT_LINK = "client-coordinator"
+STOP_TIMEOUT_S = 10.0  # a graceful stop's bound: SIGKILL after it
 # The directory that holds the ``twopc`` package (this file is twopc/testing/playground/cluster.py):
 # the daemons get it first on PYTHONPATH, so that they run this checkout's code.
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -378,19 +380,49 @@ class Cluster:
             cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
 
     def restart(
-        self, name: str, *, timeout: float = 60.0, save: bool = True, wait: bool = True
+        self,
+        name: str,
+        *,
+        timeout: float = 60.0,
+        save: bool = True,
+        wait: bool = True,
+        stop_timeout: float = STOP_TIMEOUT_S,
     ) -> int:
         """Starts a component from its recorded command line and (unless ``wait`` is false)
-        waits until it answers."""
+        waits until it answers. A component that runs is stopped first (``stop``)."""
         component = self.component(name)
-        if component.alive():
-            raise PlaygroundError(f"{name} is running (pid {component.pid}); kill it first")
+        if _pids_of(component):
+            self.stop(name, stop_timeout)
         pid = component.spawn()
         if save:
             self.save()
         if wait:
             self.wait_ready(name, timeout)
         return pid
+
+    def stop(self, name: str, timeout: float = STOP_TIMEOUT_S) -> list[str]:
+        """Stops a component gracefully: SIGTERM (and SIGCONT, in case it is frozen), then
+        SIGKILL for a process still running after ``timeout`` s. Returns what was done to each
+        process, e.g. ``["pid 123: SIGTERM, exited after 0.3 s"]`` (empty: nothing ran)."""
+        pids = _pids_of(self.component(name))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)
+        started = time.monotonic()
+        deadline = started + timeout
+        done = []
+        for pid in pids:
+            try:
+                remaining = max(deadline - time.monotonic(), 0.1)
+                wait_until(lambda p=pid: not process_alive(p), remaining, f"{name} exiting")
+                done.append(f"pid {pid}: SIGTERM, exited after {time.monotonic() - started:.1f} s")
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                wait_until(lambda p=pid: not process_alive(p), 10.0, f"{name} exiting")
+                done.append(f"pid {pid}: still running {timeout:g} s after SIGTERM, SIGKILLed")
+        return done
 
     def kill(self, name: str, sig: int = signal.SIGKILL, *, wait: bool = True) -> None:
         component = self.component(name)

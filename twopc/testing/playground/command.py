@@ -46,8 +46,10 @@ def _playground(args: argparse.Namespace) -> int:
         return 0
     if args.restart:
         cluster = Cluster.load(args.dir)
+        for step in cluster.stop(args.restart):
+            print(f"{args.restart} {step}")
         pid = cluster.restart(args.restart)
-        print(f"{args.restart} restarted, pid {pid}")
+        print(f"{args.restart} started again, pid {pid}, answering on {_address(cluster, args)}")
         return 0
     if args.kill:
         cluster = Cluster.load(args.dir)
@@ -118,6 +120,12 @@ def create_example_tables(cluster: Cluster) -> None:
         with cluster.mysql(region) as conn, conn.cursor() as cursor:
             for statement in EXAMPLE_TABLES:
                 cursor.execute(statement)
+
+
+def _address(cluster: Cluster, args: argparse.Namespace) -> str:
+    if args.restart == "coordinator":
+        return cluster.coordinator_address
+    return cluster.component(args.restart).address
 
 
 def _describe(cluster: Cluster, args: argparse.Namespace) -> None:

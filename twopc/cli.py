@@ -179,7 +179,12 @@ def _parser(named: str | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=8)
     demo.add_argument("--accounts", type=int, default=50, help="accounts per region")
     demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the cluster running and its directory in place (without it both go, unless "
+        "the demo fails: then the directory stays, for its logs)",
+    )
 
     tx = subparsers["tx"]
     tx.epilog = TX_EXIT_STATUS

@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from twopc.testing.playground.cluster import CLIENT_LINK, DATABASE, STATE_FILE, Cluster
+from twopc.testing.playground.cluster import DATABASE, STATE_FILE, Cluster
 from twopc.testing.playground.mariadb import PlaygroundError
 from twopc.testing.playground.ports import (
     AGENT_PORT,
@@ -134,8 +134,7 @@ def _describe(cluster: Cluster, args: argparse.Namespace) -> None:
     for name, component in cluster.components.items():
         print(f"  {name:<14} {component.address:<22} pid {component.pid}")
     for link in cluster.links:
-        if link.name != CLIENT_LINK:
-            print(f"  link {link.name:<24} {link.listen} -> {link.upstream}")
+        print(f"  link {link.name:<24} {link.listen} -> {link.upstream}")
     address = cluster.coordinator_address
     print()
     if address == f"{LOOPBACK}:{COORDINATOR_PORT}":

@@ -1,8 +1,14 @@
-"""The gRPC face of the coordinator: protobuf in, ``TransactionManager`` calls, protobuf out."""
+"""The gRPC face of the coordinator: protobuf in, ``TransactionManager`` calls, protobuf out.
+
+Every statement of an Execute or a RunTransaction goes through the statement guard here, before
+the engine sees the request: a refused statement is answered InvalidArgument with nothing started
+(no transaction begun, no agent called), on every path alike, and an interactive transaction stays
+as it was.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import structlog
@@ -14,6 +20,7 @@ from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
 from twopc.logs import redact
+from twopc.sql_guard import DEFAULT_MARKER_TABLE, check_statement
 from twopc.status import abort_with
 
 T = TypeVar("T")
@@ -59,6 +66,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         async def run() -> pb.ExecuteResponse:
+            _check_statements(
+                request.participant,
+                request.statements,
+                "nothing of this request ran; the transaction is as it was",
+                request.txid,
+            )
             results = await self._manager.execute(
                 _txid(request.txid), request.participant, request.statements, request.sequence
             )
@@ -100,6 +113,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.RunTransactionRequest, context: Context
     ) -> pb.RunTransactionResponse:
         async def run() -> pb.RunTransactionResponse:
+            for work in request.work:
+                _check_statements(
+                    work.participant, work.statements, "nothing ran: no transaction was started"
+                )
             outcome = await self._manager.run(
                 [(w.participant, w.statements) for w in request.work],
                 timeout_ms=request.timeout_ms,
@@ -116,6 +133,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
 
         return await _guard(context, "", run)
+
+
+def _check_statements(
+    participant: str, statements: Sequence[pb.Statement], consequence: str, txid: str = ""
+) -> None:
+    """InvalidArgument naming the first statement the guard refuses, and why.
+
+    The agents check again (a caller may reach one directly, and only an agent knows its own
+    marker table's name): this check makes the answer the same on every path, and sooner."""
+    for index, statement in enumerate(statements, 1):
+        try:
+            check_statement(
+                statement.sql,
+                placeholders=len(statement.params),
+                protected_tables=(DEFAULT_MARKER_TABLE,),
+            )
+        except InvalidArgument as err:
+            raise InvalidArgument(
+                f"statement {index} for participant {participant!r} is refused: {err.message} "
+                f"({consequence})",
+                txid=txid,
+            ) from None
 
 
 def _txid(txid: str) -> str:

@@ -31,7 +31,6 @@ import structlog
 
 from participants.branches import Branch, BranchRegistry, BranchState, FinishedBranch
 from participants.config import AgentConfig
-from participants.sql_guard import StatementKind, check_statement
 from participants.xa import (
     ER_DUP_ENTRY,
     ER_XA_RBROLLBACK,
@@ -62,6 +61,7 @@ from twopc.errors import (
 )
 from twopc.failpoints import Failpoints
 from twopc.logs import redact
+from twopc.sql_guard import StatementKind, check_statement
 from twopc.txid import Xid, check_participant_name, parse_txid
 from twopc.values import SqlValue
 from twopc.votes import Presence, Vote

@@ -2,7 +2,8 @@
 
 twopc coordinator --config coordinator.toml     run the coordinator daemon
 twopc agent --config agent.toml                 run a participant agent daemon
-twopc playground [--regions eu,us,ap]           start a throwaway local cluster (Ctrl-C stops it)
+twopc playground [--regions eu,us,ap]           start a throwaway local cluster with the README's
+                                                example tables (Ctrl-C stops it)
 twopc playground --down                         stop the cluster that the state file names
 twopc playground --restart NAME | --kill NAME   restart / signal one component of it
 twopc demo                                      bank transfers across regions, a coordinator
@@ -16,20 +17,105 @@ twopc bench [--workloads ...] [--concurrency ...] twopc against direct XA, SQLAl
                                                 sessions and plain local commits, side by side
 twopc bench-recovery [--in-doubt N]             time to resolve N in-doubt transactions after
                                                 a coordinator SIGKILL and restart
-twopc tx TXID [--coordinator ADDR]              a transaction's state and outcome
+twopc tx TXID | --request-id ID                 a transaction's state and outcome
+
+`pip install twopc` runs `twopc tx`; every other command needs an extra (it says which).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PLAYGROUND_DIR = Path(".twopc-playground")
+# twopc.testing.playground.cluster.STATE_FILE, not imported from there: that needs pymysql.
+PLAYGROUND_STATE_FILE = "state.json"
+COORDINATOR_ENV = "TWOPC_COORDINATOR"
+DEFAULT_COORDINATOR = "127.0.0.1:7100"
+
+# `twopc tx` exit statuses.
+TX_FOUND = 0
+TX_LOOKUP_FAILED = 1
+TX_USAGE = 2  # argparse's
+TX_NO_RECORD = 3
+TX_EXIT_STATUS = f"""\
+exit status:
+  {TX_FOUND}  the transaction is known: its state and outcome are printed
+     (COMMITTED, ABORTED or PENDING)
+  {TX_LOOKUP_FAILED}  the lookup failed (coordinator unreachable, a malformed id, a txid of another
+     coordinator); the reason is on stderr
+  {TX_USAGE}  wrong usage
+  {TX_NO_RECORD}  no record of the transaction exists, neither on the coordinator nor on any
+     participant: if it ever ran, nothing of it is committed (presumed abort); check the id
+
+the coordinator: --coordinator, else ${COORDINATOR_ENV}, else the playground's state file in
+{DEFAULT_PLAYGROUND_DIR}/ (in the current directory), else {DEFAULT_COORDINATOR}
+"""
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class _Command:
+    help: str
+    extra: str | None  # what `pip install 'twopc[EXTRA]'` adds for it; None: the base install
+    # For the test tools: the module whose add_arguments() defines the command's arguments. It
+    # is imported only when the command is named on the command line (it needs the extra).
+    arguments: str | None = None
+
+
+_COMMANDS = {
+    "coordinator": _Command("run the coordinator daemon", "coordinator"),
+    "agent": _Command("run a participant agent daemon", "agent"),
+    "playground": _Command("a throwaway cluster on this machine", "playground"),
+    "demo": _Command("bank transfers with a coordinator crash mid-run", "playground"),
+    "chaos": _Command(
+        "fault injection with an invariant check", "chaos", "twopc.testing.chaos.runner"
+    ),
+    "proxy": _Command("the TCP fault proxy", "playground", "twopc.testing.chaos.proxy_service"),
+    "bench": _Command(
+        "twopc against the alternatives, side by side", "bench", "twopc.testing.bench.runner"
+    ),
+    "bench-recovery": _Command(
+        "time to resolve in-doubt transactions after a coordinator crash",
+        "bench",
+        "twopc.testing.bench.recovery",
+    ),
+    "tx": _Command("look a transaction up", None),
+}
+
+
+class MissingExtra(Exception):
+    """A command's dependencies are not installed."""
+
+
+@contextlib.contextmanager
+def _needs_extra(command: str) -> Iterator[None]:
+    """Turns a missing third-party module, met while importing what ``command`` runs, into a
+    message that names the extra to install."""
+    try:
+        yield
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").split(".")[0]
+        extra = _COMMANDS[command].extra
+        if not missing or missing in ("twopc", "coordinator", "participants") or extra is None:
+            raise
+        raise MissingExtra(
+            f"twopc {command} needs {missing}, which is not installed: install the "
+            f"{extra!r} extra, e.g. pip install 'twopc[{extra}]' (from a checkout: "
+            f"pip install '.[{extra}]')"
+        ) from err
+
+
+def _parser(named: str | None = None) -> argparse.ArgumentParser:
+    """The command line parser. It imports nothing beyond the standard library: the arguments of
+    the test tools (their modules need their extras) are added only for ``named``."""
     parser = argparse.ArgumentParser(
         prog="twopc",
         description="Two-phase commit across MySQL/MariaDB regions.",
@@ -37,16 +123,23 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = {
+        name: commands.add_parser(
+            name,
+            help=command.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for name, command in _COMMANDS.items()
+    }
 
-    for name, what in (("coordinator", "the coordinator"), ("agent", "a participant agent")):
-        daemon = commands.add_parser(name, help=f"run {what} daemon")
-        daemon.add_argument(
+    for name in ("coordinator", "agent"):
+        subparsers[name].add_argument(
             "--config",
             type=Path,
             help="TOML configuration file (environment variables override it)",
         )
 
-    playground = commands.add_parser("playground", help="a throwaway cluster on this machine")
+    playground = subparsers["playground"]
     playground.add_argument(
         "--dir",
         type=Path,
@@ -58,7 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     action = playground.add_mutually_exclusive_group()
     action.add_argument("--down", action="store_true", help="stop the running playground")
-    action.add_argument("--restart", metavar="NAME", help="restart one component")
+    action.add_argument(
+        "--restart",
+        metavar="NAME",
+        help="restart one component (a running one is stopped first: SIGTERM, SIGKILL after 10 s)",
+    )
     action.add_argument("--kill", metavar="NAME", help="send a signal to one component")
     action.add_argument(
         "--detach", action="store_true", help="start the cluster and return (stop it with --down)"
@@ -69,95 +166,159 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="put a fault proxy on every hop (the state file lists the links)",
     )
+    playground.add_argument(
+        "--no-examples",
+        action="store_true",
+        help="leave the databases empty (default: the README's example tables stock, orders "
+        "and accounts, with a few rows, in every region)",
+    )
 
-    demo = commands.add_parser("demo", help="bank transfers with a coordinator crash mid-run")
+    demo = subparsers["demo"]
     demo.add_argument("--dir", type=Path, default=Path(".twopc-demo"))
     demo.add_argument("--transfers", type=int, default=600)
     demo.add_argument("--workers", type=int, default=8)
     demo.add_argument("--accounts", type=int, default=50, help="accounts per region")
     demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
-
-    chaos = commands.add_parser("chaos", help="fault injection with an invariant check")
-    proxy = commands.add_parser("proxy", help="the TCP fault proxy")
-    bench = commands.add_parser("bench", help="twopc against the alternatives, side by side")
-    bench_recovery = commands.add_parser(
-        "bench-recovery", help="time to resolve in-doubt transactions after a coordinator crash"
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the cluster running and its directory in place (without it both go, unless "
+        "the demo fails: then the directory stays, for its logs)",
     )
-    from twopc.testing.bench import recovery as bench_recovery_runner
-    from twopc.testing.bench import runner as bench_runner
-    from twopc.testing.chaos import proxy_service, runner
 
-    runner.add_arguments(chaos)
-    proxy_service.add_arguments(proxy)
-    bench_runner.add_arguments(bench)
-    bench_recovery_runner.add_arguments(bench_recovery)
-
-    tx = commands.add_parser("tx", help="look a transaction up")
-    tx.add_argument("txid")
+    tx = subparsers["tx"]
+    tx.epilog = TX_EXIT_STATUS
+    tx.add_argument("txid", nargs="?", help="the transaction id")
     tx.add_argument(
-        "--coordinator", default="127.0.0.1:7100", help="address (default: %(default)s)"
+        "--request-id", metavar="ID", help="look it up by the request id given to begin/run"
     )
+    tx.add_argument(
+        "--coordinator",
+        metavar="ADDR",
+        help=f"host:port (default: ${COORDINATOR_ENV}, the playground, {DEFAULT_COORDINATOR})",
+    )
+
+    if named is not None and named in _COMMANDS and _COMMANDS[named].arguments:
+        with _needs_extra(named):
+            module = importlib.import_module(str(_COMMANDS[named].arguments))
+        module.add_arguments(subparsers[named])
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "coordinator":
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The command named on the command line (its first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = _named_command(arguments)
+    try:
+        args = _parser(command).parse_args(arguments)
+        if args.command == "tx":
+            return _tx(args, environ)
+        with _needs_extra(args.command):
+            run = _runner(args.command)
+    except MissingExtra as err:
+        print(err, file=sys.stderr)
+        return 1
+    return run(args)
+
+
+def _runner(command: str) -> Callable[[argparse.Namespace], int]:
+    """What runs ``command``, imported now (ModuleNotFoundError when its extra is missing)."""
+    if command == "coordinator":
         from coordinator.daemon import main as run_coordinator
 
-        return run_coordinator(args.config)
-    if args.command == "agent":
+        return lambda args: run_coordinator(args.config)
+    if command == "agent":
         from participants.daemon import main as run_agent
 
-        return run_agent(args.config)
-    if args.command == "playground":
+        return lambda args: run_agent(args.config)
+    if command == "playground":
         from twopc.testing.playground.command import playground
 
-        return playground(args)
-    if args.command == "demo":
+        return playground
+    if command == "demo":
         from twopc.testing.playground.demo import run_demo
 
-        return run_demo(args)
-    if args.command == "chaos":
+        return run_demo
+    if command == "chaos":
         from twopc.testing.chaos.runner import run as run_chaos
 
-        return run_chaos(args)
-    if args.command == "bench":
+        return run_chaos
+    if command == "bench":
         from twopc.testing.bench.runner import run as run_bench
 
-        return run_bench(args)
-    if args.command == "bench-recovery":
+        return run_bench
+    if command == "bench-recovery":
         from twopc.testing.bench.recovery import run as run_bench_recovery
 
-        return run_bench_recovery(args)
-    if args.command == "proxy":
+        return run_bench_recovery
+    if command == "proxy":
         from twopc.testing.chaos.proxy_service import run as run_proxy
 
-        return run_proxy(args)
-    if args.command == "tx":
-        return _show_transaction(args.txid, args.coordinator)
-    raise AssertionError(args.command)
+        return run_proxy
+    raise AssertionError(command)
 
 
-def _show_transaction(txid: str, address: str) -> int:
-    from twopc.client import Client
+# --- twopc tx ------------------------------------------------------------------------------------
+
+
+def coordinator_address(
+    given: str | None, environ: Mapping[str, str], cwd: Path
+) -> tuple[str, str]:
+    """The coordinator to ask, and where that address came from: ``given`` (--coordinator),
+    else $TWOPC_COORDINATOR, else the client address in the playground's state file under
+    ``cwd``, else 127.0.0.1:7100."""
+    if given:
+        return given, "--coordinator"
+    if environ.get(COORDINATOR_ENV):
+        return environ[COORDINATOR_ENV], f"${COORDINATOR_ENV}"
+    state = cwd / DEFAULT_PLAYGROUND_DIR / PLAYGROUND_STATE_FILE
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        address = json.loads(state.read_text())["client_address"]
+        if isinstance(address, str) and address:
+            return address, f"the playground's {DEFAULT_PLAYGROUND_DIR / PLAYGROUND_STATE_FILE}"
+    return DEFAULT_COORDINATOR, f"the default; give --coordinator or set ${COORDINATOR_ENV}"
+
+
+def _tx(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    if (args.txid is None) == (args.request_id is None):
+        print("twopc tx: give a TXID or --request-id ID (one of them)", file=sys.stderr)
+        return TX_USAGE
+    address, source = coordinator_address(args.coordinator, environ, Path.cwd())
+    from twopc.client import Client, RetryPolicy
     from twopc.errors import TwopcError
 
-    with Client(address) as client:
+    logging.getLogger("twopc.client").setLevel(logging.ERROR)  # the error is said below, once
+
+    # A lookup by hand: a few quick retries, then say what failed.
+    with Client(address, retry_policy=RetryPolicy(attempts=3, deadline=5.0)) as client:
         try:
-            info = client.get_transaction(txid)
+            info = client.get_transaction(args.txid, request_id=args.request_id)
         except TwopcError as err:
-            print(f"twopc tx: {type(err).__name__}: {err.message}", file=sys.stderr)
-            return 1
+            print(
+                f"twopc tx: {type(err).__name__}: {err.message} "
+                f"(coordinator {address}, from {source})",
+                file=sys.stderr,
+            )
+            return TX_LOOKUP_FAILED
     print(f"txid:         {info.txid}")
+    if args.request_id is not None:
+        print(f"request id:   {args.request_id}")
+    if info.presumed and not info.participants:
+        print("record:       none, on the coordinator or on any participant")
+        print("meaning:      if it ever ran, nothing of it is committed (presumed abort);")
+        print("              check the id")
+        return TX_NO_RECORD
     print(f"state:        {info.state.name}")
     print(f"outcome:      {info.outcome.name}{' (presumed abort)' if info.presumed else ''}")
     if info.participants:
         print(f"participants: {', '.join(info.participants)}")
     if info.abort_reason:
         print(f"reason:       {info.abort_reason}")
-    return 0
+    return TX_FOUND
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def spawned() -> list[subprocess.Popen[bytes]]:
 @pytest.fixture
 def playground(tmp_path: Path, spawned: list[subprocess.Popen[bytes]]) -> Iterator[dict[str, Any]]:
     directory = tmp_path / "playground"
-    twopc("playground", "--dir", str(directory), "--regions", "eu,us,ap", "--detach")
+    twopc(
+        "playground", "--dir", str(directory), "--regions", "eu,us,ap", "--detach", "--no-examples"
+    )
     try:
         yield json.loads((directory / "state.json").read_text())
     finally:

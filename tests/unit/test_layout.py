@@ -79,14 +79,21 @@ def _site_with_only(distributions: set[str], site: Path) -> None:
                 (site / top).symlink_to(source)
 
 
-def test_the_sdk_runs_with_the_base_dependencies_only(tmp_path: Path) -> None:
-    """``pip install twopc`` gives grpcio and protobuf: the SDK must import and build a client
-    with those alone. A Python without its site-packages gets a directory holding only them
-    (and what they need), then the repository."""
+@pytest.fixture(scope="module")
+def base_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory that holds grpcio and protobuf (and what they need), and nothing else:
+    ``pip install twopc``."""
     base = [_distribution_name(r) for r in PYPROJECT["project"]["dependencies"]]
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("base") / "site"
     _site_with_only(_requirements_closure(base), site)
-    program = f"""
+    return site
+
+
+def _run_with_base_only(site: Path, program: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``program`` in a Python without its site-packages, with ``site`` and then the
+    repository on its path, after checking that no dependency of the daemons or the tools is
+    importable there."""
+    prelude = f"""
 import sys
 sys.path[:0] = [{str(site)!r}, {str(ROOT)!r}]
 for name in {NOT_FOR_THE_SDK!r}:
@@ -96,22 +103,89 @@ for name in {NOT_FOR_THE_SDK!r}:
         pass
     else:
         raise SystemExit(f"{{name}} is importable: the check would prove nothing")
-from twopc import AsyncClient, Client, OutcomeUnknown, RetryPolicy, TransactionAborted
-with Client("127.0.0.1:1", retry_policy=RetryPolicy(attempts=1)) as client:
-    pass
-loaded = sorted(n for n in {NOT_FOR_THE_SDK!r} if n in sys.modules)
-daemons = sorted(n for n in sys.modules if n.split(".")[0] in ("coordinator", "participants"))
-print("loaded:", loaded, "daemons:", daemons)
 """
-    done = subprocess.run(
-        [sys.executable, "-S", "-c", program],
+    return subprocess.run(
+        [sys.executable, "-S", "-c", prelude + program],
         check=False,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+_LOADED = f"""
+loaded = sorted(n for n in {NOT_FOR_THE_SDK!r} if n in sys.modules)
+daemons = sorted(n for n in sys.modules if n.split(".")[0] in ("coordinator", "participants"))
+print("loaded:", loaded, "daemons:", daemons)
+"""
+
+
+def test_the_sdk_runs_with_the_base_dependencies_only(base_site: Path) -> None:
+    """``pip install twopc`` gives grpcio and protobuf: the SDK must import and build a client
+    with those alone."""
+    program = """
+from twopc import AsyncClient, Client, OutcomeUnknown, RetryPolicy, TransactionAborted
+with Client("127.0.0.1:1", retry_policy=RetryPolicy(attempts=1)) as client:
+    pass
+"""
+    done = _run_with_base_only(base_site, program + _LOADED)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "loaded: [] daemons: []"
+
+
+def _twopc(arguments: list[str]) -> str:
+    """A program that runs the ``twopc`` command and prints its exit status."""
+    return f"""
+from twopc.cli import main
+try:
+    status = main({arguments!r})
+except SystemExit as exit:
+    status = exit.code
+print("exit status:", status)
+"""
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["tx", "--help"]])
+def test_the_command_helps_with_the_base_dependencies_only(
+    base_site: Path, arguments: list[str]
+) -> None:
+    done = _run_with_base_only(base_site, _twopc(arguments) + _LOADED)
+    assert done.returncode == 0, done.stderr
+    assert "usage: twopc" in done.stdout
+    assert done.stdout.splitlines()[-2:] == ["exit status: 0", "loaded: [] daemons: []"]
+
+
+def test_twopc_tx_runs_with_the_base_dependencies_only(base_site: Path) -> None:
+    """It gets as far as asking the coordinator (nothing listens on port 1)."""
+    done = _run_with_base_only(
+        base_site, _twopc(["tx", "--coordinator", "127.0.0.1:1", "c1.r-nothing"]) + _LOADED
+    )
+    assert done.returncode == 0, done.stderr
+    assert "twopc tx: Unavailable:" in done.stderr
+    assert "(coordinator 127.0.0.1:1, from --coordinator)" in done.stderr
+    assert done.stdout.splitlines()[-2:] == ["exit status: 1", "loaded: [] daemons: []"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "extra"),
+    [
+        (["coordinator", "--config", "coordinator.toml"], "coordinator"),
+        (["agent"], "agent"),
+        (["playground", "--detach"], "playground"),
+        (["chaos", "--help"], "chaos"),
+        (["bench", "--duration", "1"], "bench"),
+    ],
+)
+def test_a_command_without_its_extra_names_the_extra(
+    base_site: Path, arguments: list[str], extra: str
+) -> None:
+    done = _run_with_base_only(base_site, _twopc(arguments))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "exit status: 1"
+    message = done.stderr.strip()
+    assert message.startswith(f"twopc {arguments[0]} needs "), message
+    assert f"pip install 'twopc[{extra}]'" in message
+    assert "Traceback" not in message
 
 
 @pytest.mark.parametrize("dependency", NOT_FOR_THE_SDK)

@@ -10,8 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pymysql.converters import escape_string
 
-from participants.sql_guard import CheckedStatement, StatementKind, check_statement
+from participants.config import AgentConfig
 from twopc.errors import InvalidArgument
+from twopc.sql_guard import (
+    DEFAULT_MARKER_TABLE,
+    CheckedStatement,
+    StatementKind,
+    check_statement,
+)
 
 READ = StatementKind.READ
 WRITE = StatementKind.WRITE
@@ -402,3 +408,8 @@ def test_body_is_the_statement_without_its_terminator(
     """What a batch sends: the statement up to its terminating ';' (comments after it are cut,
     and one before it is ended by the batch's line break)."""
     assert check_statement(sql, placeholders=placeholders).body == body
+
+
+def test_the_coordinator_protects_the_agents_default_marker_table() -> None:
+    """The coordinator cannot read the agents' configuration: it protects their default."""
+    assert AgentConfig().marker_table == DEFAULT_MARKER_TABLE

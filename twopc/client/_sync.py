@@ -154,6 +154,8 @@ class Client:
             wait_for_phase2: answer only once every branch committed.
 
         Raises:
+            InvalidArgument: a statement is refused (DDL, SET, several in one string, ...): the
+                message names it; nothing was started.
             TransactionAborted: a statement failed or a participant voted no (StatementFailed
                 carries ``mysql_errno``).
             OutcomeUnknown: no answer after retries; it carries ``request_id``.

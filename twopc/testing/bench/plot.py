@@ -36,9 +36,13 @@ def series(
     return grouped
 
 
-def plot_cells(cells: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> None:
-    """Draws the PNG of ``cells`` (``CellResult.as_json`` dicts) to ``path``."""
-    import matplotlib  # noqa: PLC0415 (only the bench command needs it)
+def plot_cells(cells: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> bool:
+    """Draws the PNG of ``cells`` (``CellResult.as_json`` dicts) to ``path``. Returns False,
+    having drawn nothing, when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: PLC0415 (only the bench command needs it)
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -76,3 +80,4 @@ def plot_cells(cells: Sequence[Mapping[str, Any]], path: Path, *, title: str = "
         figure.suptitle(title, fontsize=10)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return True

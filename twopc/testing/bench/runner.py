@@ -624,8 +624,9 @@ def report(
     }
 
 
-def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
-    """Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``out``."""
+def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, Path | None]:
+    """Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``out``; the plot's path is None
+    when matplotlib is not installed (the figures and the checks do not need it)."""
     from twopc.testing.bench.plot import plot_cells  # noqa: PLC0415 (matplotlib: only here)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -646,8 +647,8 @@ def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
     paths[1].write_text(header + format_table(data["cells"]) + "\n")
     (out / SUMMARY_NAME).write_text(header + format_summary(data["cells"]) + "\n")
     title = f"twopc bench ({'wait for phase 2' if settings['wait_phase2'] else 'early answer'})"
-    plot_cells(data["cells"], paths[2], title=title)
-    return paths
+    drawn = plot_cells(data["cells"], paths[2], title=title)
+    return paths[0], paths[1], paths[2] if drawn else None
 
 
 def _mariadb_version(cluster: Cluster) -> str:
@@ -697,7 +698,11 @@ def run(args: argparse.Namespace) -> int:
     json_path, table_path, plot_path = write_report(data, args.out)
     say("\n" + format_table(data["cells"]))
     say("\n" + format_summary(data["cells"]))
-    say(f"\nreport: {json_path}\ntable: {table_path}\nplot: {plot_path}")
+    say(f"\nreport: {json_path}\ntable: {table_path}")
+    if plot_path is None:
+        say("warning: no plot drawn: matplotlib is not installed (pip install 'twopc[bench]')")
+    else:
+        say(f"plot: {plot_path}")
     # Plain local commits promise no atomicity: their check is for information only.
     broken = [
         c

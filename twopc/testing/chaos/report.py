@@ -123,9 +123,13 @@ def write_json(result: ChaosResult, path: Path) -> None:
     path.write_text(json.dumps(result.as_json(), indent=1) + "\n")
 
 
-def plot_timeline(result: ChaosResult, path: Path) -> None:
-    """Draws the timeline PNG (matplotlib, without a display)."""
-    import matplotlib  # noqa: PLC0415 (only the chaos command needs it)
+def plot_timeline(result: ChaosResult, path: Path) -> bool:
+    """Draws the timeline PNG (matplotlib, without a display). Returns False, having drawn
+    nothing, when matplotlib is not installed: the plot is optional, the verdict is not."""
+    try:
+        import matplotlib  # noqa: PLC0415 (only the chaos command needs it)
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -175,6 +179,7 @@ def plot_timeline(result: ChaosResult, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return True
 
 
 def _percentile(values: Sequence[float], pct: float) -> float:

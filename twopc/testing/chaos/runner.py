@@ -92,10 +92,24 @@ def run(args: argparse.Namespace) -> int:
             cluster.down()
     report = args.report or directory / "chaos-report.json"
     timeline = args.plot or directory / "chaos-timeline.png"
+    return finish(result, report, timeline)
+
+
+def finish(result: ChaosResult, report: Path, timeline: Path) -> int:
+    """Writes the report and the timeline and prints the summary; returns the exit status, which
+    the invariants alone decide (1 if one broke). Without matplotlib the timeline is skipped,
+    with a warning."""
     write_json(result, report)
-    plot_timeline(result, timeline)
+    drawn = plot_timeline(result, timeline)
     say(result.summary())
-    say(f"report: {report}\ntimeline: {timeline}")
+    say(f"report: {report}")
+    if drawn:
+        say(f"timeline: {timeline}")
+    else:
+        say(
+            "warning: no timeline drawn: matplotlib is not installed "
+            "(pip install 'twopc[chaos]' adds it)"
+        )
     return 0 if result.ok else 1
 
 

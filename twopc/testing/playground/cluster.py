@@ -17,7 +17,8 @@ any part with a real signal and start it again exactly as the cluster did::
 cluster was made with fault proxies; ``links`` is empty otherwise). The ``proxy`` component's
 address is its FaultProxy control endpoint. Start a component again:
 ``subprocess.Popen(c["command"], cwd=c["cwd"], env=os.environ | c["env"])``
-(or ``twopc playground --restart NAME``, which also records the new pid).
+(or ``twopc playground --restart NAME``, which stops it first if it runs, and records the new
+pid).
 """
 
 from __future__ import annotations
@@ -43,12 +44,20 @@ from twopc.api import chaos_pb2_grpc as cpb_grpc
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.mariadb import MariaDBInstance, PlaygroundError
-from twopc.testing.playground.ports import LOOPBACK, free_port
+from twopc.testing.playground.ports import (
+    AGENT_PORT,
+    COORDINATOR_PORT,
+    DATABASE_PORT,
+    LOOPBACK,
+    free_port,
+    port_or_free,
+)
 
 STATE_FILE = "state.json"
 DATABASE = "twopc"
 PROXY = "proxy"
 CLIENT_LINK = "client-coordinator"
+STOP_TIMEOUT_S = 10.0  # a graceful stop's bound: SIGKILL after it
 # The directory that holds the ``twopc`` package (this file is twopc/testing/playground/cluster.py):
 # the daemons get it first on PYTHONPATH, so that they run this checkout's code.
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -163,9 +172,15 @@ class Cluster:
         proxied: bool = False,
         client_db_links: bool = False,
         remote_links_only: bool = False,
+        fixed_ports: bool = False,
         python: str = sys.executable,
     ) -> Cluster:
         """Lays out directories and configuration files; starts nothing.
+
+        Every port is a free one the kernel picks, unless ``fixed_ports`` (the interactive
+        playground): then the coordinator's client address is 127.0.0.1:7100, the n-th region's
+        agent listens on 7201 + n and its database on 3307 + n, each one that is free now (a
+        taken one is replaced by a free port; the proxy's own ports are always free ones).
 
         With ``proxied``, a fault proxy sits on every hop: client -> coordinator
         (``client-coordinator``), coordinator -> each agent (``coordinator-agent-<region>``) and
@@ -189,18 +204,24 @@ class Cluster:
         agents: dict[str, str] = {}
         links: list[LinkPlan] = []
 
-        def through_proxy(name: str, upstream: str) -> str:
+        def port(fixed: int) -> int:
+            return port_or_free(fixed if fixed_ports else None)
+
+        def proxied_hop(name: str) -> bool:
             local = name == CLIENT_LINK or (name.endswith("-mariadb") and name.startswith("agent-"))
-            if not proxied or (remote_links_only and local):
+            return proxied and not (remote_links_only and local)
+
+        def through_proxy(name: str, upstream: str, listen_port: int | None = None) -> str:
+            if not proxied_hop(name):
                 return upstream
-            link = LinkPlan(name, f"{LOOPBACK}:{free_port()}", upstream)
+            link = LinkPlan(name, f"{LOOPBACK}:{listen_port or free_port()}", upstream)
             links.append(link)
             return link.listen
 
-        for region in regions:
+        for index, region in enumerate(regions):
             base = directory / region
             base.mkdir(parents=True, exist_ok=True)
-            db = MariaDBInstance(region, base / "mariadb", free_port())
+            db = MariaDBInstance(region, base / "mariadb", port(DATABASE_PORT + index))
             components[f"mariadb-{region}"] = Component(
                 name=f"mariadb-{region}",
                 kind="mariadb",
@@ -211,7 +232,7 @@ class Cluster:
                 cwd=str(base),
                 log=str(base / "mariadb" / "mariadbd.out"),
             )
-            agent_address = f"{LOOPBACK}:{free_port()}"
+            agent_address = f"{LOOPBACK}:{port(AGENT_PORT + index)}"
             agents[region] = through_proxy(f"coordinator-agent-{region}", agent_address)
             database_address = through_proxy(f"agent-{region}-mariadb", db.address)
             if client_db_links:
@@ -242,7 +263,10 @@ class Cluster:
             )
         coordinator_dir = directory / "coordinator"
         coordinator_dir.mkdir(parents=True, exist_ok=True)
-        address = f"{LOOPBACK}:{free_port()}"
+        # Clients connect to the proxy's end of the client link when there is one: that end takes
+        # the fixed port then.
+        client_port = port(COORDINATOR_PORT)
+        address = f"{LOOPBACK}:{free_port() if proxied_hop(CLIENT_LINK) else client_port}"
         config = coordinator_dir / "coordinator.toml"
         _write_toml(
             config,
@@ -264,7 +288,7 @@ class Cluster:
             log=str(coordinator_dir / "coordinator.log"),
             env=dict(env),
         )
-        through_proxy(CLIENT_LINK, address)
+        through_proxy(CLIENT_LINK, address, client_port)
         if proxied:
             control = f"{LOOPBACK}:{free_port()}"
             link_args = [f"--link={k.name}={k.listen}={k.upstream}" for k in links]
@@ -356,19 +380,49 @@ class Cluster:
             cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
 
     def restart(
-        self, name: str, *, timeout: float = 60.0, save: bool = True, wait: bool = True
+        self,
+        name: str,
+        *,
+        timeout: float = 60.0,
+        save: bool = True,
+        wait: bool = True,
+        stop_timeout: float = STOP_TIMEOUT_S,
     ) -> int:
         """Starts a component from its recorded command line and (unless ``wait`` is false)
-        waits until it answers."""
+        waits until it answers. A component that runs is stopped first (``stop``)."""
         component = self.component(name)
-        if component.alive():
-            raise PlaygroundError(f"{name} is running (pid {component.pid}); kill it first")
+        if _pids_of(component):
+            self.stop(name, stop_timeout)
         pid = component.spawn()
         if save:
             self.save()
         if wait:
             self.wait_ready(name, timeout)
         return pid
+
+    def stop(self, name: str, timeout: float = STOP_TIMEOUT_S) -> list[str]:
+        """Stops a component gracefully: SIGTERM (and SIGCONT, in case it is frozen), then
+        SIGKILL for a process still running after ``timeout`` s. Returns what was done to each
+        process, e.g. ``["pid 123: SIGTERM, exited after 0.3 s"]`` (empty: nothing ran)."""
+        pids = _pids_of(self.component(name))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)
+        started = time.monotonic()
+        deadline = started + timeout
+        done = []
+        for pid in pids:
+            try:
+                remaining = max(deadline - time.monotonic(), 0.1)
+                wait_until(lambda p=pid: not process_alive(p), remaining, f"{name} exiting")
+                done.append(f"pid {pid}: SIGTERM, exited after {time.monotonic() - started:.1f} s")
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                wait_until(lambda p=pid: not process_alive(p), 10.0, f"{name} exiting")
+                done.append(f"pid {pid}: still running {timeout:g} s after SIGTERM, SIGKILLed")
+        return done
 
     def kill(self, name: str, sig: int = signal.SIGKILL, *, wait: bool = True) -> None:
         component = self.component(name)

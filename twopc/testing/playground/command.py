@@ -6,8 +6,29 @@ import argparse
 import signal
 import sys
 
-from twopc.testing.playground.cluster import STATE_FILE, Cluster
+from twopc.testing.playground.cluster import DATABASE, STATE_FILE, Cluster
 from twopc.testing.playground.mariadb import PlaygroundError
+from twopc.testing.playground.ports import (
+    AGENT_PORT,
+    COORDINATOR_PORT,
+    DATABASE_PORT,
+    LOOPBACK,
+    is_free,
+)
+
+# The README's examples: every region's database gets these tables (left as they are when the
+# playground starts again in the same directory; missing seed rows are put back).
+EXAMPLE_TABLES = (
+    "CREATE TABLE IF NOT EXISTS stock (sku VARCHAR(32) PRIMARY KEY, qty INT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, "
+    "sku VARCHAR(32) NOT NULL, customer BIGINT NOT NULL, "
+    "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+    "CREATE TABLE IF NOT EXISTS accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL)",
+    "INSERT IGNORE INTO stock (sku, qty) VALUES ('A1', 100), ('B2', 50), ('C3', 0)",
+    "INSERT IGNORE INTO accounts (id, balance) VALUES (1, 1000), (2, 1000), (3, 1000), "
+    "(4, 1000), (5, 1000)",
+)
+EXAMPLE_TABLE_NAMES = ("stock", "orders", "accounts")
 
 
 def playground(args: argparse.Namespace) -> int:
@@ -25,8 +46,10 @@ def _playground(args: argparse.Namespace) -> int:
         return 0
     if args.restart:
         cluster = Cluster.load(args.dir)
+        for step in cluster.stop(args.restart):
+            print(f"{args.restart} {step}")
         pid = cluster.restart(args.restart)
-        print(f"{args.restart} restarted, pid {pid}")
+        print(f"{args.restart} started again, pid {pid}, answering on {_address(cluster, args)}")
         return 0
     if args.kill:
         cluster = Cluster.load(args.dir)
@@ -43,14 +66,10 @@ def _playground(args: argparse.Namespace) -> int:
                 f"stop it first: twopc playground --dir {args.dir} --down"
             )
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
-    cluster = Cluster.create(args.dir, regions, proxied=args.proxied)
-    cluster.up()
-    print(f"twopc playground up; state file: {cluster.state_path}")
-    for name, component in cluster.components.items():
-        print(f"  {name:<14} {component.address:<22} pid {component.pid}")
-    for link in cluster.links:
-        print(f"  link {link.name:<24} {link.listen} -> {link.upstream}")
-    print(f"SDK: Client({cluster.coordinator_address!r})")
+    cluster = _start(args, regions)
+    if not args.no_examples:
+        create_example_tables(cluster)
+    _describe(cluster, args)
     if args.detach:
         print(f"stop it with: twopc playground --dir {args.dir} --down")
         return 0
@@ -64,3 +83,68 @@ def _playground(args: argparse.Namespace) -> int:
         cluster.down()
         print("playground stopped")
     return 0
+
+
+def _start(args: argparse.Namespace, regions: list[str]) -> Cluster:
+    """The cluster, up: on the fixed ports that are free, else on free ones.
+
+    A fixed port found free may be taken by someone else before the component binds it (another
+    playground starting at the same moment): the start then fails, and is tried once more with
+    free ports only."""
+    cluster = Cluster.create(args.dir, regions, proxied=args.proxied, fixed_ports=True)
+    try:
+        cluster.up()
+    except PlaygroundError:
+        taken = _fixed_ports_taken(cluster)
+        if not taken:
+            raise
+        print(f"fixed port(s) {', '.join(taken)} taken while starting: trying free ports")
+        cluster = Cluster.create(args.dir, regions, proxied=args.proxied)
+        cluster.up()
+    return cluster
+
+
+def _fixed_ports_taken(cluster: Cluster) -> list[str]:
+    fixed = {COORDINATOR_PORT}
+    fixed |= {AGENT_PORT + i for i in range(len(cluster.regions))}
+    fixed |= {DATABASE_PORT + i for i in range(len(cluster.regions))}
+    addresses = [c.address for c in cluster.components.values()]
+    addresses += [link.listen for link in cluster.links]
+    ports = {int(address.rsplit(":", 1)[1]) for address in addresses}
+    return [str(port) for port in sorted(ports & fixed) if not is_free(port)]
+
+
+def create_example_tables(cluster: Cluster) -> None:
+    """The README's example tables, with a few rows, in every region's database."""
+    for region in cluster.regions:
+        with cluster.mysql(region) as conn, conn.cursor() as cursor:
+            for statement in EXAMPLE_TABLES:
+                cursor.execute(statement)
+
+
+def _address(cluster: Cluster, args: argparse.Namespace) -> str:
+    if args.restart == "coordinator":
+        return cluster.coordinator_address
+    return cluster.component(args.restart).address
+
+
+def _describe(cluster: Cluster, args: argparse.Namespace) -> None:
+    """What a user needs to use the cluster: where clients connect, where each database is."""
+    print(f"twopc playground up in {cluster.directory} (state file {cluster.state_path})")
+    for name, component in cluster.components.items():
+        print(f"  {name:<14} {component.address:<22} pid {component.pid}")
+    for link in cluster.links:
+        print(f"  link {link.name:<24} {link.listen} -> {link.upstream}")
+    address = cluster.coordinator_address
+    print()
+    if address == f"{LOOPBACK}:{COORDINATOR_PORT}":
+        print(f'clients connect to {address}: Client("{address}"), twopc tx TXID')
+    else:
+        print(
+            f'clients connect to {address} (port {COORDINATOR_PORT} was taken): Client("{address}")'
+        )
+        print(f"  for the README's examples and twopc tx: export TWOPC_COORDINATOR={address}")
+    tables = "" if args.no_examples else f"; example tables {', '.join(EXAMPLE_TABLE_NAMES)}"
+    print(f"databases (user root, no password, database {DATABASE}{tables}):")
+    for region in cluster.regions:
+        print(f"  {region:<6} {cluster.component(f'mariadb-{region}').address}")

@@ -6,6 +6,12 @@ silently inside a branch), runs code the agent cannot see (CALL, executable comm
 on the server (INTO OUTFILE) or touches the agent's own marker table is refused here, before it
 reaches the server, with an ``InvalidArgument`` that says what was refused and why.
 
+Both daemons run it. The coordinator checks every statement of a request before it starts
+anything (no transaction begun, no agent called), so that a refused statement gets the same
+answer whatever path it came by; the agent checks again, because a caller can reach an agent
+directly, and only the agent knows the name of its marker table for sure (the coordinator
+protects the default name, ``DEFAULT_MARKER_TABLE``).
+
 The guard is an allow-list on the statement's first keyword (READ: SELECT, WITH, VALUES, TABLE;
 WRITE: INSERT, UPDATE, DELETE, REPLACE, and a WITH whose main statement writes) on top of a lexer
 that splits the SQL the way the MySQL/MariaDB lexer does: quoted strings with backslash escapes and
@@ -40,7 +46,10 @@ from dataclasses import dataclass
 
 from twopc.errors import InvalidArgument
 
-__all__ = ["CheckedStatement", "StatementKind", "check_statement"]
+__all__ = ["DEFAULT_MARKER_TABLE", "CheckedStatement", "StatementKind", "check_statement"]
+
+# The agent's bookkeeping table unless its configuration names another (``marker_table``).
+DEFAULT_MARKER_TABLE = "twopc_branch_marker"
 
 
 class StatementKind(enum.Enum):

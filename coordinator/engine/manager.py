@@ -5,7 +5,7 @@ every check-then-move below happens without an ``await`` in between). ``Transact
 serialises a client's calls on one transaction (a retried Execute waits for the first); Rollback and
 the deadline reaper do not take it, so they can stop a statement that hangs.
 
-The rules that make it correct (PROTOCOL.md):
+The rules that make it correct (proto/PROTOCOL.md):
 - The decision is COMMIT only if every branch voted PREPARED or READ_ONLY before the deadline.
 - A COMMIT decision of a transaction with more than one participant is durable in the decision log
   before the first XA COMMIT is sent; phase 2 is retried until every branch acknowledged, then END.

@@ -1,6 +1,6 @@
 """Recovery: finishes what a crash (of the coordinator, an agent or a database) left in doubt.
 
-Run at start and then periodically (PROTOCOL.md, Recovery):
+Run at start and then periodically (proto/PROTOCOL.md, Recovery):
 1. every COMMIT record without END is driven again (XA COMMIT on each branch is idempotent);
 2. every prepared branch of ours that an agent lists is committed if it has a COMMIT record,
    committed too if its transaction is known here as committed (the listing predates phase 2,

@@ -1,4 +1,5 @@
-"""Every crash point of PROTOCOL.md, in each component where it applies, one deterministic case.
+"""Every crash point of proto/PROTOCOL.md, in each component where it applies: one deterministic
+case each.
 
 A transfer between two regions runs as an interactive transaction (Begin, Execute on eu, Execute
 on us, Commit waiting for phase 2). The armed component SIGKILLs itself at the point (proving the

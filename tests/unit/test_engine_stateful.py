@@ -2,7 +2,7 @@
 
 The machine drives ``TransactionManager`` and ``Recovery`` against the in-memory fakes (three
 agents, the decision log, the clock), keeps what the client was told about every txid, and checks
-PROTOCOL.md's invariants after every step:
+proto/PROTOCOL.md's invariants after every step:
 
 - continuously: I2 (a transaction reported committed never has a written branch rolled back), I3
   (one reported aborted never has a committed branch), I4 (no XA COMMIT before the COMMIT record

@@ -67,7 +67,7 @@ def channel_options_with(extra: Iterable[ChannelOption] = ()) -> list[ChannelOpt
 
 
 class TransactionState(enum.Enum):
-    """The coordinator's state of a global transaction (see PROTOCOL.md)."""
+    """The coordinator's state of a global transaction (see proto/PROTOCOL.md)."""
 
     ACTIVE = "ACTIVE"  # accepting statements
     PREPARING = "PREPARING"  # votes being collected (or: commit sent, outcome not known yet)

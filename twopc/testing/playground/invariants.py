@@ -1,4 +1,4 @@
-"""The invariants of PROTOCOL.md, checked on the databases themselves.
+"""The invariants of proto/PROTOCOL.md, checked on the databases themselves.
 
 The marker rows tell which branches committed: a transfer's branch committed in a region exactly
 when that region's marker table holds a row for its txid. XA RECOVER tells what is still prepared.

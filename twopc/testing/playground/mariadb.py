@@ -1,8 +1,9 @@
 """One throwaway MariaDB server (a "region") on 127.0.0.1, for the demo, tests and fault harnesses.
 
-The settings follow /work/shared/design/MARIADB-XA.md: durable commits
-(``innodb_flush_log_at_trx_commit=1``), no binlog, no performance schema, small caches and an 8M
-redo log, so that initialising a data directory takes well under a second and a start ~0.1 s.
+The settings keep what proto/PROTOCOL.md relies on (its MariaDB section) and start fast: durable
+commits (``innodb_flush_log_at_trx_commit=1``), no binlog, no performance schema, small caches
+and an 8M redo log, so that initialising a data directory takes well under a second and a start
+~0.1 s.
 
 Typical use::
 

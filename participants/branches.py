@@ -11,11 +11,15 @@ import asyncio
 import enum
 import threading
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from participants.xa import Session, StatementOutput
-from twopc.errors import FailedPrecondition, ResourceExhausted
+from twopc.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from twopc.txid import Xid
+
+Clock = Callable[[], float]  # monotonic seconds: the time that branch deadlines are read on
 
 
 class BranchState(enum.Enum):
@@ -162,3 +166,29 @@ class BranchRegistry:
         with self._lock:
             prepared = sum(b.state is BranchState.PREPARED for b in self._live.values())
             return len(self._live) - prepared, prepared
+
+
+async def take_lock(branch: Branch, patience: float) -> bool:
+    """Takes the branch's lock if it is free within ``patience`` seconds. With 0, only if it is
+    free now: a free lock is taken without yielding, before a zero timeout can fire."""
+    try:
+        async with asyncio.timeout(patience):
+            await branch.lock.acquire()
+    except TimeoutError:
+        return False
+    return True
+
+
+@asynccontextmanager
+async def locked(branch: Branch, patience: float, participant: str) -> AsyncIterator[None]:
+    """Holds the branch's lock; Unavailable when it is not free within ``patience`` seconds."""
+    if not await take_lock(branch, patience):
+        raise Unavailable(
+            f"branch {branch.txid} on {participant} is busy (a statement has run for over "
+            f"{patience:.0f} s)",
+            txid=branch.txid,
+        )
+    try:
+        yield
+    finally:
+        branch.lock.release()

@@ -506,6 +506,16 @@ def durable_xa_problem(version: str) -> str | None:
     return None
 
 
+def marker_insert(table: str, xid: Xid, agent_instance: str) -> str:
+    """The marker row's INSERT, as literals only (XIDs in hex; the instance id is hex too). Its
+    owner is the session that runs it: the branch's own."""
+    return (
+        f"INSERT INTO `{table}` (gtrid, bqual, owner_thread, agent_instance) "
+        f"VALUES (X'{xid.gtrid.hex()}', X'{xid.bqual.hex()}', CONNECTION_ID(), "
+        f"'{agent_instance}')"
+    )
+
+
 def marker_table_ddl(table: str) -> str:
     return f"""CREATE TABLE IF NOT EXISTS `{table}` (
     gtrid VARBINARY(64) NOT NULL,

@@ -163,9 +163,8 @@ class Agent:
             try:
                 if branch.state is BranchState.ACTIVE:
                     await self._steps.abort(branch, "agent shutting down")
-                elif branch.session is not None:
-                    branch.session.discard()
-                    branch.session = None
+                else:
+                    branch.discard_session()
             finally:
                 branch.lock.release()
         self._pool.dispose()

@@ -77,13 +77,13 @@ class OneTripPrepare:
             raise Unavailable(
                 f"participant {self._name} could not start the branch: {err}", txid=branch.txid
             ) from err
+        branch.attach(session)
         try:
             bound = [session.bind(item.body or item.sql, item.params) for item in work]
         except BaseException:
-            session.release()
+            branch.release_session()  # nothing was sent
             self._registry.forget(branch)
             raise
-        branch.session = session
         statements = [f"XA START {xid}", *bound, *finish]
         branch.running_statement = True
         try:
@@ -97,7 +97,7 @@ class OneTripPrepare:
         branch.last_outputs = results
         branch.wrote = writes
         if not writes:
-            self._steps.finish(branch, BranchState.READ_ONLY, release=True)
+            self._steps.finish(branch, BranchState.READ_ONLY)
             return VoteResult(Vote.READ_ONLY, outputs=tuple(results))
         branch.move_to(BranchState.PREPARED)
         self._log.debug("branch_prepared", txid=branch.txid, trips=1)
@@ -120,14 +120,12 @@ class OneTripPrepare:
         err = failed.error
         if isinstance(err, ConnectionLost):
             # Whatever ran may have reached PREPARE: the server settles it once the session ends.
-            session.discard()
-            branch.session = None
+            branch.discard_session()
             if failed.completed == 0:
                 self._pool.reset()  # the database may have restarted: its idle sessions are gone
             return await self._steps.vote_after_lost_prepare(branch, session.thread_id)
         if failed.completed == 0:  # XA START
-            branch.session = None
-            session.release()
+            branch.release_session()
             refused = self._steps.not_started(branch, err)
             if isinstance(refused, TransactionAborted):
                 return VoteResult(Vote.ABORT, refused.message)

@@ -42,7 +42,6 @@ from twopc.errors import (
 )
 from twopc.failpoints import Failpoints
 from twopc.logs import redact
-from twopc.txid import Xid
 from twopc.votes import Vote
 
 SEVER_AFTER_S = 2.0  # past a branch's deadline: KILL QUERY had its chance, the socket goes
@@ -84,27 +83,27 @@ class BranchSteps:
         if branch.session is not None or branch.state is not BranchState.ACTIVE:
             return
         try:
-            session = await self._started_session(branch.xid)
+            session = await self._start_session(branch)
         except DbError as err:
             raise self.not_started(branch, err) from err
-        branch.session = session
         self._log.debug("branch_started", txid=branch.txid, session=session.thread_id)
 
-    async def _started_session(self, xid: Xid) -> Session:
-        """A pooled session with ``xid`` started on it. A pooled connection may be dead (the
-        database restarted); XA START on it fails without effect, so it is tried once more on
-        a fresh pool."""
+    async def _start_session(self, branch: Branch) -> Session:
+        """Pins ``branch`` to a pooled session and starts it there. A pooled connection may be
+        dead (the database restarted); XA START on it fails without effect, so it is tried once
+        more on a fresh pool."""
         for attempt in (1, 2):
             session = await self._pool.session()
+            branch.attach(session)
             try:
-                await session.xa("START", xid)
+                await session.xa("START", branch.xid)
             except ConnectionLost:
-                session.discard()
+                branch.discard_session()
                 if attempt == 2:
                     raise
                 self._pool.reset()
             except DbError:
-                session.release()
+                branch.release_session()
                 raise
             else:
                 return session
@@ -197,7 +196,7 @@ class BranchSteps:
             except DbError as err:
                 await self.abort(branch, f"read-only finish failed: {err}")
                 return VoteResult(Vote.ABORT, branch.reason, err.errno)
-            self.finish(branch, BranchState.READ_ONLY, release=True)
+            self.finish(branch, BranchState.READ_ONLY)
             return VoteResult(Vote.READ_ONLY, outputs=outputs)
         xid = branch.xid.sql()
         try:
@@ -210,8 +209,7 @@ class BranchSteps:
                     [self.marker_sql(branch), f"XA END {xid}", f"XA PREPARE {xid}"]
                 )
         except ConnectionLost:
-            session.discard()
-            branch.session = None
+            branch.discard_session()
             return await self.vote_after_lost_prepare(branch, session.thread_id)
         except DbError as err:
             if err.errno == ER_DUP_ENTRY:
@@ -268,8 +266,7 @@ class BranchSteps:
         try:  # one round trip: the marker, XA END and XA COMMIT ... ONE PHASE
             await session.script([*marker, f"XA END {xid}", f"XA COMMIT {xid} ONE PHASE"])
         except ConnectionLost as err:
-            session.discard()
-            branch.session = None
+            branch.discard_session()
             return await self._one_phase_after_lost_commit(branch, outputs, err, session.thread_id)
         except DbError as err:
             if err.errno == ER_DUP_ENTRY:
@@ -281,7 +278,7 @@ class BranchSteps:
                 txid=branch.txid,
                 mysql_errno=err.errno,
             ) from err
-        self.finish(branch, BranchState.COMMITTED, release=True)
+        self.finish(branch, BranchState.COMMITTED)
         await self._failpoints.ahit("agent.after_commit")
         return CommitResult(outputs)
 
@@ -340,11 +337,10 @@ class BranchSteps:
             try:
                 await session.xa("COMMIT", branch.xid)
             except DbError:
-                session.discard()
-                branch.session = None
+                branch.discard_session()
             else:
                 await self._failpoints.ahit("agent.after_commit")
-                self.finish(branch, BranchState.COMMITTED, release=True)
+                self.finish(branch, BranchState.COMMITTED)
                 return CommitResult()
         already = await self._takeover.commit(branch.xid)
         self.finish(branch, BranchState.COMMITTED)
@@ -356,10 +352,9 @@ class BranchSteps:
             try:
                 await session.xa("ROLLBACK", branch.xid)
             except DbError:
-                session.discard()
-                branch.session = None
+                branch.discard_session()
             else:
-                self.finish(branch, BranchState.ROLLED_BACK, "rolled back on request", release=True)
+                self.finish(branch, BranchState.ROLLED_BACK, "rolled back on request")
                 return False
         already = await self._takeover.rollback(branch.xid)
         self.finish(branch, BranchState.ROLLED_BACK, "rolled back on request")
@@ -369,7 +364,6 @@ class BranchSteps:
         """Rolls back an ACTIVE branch. Dropping the session is the fallback: the server rolls
         back an unprepared branch whose session ends."""
         session = branch.session
-        branch.session = None
         if session is not None:
             try:
                 try:
@@ -380,18 +374,12 @@ class BranchSteps:
                     pass  # already ended, or rollback-only after a deadlock: ROLLBACK still works
                 await session.xa("ROLLBACK", branch.xid)
             except DbError:
-                session.discard()
-            else:
-                session.release()
+                branch.discard_session()
         self.finish(branch, BranchState.ROLLED_BACK, reason)
         self._log.info("branch_rolled_back", txid=branch.txid, reason=redact(reason))
 
-    def finish(
-        self, branch: Branch, state: BranchState, reason: str = "", *, release: bool = False
-    ) -> None:
-        if release and branch.session is not None:
-            branch.session.release()
-        branch.session = None
+    def finish(self, branch: Branch, state: BranchState, reason: str = "") -> None:
+        """Records the branch's final state; the session it still holds goes back to the pool."""
         branch.move_to(state, reason)
         self._registry.finish(branch)
 

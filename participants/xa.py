@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
-import structlog
 from pymysql.constants import CLIENT
 
 from twopc.txid import Xid
@@ -99,7 +98,6 @@ def translate(err: Exception) -> DbError:
 
 
 _DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)
-_log = structlog.get_logger("twopc.agent.sessions")
 _TIMED_OUT = "Lost connection to MySQL server during query (timed out)"
 T = TypeVar("T")
 
@@ -238,11 +236,10 @@ class Session:
         with self.commands():
             await self.execute(sql)
 
-    def closed_by_server(self) -> bool:
-        return _unusable(self._conn)
-
     def release(self) -> None:
-        """Returns the connection to the pool (only when no branch is attached to it)."""
+        """Returns the connection to the pool (only when no branch is attached to it). Every
+        session checked out ends with ``release`` or ``discard``, once: nothing else gives its
+        slot back to the pool."""
         if not self._returned:
             self._returned = True
             self._pool.give_back(self._conn, broken=False)
@@ -253,15 +250,6 @@ class Session:
         if not self._returned:
             self._returned = True
             self._pool.give_back(self._conn, broken=True)
-
-    def __del__(self) -> None:
-        # A path that dropped its session without releasing it would lose the pool a slot for
-        # good; closing it is the only safe end (whatever it held, the server settles).
-        if not self._returned:
-            self._returned = True
-            with contextlib.suppress(Exception):
-                _log.error("session_leaked", session=self.thread_id)
-                self._pool.give_back(self._conn, broken=True)
 
 
 class _Cursor(aiomysql.Cursor):  # type: ignore[misc]  # aiomysql has no type information

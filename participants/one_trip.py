@@ -2,6 +2,10 @@
 database in one round trip: XA START, the statements, the marker, XA END and XA PREPARE (a branch
 that only reads ends with XA END and XA ROLLBACK, and votes READ_ONLY). Each outcome is the one
 the step-by-step path gives; a failed trip is judged by the step that failed.
+
+The agent's crash points are on this path too, at the same steps as on the step-by-step path:
+``agent.mid_statement`` before each statement, ``agent.after_end`` between XA END and XA PREPARE
+(pauses of the round trip, only while armed), ``agent.after_prepare`` after it.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ class OneTripPrepare:
         self._failpoints = failpoints
         self._log = log
 
-    def possible(self, branch: Branch, work: Sequence[Work]) -> bool:
+    @staticmethod
+    def possible(branch: Branch, work: Sequence[Work]) -> bool:
         """Whether ``branch`` is new (nothing has run on it) and every statement can go in a
         batch."""
         return (
@@ -57,9 +62,6 @@ class OneTripPrepare:
             and branch.last_sequence == 0
             and not branch.forgotten
             and all(item.body is not None for item in work)
-            # keep the points between the steps reachable
-            and not self._failpoints.spec("agent.mid_statement")
-            and not self._failpoints.spec("agent.after_end")
         )
 
     async def prepare(self, branch: Branch, work: Sequence[Work], sequence: int) -> VoteResult:
@@ -85,9 +87,13 @@ class OneTripPrepare:
             self._registry.forget(branch)
             raise
         statements = [f"XA START {xid}", *bound, *finish]
+        # Statement i (1..n) is the i-th of the client's; XA PREPARE follows the marker and END.
+        points = dict.fromkeys(range(1, len(work) + 1), "agent.mid_statement")
+        if writes:
+            points[len(work) + 3] = "agent.after_end"
         branch.running_statement = True
         try:
-            outputs = await session.batch(statements)
+            outputs = await session.batch(statements, self._steps.pauses(branch, points))
         except BatchFailed as failed:
             return await self._vote_of_failed_trip(branch, len(work), failed)
         finally:

@@ -6,11 +6,15 @@ marker row, XA END and XA PREPARE in one round trip; a branch that only read end
 XA ROLLBACK and votes READ_ONLY), the one-phase commit, finishing a prepared branch by its owning
 session, and rolling an active branch back. When the branch's own session cannot finish it, the
 branch is handed to ``Takeover``.
+
+The agent's crash points are hit on these paths as production runs them: a point between two
+statements of a round trip is a pause of that round trip (see ``pauses``), which changes neither
+the statements sent nor their order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from structlog.typing import FilteringBoundLogger
 
@@ -25,6 +29,7 @@ from participants.xa import (
     ER_XAER_DUPID,
     ConnectionLost,
     DbError,
+    Pause,
     Session,
     SessionPool,
     StatementOutput,
@@ -199,15 +204,11 @@ class BranchSteps:
             self.finish(branch, BranchState.READ_ONLY)
             return VoteResult(Vote.READ_ONLY, outputs=outputs)
         xid = branch.xid.sql()
-        try:
-            if self._failpoints.spec("agent.after_end"):  # keep the point between END and PREPARE
-                await session.script([self.marker_sql(branch), f"XA END {xid}"])
-                await self._failpoints.ahit("agent.after_end")
-                await session.xa("PREPARE", branch.xid)
-            else:  # one round trip: the marker, XA END and XA PREPARE
-                await session.script(
-                    [self.marker_sql(branch), f"XA END {xid}", f"XA PREPARE {xid}"]
-                )
+        try:  # one round trip: the marker, XA END and XA PREPARE
+            await session.script(
+                [self.marker_sql(branch), f"XA END {xid}", f"XA PREPARE {xid}"],
+                self.pauses(branch, {2: "agent.after_end"}),
+            )
         except ConnectionLost:
             branch.discard_session()
             return await self.vote_after_lost_prepare(branch, session.thread_id)
@@ -253,7 +254,8 @@ class BranchSteps:
     async def commit_one_phase(
         self, branch: Branch, work: Sequence[Work], sequence: int
     ) -> CommitResult:
-        """Runs ``work`` on an active branch and commits it in one phase."""
+        """Runs ``work`` on an active branch and commits it in one phase: the marker, XA END and
+        XA COMMIT ... ONE PHASE in one round trip."""
         await self.ensure_started(branch)
         outputs = tuple(await self.run_or_abort(branch, work, sequence) if work else ())
         session = branch.session
@@ -263,8 +265,9 @@ class BranchSteps:
             raise TransactionAborted(branch.reason, txid=branch.txid)
         xid = branch.xid.sql()
         marker = [self.marker_sql(branch)] if branch.wrote else []
-        try:  # one round trip: the marker, XA END and XA COMMIT ... ONE PHASE
-            await session.script([*marker, f"XA END {xid}", f"XA COMMIT {xid} ONE PHASE"])
+        finish = [*marker, f"XA END {xid}", f"XA COMMIT {xid} ONE PHASE"]
+        try:
+            await session.script(finish, self.pauses(branch, {len(finish) - 1: "agent.after_end"}))
         except ConnectionLost as err:
             branch.discard_session()
             return await self._one_phase_after_lost_commit(branch, outputs, err, session.thread_id)
@@ -418,3 +421,25 @@ class BranchSteps:
 
     def marker_sql(self, branch: Branch) -> str:
         return marker_insert(self._config.marker_table, branch.xid, self._instance_id)
+
+    def pauses(self, branch: Branch, points: Mapping[int, str]) -> dict[int, Pause]:
+        """The crash points among ``points`` (statement index -> failpoint) that are armed, as
+        pauses for ``Session.batch`` or ``Session.script``. A point that is not armed adds no
+        pause: the round trip stays whole. While paused the branch runs no statement, so the
+        reaper does not interrupt it (as on the step-by-step path, where the point falls
+        between two calls)."""
+        armed = {name for name in set(points.values()) if self._failpoints.spec(name)}
+        if not armed:
+            return {}
+
+        def pause_at(name: str) -> Pause:
+            async def pause() -> None:
+                running, branch.running_statement = branch.running_statement, False
+                try:
+                    await self._failpoints.ahit(name)
+                finally:
+                    branch.running_statement = running
+
+            return pause
+
+        return {index: pause_at(name) for index, name in points.items() if name in armed}

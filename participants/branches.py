@@ -3,19 +3,28 @@
 A branch lives here from its XA START until it is finished (committed, rolled back, or read-only
 finished at prepare). Finished branches are remembered, a bounded number of them, so that a retried
 request gets the first answer without asking the server.
+
+A live branch owns the pooled session it is pinned to. The session is attached once, right after
+its checkout, and leaves the branch only through ``release_session`` or ``discard_session``; a
+branch that leaves the live set gives back whatever session it still holds (``finish`` releases
+it: the branch's work on it is over; ``forget`` discards it: the server settles what it held).
+So a branch session cannot be dropped without its pool slot coming back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import threading
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from participants.xa import Session, StatementOutput
-from twopc.errors import FailedPrecondition, ResourceExhausted
+from twopc.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from twopc.txid import Xid
+
+Clock = Callable[[], float]  # monotonic seconds: the time that branch deadlines are read on
 
 
 class BranchState(enum.Enum):
@@ -73,6 +82,25 @@ class Branch:
     def txid(self) -> str:
         return self.xid.txid
 
+    def attach(self, session: Session) -> None:
+        """Pins the branch to ``session``, just checked out for it (no await in between)."""
+        assert self.session is None, f"branch {self.txid} holds a session already"
+        self.session = session
+
+    def release_session(self) -> None:
+        """Gives the branch's session back to the pool, healthy (the branch is done with it)."""
+        session, self.session = self.session, None
+        if session is not None:
+            session.release()
+
+    def discard_session(self) -> None:
+        """Closes the branch's session for good (its connection broke, or what the server made of
+        its last statement is unknown): the server detaches a prepared branch, rolls back an
+        active one."""
+        session, self.session = self.session, None
+        if session is not None:
+            session.discard()
+
     def move_to(self, target: BranchState, reason: str = "") -> None:
         if target not in TRANSITIONS[self.state]:
             raise IllegalTransition(
@@ -91,40 +119,39 @@ class FinishedBranch:
 
 
 class BranchRegistry:
-    """Live branches by txid, and a bounded memory of finished ones. Thread-safe."""
+    """Live branches by txid, and a bounded memory of finished ones. Used from the agent's event
+    loop only: each method runs without yielding, so none needs a lock."""
 
     def __init__(self, *, capacity: int, finished_memory: int) -> None:
         self._capacity = capacity
         self._finished_memory = finished_memory
         self._live: dict[str, Branch] = {}
         self._finished: OrderedDict[str, FinishedBranch] = OrderedDict()
-        self._lock = threading.Lock()
 
     def get(self, txid: str) -> Branch | FinishedBranch | None:
-        with self._lock:
-            return self._live.get(txid) or self._finished.get(txid)
+        return self._live.get(txid) or self._finished.get(txid)
 
     def create(self, xid: Xid, deadline: float) -> Branch | FinishedBranch:
         """The branch of ``xid``: the existing one (live or finished), or a new live one."""
-        with self._lock:
-            existing = self._live.get(xid.txid) or self._finished.get(xid.txid)
-            if existing is not None:
-                return existing
-            if len(self._live) >= self._capacity:
-                raise ResourceExhausted(
-                    f"the agent holds {len(self._live)} branches, its max_branches; retry later",
-                    txid=xid.txid,
-                )
-            branch = Branch(xid=xid, deadline=deadline)
-            self._live[xid.txid] = branch
-            return branch
+        existing = self.get(xid.txid)
+        if existing is not None:
+            return existing
+        if len(self._live) >= self._capacity:
+            raise ResourceExhausted(
+                f"the agent holds {len(self._live)} branches, its max_branches; retry later",
+                txid=xid.txid,
+            )
+        branch = Branch(xid=xid, deadline=deadline)
+        self._live[xid.txid] = branch
+        return branch
 
     def finish(self, branch: Branch) -> None:
-        """Moves a branch whose state is final from the live set to the finished memory."""
+        """Moves a branch whose state is final from the live set to the finished memory; a
+        session it still holds goes back to the pool (its work there is over)."""
         assert branch.state.finished, branch.state
-        with self._lock:
-            self._live.pop(branch.txid, None)
-            self._remember(branch.txid, FinishedBranch(branch.state, branch.reason))
+        branch.release_session()
+        self._live.pop(branch.txid, None)
+        self._remember(branch.txid, FinishedBranch(branch.state, branch.reason))
 
     def _remember(self, txid: str, finished: FinishedBranch) -> None:
         self._finished[txid] = finished
@@ -135,30 +162,53 @@ class BranchRegistry:
     def tombstone(self, txid: str, reason: str) -> Branch | FinishedBranch | None:
         """Records ``txid`` as rolled back unless the agent holds it: a request for it that is
         still on its way is then refused. Returns what the agent held instead, if anything."""
-        with self._lock:
-            existing = self._live.get(txid) or self._finished.get(txid)
-            if existing is None:
-                self._remember(txid, FinishedBranch(BranchState.ROLLED_BACK, reason))
-            return existing
+        existing = self.get(txid)
+        if existing is None:
+            self._remember(txid, FinishedBranch(BranchState.ROLLED_BACK, reason))
+        return existing
 
     def remember(self, txid: str, finished: FinishedBranch) -> None:
-        with self._lock:
-            self._remember(txid, finished)
+        self._remember(txid, finished)
 
     def forget(self, branch: Branch) -> None:
         """Drops a live branch without recording an outcome: what became of its XID on the server
-        is not known (XA START failed, or the connection broke at prepare)."""
-        with self._lock:
-            if self._live.get(branch.txid) is branch:
-                del self._live[branch.txid]
-            branch.forgotten = True
+        is not known (XA START failed, or the connection broke at prepare). A session it still
+        holds is closed: the server settles whatever it held."""
+        branch.discard_session()
+        if self._live.get(branch.txid) is branch:
+            del self._live[branch.txid]
+        branch.forgotten = True
 
     def live(self) -> list[Branch]:
-        with self._lock:
-            return list(self._live.values())
+        return list(self._live.values())
 
     def counts(self) -> tuple[int, int]:
         """(active, prepared) live branches."""
-        with self._lock:
-            prepared = sum(b.state is BranchState.PREPARED for b in self._live.values())
-            return len(self._live) - prepared, prepared
+        prepared = sum(b.state is BranchState.PREPARED for b in self._live.values())
+        return len(self._live) - prepared, prepared
+
+
+async def take_lock(branch: Branch, patience: float) -> bool:
+    """Takes the branch's lock if it is free within ``patience`` seconds. With 0, only if it is
+    free now: a free lock is taken without yielding, before a zero timeout can fire."""
+    try:
+        async with asyncio.timeout(patience):
+            await branch.lock.acquire()
+    except TimeoutError:
+        return False
+    return True
+
+
+@asynccontextmanager
+async def locked(branch: Branch, patience: float, participant: str) -> AsyncIterator[None]:
+    """Holds the branch's lock; Unavailable when it is not free within ``patience`` seconds."""
+    if not await take_lock(branch, patience):
+        raise Unavailable(
+            f"branch {branch.txid} on {participant} is busy (a statement has run for over "
+            f"{patience:.0f} s)",
+            txid=branch.txid,
+        )
+    try:
+        yield
+    finally:
+        branch.lock.release()

@@ -29,7 +29,12 @@ log = structlog.get_logger("twopc.agent")
 
 
 def build_agent(config: AgentConfig, environ: Mapping[str, str], failpoints: Failpoints) -> Agent:
-    pool = SessionPool(
+    return Agent(config, build_pool(config, environ), failpoints=failpoints)
+
+
+def build_pool(config: AgentConfig, environ: Mapping[str, str]) -> SessionPool:
+    """The agent's pool of database sessions, as ``config`` sets it up."""
+    return SessionPool(
         host=config.mysql_host,
         port=config.mysql_port,
         user=config.mysql_user,
@@ -44,7 +49,6 @@ def build_agent(config: AgentConfig, environ: Mapping[str, str], failpoints: Fai
         lock_wait_timeout=config.lock_wait_timeout_s,
         idle_timeout=config.session_idle_timeout_s,
     )
-    return Agent(config, pool, failpoints=failpoints)
 
 
 async def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> None:

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 import structlog
 from grpc import aio
 
-from participants.agent import Agent, StatementRequest
+from participants.agent import Agent
+from participants.calls import StatementRequest
 from participants.xa import StatementOutput
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc

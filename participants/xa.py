@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import re
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
-import structlog
 from pymysql.constants import CLIENT
 
 from twopc.txid import Xid
@@ -99,9 +99,18 @@ def translate(err: Exception) -> DbError:
 
 
 _DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)
-_log = structlog.get_logger("twopc.agent.sessions")
 _TIMED_OUT = "Lost connection to MySQL server during query (timed out)"
 T = TypeVar("T")
+Pause = Callable[[], Awaitable[None]]
+Pauses = Mapping[int, Pause]  # index of a statement -> a hook awaited before it is sent
+
+
+def _parts(count: int, pauses: Pauses | None) -> list[tuple[int, int]]:
+    """The (start, end) slices of ``count`` statements, cut before each paused index."""
+    cuts = sorted(pauses or ())
+    if cuts and not 0 < cuts[0] <= cuts[-1] < count:
+        raise ValueError(f"pauses at {cuts} fall outside a batch of {count} statements")
+    return list(itertools.pairwise([0, *cuts, count]))
 
 
 class Session:
@@ -183,43 +192,58 @@ class Session:
             return sql
         return sql % tuple(_literal(value) for value in params)
 
-    async def batch(self, statements: Sequence[str]) -> list[StatementOutput]:
+    async def batch(
+        self, statements: Sequence[str], pauses: Pauses | None = None
+    ) -> list[StatementOutput]:
         """Runs bound statements in one round trip and returns the output of each. Each must be
         a single statement without its terminating ``;``; they are sent one per line, so that a
         trailing ``--`` or ``#`` comment ends where its statement does. Raises ``BatchFailed``
-        at the first that fails; the server runs none after it."""
+        at the first that fails; the server runs none after it.
+
+        ``pauses`` maps a statement's index to a hook awaited before that statement is sent:
+        the batch then goes in parts, cut at each index, with the hook in between. The
+        statements sent, and their order, are the same with or without pauses; without any,
+        it is one round trip. An error the hook raises leaves the batch there (the statements
+        before it ran), and is raised as it is."""
         outputs: list[StatementOutput] = []
+        for start, end in _parts(len(statements), pauses):
 
-        async def run() -> None:
-            cursor = _Cursor(self._conn)
-            await cursor.execute("\n;\n".join(statements))
-            outputs.append(await _output_of(cursor))
-            while await cursor.nextset():
+            async def run(part: Sequence[str] = statements[start:end]) -> None:
+                cursor = _Cursor(self._conn)
+                await cursor.execute("\n;\n".join(part))
                 outputs.append(await _output_of(cursor))
+                while await cursor.nextset():
+                    outputs.append(await _output_of(cursor))
 
-        try:
-            await self._io(run)
-        except DbError as err:
-            raise BatchFailed(len(outputs), err) from err
-        if len(outputs) != len(statements):  # the guard splits statements as the server does
-            raise BatchFailed(
-                len(outputs),
-                DbError(0, f"the server ran {len(outputs)} statements of {len(statements)}"),
-            )
+            try:
+                await self._io(run)
+            except DbError as err:
+                raise BatchFailed(len(outputs), err) from err
+            if len(outputs) != end:  # the guard splits statements as the server does
+                raise BatchFailed(
+                    len(outputs),
+                    DbError(0, f"the server ran {len(outputs)} statements of {len(statements)}"),
+                )
+            if pauses and end in pauses:
+                await pauses[end]()
         return outputs
 
-    async def script(self, statements: Sequence[str]) -> None:
+    async def script(self, statements: Sequence[str], pauses: Pauses | None = None) -> None:
         """Runs statements of twopc's own (literals only, no parameters) in one round trip.
-        The server stops at the first that fails, and that error is raised."""
-
-        async def run() -> None:
-            cursor = _Cursor(self._conn)
-            await cursor.execute("; ".join(statements))
-            while await cursor.nextset():
-                pass
-
+        The server stops at the first that fails, and that error is raised. ``pauses`` as for
+        ``batch``."""
         with self.commands():
-            await self._io(run)
+            for start, end in _parts(len(statements), pauses):
+
+                async def run(part: Sequence[str] = statements[start:end]) -> None:
+                    cursor = _Cursor(self._conn)
+                    await cursor.execute("; ".join(part))
+                    while await cursor.nextset():
+                        pass
+
+                await self._io(run)
+                if pauses and end in pauses:
+                    await pauses[end]()
 
     async def xa(self, command: str, xid: Xid, suffix: str = "") -> None:
         """``XA <command> <xid> [suffix]``, e.g. ``xa("COMMIT", xid, "ONE PHASE")``."""
@@ -238,11 +262,10 @@ class Session:
         with self.commands():
             await self.execute(sql)
 
-    def closed_by_server(self) -> bool:
-        return _unusable(self._conn)
-
     def release(self) -> None:
-        """Returns the connection to the pool (only when no branch is attached to it)."""
+        """Returns the connection to the pool (only when no branch is attached to it). Every
+        session checked out ends with ``release`` or ``discard``, once: nothing else gives its
+        slot back to the pool."""
         if not self._returned:
             self._returned = True
             self._pool.give_back(self._conn, broken=False)
@@ -253,15 +276,6 @@ class Session:
         if not self._returned:
             self._returned = True
             self._pool.give_back(self._conn, broken=True)
-
-    def __del__(self) -> None:
-        # A path that dropped its session without releasing it would lose the pool a slot for
-        # good; closing it is the only safe end (whatever it held, the server settles).
-        if not self._returned:
-            self._returned = True
-            with contextlib.suppress(Exception):
-                _log.error("session_leaked", session=self.thread_id)
-                self._pool.give_back(self._conn, broken=True)
 
 
 class _Cursor(aiomysql.Cursor):  # type: ignore[misc]  # aiomysql has no type information
@@ -504,6 +518,16 @@ def durable_xa_problem(version: str) -> str | None:
             "restart; twopc needs MySQL 5.7.7 or newer"
         )
     return None
+
+
+def marker_insert(table: str, xid: Xid, agent_instance: str) -> str:
+    """The marker row's INSERT, as literals only (XIDs in hex; the instance id is hex too). Its
+    owner is the session that runs it: the branch's own."""
+    return (
+        f"INSERT INTO `{table}` (gtrid, bqual, owner_thread, agent_instance) "
+        f"VALUES (X'{xid.gtrid.hex()}', X'{xid.bqual.hex()}', CONNECTION_ID(), "
+        f"'{agent_instance}')"
+    )
 
 
 def marker_table_ddl(table: str) -> str:

@@ -205,3 +205,113 @@ def test_crash_point(
         },
         timeout=5,
     )
+
+
+# --- The same agent crash points on the one-shot path ---------------------------------------------
+# client.run sends each region's statements with the prepare, so the agent runs its one-trip
+# prepare (XA START, the statements, the marker, XA END and XA PREPARE in one round trip): the
+# points must be hit inside it, as production runs it. A single-region run is a one-phase commit.
+
+US_ONLY = frozenset({"us"})
+
+
+@dataclass(frozen=True)
+class OneShotCrash:
+    failpoint: str
+    regions: tuple[str, ...]  # where the run has statements
+    applied: frozenset[str]  # where the run ends up applied after recovery
+    # Where a branch is prepared while agent-us is down: us as the crash left it (nothing touches
+    # its database until its agent is back), eu as the coordinator leaves it meanwhile.
+    prepared_while_down: frozenset[str]
+
+    def __str__(self) -> str:
+        return self.failpoint if len(self.regions) > 1 else f"{self.failpoint}-one-phase"
+
+
+ONE_SHOT_CRASHES = [
+    OneShotCrash("agent.mid_statement", ("eu", "us"), NEITHER, NEITHER),
+    OneShotCrash("agent.after_end", ("eu", "us"), NEITHER, NEITHER),
+    OneShotCrash("agent.after_prepare", ("eu", "us"), NEITHER, US_ONLY),
+    OneShotCrash("agent.after_commit", ("eu", "us"), BOTH, NEITHER),
+    OneShotCrash("agent.after_commit", ("us",), US_ONLY, NEITHER),
+]
+
+
+def one_shot_transfer(client: Client, crash: OneShotCrash, request_id: str) -> str:
+    """Moves 40 from account 1 in eu to account 1 in us (or, in us alone, from account 1 to
+    account 2) in one request; returns what the client saw."""
+    if len(crash.regions) > 1:
+        work = {
+            "eu": [("UPDATE accounts SET balance = balance - 40 WHERE id = 1", [])],
+            "us": [("UPDATE accounts SET balance = balance + 40 WHERE id = 1", [])],
+        }
+    else:
+        work = {
+            "us": [
+                ("UPDATE accounts SET balance = balance - 40 WHERE id = 1", []),
+                ("UPDATE accounts SET balance = balance + 40 WHERE id = 2", []),
+            ]
+        }
+    try:
+        client.run(work, timeout=TIMEOUT_S, request_id=request_id)
+    except TransactionAborted:
+        return "aborted"
+    except TwopcError:
+        return "unknown"
+    return "committed"
+
+
+@pytest.mark.parametrize("crash", ONE_SHOT_CRASHES, ids=str)
+def test_crash_point_on_the_one_shot_path(
+    live_cluster: Cluster, impatient: Client, client: Client, bank: int, crash: OneShotCrash
+) -> None:
+    agent = live_cluster.component("agent-us")
+    agent.env["TWOPC_FAILPOINTS"] = f"{crash.failpoint}=crash"
+    live_cluster.kill(agent.name)
+    live_cluster.restart(agent.name)
+
+    request_id = f"one-shot-{crash}".replace(".", "-")
+    txid = f"{live_cluster.coordinator_id}.r-{request_id}"  # the txid a request id names
+    seen = one_shot_transfer(impatient, crash, request_id)
+    wait_until(lambda: not agent.alive(), 10, f"agent-us dying at {crash}")
+    wait_until(
+        lambda: prepared(live_cluster) == {r: [txid] for r in crash.prepared_while_down},
+        SETTLE_S,
+        f"prepared only in {sorted(crash.prepared_while_down)} while agent-us is down",
+    )
+    # An XA COMMIT that the agent sent before dying landed; nothing else did.
+    assert ("us" in markers(live_cluster, txid)) == ("us" in crash.applied)
+    agent.env.pop("TWOPC_FAILPOINTS")
+    live_cluster.restart(agent.name)
+
+    wait_until(lambda: not prepared(live_cluster), SETTLE_S, "recovery of every branch")
+    wait_until(
+        lambda: markers(live_cluster, txid) in (set(), set(crash.applied)),
+        SETTLE_S,
+        "phase 2 finishing",
+    )
+    assert markers(live_cluster, txid) == set(crash.applied), f"{crash}: I1 or recovery"
+    assert total_balance(live_cluster) == bank, "I7 conservation"
+    if seen == "committed":
+        assert crash.applied, "I2: the client saw COMMITTED"
+    if seen == "aborted":
+        assert not crash.applied, "I3: the client saw ABORTED"
+    wait_until(
+        lambda: client.get_transaction(txid).outcome is not Outcome.PENDING,
+        SETTLE_S,
+        "the outcome becoming known",
+    )
+    info = client.get_transaction(txid)
+    expected = Outcome.COMMITTED if crash.applied else Outcome.ABORTED
+    assert info.outcome is expected, f"I6: lookup says {info.outcome.name}"
+    # No lock is left behind: the same rows take a new run at once.
+    client.run(
+        {
+            "eu": [("UPDATE accounts SET balance = balance - 1 WHERE id = 1", [])],
+            "us": [
+                ("UPDATE accounts SET balance = balance + 1 WHERE id = 1", []),
+                ("UPDATE accounts SET balance = balance + 0 WHERE id = 2", []),
+            ],
+        },
+        timeout=5,
+    )

@@ -102,21 +102,3 @@ def test_a_database_that_drops_new_connections_reports_connection_lost(
                 await pool.session()
 
     _on_uvloop(scenario)
-
-
-def test_a_session_dropped_without_release_gives_its_slot_back(live_cluster: Cluster) -> None:
-    host, port = live_cluster.component("mariadb-eu").address.rsplit(":", 1)
-    pool = _pool(host, int(port))  # two connections at most, checkout timeout 5 s
-
-    async def scenario() -> None:
-        for _ in range(3):  # more drops than the pool has slots
-            dropped = await pool.session()
-            await dropped.execute("SELECT 1")
-            del dropped
-        first, second = await pool.session(), await pool.session()
-        assert (await second.execute("SELECT 2")).rows == [(2,)]
-        first.release()
-        second.release()
-        pool.dispose()
-
-    _on_uvloop(scenario)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from participants.agent import StatementRequest
+from participants.calls import StatementRequest
 from participants.config import AgentConfig
 from participants.daemon import build_agent
 from twopc.failpoints import Failpoints

@@ -1,0 +1,63 @@
+"""What the agent's calls take and answer: client statements in (checked by the statement guard
+before anything reaches the database), votes and commit results out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from participants.xa import StatementOutput
+from twopc.sql_guard import StatementKind, check_statement
+from twopc.txid import Xid
+from twopc.values import SqlValue
+from twopc.votes import Vote
+
+
+@dataclass(frozen=True)
+class StatementRequest:
+    sql: str
+    params: list[SqlValue]
+
+
+@dataclass(frozen=True)
+class Work:
+    """A client statement that passed the guard."""
+
+    sql: str
+    params: list[SqlValue]
+    kind: StatementKind
+    body: str | None  # the statement to send in a batch (None: it must go on its own)
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    vote: Vote
+    reason: str = ""
+    mysql_errno: int = 0
+    outputs: tuple[StatementOutput, ...] = ()
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    outputs: tuple[StatementOutput, ...] = ()
+    already_committed: bool = False
+
+
+@dataclass(frozen=True)
+class RecoveredBranch:
+    xid: Xid
+    held_by_this_agent: bool
+
+
+def checked_work(statements: Sequence[StatementRequest], marker_table: str) -> list[Work]:
+    """The statements as work, each checked by the guard (which keeps clients off the marker
+    table). Raises InvalidArgument for the first it refuses."""
+    work = []
+    for statement in statements:
+        checked = check_statement(
+            statement.sql,
+            placeholders=len(statement.params),
+            protected_tables=(marker_table.lower(),),
+        )
+        work.append(Work(statement.sql, statement.params, checked.kind, checked.body))
+    return work

@@ -79,5 +79,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         relative = Path(str(item.fspath)).relative_to(here)
         kind = relative.parts[0]
-        if kind in ("integration", "fault"):
+        if kind in ("integration", "fault", "security"):
             item.add_marker(getattr(pytest.mark, kind))

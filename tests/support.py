@@ -8,7 +8,12 @@ from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.cluster import Cluster
 from twopc.testing.playground.invariants import committed_markers, prepared_branches
+from twopc.testing.playground.mariadb import AGENT_PASSWORD_ENV
 from twopc.values import to_values
+
+# The environment that gives an agent built in a test the password of a scratch server's agent
+# user (``AGENT_USER``, created with the least privileges by ``create_agent_user``).
+AGENT_ENVIRON = {AGENT_PASSWORD_ENV: "scratch-agent-password"}
 
 
 def balance(cluster: Cluster, region: str, account: int) -> int:

@@ -10,7 +10,6 @@ this process, checks the outcome it must have (so that it runs the path it names
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -24,9 +23,10 @@ from participants.calls import StatementRequest
 from participants.config import AgentConfig
 from participants.daemon import build_pool
 from participants.xa import SessionPool
+from tests.support import AGENT_ENVIRON
 from twopc.errors import StatementFailed, TransactionAborted, Unavailable
 from twopc.failpoints import Failpoints
-from twopc.testing.playground.mariadb import MariaDBInstance
+from twopc.testing.playground.mariadb import AGENT_USER, MariaDBInstance
 from twopc.txid import Xid
 from twopc.votes import Vote
 
@@ -79,7 +79,7 @@ class Case:
         return self.db.connect("twopc")
 
     async def new_agent(self) -> Agent:
-        pool = build_pool(self.config, os.environ)
+        pool = build_pool(self.config, AGENT_ENVIRON)
         agent = Agent(self.config, pool, clock=self.clock, failpoints=self.failpoints)
         await agent.start()
         self.agents.append((agent, pool))
@@ -314,6 +314,7 @@ def config(database: MariaDBInstance) -> AgentConfig:
         name=REGION,
         mysql_host=database.host,
         mysql_port=database.port,
+        mysql_user=AGENT_USER,
         pool_size=POOL_SIZE,
         pool_overflow=OVERFLOW,
         mysql_read_timeout_s=1.5,

@@ -13,7 +13,6 @@ applies.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -22,8 +21,9 @@ from participants.agent import Agent
 from participants.calls import StatementRequest
 from participants.config import AgentConfig
 from participants.daemon import build_pool
+from tests.support import AGENT_ENVIRON
 from twopc.failpoints import Failpoints
-from twopc.testing.playground.mariadb import MariaDBInstance
+from twopc.testing.playground.mariadb import AGENT_USER, MariaDBInstance
 from twopc.txid import Xid
 from twopc.votes import Vote
 
@@ -95,13 +95,15 @@ def test_arming_a_point_changes_no_statement(
     database: MariaDBInstance, flow: str, action: str
 ) -> None:
     run, unarmed_trips, armed_trips, fired = FLOWS[flow]
-    config = AgentConfig(name=REGION, mysql_host=database.host, mysql_port=database.port)
+    config = AgentConfig(
+        name=REGION, mysql_host=database.host, mysql_port=database.port, mysql_user=AGENT_USER
+    )
     failpoints = Failpoints()
     tag = f"{flow.replace('_', '-')}-{action[:5]}"
     unarmed, armed = f"paths.r-{tag}-unarmed", f"paths.r-{tag}-armed"
 
     async def both() -> None:
-        agent = Agent(config, build_pool(config, os.environ), failpoints=failpoints)
+        agent = Agent(config, build_pool(config, AGENT_ENVIRON), failpoints=failpoints)
         await agent.start()
         try:
             await run(agent, unarmed)

@@ -15,13 +15,13 @@ race every time; the chaos run under load did.
 from __future__ import annotations
 
 import asyncio
-import os
 
 from participants.calls import StatementRequest
 from participants.config import AgentConfig
 from participants.daemon import build_agent
 from twopc.failpoints import Failpoints
 from twopc.testing.playground.cluster import Cluster
+from twopc.testing.playground.mariadb import AGENT_PASSWORD_ENV, AGENT_USER
 from twopc.txid import Xid
 from twopc.votes import Vote
 
@@ -31,7 +31,15 @@ TABLE = "owner_kill_race"
 
 def test_a_branch_committed_after_killing_its_owner_is_committed(live_cluster: Cluster) -> None:
     host, port = live_cluster.component("mariadb-eu").address.rsplit(":", 1)
-    config = AgentConfig(name="eu", mysql_host=host, mysql_port=int(port), pool_size=ROUNDS + 4)
+    # As the cluster's agents run: its least-privilege user, who may kill its own sessions only.
+    config = AgentConfig(
+        name="eu",
+        mysql_host=host,
+        mysql_port=int(port),
+        mysql_user=AGENT_USER,
+        pool_size=ROUNDS + 4,
+    )
+    environ = {AGENT_PASSWORD_ENV: live_cluster.component("agent-eu").env[AGENT_PASSWORD_ENV]}
     with live_cluster.mysql("eu") as conn, conn.cursor() as cursor:
         cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
         cursor.execute(f"CREATE TABLE {TABLE} (id INT PRIMARY KEY)")
@@ -39,7 +47,7 @@ def test_a_branch_committed_after_killing_its_owner_is_committed(live_cluster: C
     txids = [f"elsewhere.r-owner-kill-{i}" for i in range(ROUNDS)]
 
     async def walk() -> None:
-        owner, other = (build_agent(config, os.environ, Failpoints()) for _ in range(2))
+        owner, other = (build_agent(config, environ, Failpoints()) for _ in range(2))
         try:
             await owner.start()
             await other.start()

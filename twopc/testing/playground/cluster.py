@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -43,7 +44,13 @@ from twopc.api import chaos_pb2 as cpb
 from twopc.api import chaos_pb2_grpc as cpb_grpc
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
-from twopc.testing.playground.mariadb import MariaDBInstance, PlaygroundError
+from twopc.testing.playground.mariadb import (
+    AGENT_PASSWORD_ENV,
+    AGENT_USER,
+    MariaDBInstance,
+    PlaygroundError,
+    create_agent_user,
+)
 from twopc.testing.playground.ports import (
     AGENT_PORT,
     COORDINATOR_PORT,
@@ -203,6 +210,7 @@ class Cluster:
         components: dict[str, Component] = {}
         agents: dict[str, str] = {}
         links: list[LinkPlan] = []
+        agent_password = secrets.token_hex(16)  # the agents' database user's (least privileges)
 
         def port(fixed: int) -> int:
             return port_or_free(fixed if fixed_ports else None)
@@ -245,7 +253,8 @@ class Cluster:
                     "listen": agent_address,
                     "mysql_host": LOOPBACK,
                     "mysql_port": int(database_address.rsplit(":", 1)[1]),
-                    "mysql_user": "root",
+                    "mysql_user": AGENT_USER,
+                    "mysql_password_env": AGENT_PASSWORD_ENV,
                     "mysql_database": DATABASE,
                     **(agent_settings or {}),
                 },
@@ -259,7 +268,7 @@ class Cluster:
                 command=[python, "-m", "twopc.cli", "agent", "--config", str(config)],
                 cwd=str(base),
                 log=str(base / "agent.log"),
-                env=dict(env),
+                env={**env, AGENT_PASSWORD_ENV: agent_password},
             )
         coordinator_dir = directory / "coordinator"
         coordinator_dir.mkdir(parents=True, exist_ok=True)
@@ -378,6 +387,8 @@ class Cluster:
         self.restart(component.name, timeout=timeout, save=False)
         with self.mysql(component.region, database="") as conn, conn.cursor() as cursor:
             cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
+            agent = self.components[f"agent-{component.region}"]
+            create_agent_user(conn, agent.env[AGENT_PASSWORD_ENV], DATABASE)
 
     def restart(
         self,

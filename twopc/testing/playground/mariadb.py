@@ -50,9 +50,13 @@ from typing import Any
 
 import pymysql
 
+from participants.grants import least_grants, quote_name
+from twopc.sql_guard import DEFAULT_MARKER_TABLE
 from twopc.testing.playground.ports import LOOPBACK, free_port
 
 __all__ = [
+    "AGENT_PASSWORD_ENV",
+    "AGENT_USER",
     "SEARCH_DIRS",
     "MariaDBBinaries",
     "MariaDBInitFailed",
@@ -61,9 +65,15 @@ __all__ = [
     "MariaDBNotRunning",
     "MariaDBStartFailed",
     "PlaygroundError",
+    "create_agent_user",
     "find_binaries",
     "start_all",
 ]
+
+#: The database user the playground's agents run as (``create_agent_user``), and the variable
+#: that hands them its password (the agent's default ``mysql_password_env``).
+AGENT_USER = "twopc_agent"
+AGENT_PASSWORD_ENV = "TWOPC_MYSQL_PASSWORD"  # noqa: S105 (a variable name)
 
 #: Where ``find_binaries`` looks after PATH (Debian puts mariadbd in /usr/sbin, often not on PATH).
 SEARCH_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/mysql/bin", "/usr/local/mysql/scripts")
@@ -612,6 +622,28 @@ def start_all(instances: Sequence[MariaDBInstance], timeout: float = 30.0) -> li
             first.add_note(f"also: {other!r}")
         raise first
     return [future.result() for future in futures]
+
+
+def create_agent_user(
+    conn: pymysql.Connection,
+    password: str,
+    database: str,
+    *,
+    user: str = AGENT_USER,
+    host: str = LOOPBACK,
+    marker_table: str = DEFAULT_MARKER_TABLE,
+) -> str:
+    """Creates (or re-creates, with this password) the database user an agent runs as, with the
+    least privileges it needs on ``database`` and nothing else: rows of ``database``'s tables,
+    and CREATE on its marker table (``participants.grants.least_grants``). No FILE, no SUPER,
+    nothing on ``mysql.*`` or on any other schema. ``conn`` is a root connection. Returns the
+    account as written in SQL (```twopc_agent`@`127.0.0.1```)."""
+    account = f"{quote_name(user)}@{quote_name(host)}"
+    with conn.cursor() as cursor:
+        cursor.execute(f"CREATE OR REPLACE USER {account} IDENTIFIED BY %s", [password])
+        for statement in least_grants(account, [database], database, marker_table):
+            cursor.execute(statement)
+    return account
 
 
 def _is_executable(path: Path) -> bool:

@@ -55,6 +55,7 @@ from participants.calls import (
 )
 from participants.config import AgentConfig
 from participants.one_trip import OneTripPrepare
+from participants.safety import DatabaseChecks
 from participants.steps import BranchSteps
 from participants.takeover import Takeover
 from participants.xa import (
@@ -62,7 +63,6 @@ from participants.xa import (
     StatementOutput,
     committed_markers,
     durable_xa_problem,
-    marker_table_ddl,
     prepared_xids,
 )
 from twopc.errors import (
@@ -128,19 +128,22 @@ class Agent:
             failpoints=failpoints,
             log=self._log,
         )
+        self._checks = DatabaseChecks(config, self._log)
         self.server_version = ""
 
     # --- start and stop ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Checks the server and creates the marker table. Raises FailedPrecondition when the
-        server's XA PREPARE is not durable, Unavailable when it cannot be reached."""
+        """Checks the server and the agent's user (``participants.safety``) and creates the
+        marker table. Raises FailedPrecondition when the server's XA PREPARE is not durable or
+        a check fails that its setting does not downgrade, Unavailable when the server cannot
+        be reached."""
         async with self._admin.session() as session:
             version = str((await session.execute("SELECT VERSION()")).rows[0][0])
             problem = durable_xa_problem(version)
             if problem is not None:
                 raise FailedPrecondition(problem)
-            await session.execute(marker_table_ddl(self.config.marker_table))
+            await self._checks.at_start(session)
             flush = (await session.execute("SELECT @@innodb_flush_log_at_trx_commit")).rows[0][0]
         self.server_version = version
         if int(flush) != 1:
@@ -149,7 +152,12 @@ class Agent:
                 innodb_flush_log_at_trx_commit=int(flush),
                 detail="prepared branches may be lost if the database host crashes; set it to 1",
             )
-        self._log.info("agent_ready", server_version=version, instance=self.instance_id)
+        self._log.info(
+            "agent_ready",
+            server_version=version,
+            instance=self.instance_id,
+            schemas=list(self.config.statement_schemas),
+        )
 
     async def close(self, patience: float = 1.0) -> None:
         """Rolls back active branches and lets prepared ones go (they stay prepared on the
@@ -379,6 +387,13 @@ class Agent:
                 branch.lock.release()
         return reaped
 
+    async def check_database(self) -> None:
+        """The start's checks of the agent's user and tables, again (rights can be granted and
+        tables altered while it runs): in "refuse" mode, no new branch starts while one
+        fails."""
+        async with self._admin.session() as session:
+            await self._checks.again(session)
+
     async def collect_markers(self, limit: int = 1000) -> int:
         """Deletes marker rows older than the retention; returns how many went."""
         async with self._admin.session() as session:
@@ -462,7 +477,10 @@ class Agent:
         return Xid(txid, participant)
 
     def _check(self, statements: Sequence[StatementRequest]) -> list[Work]:
-        return checked_work(statements, self.config.marker_table)
+        work = checked_work(statements, self.config.marker_table)
+        if work:  # statements start or extend a branch: not while the database checks fail
+            self._checks.admit()
+        return work
 
     def _deadline(self, timeout_ms: int) -> float:
         return self._clock() + (timeout_ms or self.config.default_timeout_ms) / 1000

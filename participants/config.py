@@ -11,6 +11,8 @@ from twopc.settings import load_settings
 from twopc.txid import check_participant_name
 
 ENV_PREFIX = "TWOPC_AGENT_"
+_POLICIES = ("refuse", "warn")
+_SYSTEM_SCHEMAS = ("mysql", "information_schema", "performance_schema", "sys")
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,13 @@ class AgentConfig:
 
     The MySQL password is never written in the file: it comes from the variable that
     ``mysql_password_env`` names (TWOPC_MYSQL_PASSWORD by default).
+
+    ``schemas``: the schemas statements may touch (default: ``mysql_database`` alone). The
+    database enforces it: the agent starts only when its user can reach no other schema
+    (``participants.safety``). ``privilege_check`` and ``nontransactional_tables``: "refuse"
+    (the default: the agent does not start, and refuses new branches while a later check
+    fails) or "warn" (it logs a warning and carries on). The checks run again every
+    ``safety_check_interval_s``.
 
     ``admin_failpoints`` (test tooling, default false): also serve the ``twopc.chaos.v1.Failpoints``
     RPC on ``listen``, which arms and lists failpoints at run time (see ``twopc.failpoints``);
@@ -30,9 +39,13 @@ class AgentConfig:
     listen: str = "127.0.0.1:7201"
     mysql_host: str = "127.0.0.1"
     mysql_port: int = 3306
-    mysql_user: str = "root"
+    mysql_user: str = "twopc_agent"
     mysql_password_env: str = "TWOPC_MYSQL_PASSWORD"  # noqa: S105 (a variable name)
     mysql_database: str = "twopc"
+    schemas: tuple[str, ...] = ()
+    privilege_check: str = "refuse"
+    nontransactional_tables: str = "refuse"
+    safety_check_interval_s: float = 30.0
     mysql_connect_timeout_s: float = 5.0
     mysql_read_timeout_s: float = 120.0
     # twopc's own commands (XA END/PREPARE/COMMIT/ROLLBACK, the marker): a connection that
@@ -63,6 +76,21 @@ class AgentConfig:
             raise ValueError(
                 f"mysql_database {self.mysql_database!r} must be letters, digits and '_'"
             )
+        for schema in self.schemas:
+            if not schema.replace("_", "").isalnum() or schema.lower() in _SYSTEM_SCHEMAS:
+                raise ValueError(
+                    f"schemas: {schema!r} must be letters, digits and '_', and no system schema"
+                )
+        if self.schemas and self.mysql_database not in self.schemas:
+            raise ValueError(
+                f"schemas must include mysql_database ({self.mysql_database!r}): the marker "
+                "table is there"
+            )
+        for key in ("privilege_check", "nontransactional_tables"):
+            if getattr(self, key) not in _POLICIES:
+                raise ValueError(f"{key} must be 'refuse' or 'warn', not {getattr(self, key)!r}")
+        if self.safety_check_interval_s <= 0:
+            raise ValueError("safety_check_interval_s must be positive")
         if self.pool_size < 1 or self.max_branches < 1:
             raise ValueError("pool_size and max_branches must be at least 1")
         if self.marker_gc_interval_s <= 0 or self.reaper_interval_s <= 0:
@@ -73,6 +101,11 @@ class AgentConfig:
                 f"lock_wait_timeout_s ({self.lock_wait_timeout_s}: the marker insert may wait "
                 f"for a lock) and at most mysql_read_timeout_s ({self.mysql_read_timeout_s})"
             )
+
+    @property
+    def statement_schemas(self) -> tuple[str, ...]:
+        """The schemas statements may touch."""
+        return self.schemas or (self.mysql_database,)
 
     def mysql_password(self, environ: Mapping[str, str]) -> str:
         return environ.get(self.mysql_password_env, "")

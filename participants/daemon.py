@@ -79,12 +79,14 @@ async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> No
     log.info("agent_listening", address=config.listen, port=port)
     reaper = asyncio.create_task(_reap(agent, config))
     collector = asyncio.create_task(_collect_markers(agent, config))
+    checker = asyncio.create_task(_check_database(agent, config))
     try:
         sig = await wait_for_stop_signal()
         log.info("agent_stopping", signal=sig.name)
     finally:
         reaper.cancel()
         collector.cancel()
+        checker.cancel()
         servicer.stop()
         await server.stop(grace=5)
         try:
@@ -116,6 +118,19 @@ async def _collect_markers(agent: Agent, config: AgentConfig) -> None:
         except Exception:
             log.exception("marker_gc_failed")
         await asyncio.sleep(config.marker_gc_interval_s)
+
+
+async def _check_database(agent: Agent, config: AgentConfig) -> None:
+    """A task of its own, like the marker collection: a check stuck on a dead link must not
+    hold up the reaper. A check that cannot run leaves the last verdict in place."""
+    while True:
+        await asyncio.sleep(config.safety_check_interval_s)
+        try:
+            await agent.check_database()
+        except Unavailable as err:
+            log.warning("database_check_failed", error=str(err))
+        except Exception:
+            log.exception("database_check_failed")
 
 
 def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> int:

@@ -379,10 +379,12 @@ def _judge(grant: Grant, schemas: set[str], database: str, marker_table: str) ->
 
 
 def reach_findings(visible: Iterable[str], schemas: Sequence[str]) -> list[Finding]:
-    """Schemas the server shows the user (information_schema.SCHEMATA lists those it holds any
-    right on, through a grant, a role or PUBLIC) beyond ``schemas``: a check that does not
-    depend on reading the grants right."""
-    beyond = sorted(set(visible) - set(schemas) - {"information_schema"})
+    """Schemas the server shows the user (in information_schema: those it holds any right on,
+    through a grant, a role or PUBLIC) beyond ``schemas``: a check that does not depend on
+    reading the grants right. information_schema, and the three tables of performance_schema
+    that every account sees (global_status, session_status, session_account_connect_attrs),
+    are not counted."""
+    beyond = sorted(set(visible) - set(schemas) - {"information_schema", "performance_schema"})
     if not beyond:
         return []
     return [

@@ -57,3 +57,25 @@ def test_ci_runs_the_setup_then_exactly_the_test_command_the_readme_gives() -> N
         if line.strip() and not line.startswith(("#", "set ", "cd "))
     ]
     assert commands == ["deploy/setup.sh", readme_command]
+
+
+def test_statement_schemas_default_to_the_agents_database_and_come_from_the_environment() -> None:
+    assert AgentConfig(mysql_database="shop").statement_schemas == ("shop",)
+    environ = {"TWOPC_AGENT_MYSQL_DATABASE": "shop", "TWOPC_AGENT_SCHEMAS": "shop, catalog"}
+    assert load_agent_config(None, environ=environ).statement_schemas == ("shop", "catalog")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"schemas": ("catalog",)}, "must include mysql_database"),
+        ({"schemas": ("twopc", "mysql")}, "no system schema"),
+        ({"schemas": ("twopc", "shop;drop")}, "letters, digits"),
+        ({"privilege_check": "ignore"}, "'refuse' or 'warn'"),
+        ({"nontransactional_tables": "off"}, "'refuse' or 'warn'"),
+        ({"safety_check_interval_s": 0.0}, "safety_check_interval_s"),
+    ],
+)
+def test_the_database_check_settings_are_checked(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AgentConfig(**settings)  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """The gRPC face of the coordinator: protobuf in, ``TransactionManager`` calls, protobuf out.
 
-Every statement of an Execute or a RunTransaction goes through the statement guard here, before
-the engine sees the request: a refused statement is answered InvalidArgument with nothing started
+Every statement of an Execute or a RunTransaction goes through the statement guard here, and its
+parameters are checked as the agent will decode them (``twopc.values``), before the engine sees
+the request: a refused statement is answered InvalidArgument with nothing started
 (no transaction begun, no agent called), on every path alike, and an interactive transaction stays
 as it was.
 """
@@ -22,6 +23,7 @@ from twopc.errors import Internal, InvalidArgument, TwopcError
 from twopc.logs import redact
 from twopc.sql_guard import DEFAULT_MARKER_TABLE, check_statement
 from twopc.status import abort_with
+from twopc.values import check_values
 
 T = TypeVar("T")
 Context = aio.ServicerContext[object, object]
@@ -138,7 +140,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 def _check_statements(
     participant: str, statements: Sequence[pb.Statement], consequence: str, txid: str = ""
 ) -> None:
-    """InvalidArgument naming the first statement the guard refuses, and why.
+    """InvalidArgument naming the first statement the guard refuses, or whose parameters an
+    agent would refuse, and why.
 
     The agents check again (a caller may reach one directly, and only an agent knows its own
     marker table's name): this check makes the answer the same on every path, and sooner."""
@@ -149,6 +152,7 @@ def _check_statements(
                 placeholders=len(statement.params),
                 protected_tables=(DEFAULT_MARKER_TABLE,),
             )
+            check_values(statement.params)
         except InvalidArgument as err:
             raise InvalidArgument(
                 f"statement {index} for participant {participant!r} is refused: {err.message} "

@@ -45,7 +45,17 @@ _PRESENCE = {
 
 
 def statement_requests(statements: Sequence[pb.Statement]) -> list[StatementRequest]:
-    return [StatementRequest(s.sql, from_values(s.params)) for s in statements]
+    """The statements with their parameters decoded; InvalidArgument naming the first statement
+    with a parameter that is refused (``twopc.values``: one MySQL cannot hold), before the agent
+    touches a branch."""
+    requests = []
+    for index, statement in enumerate(statements, 1):
+        try:
+            params = from_values(statement.params)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"statement {index}: {err.message}") from None
+        requests.append(StatementRequest(statement.sql, params))
+    return requests
 
 
 def statement_results(outputs: Sequence[StatementOutput]) -> list[pb.StatementResult]:

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import errno
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,15 @@ from twopc.txid import (
     txid_for_request,
     txid_prefix,
 )
-from twopc.values import SqlValue, from_value, from_values, to_value, to_values
+from twopc.values import (
+    MAX_VALUE_BYTES,
+    SqlValue,
+    check_values,
+    from_value,
+    from_values,
+    to_value,
+    to_values,
+)
 
 LONGEST_COORDINATOR = "c" + "-" * 18 + "9"  # 20 characters
 LONGEST_REQUEST = "R" * 20 + "_" * 10 + "-" * 10  # 40 characters
@@ -252,6 +261,15 @@ def test_values_lists_and_the_empty_value() -> None:
         decimal.Decimal("sNaN"),
         decimal.Decimal("Infinity"),
         decimal.Decimal("-Infinity"),
+        decimal.Decimal("1e500000000"),  # written out in fixed point, half a gigabyte
+        decimal.Decimal("1e65"),  # 66 digits before the point
+        decimal.Decimal("1e-39"),  # 39 after it
+        decimal.Decimal("0e-39"),
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        dt.timedelta(hours=839),  # beyond MySQL's TIME
+        -dt.timedelta(hours=839),
         object(),
         dt.time(1, 2, 3),
         [1, 2],
@@ -263,6 +281,59 @@ def test_values_lists_and_the_empty_value() -> None:
 def test_value_rejections(value: object) -> None:
     with pytest.raises(InvalidArgument):
         to_value(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        decimal.Decimal("9" * 65),
+        decimal.Decimal("-" + "9" * 27 + "." + "9" * 38),
+        decimal.Decimal("1e64"),
+        decimal.Decimal("1e-38"),
+        decimal.Decimal("0e-38"),
+        decimal.Decimal("1.5e-10"),
+    ],
+    ids=str,
+)
+def test_decimals_within_mysqls_widest_decimal_pass(value: decimal.Decimal) -> None:
+    assert from_value(to_value(value)) == value
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (pb.Value(decimal_value="1e500000000"), "500000001 digits before the point"),
+        (pb.Value(decimal_value="1" * 66), "at most 65 digits in all"),
+        (pb.Value(decimal_value="1e-39"), "38 after the point"),
+        (pb.Value(decimal_value="1" * 101), "101 characters, more than 100"),
+        (pb.Value(decimal_value="NaN"), "not a finite number"),
+        (pb.Value(decimal_value="-sNaN"), "not a finite number"),
+        (pb.Value(decimal_value="Infinity"), "not a finite number"),
+        (pb.Value(double_value=float("nan")), "not a finite number"),
+        (pb.Value(double_value=float("-inf")), "not a finite number"),
+        (pb.Value(time_value="839:00:00"), "outside MySQL's range"),
+        (pb.Value(time_value="99999999999999:00:00"), "malformed time_value"),
+        (pb.Value(time_value="12:60:00"), "malformed time_value"),
+        (pb.Value(time_value="12:00:60"), "malformed time_value"),
+        (pb.Value(datetime_value="2024-01-01 00:00:00" + " " * 30), "more than 40"),
+        (pb.Value(date_value="2024-01-01" + "0" * 40), "more than 40"),
+        (pb.Value(text_value="x" * (MAX_VALUE_BYTES + 1)), "more than the 16777216"),
+        (pb.Value(bytes_value=b"x" * (MAX_VALUE_BYTES + 1)), "more than the 16777216"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_wire_values_mysql_cannot_hold_are_refused(wire: pb.Value, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        from_value(wire)
+
+
+def test_a_refused_parameter_is_named_by_its_position() -> None:
+    values = [pb.Value(int_value=1), pb.Value(double_value=float("nan"))]
+    with pytest.raises(InvalidArgument, match=r"^parameter 2: double nan is not a finite"):
+        from_values(values)
+    with pytest.raises(InvalidArgument, match=r"^parameter 2: "):
+        check_values(values)
+    check_values([pb.Value(decimal_value="12.50"), pb.Value(time_value="-838:59:59.999999")])
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ Every statement of an Execute or a RunTransaction goes through the statement gua
 parameters are checked as the agent will decode them (``twopc.values``), before the engine sees
 the request: a refused statement is answered InvalidArgument with nothing started
 (no transaction begun, no agent called), on every path alike, and an interactive transaction stays
-as it was.
+as it was. Participant names are checked before they are looked up or echoed, and only a txid of a
+txid's form is echoed in an error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from twopc.errors import Internal, InvalidArgument, TwopcError
 from twopc.logs import redact
 from twopc.sql_guard import DEFAULT_MARKER_TABLE, check_statement
 from twopc.status import abort_with
+from twopc.txid import check_participant_name, is_txid, parse_txid
 from twopc.values import check_values
 
 T = TypeVar("T")
@@ -68,14 +70,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         async def run() -> pb.ExecuteResponse:
-            _check_statements(
-                request.participant,
-                request.statements,
-                "nothing of this request ran; the transaction is as it was",
-                request.txid,
-            )
+            txid = _txid(request.txid)
+            consequence = "nothing of this request ran; the transaction is as it was"
+            _check_statements(request.participant, request.statements, consequence, txid)
             results = await self._manager.execute(
-                _txid(request.txid), request.participant, request.statements, request.sequence
+                txid, request.participant, request.statements, request.sequence
             )
             return pb.ExecuteResponse(results=results)  # type: ignore[arg-type]
 
@@ -145,6 +144,7 @@ def _check_statements(
 
     The agents check again (a caller may reach one directly, and only an agent knows its own
     marker table's name): this check makes the answer the same on every path, and sooner."""
+    check_participant_name(participant)
     for index, statement in enumerate(statements, 1):
         try:
             check_statement(
@@ -164,11 +164,14 @@ def _check_statements(
 def _txid(txid: str) -> str:
     if not txid:
         raise InvalidArgument("txid is required")
+    parse_txid(txid)  # InvalidArgument, echoing nothing that is not a txid's form
     return txid
 
 
 async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
-    """Runs a handler with ``txid`` bound in the logs and errors turned into statuses."""
+    """Runs a handler with ``txid`` bound in the logs and errors turned into statuses. Only a
+    txid of a txid's form is bound or echoed: a hostile one may hold anything."""
+    txid = txid if is_txid(txid) else ""
     with structlog.contextvars.bound_contextvars(txid=txid or None):
         try:
             return await run()

@@ -47,6 +47,7 @@ class AgentConfig:
     lock_wait_timeout_s: int = 10
     session_idle_timeout_s: int = 600
     max_result_rows: int = 10_000
+    max_timeout_ms: int = 300_000  # a branch's timeout_ms; the coordinator's max_timeout_ms
     marker_table: str = "twopc_branch_marker"
     marker_retention_s: int = 7 * 24 * 3600
     reaper_interval_s: float = 0.2
@@ -65,6 +66,11 @@ class AgentConfig:
             )
         if self.pool_size < 1 or self.max_branches < 1:
             raise ValueError("pool_size and max_branches must be at least 1")
+        if not 0 < self.default_timeout_ms <= self.max_timeout_ms:
+            raise ValueError(
+                f"default_timeout_ms ({self.default_timeout_ms}) must be positive and at most "
+                f"max_timeout_ms ({self.max_timeout_ms})"
+            )
         if self.marker_gc_interval_s <= 0 or self.reaper_interval_s <= 0:
             raise ValueError("marker_gc_interval_s and reaper_interval_s must be positive")
         if not self.lock_wait_timeout_s < self.mysql_command_timeout_s <= self.mysql_read_timeout_s:

@@ -1,8 +1,10 @@
 """The gRPC face of the agent: protobuf in, ``Agent`` calls on the event loop, protobuf out.
 
-Every ``TwopcError`` becomes a status here, and nothing else does. An agent call runs to its end
-even when its caller goes away (a cancelled RPC, a broken stream): stopping it halfway would
-leave a branch between two states, its session in the middle of a statement.
+Only a txid of a txid's form is echoed, in a log line or an error, and the txids of a CommitMany
+or an Inspect are checked before any is looked at. Every ``TwopcError`` becomes a status here,
+and nothing else does. An agent call runs to its end even when its caller goes away (a cancelled
+RPC, a broken stream): stopping it halfway would leave a branch between two states, its session
+in the middle of a statement.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from twopc.errors import Internal, InvalidArgument, TwopcError
 from twopc.logs import redact
 from twopc.pipeline_messages import split_by_size
 from twopc.status import abort_with
+from twopc.txid import is_txid, parse_txid
 from twopc.values import from_values, to_values
 from twopc.votes import Presence, Vote
 
@@ -132,9 +135,11 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     async def CommitMany(
         self, request: pb.CommitManyRequest, context: Context
     ) -> pb.CommitManyResponse:
-        return await _finish(self._commit_many(request))
+        return await self._call(context, "", lambda: self._commit_many(request))
 
     async def _commit_many(self, request: pb.CommitManyRequest) -> pb.CommitManyResponse:
+        self._check_batch(request.txids, "CommitMany")
+
         async def commit(txid: str) -> pb.BranchOutcome:
             try:
                 result = await self._agent.commit(txid, request.participant, one_phase=False)
@@ -213,7 +218,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
     async def _pipeline_answer(self, call: pb.PipelineCall) -> pb.PipelineAnswer:
         kind = call.WhichOneof("call")
-        txid = call.prepare.txid if kind == "prepare" else ""
+        txid = call.prepare.txid if kind == "prepare" and is_txid(call.prepare.txid) else ""
         try:
             if kind == "prepare":
                 prepared = await self._prepare(call.prepare)
@@ -238,7 +243,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 code=error.code,
                 error_class=type(error).__name__,
                 message=error.message,
-                txid=error.txid or txid,
+                txid=error.txid if is_txid(error.txid) else txid,
                 mysql_errno=error.mysql_errno,
             ),
         )
@@ -274,6 +279,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
     async def Inspect(self, request: pb.InspectRequest, context: Context) -> pb.InspectResponse:
         async def run() -> pb.InspectResponse:
+            self._check_batch(request.txids, "Inspect")
             states = await self._agent.inspect(list(request.txids))
             return pb.InspectResponse(
                 branches=[
@@ -294,7 +300,17 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             prepared_branches=prepared,
         )
 
+    def _check_batch(self, txids: Sequence[str], call: str) -> None:
+        """Each txid of a batch must be a txid, before any is looked at."""
+        for index, txid in enumerate(txids, 1):
+            try:
+                parse_txid(txid)
+            except InvalidArgument as err:
+                raise InvalidArgument(f"{call} txid {index}: {err.message}") from None
+
     async def _call(self, context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
+        # Only a well-formed txid is echoed (in the logs and the trailing metadata).
+        txid = txid if is_txid(txid) else ""
         try:
             return await _finish(run())
         except TwopcError as err:

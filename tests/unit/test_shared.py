@@ -53,8 +53,11 @@ from twopc.txid import (
     check_coordinator_id,
     check_participant_name,
     check_request_id,
+    check_txid_prefix,
+    is_txid,
     new_txid,
     parse_txid,
+    shown,
     txid_for_request,
     txid_prefix,
 )
@@ -155,6 +158,57 @@ def test_participant_name_rejections(name: str) -> None:
 def test_parse_txid_rejections(txid: str) -> None:
     with pytest.raises(InvalidArgument, match="not a twopc transaction id"):
         parse_txid(txid)
+    assert not is_txid(txid)
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "expected"),
+    [
+        ("c1.r-a", 63, "'c1.r-a'"),
+        ("it's", 10, '"it\'s"'),
+        ("", 10, "''"),
+        ("a" * 11, 10, "a value of 11 characters (at most 10)"),
+        ("c1.\nx", 63, "a value whose character 4 is U+000A"),
+        ("c1.\x00", 63, "a value whose character 4 is U+0000"),
+        ("c1.é", 63, "a value whose character 4 is U+00E9"),
+        ("c1.\x7f", 63, "a value whose character 4 is U+007F"),
+    ],
+)
+def test_hostile_ids_are_described_not_echoed(text: str, limit: int, expected: str) -> None:
+    assert shown(text, limit) == expected
+
+
+@pytest.mark.parametrize(
+    ("check", "text"),
+    [
+        (parse_txid, "c1.\n" + "0" * 32),
+        (check_request_id, "a\nb"),
+        (check_request_id, "x" * 1_000_000),
+        (check_participant_name, "eu\x00"),
+        (check_coordinator_id, "c\u2028"),
+        (check_txid_prefix, "c1.\n"),
+        (check_txid_prefix, "c" * 100),
+    ],
+)
+def test_id_checks_never_echo_what_they_refuse(check: Any, text: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check(text)
+    assert text not in caught.value.message
+    assert len(caught.value.message) < 200
+
+
+def test_txid_prefixes() -> None:
+    for prefix in ("", "c1.", "c1.r-", txid_for_request("c1", "a")):
+        assert check_txid_prefix(prefix) == prefix
+    assert is_txid(txid_for_request("c1", "a"))
+    assert is_txid(new_txid("c1", 1))
+
+
+@pytest.mark.parametrize("txid", ["c1.\nabc", "c1.r-" + "a" * 100_000, "c1.r-é", "x"])
+def test_only_a_txid_of_a_txids_form_goes_into_the_metadata(txid: str) -> None:
+    metadata = dict(trailing_metadata(InvalidArgument("refused", txid=txid)))
+    assert TXID_KEY not in metadata
+    assert metadata[ERROR_CLASS_KEY] == "InvalidArgument"
 
 
 def test_xid_sql_is_hex() -> None:

@@ -816,7 +816,9 @@ class BranchExecuteRequest(_message.Message):
     """the agent's own name; a mismatch is INVALID_ARGUMENT (misrouted call)"""
     sequence: _builtins.int
     timeout_ms: _builtins.int
-    """time left before the transaction's deadline"""
+    """Time left before the transaction's deadline; more than the agent's max_timeout_ms is
+    INVALID_ARGUMENT (a branch holds a session and its locks until then).
+    """
     continues: _builtins.bool
     """true when earlier statements of this transaction ran on this participant: the branch must
     exist. An agent that lost it (it or its database restarted) refuses with ABORTED instead of

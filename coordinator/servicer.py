@@ -1,11 +1,11 @@
 """The gRPC face of the coordinator: protobuf in, ``TransactionManager`` calls, protobuf out.
 
-Every statement of an Execute or a RunTransaction goes through the statement guard here, and its
-parameters are checked as the agent will decode them (``twopc.values``), before the engine sees
-the request: a refused statement is answered InvalidArgument with nothing started
-(no transaction begun, no agent called), on every path alike, and an interactive transaction stays
-as it was. Participant names are checked before they are looked up or echoed, and only a txid of a
-txid's form is echoed in an error.
+Every Execute and RunTransaction is checked here, before the engine sees it: its size against
+the request limits (``twopc.limits``), each statement by the statement guard, each parameter as
+the agent will decode it (``twopc.values``). What is refused is answered InvalidArgument with
+nothing started (no transaction begun, no agent called), on every path alike, and an interactive
+transaction stays as it was. Participant names are checked before they are looked up or echoed,
+and only a txid of a txid's form is echoed in an error.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from coordinator.engine.states import Outcome, TxState
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
+from twopc.limits import DEFAULT_LIMITS, RequestLimits
 from twopc.logs import redact
 from twopc.sql_guard import DEFAULT_MARKER_TABLE, check_statement
 from twopc.status import abort_with
@@ -58,8 +59,11 @@ def transaction_info(view: TransactionView) -> pb.TransactionInfo:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, manager: TransactionManager) -> None:
+    def __init__(
+        self, manager: TransactionManager, *, limits: RequestLimits = DEFAULT_LIMITS
+    ) -> None:
         self._manager = manager
+        self._limits = limits
 
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
         async def run() -> pb.BeginResponse:
@@ -72,6 +76,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         async def run() -> pb.ExecuteResponse:
             txid = _txid(request.txid)
             consequence = "nothing of this request ran; the transaction is as it was"
+            self._limits.check(request.statements, "the coordinator")
             _check_statements(request.participant, request.statements, consequence, txid)
             results = await self._manager.execute(
                 txid, request.participant, request.statements, request.sequence
@@ -114,6 +119,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.RunTransactionRequest, context: Context
     ) -> pb.RunTransactionResponse:
         async def run() -> pb.RunTransactionResponse:
+            self._limits.check(
+                (statement for work in request.work for statement in work.statements),
+                "the coordinator",
+            )
             for work in request.work:
                 _check_statements(
                     work.participant, work.statements, "nothing ran: no transaction was started"

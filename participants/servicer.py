@@ -1,10 +1,13 @@
 """The gRPC face of the agent: protobuf in, ``Agent`` calls on the event loop, protobuf out.
 
-Only a txid of a txid's form is echoed, in a log line or an error, and the txids of a CommitMany
-or an Inspect are checked before any is looked at. Every ``TwopcError`` becomes a status here,
-and nothing else does. An agent call runs to its end even when its caller goes away (a cancelled
-RPC, a broken stream): stopping it halfway would leave a branch between two states, its session
-in the middle of a statement.
+A request is bounded here before anything is decoded (``twopc.limits``: statements, parameters,
+characters of SQL; txids per CommitMany and Inspect), and its parameters are decoded
+(``twopc.values``, which refuses what MySQL cannot hold) before the agent touches a branch: what
+is refused is InvalidArgument, and nothing of the request was done. Only a txid of a txid's form
+is echoed, in a log line or an error. Every ``TwopcError`` becomes a status here, and nothing
+else does. An agent call runs to its end even when its caller goes away (a cancelled RPC, a
+broken stream): stopping it halfway would leave a branch between two states, its session in the
+middle of a statement.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from participants.xa import StatementOutput
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
+from twopc.limits import RequestLimits
 from twopc.logs import redact
 from twopc.pipeline_messages import split_by_size
 from twopc.status import abort_with
@@ -76,6 +80,8 @@ def statement_results(outputs: Sequence[StatementOutput]) -> list[pb.StatementRe
 class ParticipantServicer(pb_grpc.ParticipantServicer):
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
+        self._limits: RequestLimits = agent.config.request_limits()
+        self._max_batch = agent.config.max_batch_txids
         self._log = structlog.get_logger("twopc.agent.rpc")
         self._stopping = asyncio.Event()
 
@@ -86,7 +92,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             outputs = await self._agent.execute(
                 request.txid,
                 request.participant,
-                statement_requests(request.statements),
+                self._statements(request.statements),
                 request.sequence,
                 request.timeout_ms,
                 continues=request.continues,
@@ -102,7 +108,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         result = await self._agent.prepare(
             request.txid,
             request.participant,
-            statement_requests(request.statements),
+            self._statements(request.statements),
             request.sequence,
             request.timeout_ms,
         )
@@ -121,7 +127,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 request.txid,
                 request.participant,
                 one_phase=request.one_phase,
-                statements=statement_requests(request.statements),
+                statements=self._statements(request.statements),
                 sequence=request.sequence,
                 timeout_ms=request.timeout_ms,
             )
@@ -300,8 +306,18 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             prepared_branches=prepared,
         )
 
+    def _statements(self, statements: Sequence[pb.Statement]) -> list[StatementRequest]:
+        """The request's statements, bounded and decoded (InvalidArgument: nothing was done)."""
+        self._limits.check(statements, "this agent")
+        return statement_requests(statements)
+
     def _check_batch(self, txids: Sequence[str], call: str) -> None:
-        """Each txid of a batch must be a txid, before any is looked at."""
+        """A batch of txids is bounded, and each must be a txid, before any is looked at."""
+        if len(txids) > self._max_batch:
+            raise InvalidArgument(
+                f"{call} carries {len(txids)} txids, more than the {self._max_batch} that this "
+                "agent takes in one call (its max_batch_txids setting); split the batch"
+            )
         for index, txid in enumerate(txids, 1):
             try:
                 parse_txid(txid)

@@ -239,6 +239,8 @@ Global___Value: _TypeAlias = Value  # noqa: Y015
 class Statement(_message.Message):
     """One SQL statement with "%s" placeholders, one per element of params.
     Allowed: SELECT, INSERT, UPDATE, DELETE, REPLACE, WITH ... SELECT. One statement per message.
+    A request carries at most max_statements statements, max_params parameters and max_sql_length
+    characters of SQL, all together (settings of each daemon; INVALID_ARGUMENT beyond).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -994,7 +996,9 @@ class CommitManyRequest(_message.Message):
     TXIDS_FIELD_NUMBER: _builtins.int
     participant: _builtins.str
     @_builtins.property
-    def txids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def txids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """at most the agent's max_batch_txids (1024 by default)"""
+
     def __init__(
         self,
         *,

@@ -10,6 +10,7 @@ and only a txid of a txid's form is echoed in an error.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -79,7 +80,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self._limits.check(request.statements, "the coordinator")
             _check_statements(request.participant, request.statements, consequence, txid)
             results = await self._manager.execute(
-                txid, request.participant, request.statements, request.sequence
+                txid,
+                request.participant,
+                request.statements,
+                request.sequence,
+                digest=statements_digest(request.statements),
             )
             return pb.ExecuteResponse(results=results)  # type: ignore[arg-type]
 
@@ -168,6 +173,17 @@ def _check_statements(
                 f"({consequence})",
                 txid=txid,
             ) from None
+
+
+def statements_digest(statements: Sequence[pb.Statement]) -> bytes:
+    """A digest of an Execute's statements and parameters: a retry (the same sequence number)
+    must carry the same, which the engine checks with this."""
+    digest = hashlib.blake2b(digest_size=16)
+    for statement in statements:
+        data = statement.SerializeToString(deterministic=True)
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.digest()
 
 
 def _txid(txid: str) -> str:

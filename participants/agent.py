@@ -228,6 +228,8 @@ class Agent:
                     xid.txid, FinishedBranch(found.state, found.reason)
                 )
             if found.state is BranchState.PREPARED:
+                if work:  # a retried one-shot prepare: its statements must be the first's
+                    self._steps.check_retry(found, work, sequence)
                 return VoteResult(Vote.PREPARED, outputs=tuple(found.last_outputs))
             if self._one_trip.possible(found, work):
                 return await self._one_trip.prepare(found, work, sequence)

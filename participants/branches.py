@@ -72,6 +72,7 @@ class Branch:
     wrote: bool = False
     last_sequence: int = 0
     last_outputs: list[StatementOutput] = field(default_factory=list)
+    last_digest: bytes = b""  # of the statements that ran under last_sequence (work_digest)
     running_statement: bool = False
     severed: bool = False  # the reaper shut its session's socket (a statement lost on a dead link)
     forgotten: bool = False

@@ -3,6 +3,7 @@ before anything reaches the database), votes and commit results out."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,3 +62,26 @@ def checked_work(statements: Sequence[StatementRequest], marker_table: str) -> l
         )
         work.append(Work(statement.sql, statement.params, checked.kind, checked.body))
     return work
+
+
+def work_digest(work: Sequence[Work]) -> bytes:
+    """A digest of the statements and their parameters (types included: 1, 1.0, "1" and
+    Decimal("1.0") differ), so that a retried call can be told from other work sent under the
+    same sequence number without keeping the work itself."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def feed(data: bytes) -> None:
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+
+    for item in work:
+        feed(item.sql.encode("utf-8", "surrogatepass"))
+        digest.update(len(item.params).to_bytes(8, "big"))
+        for param in item.params:
+            if isinstance(param, str):
+                feed(b"s" + param.encode("utf-8", "surrogatepass"))
+            elif isinstance(param, bytes):
+                feed(b"y" + param)
+            else:  # None, bool, int, float, Decimal, datetime, date, timedelta: repr is exact
+                feed(repr(param).encode("ascii", "backslashreplace"))
+    return digest.digest()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from structlog.typing import FilteringBoundLogger
 
 from participants.branches import Branch, BranchRegistry, BranchState
-from participants.calls import VoteResult, Work
+from participants.calls import VoteResult, Work, work_digest
 from participants.steps import BranchSteps
 from participants.xa import (
     ER_DUP_ENTRY,
@@ -101,6 +101,7 @@ class OneTripPrepare:
         results = outputs[1 : 1 + len(work)]
         branch.last_sequence = sequence
         branch.last_outputs = results
+        branch.last_digest = work_digest(work)
         branch.wrote = writes
         if not writes:
             self._steps.finish(branch, BranchState.READ_ONLY)

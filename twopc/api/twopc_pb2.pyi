@@ -375,8 +375,10 @@ class ExecuteRequest(_message.Message):
     participant: _builtins.str
     sequence: _builtins.int
     """Numbers the Execute calls of this transaction on this participant: 1, then larger numbers
-    (gaps are allowed, e.g. after a refused call). A retried Execute repeats its number and gets
-    the first answer without running anything twice; a number below the last one is refused.
+    (gaps are allowed, e.g. after a refused call). A retried Execute repeats its number and its
+    statements and gets the first answer without running anything twice; the last number with
+    other statements or parameters is INVALID_ARGUMENT, and a number below the last one is
+    refused.
     """
     @_builtins.property
     def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]: ...

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from participants.xa import StatementOutput
+from participants.xa import Session, StatementOutput
 from twopc.sql_guard import StatementKind, check_statement
 from twopc.txid import Xid
 from twopc.values import SqlValue
@@ -28,6 +28,15 @@ class Work:
     params: list[SqlValue]
     kind: StatementKind
     body: str | None  # the statement to send in a batch (None: it must go on its own)
+    session_state: bool = True  # may leave state on its session: reset it before reuse
+
+
+def mark_for_reset(session: Session, work: Sequence[Work], *, always: bool) -> None:
+    """Before ``work`` runs on ``session``: the session is reset when it returns to the pool if
+    any of it may leave state there (a statement that fails may have left some already), or
+    ``always`` (the agent's ``reset_sessions`` setting)."""
+    if always or any(item.session_state for item in work):
+        session.reset_when_released = True
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,9 @@ def checked_work(statements: Sequence[StatementRequest], marker_table: str) -> l
             placeholders=len(statement.params),
             protected_tables=(marker_table.lower(),),
         )
-        work.append(Work(statement.sql, statement.params, checked.kind, checked.body))
+        work.append(
+            Work(statement.sql, statement.params, checked.kind, checked.body, checked.session_state)
+        )
     return work
 
 

@@ -57,6 +57,11 @@ class AgentConfig:
     max_batch_txids: int = 1024  # txids in one CommitMany or Inspect; the coordinator sends 256
     max_timeout_ms: int = 300_000  # a branch's timeout_ms; the coordinator's max_timeout_ms
     max_request_bytes: int = MAX_MESSAGE_BYTES  # gRPC messages received; larger: RESOURCE_EXHAUSTED
+    # "auto": a branch's session is reset (COM_RESET_CONNECTION) before it returns to the pool
+    # after a statement that may leave session state (sql_guard: a stored function, a
+    # sequence, an INSERT); "always": after every branch (triggers on UPDATE or DELETE that set
+    # user variables or take locks), for about 65 us more CPU per branch.
+    reset_sessions: str = "auto"
     marker_table: str = "twopc_branch_marker"
     marker_retention_s: int = 7 * 24 * 3600
     reaper_interval_s: float = 0.2
@@ -76,6 +81,8 @@ class AgentConfig:
         if self.pool_size < 1 or self.max_branches < 1:
             raise ValueError("pool_size and max_branches must be at least 1")
         self.request_limits()  # checks them
+        if self.reset_sessions not in ("auto", "always"):
+            raise ValueError(f"reset_sessions must be auto or always, not {self.reset_sessions!r}")
         if self.max_batch_txids < 256:
             raise ValueError(
                 f"max_batch_txids ({self.max_batch_txids}) must be at least 256: the "

@@ -20,7 +20,7 @@ from structlog.typing import FilteringBoundLogger
 
 from participants.admin import AdminSessions
 from participants.branches import Branch, BranchRegistry, BranchState, Clock
-from participants.calls import CommitResult, VoteResult, Work, work_digest
+from participants.calls import CommitResult, VoteResult, Work, mark_for_reset, work_digest
 from participants.config import AgentConfig
 from participants.takeover import Takeover
 from participants.xa import (
@@ -69,6 +69,7 @@ class BranchSteps:
     ) -> None:
         self._config = config
         self._name = config.name
+        self.reset_always = config.reset_sessions == "always"
         self._instance_id = instance_id
         self._pool = pool
         self._registry = registry
@@ -129,6 +130,7 @@ class BranchSteps:
             )
         session = branch.session
         assert session is not None
+        mark_for_reset(session, work, always=self.reset_always)
         outputs = []
         for index, item in enumerate(work, start=1):
             if self._clock() > branch.deadline:

@@ -1,14 +1,15 @@
 """What the agent derives from a call's statements: the digest that tells a retry from other work
-under the same sequence number."""
+under the same sequence number, and whether the session is reset afterwards."""
 
 from __future__ import annotations
 
 import datetime as dt
 import decimal
+from dataclasses import dataclass
 
 import pytest
 
-from participants.calls import StatementRequest, checked_work, work_digest
+from participants.calls import StatementRequest, checked_work, mark_for_reset, work_digest
 from twopc.values import SqlValue
 
 MARKER = "twopc_branch_marker"
@@ -51,3 +52,26 @@ def test_other_statements_have_another_digest() -> None:
     assert digest(one) != digest(("SELECT 2", []))
     assert digest(one) != digest(one, one)
     assert digest(("SELECT 1", []), ("SELECT 2", [])) != digest(("SELECT 1 ", []))
+
+
+@dataclass
+class FakeSession:
+    reset_when_released: bool = False
+
+
+@pytest.mark.parametrize(
+    ("statements", "always", "reset"),
+    [
+        (["UPDATE t SET a = a + 1 WHERE id = 1", "SELECT a FROM t"], False, False),
+        (["UPDATE t SET a = 1", "INSERT INTO t (a) VALUES (1)"], False, True),
+        (["SELECT my_function()"], False, True),
+        (["SELECT a FROM t"], True, True),  # reset_sessions = "always"
+    ],
+)
+def test_a_session_is_reset_after_a_statement_that_may_leave_state(
+    statements: list[str], always: bool, reset: bool
+) -> None:
+    work = checked_work([StatementRequest(s, []) for s in statements], MARKER)
+    session = FakeSession()
+    mark_for_reset(session, work, always=always)  # type: ignore[arg-type]
+    assert session.reset_when_released is reset

@@ -436,3 +436,41 @@ def test_body_is_the_statement_without_its_terminator(
 def test_the_coordinator_protects_the_agents_default_marker_table() -> None:
     """The coordinator cannot read the agents' configuration: it protects their default."""
     assert AgentConfig().marker_table == DEFAULT_MARKER_TABLE
+
+
+@pytest.mark.parametrize(
+    ("sql", "leaves_state"),
+    [
+        # Reads that call nothing, or only built-ins without session effects: no reset.
+        ("SELECT balance FROM accounts WHERE id = 1", False),
+        ("SELECT COUNT(*), SUM(a), COALESCE(MAX(b), 0) FROM t WHERE c IN (1, 2)", False),
+        ("SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.a = t.a) FOR UPDATE", False),
+        ("SELECT CAST(a AS DECIMAL(10, 2)), NOW(), CONCAT(b, 'x') FROM t", False),
+        ("SELECT * FROM t JOIN u USING (id) WHERE t.d > DATE_SUB(NOW(), INTERVAL 1 DAY)", False),
+        ("SELECT 'f(x)', `g` FROM t -- h(y)", False),
+        ("SELECT SLEEP(0)", False),
+        ("UPDATE accounts SET balance = balance + 1 WHERE id = 1", False),
+        ("DELETE FROM t WHERE id = 1 AND d < NOW()", False),
+        ("WITH x AS (SELECT 1) DELETE FROM t", False),
+        ("UPDATE t SET inserted = 1, replaced = 2", False),
+        # An INSERT or REPLACE sets LAST_INSERT_ID.
+        ("INSERT INTO t (a) VALUES (1)", True),
+        ("insert t values (1)", True),
+        ("REPLACE INTO t VALUES (1)", True),
+        ("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x", True),
+        ("UPDATE t SET a = my_func(a)", True),
+        # Reads that call what the guard does not know: a stored function may do anything.
+        ("SELECT my_func(1)", True),
+        ("SELECT shop.count(1)", True),  # qualified: a stored function, whatever its name
+        ("SELECT `count`(1)", True),
+        ("SELECT LAST_INSERT_ID(5)", True),
+        ("SELECT NEXTVAL(s)", True),
+        ("SELECT NEXT VALUE FOR s", True),
+        ("SELECT PREVIOUS VALUE FOR s", True),
+        ("SELECT a FROM t WHERE b = f (1)", True),
+        ("SELECT a FROM t WHERE b = f/**/(1)", True),
+    ],
+)
+def test_statements_that_may_leave_session_state(sql: str, leaves_state: bool) -> None:
+    """What makes the agent reset the session before it returns to the pool."""
+    assert check(sql).session_state is leaves_state

@@ -178,7 +178,10 @@ Global___BranchState: _TypeAlias = BranchState  # noqa: Y015
 @_typing.final
 class Value(_message.Message):
     """A typed SQL value: a bound parameter or a column of a result row. Values are never interpolated
-    into SQL text by twopc; the driver sends them escaped, as bound parameters.
+    into SQL text by twopc; the driver sends them escaped, as bound parameters. A parameter MySQL
+    cannot hold is INVALID_ARGUMENT: a double that is not finite, a decimal beyond DECIMAL(65,38)
+    (or longer than 100 characters), a TIME beyond +-838:59:59.999999, a string or bytes value
+    over 16 MiB.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

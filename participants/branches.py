@@ -89,7 +89,13 @@ class Branch:
         self.session = session
 
     def release_session(self) -> None:
-        """Gives the branch's session back to the pool, healthy (the branch is done with it)."""
+        """Gives the branch's session back to the pool, healthy (the branch is done with it).
+
+        Never while the branch is prepared: its session holds the prepared XA branch, and the
+        pool may reset a session it gets back, which on MariaDB 10.11 orphans the branch's
+        transaction (XA COMMIT of it then answers OK and applies nothing; see PROTOCOL.md).
+        A prepared branch's session is given up with ``discard_session``, which detaches it."""
+        assert self.state is not BranchState.PREPARED, f"{self.txid} is prepared: discard it"
         session, self.session = self.session, None
         if session is not None:
             session.release()

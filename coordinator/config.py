@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from coordinator.engine.manager import EngineSettings
+from twopc.limits import RequestLimits
 from twopc.settings import load_settings
 from twopc.txid import check_coordinator_id, check_participant_name
 
@@ -34,6 +35,13 @@ class CoordinatorConfig:
     default_timeout_ms: int = 10_000
     max_timeout_ms: int = 300_000
     max_active: int = 10_000
+    # Bounds on one client request (twopc.limits), each refused with InvalidArgument before
+    # anything starts; and the largest gRPC message taken (larger: RESOURCE_EXHAUSTED), which
+    # bounds string and bytes values. The agents' must be at least these.
+    max_statements: int = 1000
+    max_params: int = 65_535
+    max_sql_length: int = 1024 * 1024
+    max_request_bytes: int = 16 * 1024 * 1024
     rpc_timeout_s: float = 10.0
     recovery_interval_s: float = 2.0
     reaper_interval_s: float = 0.2
@@ -48,6 +56,12 @@ class CoordinatorConfig:
         for name in self.participants:
             check_participant_name(name)
         object.__setattr__(self, "participants", MappingProxyType(dict(self.participants)))
+        self.request_limits()  # checks them
+        if self.max_request_bytes < 1024 * 1024:
+            raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1 MiB")
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_statements, self.max_params, self.max_sql_length)
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(

@@ -45,8 +45,9 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints) -> None:
         on_fatal=_die,
     )
     await manager.start()
-    server = new_server()
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(manager), server)
+    server = new_server(config.max_request_bytes)
+    servicer = CoordinatorServicer(manager, limits=config.request_limits())
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     if config.admin_failpoints:
         add_failpoint_admin(server, failpoints)
     port = listen(server, config.listen)

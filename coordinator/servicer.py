@@ -1,13 +1,16 @@
 """The gRPC face of the coordinator: protobuf in, ``TransactionManager`` calls, protobuf out.
 
-Every statement of an Execute or a RunTransaction goes through the statement guard here, before
-the engine sees the request: a refused statement is answered InvalidArgument with nothing started
-(no transaction begun, no agent called), on every path alike, and an interactive transaction stays
-as it was.
+Every Execute and RunTransaction is checked here, before the engine sees it: its size against
+the request limits (``twopc.limits``), each statement by the statement guard, each parameter as
+the agent will decode it (``twopc.values``). What is refused is answered InvalidArgument with
+nothing started (no transaction begun, no agent called), on every path alike, and an interactive
+transaction stays as it was. Participant names are checked before they are looked up or echoed,
+and only a txid of a txid's form is echoed in an error.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -19,9 +22,12 @@ from coordinator.engine.states import Outcome, TxState
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
+from twopc.limits import DEFAULT_LIMITS, RequestLimits
 from twopc.logs import redact
 from twopc.sql_guard import DEFAULT_MARKER_TABLE, check_statement
 from twopc.status import abort_with
+from twopc.txid import check_participant_name, is_txid, parse_txid
+from twopc.values import check_values
 
 T = TypeVar("T")
 Context = aio.ServicerContext[object, object]
@@ -54,8 +60,11 @@ def transaction_info(view: TransactionView) -> pb.TransactionInfo:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, manager: TransactionManager) -> None:
+    def __init__(
+        self, manager: TransactionManager, *, limits: RequestLimits = DEFAULT_LIMITS
+    ) -> None:
         self._manager = manager
+        self._limits = limits
 
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
         async def run() -> pb.BeginResponse:
@@ -66,14 +75,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         async def run() -> pb.ExecuteResponse:
-            _check_statements(
+            txid = _txid(request.txid)
+            consequence = "nothing of this request ran; the transaction is as it was"
+            self._limits.check(request.statements, "the coordinator")
+            _check_statements(request.participant, request.statements, consequence, txid)
+            results = await self._manager.execute(
+                txid,
                 request.participant,
                 request.statements,
-                "nothing of this request ran; the transaction is as it was",
-                request.txid,
-            )
-            results = await self._manager.execute(
-                _txid(request.txid), request.participant, request.statements, request.sequence
+                request.sequence,
+                digest=statements_digest(request.statements),
             )
             return pb.ExecuteResponse(results=results)  # type: ignore[arg-type]
 
@@ -113,6 +124,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.RunTransactionRequest, context: Context
     ) -> pb.RunTransactionResponse:
         async def run() -> pb.RunTransactionResponse:
+            self._limits.check(
+                (statement for work in request.work for statement in work.statements),
+                "the coordinator",
+            )
             for work in request.work:
                 _check_statements(
                     work.participant, work.statements, "nothing ran: no transaction was started"
@@ -138,10 +153,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 def _check_statements(
     participant: str, statements: Sequence[pb.Statement], consequence: str, txid: str = ""
 ) -> None:
-    """InvalidArgument naming the first statement the guard refuses, and why.
+    """InvalidArgument naming the first statement the guard refuses, or whose parameters an
+    agent would refuse, and why.
 
     The agents check again (a caller may reach one directly, and only an agent knows its own
     marker table's name): this check makes the answer the same on every path, and sooner."""
+    check_participant_name(participant)
     for index, statement in enumerate(statements, 1):
         try:
             check_statement(
@@ -149,6 +166,7 @@ def _check_statements(
                 placeholders=len(statement.params),
                 protected_tables=(DEFAULT_MARKER_TABLE,),
             )
+            check_values(statement.params)
         except InvalidArgument as err:
             raise InvalidArgument(
                 f"statement {index} for participant {participant!r} is refused: {err.message} "
@@ -157,14 +175,28 @@ def _check_statements(
             ) from None
 
 
+def statements_digest(statements: Sequence[pb.Statement]) -> bytes:
+    """A digest of an Execute's statements and parameters: a retry (the same sequence number)
+    must carry the same, which the engine checks with this."""
+    digest = hashlib.blake2b(digest_size=16)
+    for statement in statements:
+        data = statement.SerializeToString(deterministic=True)
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.digest()
+
+
 def _txid(txid: str) -> str:
     if not txid:
         raise InvalidArgument("txid is required")
+    parse_txid(txid)  # InvalidArgument, echoing nothing that is not a txid's form
     return txid
 
 
 async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
-    """Runs a handler with ``txid`` bound in the logs and errors turned into statuses."""
+    """Runs a handler with ``txid`` bound in the logs and errors turned into statuses. Only a
+    txid of a txid's form is bound or echoed: a hostile one may hold anything."""
+    txid = txid if is_txid(txid) else ""
     with structlog.contextvars.bound_contextvars(txid=txid or None):
         try:
             return await run()

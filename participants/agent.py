@@ -73,7 +73,7 @@ from twopc.errors import (
     TwopcError,
 )
 from twopc.failpoints import Failpoints
-from twopc.txid import Xid, check_participant_name, parse_txid
+from twopc.txid import Xid, check_participant_name, check_txid_prefix, parse_txid
 from twopc.votes import Presence, Vote
 
 _LOCK_WAIT_S = 60.0
@@ -193,7 +193,8 @@ class Agent:
         work = self._check(statements)
         if sequence < 1:
             raise InvalidArgument("sequence numbers start at 1", txid=txid)
-        found = self._registry.create(xid, self._deadline(timeout_ms))
+        deadline = self._deadline(timeout_ms, txid)
+        found = self._registry.create(xid, deadline)
         if isinstance(found, FinishedBranch):
             raise self._finished_error(txid, found)
         async with locked(found, _LOCK_WAIT_S, self.name):
@@ -221,11 +222,12 @@ class Agent:
     ) -> VoteResult:
         xid = self._xid(txid, participant)
         work = self._check(statements)
+        deadline = self._deadline(timeout_ms, txid)
         found = self._registry.get(txid)
         if found is None:
             if not work:
                 return await self._vote_without_branch(xid)
-            found = self._registry.create(xid, self._deadline(timeout_ms))
+            found = self._registry.create(xid, deadline)
         if isinstance(found, FinishedBranch):
             return await self._vote_of_finished(xid.txid, found)
         async with locked(found, _LOCK_WAIT_S, self.name):
@@ -234,6 +236,8 @@ class Agent:
                     xid.txid, FinishedBranch(found.state, found.reason)
                 )
             if found.state is BranchState.PREPARED:
+                if work:  # a retried one-shot prepare: its statements must be the first's
+                    self._steps.check_retry(found, work, sequence)
                 return VoteResult(Vote.PREPARED, outputs=tuple(found.last_outputs))
             if self._one_trip.possible(found, work):
                 return await self._one_trip.prepare(found, work, sequence)
@@ -261,7 +265,8 @@ class Agent:
         if work and not one_phase:
             raise InvalidArgument("statements come with a one-phase commit only", txid=txid)
         if one_phase:
-            return await self._commit_one_phase(xid, work, sequence, timeout_ms)
+            deadline = self._deadline(timeout_ms, txid)
+            return await self._commit_one_phase(xid, work, sequence, deadline)
         found = self._registry.get(txid)
         if isinstance(found, FinishedBranch) and found.state is not BranchState.ROLLED_BACK:
             return CommitResult(already_committed=True)
@@ -318,6 +323,7 @@ class Agent:
             return await self._steps.rollback_prepared(found)
 
     async def recover(self, txid_prefix: str) -> list[RecoveredBranch]:
+        check_txid_prefix(txid_prefix)
         async with self._admin.session() as session:
             xids = await prepared_xids(session)
         held = {
@@ -332,6 +338,8 @@ class Agent:
         ]
 
     async def inspect(self, txids: Sequence[str]) -> dict[str, Presence]:
+        for txid in txids:
+            parse_txid(txid)
         result: dict[str, Presence] = {}
         unknown = []
         for txid in txids:
@@ -407,7 +415,7 @@ class Agent:
     # --- answers about branches that are finished or not held here --------------------------------
 
     async def _commit_one_phase(
-        self, xid: Xid, work: Sequence[Work], sequence: int, timeout_ms: int
+        self, xid: Xid, work: Sequence[Work], sequence: int, deadline: float
     ) -> CommitResult:
         found = self._registry.get(xid.txid)
         if found is None and not work:
@@ -421,7 +429,7 @@ class Agent:
                 txid=xid.txid,
             )
         if found is None:
-            found = self._registry.create(xid, self._deadline(timeout_ms))
+            found = self._registry.create(xid, deadline)
         if isinstance(found, FinishedBranch):
             return await self._one_phase_result_of_finished(xid.txid, found)
         async with locked(found, _LOCK_WAIT_S, self.name):
@@ -466,6 +474,9 @@ class Agent:
     # --- helpers ----------------------------------------------------------------------------------
 
     def _xid(self, txid: str, participant: str) -> Xid:
+        """The branch's XID; InvalidArgument (echoing neither) for a txid that is not one, or a
+        participant name that is not this agent's."""
+        parse_txid(txid)
         if participant != self.name:
             check_participant_name(participant)
             raise InvalidArgument(
@@ -473,7 +484,6 @@ class Agent:
                 "coordinator's participants map",
                 txid=txid,
             )
-        parse_txid(txid)
         return Xid(txid, participant)
 
     def _check(self, statements: Sequence[StatementRequest]) -> list[Work]:
@@ -482,7 +492,15 @@ class Agent:
             self._checks.admit()
         return work
 
-    def _deadline(self, timeout_ms: int) -> float:
+    def _deadline(self, timeout_ms: int, txid: str) -> float:
+        """When a branch given ``timeout_ms`` (0: the default) expires; InvalidArgument past the
+        agent's ``max_timeout_ms`` (a branch holds a pooled session and its locks until then)."""
+        if timeout_ms > self.config.max_timeout_ms:
+            raise InvalidArgument(
+                f"timeout_ms {timeout_ms} is more than the {self.config.max_timeout_ms} that "
+                "this agent allows a branch (its max_timeout_ms setting)",
+                txid=txid,
+            )
         return self._clock() + (timeout_ms or self.config.default_timeout_ms) / 1000
 
     def _finished_error(self, txid: str, found: FinishedBranch) -> TwopcError:

@@ -72,6 +72,7 @@ class Branch:
     wrote: bool = False
     last_sequence: int = 0
     last_outputs: list[StatementOutput] = field(default_factory=list)
+    last_digest: bytes = b""  # of the statements that ran under last_sequence (work_digest)
     running_statement: bool = False
     severed: bool = False  # the reaper shut its session's socket (a statement lost on a dead link)
     forgotten: bool = False
@@ -88,7 +89,13 @@ class Branch:
         self.session = session
 
     def release_session(self) -> None:
-        """Gives the branch's session back to the pool, healthy (the branch is done with it)."""
+        """Gives the branch's session back to the pool, healthy (the branch is done with it).
+
+        Never while the branch is prepared: its session holds the prepared XA branch, and the
+        pool may reset a session it gets back, which on MariaDB 10.11 orphans the branch's
+        transaction (XA COMMIT of it then answers OK and applies nothing; see PROTOCOL.md).
+        A prepared branch's session is given up with ``discard_session``, which detaches it."""
+        assert self.state is not BranchState.PREPARED, f"{self.txid} is prepared: discard it"
         session, self.session = self.session, None
         if session is not None:
             session.release()

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from twopc.limits import RequestLimits
+from twopc.serving import MAX_MESSAGE_BYTES
 from twopc.settings import load_settings
 from twopc.txid import check_participant_name
 
@@ -60,6 +62,19 @@ class AgentConfig:
     lock_wait_timeout_s: int = 10
     session_idle_timeout_s: int = 600
     max_result_rows: int = 10_000
+    # Bounds on one request (twopc.limits), each refused with InvalidArgument before any work.
+    # Keep each at least the coordinator's: it relays its clients' requests here.
+    max_statements: int = 1000
+    max_params: int = 65_535
+    max_sql_length: int = 1024 * 1024
+    max_batch_txids: int = 1024  # txids in one CommitMany or Inspect; the coordinator sends 256
+    max_timeout_ms: int = 300_000  # a branch's timeout_ms; the coordinator's max_timeout_ms
+    max_request_bytes: int = MAX_MESSAGE_BYTES  # gRPC messages received; larger: RESOURCE_EXHAUSTED
+    # "auto": a branch's session is reset (COM_RESET_CONNECTION) before it returns to the pool
+    # after a statement that may leave session state (sql_guard: a stored function, a
+    # sequence, an INSERT); "always": after every branch (triggers on UPDATE or DELETE that set
+    # user variables or take locks), for about 65 us more CPU per branch.
+    reset_sessions: str = "auto"
     marker_table: str = "twopc_branch_marker"
     marker_retention_s: int = 7 * 24 * 3600
     reaper_interval_s: float = 0.2
@@ -93,6 +108,21 @@ class AgentConfig:
             raise ValueError("safety_check_interval_s must be positive")
         if self.pool_size < 1 or self.max_branches < 1:
             raise ValueError("pool_size and max_branches must be at least 1")
+        self.request_limits()  # checks them
+        if self.reset_sessions not in ("auto", "always"):
+            raise ValueError(f"reset_sessions must be auto or always, not {self.reset_sessions!r}")
+        if self.max_batch_txids < 256:
+            raise ValueError(
+                f"max_batch_txids ({self.max_batch_txids}) must be at least 256: the "
+                "coordinator commits up to 256 branches in one CommitMany"
+            )
+        if not 0 < self.default_timeout_ms <= self.max_timeout_ms:
+            raise ValueError(
+                f"default_timeout_ms ({self.default_timeout_ms}) must be positive and at most "
+                f"max_timeout_ms ({self.max_timeout_ms})"
+            )
+        if self.max_request_bytes < 1024 * 1024:
+            raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1 MiB")
         if self.marker_gc_interval_s <= 0 or self.reaper_interval_s <= 0:
             raise ValueError("marker_gc_interval_s and reaper_interval_s must be positive")
         if not self.lock_wait_timeout_s < self.mysql_command_timeout_s <= self.mysql_read_timeout_s:
@@ -106,6 +136,9 @@ class AgentConfig:
     def statement_schemas(self) -> tuple[str, ...]:
         """The schemas statements may touch."""
         return self.schemas or (self.mysql_database,)
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_statements, self.max_params, self.max_sql_length)
 
     def mysql_password(self, environ: Mapping[str, str]) -> str:
         return environ.get(self.mysql_password_env, "")

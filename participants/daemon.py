@@ -69,7 +69,7 @@ async def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> No
 
 
 async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> None:
-    server = new_server()
+    server = new_server(config.max_request_bytes)
     servicer = ParticipantServicer(agent)
     pb_grpc.add_ParticipantServicer_to_server(servicer, server)
     if config.admin_failpoints:

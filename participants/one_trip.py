@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from structlog.typing import FilteringBoundLogger
 
 from participants.branches import Branch, BranchRegistry, BranchState
-from participants.calls import VoteResult, Work
+from participants.calls import VoteResult, Work, mark_for_reset, work_digest
 from participants.steps import BranchSteps
 from participants.xa import (
     ER_DUP_ENTRY,
@@ -86,6 +86,7 @@ class OneTripPrepare:
             branch.release_session()  # nothing was sent
             self._registry.forget(branch)
             raise
+        mark_for_reset(session, work, always=self._steps.reset_always)
         statements = [f"XA START {xid}", *bound, *finish]
         # Statement i (1..n) is the i-th of the client's; XA PREPARE follows the marker and END.
         points = dict.fromkeys(range(1, len(work) + 1), "agent.mid_statement")
@@ -101,6 +102,7 @@ class OneTripPrepare:
         results = outputs[1 : 1 + len(work)]
         branch.last_sequence = sequence
         branch.last_outputs = results
+        branch.last_digest = work_digest(work)
         branch.wrote = writes
         if not writes:
             self._steps.finish(branch, BranchState.READ_ONLY)

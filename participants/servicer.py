@@ -1,8 +1,13 @@
 """The gRPC face of the agent: protobuf in, ``Agent`` calls on the event loop, protobuf out.
 
-Every ``TwopcError`` becomes a status here, and nothing else does. An agent call runs to its end
-even when its caller goes away (a cancelled RPC, a broken stream): stopping it halfway would
-leave a branch between two states, its session in the middle of a statement.
+A request is bounded here before anything is decoded (``twopc.limits``: statements, parameters,
+characters of SQL; txids per CommitMany and Inspect), and its parameters are decoded
+(``twopc.values``, which refuses what MySQL cannot hold) before the agent touches a branch: what
+is refused is InvalidArgument, and nothing of the request was done. Only a txid of a txid's form
+is echoed, in a log line or an error. Every ``TwopcError`` becomes a status here, and nothing
+else does. An agent call runs to its end even when its caller goes away (a cancelled RPC, a
+broken stream): stopping it halfway would leave a branch between two states, its session in the
+middle of a statement.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from participants.xa import StatementOutput
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
+from twopc.limits import RequestLimits
 from twopc.logs import redact
 from twopc.pipeline_messages import split_by_size
 from twopc.status import abort_with
+from twopc.txid import is_txid, parse_txid
 from twopc.values import from_values, to_values
 from twopc.votes import Presence, Vote
 
@@ -45,7 +52,17 @@ _PRESENCE = {
 
 
 def statement_requests(statements: Sequence[pb.Statement]) -> list[StatementRequest]:
-    return [StatementRequest(s.sql, from_values(s.params)) for s in statements]
+    """The statements with their parameters decoded; InvalidArgument naming the first statement
+    with a parameter that is refused (``twopc.values``: one MySQL cannot hold), before the agent
+    touches a branch."""
+    requests = []
+    for index, statement in enumerate(statements, 1):
+        try:
+            params = from_values(statement.params)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"statement {index}: {err.message}") from None
+        requests.append(StatementRequest(statement.sql, params))
+    return requests
 
 
 def statement_results(outputs: Sequence[StatementOutput]) -> list[pb.StatementResult]:
@@ -63,6 +80,8 @@ def statement_results(outputs: Sequence[StatementOutput]) -> list[pb.StatementRe
 class ParticipantServicer(pb_grpc.ParticipantServicer):
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
+        self._limits: RequestLimits = agent.config.request_limits()
+        self._max_batch = agent.config.max_batch_txids
         self._log = structlog.get_logger("twopc.agent.rpc")
         self._stopping = asyncio.Event()
 
@@ -73,7 +92,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             outputs = await self._agent.execute(
                 request.txid,
                 request.participant,
-                statement_requests(request.statements),
+                self._statements(request.statements),
                 request.sequence,
                 request.timeout_ms,
                 continues=request.continues,
@@ -89,7 +108,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         result = await self._agent.prepare(
             request.txid,
             request.participant,
-            statement_requests(request.statements),
+            self._statements(request.statements),
             request.sequence,
             request.timeout_ms,
         )
@@ -108,7 +127,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 request.txid,
                 request.participant,
                 one_phase=request.one_phase,
-                statements=statement_requests(request.statements),
+                statements=self._statements(request.statements),
                 sequence=request.sequence,
                 timeout_ms=request.timeout_ms,
             )
@@ -122,9 +141,11 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     async def CommitMany(
         self, request: pb.CommitManyRequest, context: Context
     ) -> pb.CommitManyResponse:
-        return await _finish(self._commit_many(request))
+        return await self._call(context, "", lambda: self._commit_many(request))
 
     async def _commit_many(self, request: pb.CommitManyRequest) -> pb.CommitManyResponse:
+        self._check_batch(request.txids, "CommitMany")
+
         async def commit(txid: str) -> pb.BranchOutcome:
             try:
                 result = await self._agent.commit(txid, request.participant, one_phase=False)
@@ -203,7 +224,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
     async def _pipeline_answer(self, call: pb.PipelineCall) -> pb.PipelineAnswer:
         kind = call.WhichOneof("call")
-        txid = call.prepare.txid if kind == "prepare" else ""
+        txid = call.prepare.txid if kind == "prepare" and is_txid(call.prepare.txid) else ""
         try:
             if kind == "prepare":
                 prepared = await self._prepare(call.prepare)
@@ -228,7 +249,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 code=error.code,
                 error_class=type(error).__name__,
                 message=error.message,
-                txid=error.txid or txid,
+                txid=error.txid if is_txid(error.txid) else txid,
                 mysql_errno=error.mysql_errno,
             ),
         )
@@ -264,6 +285,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
     async def Inspect(self, request: pb.InspectRequest, context: Context) -> pb.InspectResponse:
         async def run() -> pb.InspectResponse:
+            self._check_batch(request.txids, "Inspect")
             states = await self._agent.inspect(list(request.txids))
             return pb.InspectResponse(
                 branches=[
@@ -284,7 +306,27 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             prepared_branches=prepared,
         )
 
+    def _statements(self, statements: Sequence[pb.Statement]) -> list[StatementRequest]:
+        """The request's statements, bounded and decoded (InvalidArgument: nothing was done)."""
+        self._limits.check(statements, "this agent")
+        return statement_requests(statements)
+
+    def _check_batch(self, txids: Sequence[str], call: str) -> None:
+        """A batch of txids is bounded, and each must be a txid, before any is looked at."""
+        if len(txids) > self._max_batch:
+            raise InvalidArgument(
+                f"{call} carries {len(txids)} txids, more than the {self._max_batch} that this "
+                "agent takes in one call (its max_batch_txids setting); split the batch"
+            )
+        for index, txid in enumerate(txids, 1):
+            try:
+                parse_txid(txid)
+            except InvalidArgument as err:
+                raise InvalidArgument(f"{call} txid {index}: {err.message}") from None
+
     async def _call(self, context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
+        # Only a well-formed txid is echoed (in the logs and the trailing metadata).
+        txid = txid if is_txid(txid) else ""
         try:
             return await _finish(run())
         except TwopcError as err:

@@ -20,7 +20,7 @@ from structlog.typing import FilteringBoundLogger
 
 from participants.admin import AdminSessions
 from participants.branches import Branch, BranchRegistry, BranchState, Clock
-from participants.calls import CommitResult, VoteResult, Work
+from participants.calls import CommitResult, VoteResult, Work, mark_for_reset, work_digest
 from participants.config import AgentConfig
 from participants.takeover import Takeover
 from participants.xa import (
@@ -39,6 +39,7 @@ from participants.xa import (
 )
 from twopc.errors import (
     FailedPrecondition,
+    InvalidArgument,
     StatementFailed,
     TransactionAborted,
     TwopcError,
@@ -68,6 +69,7 @@ class BranchSteps:
     ) -> None:
         self._config = config
         self._name = config.name
+        self.reset_always = config.reset_sessions == "always"
         self._instance_id = instance_id
         self._pool = pool
         self._registry = registry
@@ -118,6 +120,7 @@ class BranchSteps:
         self, branch: Branch, work: Sequence[Work], sequence: int
     ) -> list[StatementOutput]:
         if sequence == branch.last_sequence and sequence > 0:
+            self.check_retry(branch, work, sequence)
             return branch.last_outputs  # a retry of the last call: its first answer
         if sequence < branch.last_sequence:
             raise FailedPrecondition(
@@ -127,6 +130,7 @@ class BranchSteps:
             )
         session = branch.session
         assert session is not None
+        mark_for_reset(session, work, always=self.reset_always)
         outputs = []
         for index, item in enumerate(work, start=1):
             if self._clock() > branch.deadline:
@@ -150,7 +154,20 @@ class BranchSteps:
             outputs.append(output)
         branch.last_sequence = sequence
         branch.last_outputs = outputs
+        branch.last_digest = work_digest(work)
         return outputs
+
+    def check_retry(self, branch: Branch, work: Sequence[Work], sequence: int) -> None:
+        """A call that repeats the last sequence number is a retry, answered with the first
+        answer: InvalidArgument unless it carries the same statements and parameters (another
+        call under a used number would otherwise get an answer to work that never ran)."""
+        if sequence != branch.last_sequence or work_digest(work) != branch.last_digest:
+            raise InvalidArgument(
+                f"sequence {sequence} on {self._name} was used already, for other statements "
+                f"or parameters (the last call that ran was sequence {branch.last_sequence}): "
+                "a retry must repeat its call exactly; new work takes a new sequence number",
+                txid=branch.txid,
+            )
 
     async def abort_after_statement(
         self, branch: Branch, index: int, err: DbError

@@ -34,8 +34,14 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def new_server() -> aio.Server:
-    return aio.server(options=SERVER_OPTIONS)
+def new_server(max_request_bytes: int = MAX_MESSAGE_BYTES) -> aio.Server:
+    """A server that refuses, with RESOURCE_EXHAUSTED, a message larger than
+    ``max_request_bytes`` (gRPC's answer names both sizes)."""
+    options = [
+        (k, max_request_bytes if k == "grpc.max_receive_message_length" else v)
+        for k, v in SERVER_OPTIONS
+    ]
+    return aio.server(options=options)
 
 
 def listen(server: aio.Server, address: str) -> int:

@@ -21,6 +21,7 @@ from twopc.errors import (
     error_for_code,
     is_transport_failure,
 )
+from twopc.txid import is_txid
 
 __all__ = [
     "ERROR_CLASS_KEY",
@@ -43,8 +44,11 @@ def status_code(error: TwopcError) -> grpc.StatusCode:
 
 
 def trailing_metadata(error: TwopcError) -> tuple[tuple[str, str], ...]:
+    """The error's class, and its txid and MySQL error number when it has them. A txid goes
+    only when it has a txid's form: one taken from a hostile request could hold what no header
+    may (a newline, a NUL, a megabyte) and turn the answer into an INTERNAL "Invalid metadata"."""
     metadata = [(ERROR_CLASS_KEY, type(error).__name__)]
-    if error.txid:
+    if error.txid and is_txid(error.txid):
         metadata.append((TXID_KEY, error.txid))
     if error.mysql_errno:
         metadata.append((MYSQL_ERRNO_KEY, str(error.mysql_errno)))

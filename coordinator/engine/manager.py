@@ -110,6 +110,9 @@ class Transaction:
     # participant's refusal explains the abort first, or the decision was COMMIT already.
     abort_request: AbortReason | None = None
     results: dict[str, Results] = field(default_factory=dict)
+    # Per participant, the sequence number of the last Execute that ran there and a digest of
+    # its statements: a retry under that number must carry the same statements.
+    executed: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -260,8 +263,18 @@ class TransactionManager:
         return tx
 
     async def execute(
-        self, txid: str, participant: str, statements: Statements, sequence: int
+        self,
+        txid: str,
+        participant: str,
+        statements: Statements,
+        sequence: int,
+        *,
+        digest: bytes = b"",
     ) -> Results:
+        """Runs ``statements`` on ``participant``'s branch. ``digest`` (of the statements and
+        their parameters) tells a retry (the last sequence number again, the same digest: the
+        agent answers it with its first answer) from other work under a used number, which is
+        refused with InvalidArgument (the transaction stays as it was)."""
         tx = self._live_transaction(txid)
         self._check_participant(participant)
         if sequence < 1:
@@ -270,6 +283,15 @@ class TransactionManager:
             raise InvalidArgument("Execute needs at least one statement", txid=txid)
         async with tx.lock:
             self._require_active(tx)
+            last = tx.executed.get(participant)
+            if last is not None and last[0] == sequence and last[1] != digest:
+                raise InvalidArgument(
+                    f"Execute sequence {sequence} on participant {participant!r} ran already, "
+                    "with other statements or parameters: a retry must repeat its call "
+                    "exactly; new work takes a new sequence number (nothing of this request "
+                    "ran; the transaction is as it was)",
+                    txid=txid,
+                )
             remaining = self._remaining(tx)
             if remaining <= 0:
                 await self._abort(tx, AbortReason.deadline())
@@ -294,6 +316,7 @@ class TransactionManager:
                 # deadline), or FailedPrecondition if an earlier attempt turned out committed.
                 raise self._inactive_error(tx) from err
             tx.touch(participant)
+            tx.executed[participant] = (sequence, digest)
             if tx.state is not TxState.ACTIVE:
                 # Rolled back while the statement ran: the branch may have started after the
                 # rollback reached the agent, so roll it back again.

@@ -3,7 +3,8 @@
 The coordinator checks every statement of an Execute or a RunTransaction before its engine sees
 the request: InvalidArgument naming the statement and the reason, no transaction begun for a
 one-shot (so no record of it anywhere), no branch on any agent, and an interactive transaction
-left as it was. One region (the one-phase path) and several answer alike.
+left as it was. One region (the one-phase path) and several answer alike. (The same statements
+sent straight to an agent, on each of its entry paths: tests/security/test_statement_paths.py.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ REFUSED = [
     pytest.param("SET autocommit = 1", "SET autocommit", id="set-autocommit"),
     pytest.param("XA END 'x'", "XA statements", id="xa"),
     pytest.param("UPDATE accounts SET balance = 0; COMMIT", "one statement", id="two-statements"),
+    # Session state that would outlive the transaction on the agent's pooled session.
+    pytest.param("SELECT GET_LOCK('hostile', 0)", "GET_LOCK is not allowed", id="get-lock"),
+    pytest.param("SELECT balance INTO @v FROM accounts WHERE id = 1", "user variables", id="into"),
+    pytest.param("SELECT @v := 1", "user variables", id="user-variable"),
+    # Files on the database server.
+    pytest.param("SELECT LOAD_FILE('/etc/passwd')", "LOAD_FILE is not allowed", id="load-file"),
+    pytest.param("SELECT 1 INTO OUTFILE '/tmp/hostile'", "INTO OUTFILE", id="outfile"),
+    # The agent's marker table.
+    pytest.param("SELECT * FROM twopc_branch_marker", "bookkeeping", id="read-marker"),
+    pytest.param("DELETE FROM `twopc_branch_marker`", "bookkeeping", id="delete-marker"),
 ]
 _request_ids = itertools.count()
 

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import errno
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,23 @@ from twopc.txid import (
     check_coordinator_id,
     check_participant_name,
     check_request_id,
+    check_txid_prefix,
+    is_txid,
     new_txid,
     parse_txid,
+    shown,
     txid_for_request,
     txid_prefix,
 )
-from twopc.values import SqlValue, from_value, from_values, to_value, to_values
+from twopc.values import (
+    MAX_VALUE_BYTES,
+    SqlValue,
+    check_values,
+    from_value,
+    from_values,
+    to_value,
+    to_values,
+)
 
 LONGEST_COORDINATOR = "c" + "-" * 18 + "9"  # 20 characters
 LONGEST_REQUEST = "R" * 20 + "_" * 10 + "-" * 10  # 40 characters
@@ -146,6 +158,57 @@ def test_participant_name_rejections(name: str) -> None:
 def test_parse_txid_rejections(txid: str) -> None:
     with pytest.raises(InvalidArgument, match="not a twopc transaction id"):
         parse_txid(txid)
+    assert not is_txid(txid)
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "expected"),
+    [
+        ("c1.r-a", 63, "'c1.r-a'"),
+        ("it's", 10, '"it\'s"'),
+        ("", 10, "''"),
+        ("a" * 11, 10, "a value of 11 characters (at most 10)"),
+        ("c1.\nx", 63, "a value whose character 4 is U+000A"),
+        ("c1.\x00", 63, "a value whose character 4 is U+0000"),
+        ("c1.é", 63, "a value whose character 4 is U+00E9"),
+        ("c1.\x7f", 63, "a value whose character 4 is U+007F"),
+    ],
+)
+def test_hostile_ids_are_described_not_echoed(text: str, limit: int, expected: str) -> None:
+    assert shown(text, limit) == expected
+
+
+@pytest.mark.parametrize(
+    ("check", "text"),
+    [
+        (parse_txid, "c1.\n" + "0" * 32),
+        (check_request_id, "a\nb"),
+        (check_request_id, "x" * 1_000_000),
+        (check_participant_name, "eu\x00"),
+        (check_coordinator_id, "c\u2028"),
+        (check_txid_prefix, "c1.\n"),
+        (check_txid_prefix, "c" * 100),
+    ],
+)
+def test_id_checks_never_echo_what_they_refuse(check: Any, text: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check(text)
+    assert text not in caught.value.message
+    assert len(caught.value.message) < 200
+
+
+def test_txid_prefixes() -> None:
+    for prefix in ("", "c1.", "c1.r-", txid_for_request("c1", "a")):
+        assert check_txid_prefix(prefix) == prefix
+    assert is_txid(txid_for_request("c1", "a"))
+    assert is_txid(new_txid("c1", 1))
+
+
+@pytest.mark.parametrize("txid", ["c1.\nabc", "c1.r-" + "a" * 100_000, "c1.r-é", "x"])
+def test_only_a_txid_of_a_txids_form_goes_into_the_metadata(txid: str) -> None:
+    metadata = dict(trailing_metadata(InvalidArgument("refused", txid=txid)))
+    assert TXID_KEY not in metadata
+    assert metadata[ERROR_CLASS_KEY] == "InvalidArgument"
 
 
 def test_xid_sql_is_hex() -> None:
@@ -252,6 +315,15 @@ def test_values_lists_and_the_empty_value() -> None:
         decimal.Decimal("sNaN"),
         decimal.Decimal("Infinity"),
         decimal.Decimal("-Infinity"),
+        decimal.Decimal("1e500000000"),  # written out in fixed point, half a gigabyte
+        decimal.Decimal("1e65"),  # 66 digits before the point
+        decimal.Decimal("1e-39"),  # 39 after it
+        decimal.Decimal("0e-39"),
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        dt.timedelta(hours=839),  # beyond MySQL's TIME
+        -dt.timedelta(hours=839),
         object(),
         dt.time(1, 2, 3),
         [1, 2],
@@ -263,6 +335,59 @@ def test_values_lists_and_the_empty_value() -> None:
 def test_value_rejections(value: object) -> None:
     with pytest.raises(InvalidArgument):
         to_value(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        decimal.Decimal("9" * 65),
+        decimal.Decimal("-" + "9" * 27 + "." + "9" * 38),
+        decimal.Decimal("1e64"),
+        decimal.Decimal("1e-38"),
+        decimal.Decimal("0e-38"),
+        decimal.Decimal("1.5e-10"),
+    ],
+    ids=str,
+)
+def test_decimals_within_mysqls_widest_decimal_pass(value: decimal.Decimal) -> None:
+    assert from_value(to_value(value)) == value
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (pb.Value(decimal_value="1e500000000"), "500000001 digits before the point"),
+        (pb.Value(decimal_value="1" * 66), "at most 65 digits in all"),
+        (pb.Value(decimal_value="1e-39"), "38 after the point"),
+        (pb.Value(decimal_value="1" * 101), "101 characters, more than 100"),
+        (pb.Value(decimal_value="NaN"), "not a finite number"),
+        (pb.Value(decimal_value="-sNaN"), "not a finite number"),
+        (pb.Value(decimal_value="Infinity"), "not a finite number"),
+        (pb.Value(double_value=float("nan")), "not a finite number"),
+        (pb.Value(double_value=float("-inf")), "not a finite number"),
+        (pb.Value(time_value="839:00:00"), "outside MySQL's range"),
+        (pb.Value(time_value="99999999999999:00:00"), "malformed time_value"),
+        (pb.Value(time_value="12:60:00"), "malformed time_value"),
+        (pb.Value(time_value="12:00:60"), "malformed time_value"),
+        (pb.Value(datetime_value="2024-01-01 00:00:00" + " " * 30), "more than 40"),
+        (pb.Value(date_value="2024-01-01" + "0" * 40), "more than 40"),
+        (pb.Value(text_value="x" * (MAX_VALUE_BYTES + 1)), "more than the 16777216"),
+        (pb.Value(bytes_value=b"x" * (MAX_VALUE_BYTES + 1)), "more than the 16777216"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_wire_values_mysql_cannot_hold_are_refused(wire: pb.Value, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        from_value(wire)
+
+
+def test_a_refused_parameter_is_named_by_its_position() -> None:
+    values = [pb.Value(int_value=1), pb.Value(double_value=float("nan"))]
+    with pytest.raises(InvalidArgument, match=r"^parameter 2: double nan is not a finite"):
+        from_values(values)
+    with pytest.raises(InvalidArgument, match=r"^parameter 2: "):
+        check_values(values)
+    check_values([pb.Value(decimal_value="12.50"), pb.Value(time_value="-838:59:59.999999")])
 
 
 @pytest.mark.parametrize(

@@ -78,11 +78,15 @@ def refused(sql: str, placeholders: int = 0) -> str:
             WRITE,
         ),
         ("(WITH x AS (SELECT 1) SELECT * FROM x)", READ),
-        # Locking reads and INTO @var are reads.
+        # Locking reads are reads; system variables may be read; SLEEP is a slow query.
         ("SELECT * FROM t WHERE id = 1 FOR UPDATE", READ),
         ("SELECT * FROM t LOCK IN SHARE MODE", READ),
-        ("SELECT a INTO @a FROM t WHERE id = 1", READ),
-        ("SELECT a FROM t INTO @a, @b", READ),
+        ("SELECT @@session.sql_mode, @@tx_isolation", READ),
+        ("SELECT 'a@b', `x@y`, '@v' /* @v */", READ),
+        ("SELECT SLEEP(1), BENCHMARK(10, 1)", READ),
+        ("SELECT get_lock_count FROM t", READ),  # a column, not a call
+        ("SELECT * FROM locks WHERE is_used_lock = 1", READ),
+        ("SELECT 'GET_LOCK(1)', `load_file` FROM t", READ),
         ("INSERT INTO dumpfile VALUES (1)", WRITE),  # DUMPFILE is not reserved: a table name
         ("INSERT INTO dumpfile (a) VALUES (1)", WRITE),
         # Quotes and escapes hide what they contain.
@@ -258,6 +262,25 @@ def test_percent_message_tells_the_fix() -> None:
         ("SELECT 1 INTO DUMPFILE '/tmp/x'", "INTO DUMPFILE is not allowed"),
         ('SELECT 1 INTO DUMPFILE "/tmp/x"', "INTO DUMPFILE is not allowed"),
         ("SELECT 1 INTO DUMPFILE %s", "INTO DUMPFILE is not allowed"),
+        ("SELECT LOAD_FILE('/etc/passwd')", "LOAD_FILE is not allowed"),
+        ("select load_file /* x */ ('/etc/passwd')", "LOAD_FILE is not allowed"),
+        # Session state that would outlive the transaction on a pooled session.
+        ("SELECT GET_LOCK('x', 0)", "GET_LOCK is not allowed inside a twopc transaction"),
+        ("SELECT get_lock ('x', 0)", "GET_LOCK is not allowed"),
+        ("SELECT GET_LOCK/**/('x', 0)", "GET_LOCK is not allowed"),
+        ("SELECT 1 FROM t WHERE RELEASE_LOCK('x')", "RELEASE_LOCK is not allowed"),
+        ("SELECT RELEASE_ALL_LOCKS()", "RELEASE_ALL_LOCKS is not allowed"),
+        ("SELECT IS_FREE_LOCK('x')", "IS_FREE_LOCK is not allowed"),
+        ("SELECT IS_USED_LOCK('x')", "IS_USED_LOCK is not allowed"),
+        ("UPDATE t SET a = GET_LOCK('x', 0)", "GET_LOCK is not allowed"),
+        ("SELECT a INTO @a FROM t WHERE id = 1", "user variables (@name) are not allowed"),
+        ("SELECT a FROM t INTO @a, @b", "user variables (@name) are not allowed"),
+        ("SELECT @v", "user variables (@name) are not allowed"),
+        ("SELECT @v := 1", "user variables"),
+        ("SELECT @'v', 1", "user variables"),
+        ("SELECT @`v`", "user variables"),
+        ("UPDATE t SET a = (@v := a) WHERE id = 1", "user variables"),
+        ("SELECT @@@v", "user variables"),
         ("SELECT 1 INTO DUMPFILE", "INTO DUMPFILE is not allowed"),
         ("WITH x AS (SELECT 1) SELECT * FROM x INTO OUTFILE '/x'", "INTO OUTFILE is not allowed"),
         # The marker table.
@@ -413,3 +436,41 @@ def test_body_is_the_statement_without_its_terminator(
 def test_the_coordinator_protects_the_agents_default_marker_table() -> None:
     """The coordinator cannot read the agents' configuration: it protects their default."""
     assert AgentConfig().marker_table == DEFAULT_MARKER_TABLE
+
+
+@pytest.mark.parametrize(
+    ("sql", "leaves_state"),
+    [
+        # Reads that call nothing, or only built-ins without session effects: no reset.
+        ("SELECT balance FROM accounts WHERE id = 1", False),
+        ("SELECT COUNT(*), SUM(a), COALESCE(MAX(b), 0) FROM t WHERE c IN (1, 2)", False),
+        ("SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.a = t.a) FOR UPDATE", False),
+        ("SELECT CAST(a AS DECIMAL(10, 2)), NOW(), CONCAT(b, 'x') FROM t", False),
+        ("SELECT * FROM t JOIN u USING (id) WHERE t.d > DATE_SUB(NOW(), INTERVAL 1 DAY)", False),
+        ("SELECT 'f(x)', `g` FROM t -- h(y)", False),
+        ("SELECT SLEEP(0)", False),
+        ("UPDATE accounts SET balance = balance + 1 WHERE id = 1", False),
+        ("DELETE FROM t WHERE id = 1 AND d < NOW()", False),
+        ("WITH x AS (SELECT 1) DELETE FROM t", False),
+        ("UPDATE t SET inserted = 1, replaced = 2", False),
+        # An INSERT or REPLACE sets LAST_INSERT_ID.
+        ("INSERT INTO t (a) VALUES (1)", True),
+        ("insert t values (1)", True),
+        ("REPLACE INTO t VALUES (1)", True),
+        ("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x", True),
+        ("UPDATE t SET a = my_func(a)", True),
+        # Reads that call what the guard does not know: a stored function may do anything.
+        ("SELECT my_func(1)", True),
+        ("SELECT shop.count(1)", True),  # qualified: a stored function, whatever its name
+        ("SELECT `count`(1)", True),
+        ("SELECT LAST_INSERT_ID(5)", True),
+        ("SELECT NEXTVAL(s)", True),
+        ("SELECT NEXT VALUE FOR s", True),
+        ("SELECT PREVIOUS VALUE FOR s", True),
+        ("SELECT a FROM t WHERE b = f (1)", True),
+        ("SELECT a FROM t WHERE b = f/**/(1)", True),
+    ],
+)
+def test_statements_that_may_leave_session_state(sql: str, leaves_state: bool) -> None:
+    """What makes the agent reset the session before it returns to the pool."""
+    assert check(sql).session_state is leaves_state

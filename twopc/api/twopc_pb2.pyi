@@ -178,7 +178,10 @@ Global___BranchState: _TypeAlias = BranchState  # noqa: Y015
 @_typing.final
 class Value(_message.Message):
     """A typed SQL value: a bound parameter or a column of a result row. Values are never interpolated
-    into SQL text by twopc; the driver sends them escaped, as bound parameters.
+    into SQL text by twopc; the driver sends them escaped, as bound parameters. A parameter MySQL
+    cannot hold is INVALID_ARGUMENT: a double that is not finite, a decimal beyond DECIMAL(65,38)
+    (or longer than 100 characters), a TIME beyond +-838:59:59.999999, a string or bytes value
+    over 16 MiB.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -239,6 +242,8 @@ Global___Value: _TypeAlias = Value  # noqa: Y015
 class Statement(_message.Message):
     """One SQL statement with "%s" placeholders, one per element of params.
     Allowed: SELECT, INSERT, UPDATE, DELETE, REPLACE, WITH ... SELECT. One statement per message.
+    A request carries at most max_statements statements, max_params parameters and max_sql_length
+    characters of SQL, all together (settings of each daemon; INVALID_ARGUMENT beyond).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -373,8 +378,10 @@ class ExecuteRequest(_message.Message):
     participant: _builtins.str
     sequence: _builtins.int
     """Numbers the Execute calls of this transaction on this participant: 1, then larger numbers
-    (gaps are allowed, e.g. after a refused call). A retried Execute repeats its number and gets
-    the first answer without running anything twice; a number below the last one is refused.
+    (gaps are allowed, e.g. after a refused call). A retried Execute repeats its number and its
+    statements and gets the first answer without running anything twice; the last number with
+    other statements or parameters is INVALID_ARGUMENT, and a number below the last one is
+    refused.
     """
     @_builtins.property
     def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]: ...
@@ -816,7 +823,9 @@ class BranchExecuteRequest(_message.Message):
     """the agent's own name; a mismatch is INVALID_ARGUMENT (misrouted call)"""
     sequence: _builtins.int
     timeout_ms: _builtins.int
-    """time left before the transaction's deadline"""
+    """Time left before the transaction's deadline; more than the agent's max_timeout_ms is
+    INVALID_ARGUMENT (a branch holds a session and its locks until then).
+    """
     continues: _builtins.bool
     """true when earlier statements of this transaction ran on this participant: the branch must
     exist. An agent that lost it (it or its database restarted) refuses with ABORTED instead of
@@ -992,7 +1001,9 @@ class CommitManyRequest(_message.Message):
     TXIDS_FIELD_NUMBER: _builtins.int
     participant: _builtins.str
     @_builtins.property
-    def txids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def txids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """at most the agent's max_batch_txids (1024 by default)"""
+
     def __init__(
         self,
         *,

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 import pytest
 
 from twopc.client import Client
-from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.testing.playground.cluster import DATABASE, Cluster, wait_until
+from twopc.testing.playground.mariadb import AGENT_USER
 from twopc.values import SqlValue
 
 LOCK = "twopc-security-lock"
@@ -41,8 +42,13 @@ def functions(cluster: Cluster) -> Iterator[None]:
         "CREATE OR REPLACE FUNCTION recall() RETURNS INT RETURN @remembered",
         "CREATE TABLE IF NOT EXISTS numbered (id INT AUTO_INCREMENT PRIMARY KEY, v INT)",
     ]
+    # The DBA lets the agent's least-privilege user call them, as an application's DBA would.
+    grants = [
+        f"GRANT EXECUTE ON FUNCTION {DATABASE}.{name} TO {AGENT_USER}@'127.0.0.1'"
+        for name in ("take_lock", "remember", "recall")
+    ]
     with cluster.mysql(REGION) as conn, conn.cursor() as cursor:
-        for statement in ddl:
+        for statement in [*ddl, *grants]:
             cursor.execute(statement)
     yield
     with cluster.mysql(REGION) as conn, conn.cursor() as cursor:

@@ -8,14 +8,14 @@ import itertools
 from collections.abc import Iterator
 
 import grpc
+import pymysql
 import pytest
 
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
-from twopc.client import Client, StatementFailed
-from twopc.testing.playground.cluster import Cluster
-from twopc.testing.playground.mariadb import AGENT_USER
-from twopc.values import from_value
+from twopc.client import Client, InvalidArgument, StatementFailed
+from twopc.testing.playground.cluster import DATABASE, Cluster
+from twopc.testing.playground.mariadb import AGENT_PASSWORD_ENV, AGENT_USER
 
 ER_TABLEACCESS_DENIED = 1142
 _ids = itertools.count()
@@ -72,16 +72,34 @@ def test_the_agents_connect_as_the_least_privilege_user(
         ], region
 
 
-def test_load_file_gives_nothing(live_cluster: Cluster, client: Client) -> None:
+def test_load_file_is_refused_and_would_give_nothing(live_cluster: Cluster, client: Client) -> None:
+    """Two walls: the statement guard refuses LOAD_FILE on every path, and behind it the agent's
+    database user has no FILE right, so the server would answer NULL."""
     sql = "SELECT LOAD_FILE('/etc/passwd')"
-    one_shot = client.run({"eu": [(sql, [])]}, timeout=10)
-    assert one_shot.results["eu"][0].rows == [(None,)]
-    two_regions = client.run({"eu": [(sql, [])], "us": [(sql, [])]}, timeout=10)
-    assert [r[0].rows for r in two_regions.results.values()] == [[(None,)], [(None,)]]
-    with client.transaction(timeout=10) as tx:
-        assert tx.execute("ap", sql).scalar() is None
-    (result,) = on_agent(live_cluster, sql).results
-    assert [from_value(v) for v in result.rows[0].values] == [None]
+    with pytest.raises(InvalidArgument, match="LOAD_FILE"):
+        client.run({"eu": [(sql, [])]}, timeout=10)
+    with pytest.raises(InvalidArgument, match="LOAD_FILE"):
+        client.run({"eu": [(sql, [])], "us": [(sql, [])]}, timeout=10)
+    with client.transaction(timeout=10) as tx, pytest.raises(InvalidArgument, match="LOAD_FILE"):
+        tx.execute("ap", sql)
+    with pytest.raises(grpc.RpcError) as refused:
+        on_agent(live_cluster, sql)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    agent = live_cluster.component("agent-eu")
+    host, port = live_cluster.component("mariadb-eu").address.rsplit(":", 1)
+    with (
+        pymysql.connect(
+            host=host,
+            port=int(port),
+            user=AGENT_USER,
+            password=agent.env[AGENT_PASSWORD_ENV],
+            database=DATABASE,
+            connect_timeout=5,
+        ) as conn,
+        conn.cursor() as cursor,
+    ):
+        cursor.execute(sql)
+        assert cursor.fetchall() == ((None,),)
 
 
 READS_BEYOND = [

@@ -18,6 +18,7 @@ twopc bench [--workloads ...] [--concurrency ...] twopc against direct XA, SQLAl
 twopc bench-recovery [--in-doubt N]             time to resolve N in-doubt transactions after
                                                 a coordinator SIGKILL and restart
 twopc tx TXID | --request-id ID                 a transaction's state and outcome
+twopc certs init DIR | issue DIR NAME           a throwaway CA and certificates (mutual TLS)
 
 `pip install twopc` runs `twopc tx`; every other command needs an extra (it says which).
 """
@@ -88,6 +89,9 @@ _COMMANDS = {
         "twopc.testing.bench.recovery",
     ),
     "tx": _Command("look a transaction up", None),
+    "certs": _Command(
+        "a throwaway CA and certificates for mutual TLS", "playground", "twopc.testing.certs"
+    ),
 }
 
 
@@ -259,6 +263,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from twopc.testing.chaos.proxy_service import run as run_proxy
 
         return run_proxy
+    if command == "certs":
+        from twopc.testing.certs import run as run_certs
+
+        return run_certs
     raise AssertionError(command)
 
 

@@ -1,1 +1,2 @@
-"""Hostile callers: requests no coordinator or SDK of ours would send, each checked on the databases."""
+"""Hostile callers: requests no coordinator or SDK of ours would send, each checked on the
+databases."""

@@ -174,6 +174,7 @@ def test_twopc_tx_runs_with_the_base_dependencies_only(base_site: Path) -> None:
         (["playground", "--detach"], "playground"),
         (["chaos", "--help"], "chaos"),
         (["bench", "--duration", "1"], "bench"),
+        (["certs", "init", "somewhere"], "playground"),
     ],
 )
 def test_a_command_without_its_extra_names_the_extra(

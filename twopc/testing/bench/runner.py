@@ -274,7 +274,7 @@ class Bench:
         self._say = say
         self._clock = clock
         self._sleep = sleep
-        self._proxy = ProxyControl(cluster.component(PROXY).address)
+        self._proxy = ProxyControl(cluster.component(PROXY).address, tls=cluster.proxy_tls())
         self._ports = _cluster_ports(cluster)
         self._log = LogSyncs(Path(cluster.component("coordinator").data_dir) / LOG_NAME)
         self._endpoints = Endpoints(
@@ -288,6 +288,7 @@ class Bench:
             database=DATABASE,
             lock_wait_timeout_s=settings.lock_wait_timeout_s,
             tx_timeout_s=settings.tx_timeout_s,
+            coordinator_tls=cluster.client_tls(),
         )
         self.cells: list[CellResult] = []
         self.injected: dict[int, dict[str, int]] = {}  # round trip -> link -> ms each way

@@ -33,6 +33,11 @@ class AgentConfig:
     obeys only ``coordinator_identities`` (certificate Common Names, ``twopc.identity``): any
     other caller of the Participant API gets PERMISSION_DENIED. ``insecure_plaintext`` turns
     TLS off, and with it every identity rule.
+
+    TLS to the database: ``mysql_ssl_ca`` turns it on and requires it (a server that does not
+    offer TLS is refused); the server's certificate must be signed by that CA and name
+    ``mysql_host``. ``mysql_ssl_cert`` and ``mysql_ssl_key`` add a client certificate, for a
+    MySQL user created ``REQUIRE X509``.
     """
 
     name: str = "region"
@@ -69,6 +74,9 @@ class AgentConfig:
     insecure_plaintext: bool = False
     coordinator_identities: tuple[str, ...] = ()
     admin_identities: tuple[str, ...] = ()
+    mysql_ssl_ca: Path | None = None
+    mysql_ssl_cert: Path | None = None
+    mysql_ssl_key: Path | None = None
 
     def __post_init__(self) -> None:
         check_participant_name(self.name)

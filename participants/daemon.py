@@ -13,6 +13,7 @@ import structlog
 
 from participants.agent import Agent
 from participants.config import AgentConfig, load_agent_config
+from participants.mysql_tls import mysql_ssl_context
 from participants.servicer import ParticipantServicer
 from participants.xa import SessionPool
 from twopc.api import chaos_pb2, twopc_pb2
@@ -51,6 +52,9 @@ def build_pool(config: AgentConfig, environ: Mapping[str, str]) -> SessionPool:
         command_timeout=config.mysql_command_timeout_s,
         lock_wait_timeout=config.lock_wait_timeout_s,
         idle_timeout=config.session_idle_timeout_s,
+        ssl_context=mysql_ssl_context(
+            config.mysql_ssl_ca, config.mysql_ssl_cert, config.mysql_ssl_key
+        ),
     )
 
 
@@ -104,6 +108,7 @@ async def serve(
         tls=tls is not None,
         coordinator_identities=list(config.coordinator_identities),
         admin_identities=list(config.admin_identities),
+        mysql_tls=config.mysql_ssl_ca is not None,
     )
     reaper = asyncio.create_task(_reap(agent, config))
     collector = asyncio.create_task(_collect_markers(agent, config))
@@ -162,7 +167,11 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
     if tls is None:
         ignored = any((config.tls_cert, config.tls_key, config.tls_ca))
         log.warning("insecure_plaintext", warning=plaintext_warning(config.listen, ignored))
-    agent = build_agent(config, environ, failpoints)
+    try:
+        agent = build_agent(config, environ, failpoints)
+    except (OSError, ValueError) as err:  # the database's TLS files (mysql_ssl_*)
+        log.error("agent_cannot_start", error=f"TLS to the database: {err}")
+        return 2
     code = 0
 
     async def run() -> None:

@@ -12,6 +12,8 @@ The systems:
 
 - ``Twopc``: the SDK, through the coordinator (one ``Client``, thread-safe, shared by all
   workers: its one gRPC channel is the persistent connection), over mutual TLS.
+  ``TwopcPlaintext`` is the same with every gRPC hop in plaintext (the daemons restarted with
+  ``insecure_plaintext``): the two side by side give what TLS costs.
 - ``DirectXA``: XA driven from the benchmark process over one pymysql connection per region:
   XA START, the statements, XA END and XA PREPARE on each branch in turn, then XA COMMIT on each.
   A branch that only read is finished by ``XA COMMIT ... ONE PHASE`` when it ends (as twopc's
@@ -54,6 +56,7 @@ __all__ = [
     "SqlaTwoPhase",
     "System",
     "Twopc",
+    "TwopcPlaintext",
     "Tx",
     "TxFailed",
     "Work",
@@ -227,6 +230,13 @@ class Twopc(System):
 
     def close(self) -> None:
         self._client.close()
+
+
+class TwopcPlaintext(Twopc):
+    """``Twopc`` with TLS off on every gRPC hop (the endpoints give no TLS, and the daemons run
+    with ``insecure_plaintext``)."""
+
+    name = "twopc-plaintext"
 
 
 def _twopc_failure(err: TwopcError) -> TxFailed:
@@ -681,6 +691,8 @@ def make_system(
     """
     if name == Twopc.name:
         return Twopc(endpoints, wait_for_phase2=wait_for_phase2)
+    if name == TwopcPlaintext.name:
+        return TwopcPlaintext(endpoints, wait_for_phase2=wait_for_phase2)
     if name == DirectXA.name:
         return DirectXA(endpoints)
     if name == SqlaTwoPhase.name:

@@ -181,7 +181,8 @@ class Cluster:
         self.coordinator_id = coordinator_id
         self.links = list(links)
         self.tls = tls
-        # The daemons run with insecure_plaintext: always without certificates.
+        # The daemons run with insecure_plaintext: always without certificates; the benchmark
+        # switches a TLS cluster to plaintext and back (use_plaintext).
         self.plaintext = plaintext or tls is None
 
     # --- building -----------------------------------------------------------------------------
@@ -435,6 +436,28 @@ class Cluster:
         """``client`` for asyncio (make it inside the event loop that uses it)."""
         tls = self.client_tls(identity)
         return AsyncClient(self.coordinator_address, tls=tls, insecure=tls is None, **kwargs)
+
+    def use_plaintext(self, plaintext: bool, timeout: float = 60.0) -> None:
+        """Restarts the agents and the coordinator with TLS off (``insecure_plaintext`` from
+        the environment, over their configuration files) or on again, when they do not run so
+        already. For measuring what TLS costs; the proxy's control API keeps its TLS."""
+        if plaintext == self.plaintext:
+            return
+        if not plaintext and self.tls is None:
+            raise PlaygroundError("this cluster has no certificates: it runs in plaintext only")
+        variables = {"agent": "TWOPC_AGENT_INSECURE_PLAINTEXT"}
+        variables["coordinator"] = "TWOPC_COORDINATOR_INSECURE_PLAINTEXT"
+        daemons = [f"agent-{r}" for r in self.regions] + ["coordinator"]
+        for name in daemons:
+            component = self.components[name]
+            if plaintext:
+                component.env[variables[component.kind]] = "true"
+            else:
+                component.env.pop(variables[component.kind], None)
+        self.plaintext = plaintext
+        self.save()
+        for name in daemons:
+            self.restart(name, timeout=timeout)
 
     def component(self, name: str) -> Component:
         try:

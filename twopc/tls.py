@@ -46,7 +46,7 @@ ENV_CA = "TWOPC_TLS_CA"
 ENV_SERVER_NAME = "TWOPC_TLS_SERVER_NAME"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TlsConfig:
     """One side of a mutual TLS connection.
 
@@ -57,18 +57,26 @@ class TlsConfig:
         server_name: client side only: the name the server's certificate must carry, when it is
             not the host of the address dialled.
 
-    The files are read when credentials are made (a client or a daemon starting), so a
-    missing one is reported then, by name.
+    Paths may be given as strings. The files are read when credentials are made (a client or a
+    daemon starting), so a missing one is reported then, by name.
     """
 
     cert: Path
     key: Path
     ca: Path
-    server_name: str | None = None
+    server_name: str | None
 
-    def __post_init__(self) -> None:
-        for name in ("cert", "key", "ca"):
-            object.__setattr__(self, name, Path(getattr(self, name)))
+    def __init__(
+        self,
+        cert: str | os.PathLike[str],
+        key: str | os.PathLike[str],
+        ca: str | os.PathLike[str],
+        server_name: str | None = None,
+    ) -> None:
+        object.__setattr__(self, "cert", Path(cert))
+        object.__setattr__(self, "key", Path(key))
+        object.__setattr__(self, "ca", Path(ca))
+        object.__setattr__(self, "server_name", server_name)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TlsConfig | None:

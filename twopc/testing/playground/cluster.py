@@ -556,12 +556,10 @@ class Cluster:
                     f"{name} exited while starting; its log {component.log} ends with:\n"
                     + _tail(component.log)
                 )
-            if component.kind == "agent":
-                identity = COORDINATOR
-            elif component.kind == PROXY:
-                identity = ADMIN
-            else:
-                identity = CLIENT
+            if component.kind == "mariadb":
+                return _database_answers(component)
+            # Each asked as its own callers ask it: the agents obey the coordinator alone.
+            identity = {"agent": COORDINATOR, PROXY: ADMIN}.get(component.kind, CLIENT)
             return _answers(component, self.channel(name, identity=identity))
 
         wait_until(ready, timeout, f"{name} answering on {component.address}", interval=0.05)
@@ -628,16 +626,17 @@ class Cluster:
             conn.close()
 
 
-def _answers(component: Component, channel: grpc.Channel) -> bool:
-    """True when ``component`` answers (a gRPC one through ``channel``, which this closes)."""
+def _database_answers(component: Component) -> bool:
     host, port = component.address.rsplit(":", 1)
-    if component.kind == "mariadb":
-        channel.close()
-        try:
-            pymysql.connect(host=host, port=int(port), user="root", connect_timeout=1).close()
-        except pymysql.err.MySQLError:
-            return False
-        return True
+    try:
+        pymysql.connect(host=host, port=int(port), user="root", connect_timeout=1).close()
+    except pymysql.err.MySQLError:
+        return False
+    return True
+
+
+def _answers(component: Component, channel: grpc.Channel) -> bool:
+    """True when a gRPC ``component`` answers through ``channel`` (closed here)."""
     with channel:
         try:
             if component.kind == PROXY:

@@ -107,6 +107,8 @@ class Component:
 
     def spawn(self) -> int:
         """Starts the command in a new session, output appended to ``log``; returns the pid."""
+        for child in list(_CHILDREN.values()):  # reaps each one that ended, noticed or not
+            child.poll()
         Path(self.log).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             process = subprocess.Popen(

@@ -32,6 +32,7 @@ from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import InvalidArgument
 from twopc.serving import channel
 from twopc.status import error_from_rpc
+from twopc.tls import TlsConfig
 
 _VOTES = {
     pb.VOTE_PREPARED: Vote.PREPARED,
@@ -50,13 +51,17 @@ _MIN_TIMEOUT_S = 0.001
 
 
 class AgentClients:
-    def __init__(self, addresses: Mapping[str, str]) -> None:
+    """Clients of the agents at ``addresses`` (participant name -> host:port), over mutual TLS
+    with ``tls`` (the coordinator's certificate is its identity towards them), or in plaintext
+    when ``tls`` is None."""
+
+    def __init__(self, addresses: Mapping[str, str], tls: TlsConfig | None) -> None:
         if not addresses:
             raise InvalidArgument(
                 "no participants configured: set participants = { name = address }"
             )
         self._names = tuple(sorted(addresses))
-        self._channels: dict[str, aio.Channel] = {n: channel(a) for n, a in addresses.items()}
+        self._channels: dict[str, aio.Channel] = {n: channel(a, tls) for n, a in addresses.items()}
         self._stubs = {n: pb_grpc.ParticipantStub(c) for n, c in self._channels.items()}
         self._pipelines = {n: AgentPipeline(n, stub) for n, stub in self._stubs.items()}
         self._batchers = {n: CommitBatcher(n, self._sender(n)) for n in self._names}

@@ -9,8 +9,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 from coordinator.engine.manager import EngineSettings
+from twopc.errors import InvalidArgument
 from twopc.limits import RequestLimits
 from twopc.settings import load_settings
+from twopc.tls import TlsConfig, daemon_tls
 from twopc.txid import check_coordinator_id, check_participant_name
 
 ENV_PREFIX = "TWOPC_COORDINATOR_"
@@ -24,8 +26,16 @@ class CoordinatorConfig:
 
     ``admin_failpoints`` (test tooling, default false): also serve the ``twopc.chaos.v1.Failpoints``
     RPC on ``listen``, which arms and lists failpoints at run time (see ``twopc.failpoints``);
-    when false, its calls get UNIMPLEMENTED. Whoever reaches the port can then crash or stall the
-    coordinator: never enable it in production.
+    when false, its calls get UNIMPLEMENTED. With TLS only ``admin_identities`` may call it; in
+    plaintext whoever reaches the port can crash or stall the coordinator: never enable it in
+    production.
+
+    Transport: mutual TLS on ``listen`` and on the calls to agents, with ``tls_cert`` and
+    ``tls_key`` (this coordinator's certificate: its identity towards the agents) and ``tls_ca``
+    (the CA that signed the clients' and the agents' certificates). ``insecure_plaintext``
+    turns TLS off, and with it every identity rule. ``admin_identities``: the identities
+    (certificate Common Names, ``twopc.identity``) allowed the admin APIs. Per-identity rules
+    of the client API go beside them.
     """
 
     coordinator_id: str = "c1"
@@ -50,6 +60,11 @@ class CoordinatorConfig:
     log_max_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
     admin_failpoints: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    insecure_plaintext: bool = False
+    admin_identities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_coordinator_id(self.coordinator_id)
@@ -62,6 +77,27 @@ class CoordinatorConfig:
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_statements, self.max_params, self.max_sql_length)
+
+    def tls(self) -> TlsConfig | None:
+        """The coordinator's TLS; None with ``insecure_plaintext``.
+
+        Raises:
+            InvalidArgument: TLS is on and a setting is missing or a file unreadable, or the
+                Failpoints API is served to no one.
+        """
+        tls = daemon_tls(
+            self.tls_cert,
+            self.tls_key,
+            self.tls_ca,
+            insecure_plaintext=self.insecure_plaintext,
+            who="coordinator",
+        )
+        if tls is not None and self.admin_failpoints and not self.admin_identities:
+            raise InvalidArgument(
+                "admin_failpoints = true, but admin_identities is empty: nobody could call the "
+                "Failpoints API; list the identities allowed it"
+            )
+        return tls
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(

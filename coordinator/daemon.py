@@ -17,12 +17,15 @@ from coordinator.decision_log.file_log import FileDecisionLog
 from coordinator.engine.manager import TransactionManager
 from coordinator.engine.recovery import Recovery
 from coordinator.servicer import CoordinatorServicer
+from twopc.api import chaos_pb2, twopc_pb2
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import InvalidArgument
 from twopc.failpoint_admin import add_failpoint_admin
 from twopc.failpoints import Failpoints
+from twopc.identity import AccessControl, ServiceRule
 from twopc.logs import configure_logging
 from twopc.serving import listen, new_server, run_daemon, wait_for_stop_signal
+from twopc.tls import TlsConfig, plaintext_warning
 
 log = structlog.get_logger("twopc.coordinator")
 
@@ -34,8 +37,22 @@ def _die(err: BaseException) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-async def serve(config: CoordinatorConfig, failpoints: Failpoints) -> None:
-    agents = AgentClients(config.participants)
+def access_control(config: CoordinatorConfig) -> AccessControl:
+    """Who may call the coordinator: the client API is open to every identity the CA vouches
+    for; the admin API (Failpoints) to ``admin_identities`` only."""
+    return AccessControl(
+        {
+            twopc_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name: ServiceRule(None),
+            chaos_pb2.DESCRIPTOR.services_by_name["Failpoints"].full_name: ServiceRule(
+                config.admin_identities, "admin_identities"
+            ),
+        },
+        component=f"coordinator {config.coordinator_id}",
+    )
+
+
+async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfig | None) -> None:
+    agents = AgentClients(config.participants, tls)
     decision_log = FileDecisionLog(config.data_dir, max_bytes=config.log_max_bytes)
     manager = TransactionManager(
         config.engine_settings(),
@@ -45,18 +62,23 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints) -> None:
         on_fatal=_die,
     )
     await manager.start()
-    server = new_server(config.max_request_bytes)
+    server = new_server(
+        [access_control(config)] if tls is not None else [],
+        max_request_bytes=config.max_request_bytes,
+    )
     servicer = CoordinatorServicer(manager, limits=config.request_limits())
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     if config.admin_failpoints:
         add_failpoint_admin(server, failpoints)
-    port = listen(server, config.listen)
+    port = listen(server, config.listen, tls)
     await server.start()
     log.info(
         "coordinator_listening",
         address=config.listen,
         port=port,
         participants=dict(config.participants),
+        tls=tls is not None,
+        admin_identities=list(config.admin_identities),
     )
     recovery = Recovery(manager, rpc_timeout=config.rpc_timeout_s, failpoints=failpoints)
     tasks = [
@@ -92,11 +114,15 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
     configure_logging(config.log_level, component=f"coordinator:{config.coordinator_id}")
     try:
         failpoints = Failpoints.from_env(environ)  # after the logging setup: arming is logged
+        tls = config.tls()
     except InvalidArgument as err:
         log.critical("coordinator_cannot_start", error=err.message)
         return 2
+    if tls is None:
+        ignored = any((config.tls_cert, config.tls_key, config.tls_ca))
+        log.warning("insecure_plaintext", warning=plaintext_warning(config.listen, ignored))
     try:
-        run_daemon(serve(config, failpoints))
+        run_daemon(serve(config, failpoints, tls))
     except DecisionLogCorrupted as err:
         log.critical("decision_log_corrupted", error=err.message)
         return 3

@@ -7,9 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from twopc.errors import InvalidArgument
 from twopc.limits import RequestLimits
 from twopc.serving import MAX_MESSAGE_BYTES
 from twopc.settings import load_settings
+from twopc.tls import TlsConfig, daemon_tls
 from twopc.txid import check_participant_name
 
 ENV_PREFIX = "TWOPC_AGENT_"
@@ -33,8 +35,20 @@ class AgentConfig:
 
     ``admin_failpoints`` (test tooling, default false): also serve the ``twopc.chaos.v1.Failpoints``
     RPC on ``listen``, which arms and lists failpoints at run time (see ``twopc.failpoints``);
-    when false, its calls get UNIMPLEMENTED. Whoever reaches the port can then crash or stall the
-    agent: never enable it in production.
+    when false, its calls get UNIMPLEMENTED. With TLS only ``admin_identities`` may call it; in
+    plaintext whoever reaches the port can crash or stall the agent: never enable it in
+    production.
+
+    Transport: mutual TLS on ``listen`` with ``tls_cert`` and ``tls_key`` (this agent's
+    certificate) and ``tls_ca`` (the CA that signed the coordinators' certificates). The agent
+    obeys only ``coordinator_identities`` (certificate Common Names, ``twopc.identity``): any
+    other caller of the Participant API gets PERMISSION_DENIED. ``insecure_plaintext`` turns
+    TLS off, and with it every identity rule.
+
+    TLS to the database: ``mysql_ssl_ca`` turns it on and requires it (a server that does not
+    offer TLS is refused); the server's certificate must be signed by that CA and name
+    ``mysql_host``. ``mysql_ssl_cert`` and ``mysql_ssl_key`` add a client certificate, for a
+    MySQL user created ``REQUIRE X509``.
     """
 
     name: str = "region"
@@ -82,6 +96,15 @@ class AgentConfig:
     finished_branch_memory: int = 50_000
     log_level: str = "info"
     admin_failpoints: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    insecure_plaintext: bool = False
+    coordinator_identities: tuple[str, ...] = ()
+    admin_identities: tuple[str, ...] = ()
+    mysql_ssl_ca: Path | None = None
+    mysql_ssl_cert: Path | None = None
+    mysql_ssl_key: Path | None = None
 
     def __post_init__(self) -> None:
         check_participant_name(self.name)
@@ -139,6 +162,33 @@ class AgentConfig:
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_statements, self.max_params, self.max_sql_length)
+
+    def tls(self) -> TlsConfig | None:
+        """The agent's TLS; None with ``insecure_plaintext``.
+
+        Raises:
+            InvalidArgument: TLS is on and a setting is missing, a file unreadable, or no
+                coordinator identity is configured (the agent would obey no one).
+        """
+        tls = daemon_tls(
+            self.tls_cert,
+            self.tls_key,
+            self.tls_ca,
+            insecure_plaintext=self.insecure_plaintext,
+            who="agent",
+        )
+        if tls is not None and not self.coordinator_identities:
+            raise InvalidArgument(
+                "coordinator_identities is empty: the agent would obey no one. List the "
+                "identity of each coordinator that may call it (the Common Name of its "
+                'certificate), e.g. coordinator_identities = ["coordinator"]'
+            )
+        if tls is not None and self.admin_failpoints and not self.admin_identities:
+            raise InvalidArgument(
+                "admin_failpoints = true, but admin_identities is empty: nobody could call the "
+                "Failpoints API; list the identities allowed it"
+            )
+        return tls
 
     def mysql_password(self, environ: Mapping[str, str]) -> str:
         return environ.get(self.mysql_password_env, "")

@@ -13,14 +13,18 @@ import structlog
 
 from participants.agent import Agent
 from participants.config import AgentConfig, load_agent_config
+from participants.mysql_tls import mysql_ssl_context
 from participants.servicer import ParticipantServicer
 from participants.xa import SessionPool
+from twopc.api import chaos_pb2, twopc_pb2
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import FailedPrecondition, InvalidArgument, Unavailable
 from twopc.failpoint_admin import add_failpoint_admin
 from twopc.failpoints import Failpoints
+from twopc.identity import AccessControl, ServiceRule
 from twopc.logs import configure_logging
 from twopc.serving import listen, new_server, run_daemon, wait_for_stop_signal
+from twopc.tls import TlsConfig, plaintext_warning
 
 _STARTUP_PATIENCE_S = 60.0
 _CLOSE_BUDGET_S = 5.0  # for agent.close() at shutdown, after the gRPC grace period
@@ -48,6 +52,9 @@ def build_pool(config: AgentConfig, environ: Mapping[str, str]) -> SessionPool:
         command_timeout=config.mysql_command_timeout_s,
         lock_wait_timeout=config.lock_wait_timeout_s,
         idle_timeout=config.session_idle_timeout_s,
+        ssl_context=mysql_ssl_context(
+            config.mysql_ssl_ca, config.mysql_ssl_cert, config.mysql_ssl_key
+        ),
     )
 
 
@@ -68,15 +75,44 @@ async def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> No
             return
 
 
-async def serve(agent: Agent, config: AgentConfig, failpoints: Failpoints) -> None:
-    server = new_server(config.max_request_bytes)
+def access_control(config: AgentConfig) -> AccessControl:
+    """Who may call the agent: the Participant API only its coordinators
+    (``coordinator_identities``), the admin API (Failpoints) only ``admin_identities``."""
+    return AccessControl(
+        {
+            twopc_pb2.DESCRIPTOR.services_by_name["Participant"].full_name: ServiceRule(
+                config.coordinator_identities, "coordinator_identities"
+            ),
+            chaos_pb2.DESCRIPTOR.services_by_name["Failpoints"].full_name: ServiceRule(
+                config.admin_identities, "admin_identities"
+            ),
+        },
+        component=f"agent {config.name}",
+    )
+
+
+async def serve(
+    agent: Agent, config: AgentConfig, failpoints: Failpoints, tls: TlsConfig | None
+) -> None:
+    server = new_server(
+        [access_control(config)] if tls is not None else [],
+        max_request_bytes=config.max_request_bytes,
+    )
     servicer = ParticipantServicer(agent)
     pb_grpc.add_ParticipantServicer_to_server(servicer, server)
     if config.admin_failpoints:
         add_failpoint_admin(server, failpoints)
-    port = listen(server, config.listen)
+    port = listen(server, config.listen, tls)
     await server.start()
-    log.info("agent_listening", address=config.listen, port=port)
+    log.info(
+        "agent_listening",
+        address=config.listen,
+        port=port,
+        tls=tls is not None,
+        coordinator_identities=list(config.coordinator_identities),
+        admin_identities=list(config.admin_identities),
+        mysql_tls=config.mysql_ssl_ca is not None,
+    )
     reaper = asyncio.create_task(_reap(agent, config))
     collector = asyncio.create_task(_collect_markers(agent, config))
     checker = asyncio.create_task(_check_database(agent, config))
@@ -142,10 +178,18 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
     configure_logging(config.log_level, component=f"agent:{config.name}")
     try:
         failpoints = Failpoints.from_env(environ)  # after the logging setup: arming is logged
+        tls = config.tls()
     except InvalidArgument as err:
         log.error("agent_cannot_start", error=err.message)
         return 2
-    agent = build_agent(config, environ, failpoints)
+    if tls is None:
+        ignored = any((config.tls_cert, config.tls_key, config.tls_ca))
+        log.warning("insecure_plaintext", warning=plaintext_warning(config.listen, ignored))
+    try:
+        agent = build_agent(config, environ, failpoints)
+    except (OSError, ValueError) as err:  # the database's TLS files (mysql_ssl_*)
+        log.error("agent_cannot_start", error=f"TLS to the database: {err}")
+        return 2
     code = 0
 
     async def run() -> None:
@@ -156,7 +200,7 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
             log.error("agent_cannot_start", error=err.message)
             code = 2
             return
-        await serve(agent, config, failpoints)
+        await serve(agent, config, failpoints, tls)
 
     try:
         run_daemon(run())

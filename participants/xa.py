@@ -13,6 +13,7 @@ import collections
 import contextlib
 import itertools
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ import pymysql
 from pymysql.charset import charset_by_name
 from pymysql.constants import CLIENT, COMMAND
 
+from participants.mysql_tls import TlsRequiredConnection
 from twopc.txid import Xid
 from twopc.values import SqlValue
 
@@ -362,6 +364,7 @@ class SessionPool:
         lock_wait_timeout: int,
         idle_timeout: int,
         command_timeout: float | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._read_timeout = read_timeout
         self._command_timeout = command_timeout
@@ -402,6 +405,7 @@ class SessionPool:
             # For Session.script: twopc's own statements in one round trip. Client SQL is
             # still one statement per call (the statement guard refuses ';').
             "client_flag": CLIENT.MULTI_STATEMENTS,
+            "ssl": ssl_context,  # TLS required when given (participants.mysql_tls)
         }
 
     async def session(self) -> Session:
@@ -439,7 +443,7 @@ class SessionPool:
         return None
 
     async def _connect(self) -> aiomysql.Connection:
-        conn = aiomysql.Connection(**self._connect_args)
+        conn = TlsRequiredConnection(**self._connect_args)
         try:
             # The whole handshake, not only the TCP connect (all that aiomysql bounds): on a
             # link that swallows bytes the greeting never comes.

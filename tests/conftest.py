@@ -1,6 +1,8 @@
 """Shared fixtures: a real three-region cluster (MariaDB + agent per region, a coordinator).
 
-The cluster is started once per session. After every test that uses it, every component is
+The cluster is started once per session, with mutual TLS on every gRPC hop (the playground's
+certificates; ``cluster.client(identity)`` and ``cluster.channel(target, identity=...)`` connect
+as one of its identities). After every test that uses it, every component is
 checked alive (and restarted from its recorded command line when a test killed it), and every
 prepared branch must be gone: a test that leaves one behind fails.
 """
@@ -64,7 +66,7 @@ def live_cluster(cluster: Cluster) -> Iterator[Cluster]:
 @pytest.fixture
 def client(live_cluster: Cluster) -> Iterator[Client]:
     policy = RetryPolicy(attempts=20, initial_backoff=0.05, max_backoff=0.5, deadline=15.0)
-    with Client(live_cluster.coordinator_address, retry_policy=policy) as c:
+    with live_cluster.client(retry_policy=policy) as c:
         yield c
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import grpc
-
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.cluster import Cluster
 from twopc.testing.playground.invariants import committed_markers, prepared_branches
 from twopc.testing.playground.mariadb import AGENT_PASSWORD_ENV
+from twopc.testing.playground.tls import COORDINATOR
 from twopc.values import to_values
 
 # The environment that gives an agent built in a test the password of a scratch server's agent
@@ -50,7 +49,7 @@ def transfer_sql(amount: int, account: int) -> list[tuple[str, list[int]]]:
 def prepare_on_agent(cluster: Cluster, region: str, txid: str, amount: int, account: int) -> None:
     """Executes a balance change in a branch on ``region``'s agent and prepares it, straight
     through the Participant API (as a coordinator would, and then forgets it)."""
-    with grpc.insecure_channel(cluster.component(f"agent-{region}").address) as channel:
+    with cluster.channel(f"agent-{region}", identity=COORDINATOR) as channel:
         agent = pb_grpc.ParticipantStub(channel)
         agent.Execute(
             pb.BranchExecuteRequest(

@@ -2,17 +2,18 @@
 
 This package is the SDK (``pip install twopc`` needs only grpcio and protobuf)::
 
-    from twopc import Client
+    from twopc import Client, TlsConfig
 
-    with Client("127.0.0.1:7100") as client:
+    with Client("127.0.0.1:7100", tls=TlsConfig.from_env()) as client:
         with client.transaction(timeout=5.0) as tx:
             tx.execute("eu", "UPDATE accounts SET balance = balance - %s WHERE id = %s", [5, 1])
             tx.execute("us", "UPDATE accounts SET balance = balance + %s WHERE id = %s", [5, 2])
 
 It also holds what the two daemons share (errors, txids, values, the generated wire API, logging,
-serving, settings, failpoints), the ``twopc`` command (``twopc.cli``) and the tools for testing
-and measuring (``twopc.testing``). The coordinator daemon is the ``coordinator`` package and the
-participant agent the ``participants`` package; each comes with an extra of its own.
+serving, settings, failpoints, TLS and identities), the ``twopc`` command (``twopc.cli``) and the
+tools for testing and measuring (``twopc.testing``). The coordinator daemon is the
+``coordinator`` package and the participant agent the ``participants`` package; each comes with
+an extra of its own.
 """
 
 from twopc.client import (
@@ -26,11 +27,13 @@ from twopc.client import (
     NotFound,
     Outcome,
     OutcomeUnknown,
+    PermissionDenied,
     ResourceExhausted,
     Result,
     RetryPolicy,
     RunResult,
     StatementFailed,
+    TlsConfig,
     Transaction,
     TransactionAborted,
     TransactionInfo,
@@ -50,11 +53,13 @@ __all__ = [
     "NotFound",
     "Outcome",
     "OutcomeUnknown",
+    "PermissionDenied",
     "ResourceExhausted",
     "Result",
     "RetryPolicy",
     "RunResult",
     "StatementFailed",
+    "TlsConfig",
     "Transaction",
     "TransactionAborted",
     "TransactionInfo",

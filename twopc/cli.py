@@ -18,6 +18,7 @@ twopc bench [--workloads ...] [--concurrency ...] twopc against direct XA, SQLAl
 twopc bench-recovery [--in-doubt N]             time to resolve N in-doubt transactions after
                                                 a coordinator SIGKILL and restart
 twopc tx TXID | --request-id ID                 a transaction's state and outcome
+twopc certs init DIR | issue DIR NAME           a throwaway CA and certificates (mutual TLS)
 
 `pip install twopc` runs `twopc tx`; every other command needs an extra (it says which).
 """
@@ -40,6 +41,8 @@ DEFAULT_PLAYGROUND_DIR = Path(".twopc-playground")
 PLAYGROUND_STATE_FILE = "state.json"
 COORDINATOR_ENV = "TWOPC_COORDINATOR"
 DEFAULT_COORDINATOR = "127.0.0.1:7100"
+# twopc.tls's names, not imported from there: it needs grpc, and the parser imports nothing.
+ENV_CERT, ENV_KEY, ENV_CA = "TWOPC_TLS_CERT", "TWOPC_TLS_KEY", "TWOPC_TLS_CA"
 
 # `twopc tx` exit statuses.
 TX_FOUND = 0
@@ -58,6 +61,9 @@ exit status:
 
 the coordinator: --coordinator, else ${COORDINATOR_ENV}, else the playground's state file in
 {DEFAULT_PLAYGROUND_DIR}/ (in the current directory), else {DEFAULT_COORDINATOR}
+
+mutual TLS: ${ENV_CERT}, ${ENV_KEY} and ${ENV_CA}, else the playground's client certificate
+(its state file), else none: --insecure for a coordinator run with insecure_plaintext
 """
 
 
@@ -88,6 +94,9 @@ _COMMANDS = {
         "twopc.testing.bench.recovery",
     ),
     "tx": _Command("look a transaction up", None),
+    "certs": _Command(
+        "a throwaway CA and certificates for mutual TLS", "playground", "twopc.testing.certs"
+    ),
 }
 
 
@@ -197,6 +206,11 @@ def _parser(named: str | None = None) -> argparse.ArgumentParser:
         metavar="ADDR",
         help=f"host:port (default: ${COORDINATOR_ENV}, the playground, {DEFAULT_COORDINATOR})",
     )
+    tx.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no TLS: for a coordinator run with insecure_plaintext = true",
+    )
 
     if named is not None and named in _COMMANDS and _COMMANDS[named].arguments:
         with _needs_extra(named):
@@ -259,6 +273,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from twopc.testing.chaos.proxy_service import run as run_proxy
 
         return run_proxy
+    if command == "certs":
+        from twopc.testing.certs import run as run_certs
+
+        return run_certs
     raise AssertionError(command)
 
 
@@ -283,27 +301,83 @@ def coordinator_address(
     return DEFAULT_COORDINATOR, f"the default; give --coordinator or set ${COORDINATOR_ENV}"
 
 
+def client_tls_files(
+    insecure: bool, environ: Mapping[str, str], cwd: Path
+) -> tuple[dict[str, str] | None, str]:
+    """The certificate, key and CA (``{"cert", "key", "ca"}``) ``twopc tx`` presents, and where
+    they came from: none with ``--insecure``; else $TWOPC_TLS_CERT, $TWOPC_TLS_KEY and
+    $TWOPC_TLS_CA when one is set; else the playground's client certificate, from its state
+    file under ``cwd`` (none when its daemons run in plaintext).
+
+    Raises:
+        ValueError: no TLS configuration found (the message says what to set).
+    """
+    if insecure:
+        return None, "--insecure"
+    if any(environ.get(name) for name in (ENV_CERT, ENV_KEY, ENV_CA)):
+        files = {"cert": environ.get(ENV_CERT, ""), "key": environ.get(ENV_KEY, "")}
+        files["ca"] = environ.get(ENV_CA, "")
+        return files, f"${ENV_CERT}, ${ENV_KEY}, ${ENV_CA}"
+    state = cwd / DEFAULT_PLAYGROUND_DIR / PLAYGROUND_STATE_FILE
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        recorded = json.loads(state.read_text())
+        where = f"the playground's {DEFAULT_PLAYGROUND_DIR / PLAYGROUND_STATE_FILE}"
+        if recorded.get("plaintext"):
+            return None, f"{where} (plaintext)"
+        files = recorded["client_tls"]
+        if all(isinstance(files.get(k), str) for k in ("cert", "key", "ca")):
+            return {k: files[k] for k in ("cert", "key", "ca")}, where
+    raise ValueError(
+        f"no TLS configuration: set {ENV_CERT}, {ENV_KEY} and {ENV_CA} (a client certificate, "
+        "its key, and the CA of the coordinator's), run from where the playground runs, or "
+        "give --insecure for a coordinator run with insecure_plaintext = true"
+    )
+
+
 def _tx(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if (args.txid is None) == (args.request_id is None):
         print("twopc tx: give a TXID or --request-id ID (one of them)", file=sys.stderr)
         return TX_USAGE
     address, source = coordinator_address(args.coordinator, environ, Path.cwd())
-    from twopc.client import Client, RetryPolicy
+    try:
+        files, tls_source = client_tls_files(args.insecure, environ, Path.cwd())
+    except ValueError as err:
+        print(f"twopc tx: {err}", file=sys.stderr)
+        return TX_USAGE
+    from twopc.client import Client, RetryPolicy, TlsConfig
     from twopc.errors import TwopcError
 
     logging.getLogger("twopc.client").setLevel(logging.ERROR)  # the error is said below, once
 
+    tls = (
+        None
+        if files is None
+        else TlsConfig(Path(files["cert"]), Path(files["key"]), Path(files["ca"]))
+    )
+
+    def failed(err: TwopcError) -> int:
+        print(
+            f"twopc tx: {type(err).__name__}: {err.message} "
+            f"(coordinator {address}, from {source}; TLS from {tls_source})",
+            file=sys.stderr,
+        )
+        return TX_LOOKUP_FAILED
+
     # A lookup by hand: a few quick retries, then say what failed.
-    with Client(address, retry_policy=RetryPolicy(attempts=3, deadline=5.0)) as client:
+    try:
+        client = Client(
+            address,
+            tls=tls,
+            insecure=tls is None,
+            retry_policy=RetryPolicy(attempts=3, deadline=5.0),
+        )
+    except TwopcError as err:  # a TLS file that cannot be read
+        return failed(err)
+    with client:
         try:
             info = client.get_transaction(args.txid, request_id=args.request_id)
         except TwopcError as err:
-            print(
-                f"twopc tx: {type(err).__name__}: {err.message} "
-                f"(coordinator {address}, from {source})",
-                file=sys.stderr,
-            )
-            return TX_LOOKUP_FAILED
+            return failed(err)
     print(f"txid:         {info.txid}")
     if args.request_id is not None:
         print(f"request id:   {args.request_id}")

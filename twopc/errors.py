@@ -7,6 +7,7 @@ same class::
     TwopcError                      UNKNOWN
     ├── InvalidArgument             INVALID_ARGUMENT     malformed request, statement twopc refuses
     ├── NotFound                    NOT_FOUND            unknown transaction or participant
+    ├── PermissionDenied            PERMISSION_DENIED    the caller's identity may not do this
     ├── FailedPrecondition          FAILED_PRECONDITION  wrong state (execute after commit, ...)
     ├── TransactionAborted          ABORTED              rolled back; the message says why
     │   └── StatementFailed         ABORTED              a statement failed (carries mysql_errno)
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "OutcomeUnknown",
+    "PermissionDenied",
     "ResourceExhausted",
     "StatementFailed",
     "TransactionAborted",
@@ -63,6 +65,13 @@ class InvalidArgument(TwopcError):
 
 class NotFound(TwopcError):
     code = "NOT_FOUND"
+
+
+class PermissionDenied(TwopcError):
+    """The caller's identity (its client certificate) is not allowed to make this call; the
+    message names the identity and the setting that decides."""
+
+    code = "PERMISSION_DENIED"
 
 
 class FailedPrecondition(TwopcError):
@@ -112,6 +121,7 @@ _BY_CODE: dict[str, type[TwopcError]] = {
     for cls in (
         InvalidArgument,
         NotFound,
+        PermissionDenied,
         FailedPrecondition,
         TransactionAborted,
         DeadlineExceeded,

@@ -1,13 +1,16 @@
-"""What both daemons do around their gRPC server: options, listening, stopping on a signal."""
+"""What both daemons do around their gRPC server: options, listening (mutual TLS unless a
+daemon is set to plaintext), stopping on a signal; and their channels to other daemons."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from grpc import aio
+
+from twopc.tls import TlsConfig
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
@@ -34,20 +37,31 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def new_server(max_request_bytes: int = MAX_MESSAGE_BYTES) -> aio.Server:
-    """A server that refuses, with RESOURCE_EXHAUSTED, a message larger than
-    ``max_request_bytes`` (gRPC's answer names both sizes)."""
+def new_server(
+    interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
+    *,
+    max_request_bytes: int = MAX_MESSAGE_BYTES,
+) -> aio.Server:
+    """A server with ``interceptors`` (access control) that refuses, with RESOURCE_EXHAUSTED, a
+    message larger than ``max_request_bytes`` (gRPC's answer names both sizes)."""
     options = [
         (k, max_request_bytes if k == "grpc.max_receive_message_length" else v)
         for k, v in SERVER_OPTIONS
     ]
-    return aio.server(options=options)
+    return aio.server(options=options, interceptors=list(interceptors) or None)
 
 
-def listen(server: aio.Server, address: str) -> int:
-    """Binds ``address`` (host:port); returns the port. Raises a clear error when it is taken."""
+def listen(server: aio.Server, address: str, tls: TlsConfig | None) -> int:
+    """Binds ``address`` (host:port) with mutual TLS (``tls``; every caller must present a
+    certificate its CA signed), or in plaintext when ``tls`` is None; returns the port. Raises a
+    clear error when the port is taken (``OSError``) or a TLS file cannot be read
+    (``InvalidArgument``)."""
+    credentials = tls.server_credentials() if tls is not None else None
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as err:
         raise OSError(f"cannot listen on {address}: {err} (is another process using it?)") from err
     if port == 0:
@@ -84,5 +98,9 @@ def run_daemon(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-def channel(target: str) -> aio.Channel:
-    return aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel(target: str, tls: TlsConfig | None) -> aio.Channel:
+    """A channel to another daemon: mutual TLS with ``tls``, plaintext when it is None."""
+    if tls is None:
+        return aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    options = CHANNEL_OPTIONS + tls.channel_options()
+    return aio.secure_channel(target, tls.channel_credentials(), options=options)

@@ -17,6 +17,7 @@ from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import Client
 from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.testing.playground.tls import COORDINATOR
 
 
 def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(
@@ -26,7 +27,7 @@ def test_agent_stops_promptly_on_sigterm_with_a_statement_still_running(
     errors: list[grpc.RpcError] = []
 
     def long_statement() -> None:
-        with grpc.insecure_channel(agent.address) as channel:
+        with live_cluster.channel("agent-us", identity=COORDINATOR) as channel:
             try:
                 pb_grpc.ParticipantStub(channel).Execute(
                     pb.BranchExecuteRequest(

@@ -27,9 +27,9 @@ from twopc.api import chaos_pb2 as cpb
 from twopc.api import chaos_pb2_grpc as cpb_grpc
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
-from twopc.client import Client
 from twopc.testing.chaos.proxy_service import ProxyControl
 from twopc.testing.playground.cluster import PROXY, Cluster, wait_until
+from twopc.testing.playground.tls import ADMIN, COORDINATOR
 
 COMMAND_TIMEOUT_S = 3.0
 
@@ -65,14 +65,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _arm(cluster: Cluster, daemon: str, name: str, spec: str) -> None:
-    with grpc.insecure_channel(cluster.component(daemon).address) as channel:
+    with cluster.channel(daemon, identity=ADMIN) as channel:
         cpb_grpc.FailpointsStub(channel).Set(
             cpb.SetFailpointRequest(name=name, spec=spec), timeout=5
         )
 
 
 def _fired(cluster: Cluster, daemon: str, name: str) -> int:
-    with grpc.insecure_channel(cluster.component(daemon).address) as channel:
+    with cluster.channel(daemon, identity=ADMIN) as channel:
         listed = cpb_grpc.FailpointsStub(channel).List(cpb.ListFailpointsRequest(), timeout=5)
     return sum(p.fired for p in listed.failpoints if p.name == name)
 
@@ -108,21 +108,21 @@ def _execute(
 
 
 def _active_branches(cluster: Cluster, region: str) -> int:
-    with grpc.insecure_channel(cluster.component(f"agent-{region}").address) as channel:
+    with cluster.channel(f"agent-{region}", identity=COORDINATOR) as channel:
         info = pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
     return int(info.active_branches)
 
 
 @pytest.mark.timeout(120)
 def test_commit_lost_on_a_blackholed_link_frees_the_branch_in_seconds(cluster: Cluster) -> None:
-    proxy = ProxyControl(cluster.component(PROXY).address)
+    proxy = ProxyControl(cluster.component(PROXY).address, tls=cluster.proxy_tls())
     # us's agent holds its answer to PREPARE (the branch is prepared on the server) long enough
     # for the link to its database to turn into a blackhole before XA COMMIT goes out.
     _arm(cluster, "agent-us", "agent.after_prepare", "1*sleep(1500)")
     outcome: dict[str, object] = {}
 
     def transfer() -> None:
-        with Client(cluster.coordinator_address) as client:
+        with cluster.client() as client:
             result = client.run({"eu": transfer_sql(-10, 1), "us": transfer_sql(10, 1)})
             outcome["txid"] = result.txid
 
@@ -188,14 +188,17 @@ def test_agent_stops_promptly_when_its_reaper_is_stuck_on_a_blackholed_link(
     (``branch_connection_severed``) and goes on to roll back ``idle``, which expired meanwhile,
     over that branch's own dead connection, where it hangs for the command timeout. The agent
     is asked to stop right then, with ``long`` still running on the dead link too."""
-    proxy = ProxyControl(cluster.component(PROXY).address)
+    proxy = ProxyControl(cluster.component(PROXY).address, tls=cluster.proxy_tls())
     agent = cluster.component("agent-us")
     log = Path(agent.log)
     logged_before = log.stat().st_size
     running, idle, long = (f"elsewhere.r-reaper-stuck-{n}" for n in ("running", "idle", "long"))
 
     def statement(txid: str, timeout_ms: int) -> None:
-        with grpc.insecure_channel(agent.address) as channel, contextlib.suppress(grpc.RpcError):
+        with (
+            cluster.channel(agent.address, identity=COORDINATOR) as channel,
+            contextlib.suppress(grpc.RpcError),
+        ):
             _execute(channel, txid, 1, "SELECT SLEEP(30)", timeout_ms=timeout_ms)
 
     callers = [
@@ -206,7 +209,7 @@ def test_agent_stops_promptly_when_its_reaper_is_stuck_on_a_blackholed_link(
         caller.start()
     try:
         wait_until(lambda: sleeping_sessions(cluster, "us") == 2, 10, "the statements running")
-        with grpc.insecure_channel(agent.address) as channel:
+        with cluster.channel(agent.address, identity=COORDINATOR) as channel:
             # Expires after `running` (so the reaper's first pass, stuck in its KILL QUERY,
             # skips it) and before that KILL QUERY gives up (the command or the connect
             # timeout: 3 s at least).
@@ -251,10 +254,10 @@ def test_statement_lost_on_a_blackholed_link_ends_soon_after_the_deadline(
     waiting for mysql_read_timeout_s, 120 s; KILL QUERY could not help, the server had never
     seen the statement. The branch stayed active, held its session and delayed quiescence by
     57 s after the heal. Past its deadline the reaper now shuts the session's socket.)"""
-    proxy = ProxyControl(cluster.component(PROXY).address)
+    proxy = ProxyControl(cluster.component(PROXY).address, tls=cluster.proxy_tls())
     agent = cluster.component("agent-us")
     deadline_ms = 2_000
-    with grpc.insecure_channel(agent.address) as channel:
+    with cluster.channel(agent.address, identity=COORDINATOR) as channel:
         _execute(channel, "elsewhere.r-lost-statement", 1, "SELECT 1", timeout_ms=deadline_ms)
         proxy.set_fault("agent-us-mariadb", blackhole=True)
         sent = time.monotonic()
@@ -281,7 +284,7 @@ def test_marker_gc_on_a_blackholed_link_gives_up_after_the_command_timeout(
     timeout, in the thread the deadline reaper shares, so branches lost on that link were not
     freed and quiescence came 28 s after the heal. The GC's statements now have the command
     timeout, and the GC has a thread of its own.)"""
-    proxy = ProxyControl(cluster.component(PROXY).address)
+    proxy = ProxyControl(cluster.component(PROXY).address, tls=cluster.proxy_tls())
     log = Path(cluster.component("agent-us").log)
     failures_before = log.read_text().count('"marker_gc_failed"')
     proxy.set_fault("agent-us-mariadb", blackhole=True)
@@ -308,12 +311,12 @@ def test_a_rollback_that_waited_behind_a_lost_one_phase_commit_does_not_declare_
     agent's database link, and the agent could not reach the database to tell whether it had
     landed, so it gave the branch up as doubtful. A Rollback that was waiting for the branch then
     found it ACTIVE with no session and answered "rolled back" without asking the server.)"""
-    proxy = ProxyControl(cluster.component(PROXY).address)
+    proxy = ProxyControl(cluster.component(PROXY).address, tls=cluster.proxy_tls())
     agent = cluster.component("agent-us")
     txid = "elsewhere.r-lost-one-phase"
     before = balance(cluster, "us", 1)
     committed: dict[str, grpc.StatusCode] = {}
-    with grpc.insecure_channel(agent.address) as channel:
+    with cluster.channel(agent.address, identity=COORDINATOR) as channel:
         participant = pb_grpc.ParticipantStub(channel)
         rollback = pb.BranchRollbackRequest(txid=txid, participant="us")
         _execute(
@@ -367,11 +370,11 @@ def test_a_rollback_that_waited_behind_a_lost_one_phase_commit_does_not_declare_
 def test_an_agent_command_lost_on_a_blackholed_link_answers_unavailable(cluster: Cluster) -> None:
     """XA RECOVER on a pooled session whose link went dead gives up after the command timeout;
     the coordinator must be told to retry (UNAVAILABLE), not that the agent crashed (INTERNAL)."""
-    proxy = ProxyControl(cluster.component(PROXY).address)
+    proxy = ProxyControl(cluster.component(PROXY).address, tls=cluster.proxy_tls())
     agent = cluster.component("agent-us")
     log = Path(agent.log)
     crashes_before = log.read_text().count('"rpc_crashed"')
-    with grpc.insecure_channel(agent.address) as channel:
+    with cluster.channel(agent.address, identity=COORDINATOR) as channel:
         participant = pb_grpc.ParticipantStub(channel)
         participant.Recover(pb.RecoverRequest(), timeout=30)  # leaves a session in the pool
         proxy.set_fault("agent-us-mariadb", blackhole=True)

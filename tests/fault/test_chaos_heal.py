@@ -10,17 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from tests.support import transfer_sql
 from twopc.api import chaos_pb2 as cpb
 from twopc.api import chaos_pb2_grpc as cpb_grpc
-from twopc.client import Client
 from twopc.testing.chaos.injector import AppliedFault, Injector
 from twopc.testing.chaos.proxy_service import ProxyControl
 from twopc.testing.chaos.schedule import FaultEvent, FaultKind
 from twopc.testing.playground.cluster import PROXY, Cluster
+from twopc.testing.playground.tls import ADMIN
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def armed(cluster: Cluster, daemon: str) -> list[str]:
-    with grpc.insecure_channel(cluster.component(daemon).address) as channel:
+    with cluster.channel(daemon, identity=ADMIN) as channel:
         listed = cpb_grpc.FailpointsStub(channel).List(cpb.ListFailpointsRequest(), timeout=5)
     return [p.name for p in listed.failpoints if p.spec]
 
@@ -68,9 +67,9 @@ def test_heal_all_leaves_every_process_up_every_link_healed_and_nothing_armed(
         assert proxied.component(name).alive(), name
     assert armed(proxied, "agent-us") == []
     assert armed(proxied, "coordinator") == []
-    links = ProxyControl(proxied.component(PROXY).address).links()
+    links = ProxyControl(proxied.component(PROXY).address, tls=proxied.proxy_tls()).links()
     assert all(not link.fault.cut for link in links.values())
-    with Client(proxied.coordinator_address) as client:  # and it all works again
+    with proxied.client() as client:  # and it all works again
         for region in ("eu", "us"):
             with proxied.mysql(region) as conn, conn.cursor() as cursor:
                 cursor.execute(

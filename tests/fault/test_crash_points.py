@@ -143,7 +143,7 @@ def check_recovered(cluster: Cluster, client: Client, point: CrashPoint, txid: s
 @pytest.fixture
 def impatient(live_cluster: Cluster) -> Iterator[Client]:
     policy = RetryPolicy(attempts=2, initial_backoff=0.05, deadline=1.0)
-    with Client(live_cluster.coordinator_address, retry_policy=policy, rpc_timeout=5) as c:
+    with live_cluster.client(retry_policy=policy, rpc_timeout=5) as c:
         yield c
 
 

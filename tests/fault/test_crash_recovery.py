@@ -50,7 +50,7 @@ def wait_dead(cluster: Cluster, name: str) -> None:
 def impatient(live_cluster: Cluster) -> Iterator[Client]:
     """A client that gives up quickly when the coordinator is gone."""
     policy = RetryPolicy(attempts=2, initial_backoff=0.05, deadline=1.0)
-    with Client(live_cluster.coordinator_address, retry_policy=policy, rpc_timeout=5) as c:
+    with live_cluster.client(retry_policy=policy, rpc_timeout=5) as c:
         yield c
 
 

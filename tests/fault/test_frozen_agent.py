@@ -19,6 +19,7 @@ from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.cluster import Cluster
 from twopc.testing.playground.ports import free_port
+from twopc.testing.playground.tls import COORDINATOR
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def replacement(live_cluster: Cluster) -> Iterator[pb_grpc.ParticipantStub]:
         start_new_session=True,
     )
     try:
-        with grpc.insecure_channel(address) as channel:
+        with live_cluster.channel(address, identity=COORDINATOR) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             yield pb_grpc.ParticipantStub(channel)
     finally:

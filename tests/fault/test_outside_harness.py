@@ -33,6 +33,7 @@ from twopc.client import (
     Outcome,
     OutcomeUnknown,
     RetryPolicy,
+    TlsConfig,
     TransactionAborted,
     TwopcError,
 )
@@ -263,7 +264,10 @@ def test_200_transfers_with_the_coordinator_killed_at_random_moments(
     killer = CoordinatorKiller(coordinator, rng.sample(range(10, TRANSFERS - 10), KILLS), spawned)
     plans = plan_transfers(playground["regions"], rng)
     policy = RetryPolicy(attempts=200, initial_backoff=0.02, max_backoff=0.3, deadline=30.0)
-    with Client(coordinator["address"], retry_policy=policy, rpc_timeout=10) as client:
+    # The client's certificate, as the state file names it (mutual TLS).
+    files = playground["client_tls"]
+    tls = TlsConfig(cert=Path(files["cert"]), key=Path(files["key"]), ca=Path(files["ca"]))
+    with Client(coordinator["address"], tls=tls, retry_policy=policy, rpc_timeout=10) as client:
         chaos = threading.Thread(target=killer.run)
         chaos.start()
         started = time.monotonic()

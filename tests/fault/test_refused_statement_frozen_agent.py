@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support import transfer_sql
-from twopc.client import Client, InvalidArgument, RetryPolicy, TransactionState
+from twopc.client import InvalidArgument, RetryPolicy, TransactionState
 from twopc.testing.playground.cluster import Cluster
 
 
@@ -32,9 +32,7 @@ def test_a_refused_statement_is_answered_while_its_agent_is_frozen(
     frozen_us: Cluster, bank: int
 ) -> None:
     # No retries and a short deadline: a call that reached the frozen agent would time out.
-    impatient = Client(
-        frozen_us.coordinator_address, retry_policy=RetryPolicy(attempts=1), rpc_timeout=2.0
-    )
+    impatient = frozen_us.client(retry_policy=RetryPolicy(attempts=1), rpc_timeout=2.0)
     with impatient:
         with pytest.raises(InvalidArgument, match="no transaction was started"):
             impatient.run(

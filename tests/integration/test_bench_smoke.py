@@ -1,5 +1,6 @@
-"""A short `twopc bench` on a small proxied cluster: every system, with and without an injected
-round trip, must commit, conserve the money and leave no XA branch behind."""
+"""A short `twopc bench` on a small proxied cluster: every system, twopc with and without TLS,
+with and without an injected round trip, must commit, conserve the money and leave no XA branch
+behind."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from twopc.testing.bench.systems import BENCH_FORMAT_ID, SYSTEMS
+from twopc.testing.bench.systems import BENCH_FORMAT_ID, SYSTEMS, TwopcPlaintext
 from twopc.testing.playground.cluster import Cluster
 
 RTTS = (0, 4)
 CONCURRENCY = 2
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(200)
 def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
     directory, out = tmp_path / "cluster", tmp_path / "out"
     try:
@@ -28,6 +29,7 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
                 "twopc.testing.bench.runner",
                 "--workloads=transfer2",
                 "--systems=all",
+                "--tls=on,off",
                 f"--concurrency={CONCURRENCY}",
                 f"--latency-ms={','.join(str(r) for r in RTTS)}",
                 "--duration=2",
@@ -39,7 +41,7 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
             ],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=170,
             check=False,
         )
         print(result.stdout[-4000:])
@@ -57,7 +59,8 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
 
     report = json.loads((out / "bench.json").read_text())
     cells = {(c["rtt_ms"], c["system"]): c for c in report["cells"]}
-    assert set(cells) == {(rtt, system) for rtt in RTTS for system in SYSTEMS}
+    systems = [*SYSTEMS, TwopcPlaintext.name]
+    assert set(cells) == {(rtt, system) for rtt in RTTS for system in systems}
     for (rtt, system), cell in cells.items():
         where = f"{system} at {rtt} ms"
         assert cell["concurrency"] == CONCURRENCY
@@ -67,7 +70,11 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
         assert cell["check"]["prepared_left"] == {}, where
         assert cell["cpu_s_per_1k"]["bench"] is not None, where
         assert cell["time_wait"]["new_in_window"] == 0, f"{where}: a connection per transaction?"
-        if system == "twopc":
+        if system == TwopcPlaintext.name:  # twopc ÷ it: what TLS costs
+            assert 0 < cell["fsyncs_per_commit"] <= 1, where
+            assert cell["cpu_s_per_1k"]["coordinator"] > 0, where
+            assert cell["twopc_ratio"]["tps"] is not None, where
+        elif system == "twopc":
             assert 0 < cell["fsyncs_per_commit"] <= 1, where
             floor = report["latency_floor_ms"][str(rtt)]
             assert floor["total_ms"] >= floor["agents_ms"] >= rtt * 0.9, where
@@ -83,6 +90,9 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
     # The injected round trip slows the direct baselines down.
     assert cells[(4, "local")]["latency_ms"]["p50"] > cells[(0, "local")]["latency_ms"]["p50"]
     assert (out / "bench.md").read_text().count("| transfer2") == len(cells)
+    summary = (out / "bench-summary.md").read_text()
+    tls_table = summary.split("## twopc with and without mutual TLS", 1)[1]
+    assert tls_table.count("| transfer2") == len(RTTS)
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 

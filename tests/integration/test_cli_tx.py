@@ -12,19 +12,31 @@ from pathlib import Path
 import pytest
 
 from tests.support import transfer_sql
-from twopc.client import Client, TransactionAborted
+from twopc.client import Client, TlsConfig, TransactionAborted
 from twopc.testing.playground.cluster import STATE_FILE, Cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def twopc_tx(
-    *arguments: str, cwd: Path, coordinator_env: str | None = None
+    *arguments: str,
+    cwd: Path,
+    coordinator_env: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "TWOPC_COORDINATOR"}
+    """``twopc tx`` in ``cwd``, with ``TWOPC_COORDINATOR`` and the ``TWOPC_TLS_*`` variables
+    set from ``coordinator_env`` and ``tls`` only."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "TWOPC_COORDINATOR" and not k.startswith("TWOPC_TLS_")
+    }
     env["PYTHONPATH"] = str(ROOT)
     if coordinator_env is not None:
         env["TWOPC_COORDINATOR"] = coordinator_env
+    if tls is not None:
+        env |= {"TWOPC_TLS_CERT": str(tls.cert), "TWOPC_TLS_KEY": str(tls.key)}
+        env["TWOPC_TLS_CA"] = str(tls.ca)
     return subprocess.run(
         [sys.executable, "-m", "twopc.cli", "tx", *arguments],
         cwd=cwd,
@@ -58,7 +70,11 @@ def test_by_request_id_with_the_address_in_the_environment(
     live_cluster: Cluster, committed: str, tmp_path: Path
 ) -> None:
     done = twopc_tx(
-        "--request-id", committed, cwd=tmp_path, coordinator_env=live_cluster.coordinator_address
+        "--request-id",
+        committed,
+        cwd=tmp_path,
+        coordinator_env=live_cluster.coordinator_address,
+        tls=live_cluster.client_tls(),
     )
     assert done.returncode == 0, done.stderr
     answer = fields(done.stdout)
@@ -72,7 +88,8 @@ def test_by_request_id_with_the_address_in_the_environment(
 def test_by_txid_with_the_address_from_the_playground_state_file(
     live_cluster: Cluster, committed: str, tmp_path: Path
 ) -> None:
-    """Run where ``twopc playground`` was started: its state file names the coordinator."""
+    """Run where ``twopc playground`` was started: its state file names the coordinator and
+    the client's certificate."""
     (tmp_path / ".twopc-playground").mkdir()
     state = json.loads(live_cluster.state_path.read_text())
     (tmp_path / ".twopc-playground" / STATE_FILE).write_text(json.dumps(state))
@@ -95,6 +112,7 @@ def test_an_aborted_transaction_is_found(
         "cli-tx-aborted",
         cwd=tmp_path,
         coordinator_env=live_cluster.coordinator_address,
+        tls=live_cluster.client_tls(),
     )
     assert done.returncode == 0, done.stderr
     answer = fields(done.stdout)
@@ -113,7 +131,12 @@ def test_no_record_anywhere_has_an_exit_status_of_its_own(
         if by == "txid"
         else ["--request-id", "never-ran"]
     )
-    done = twopc_tx(*lookup, cwd=tmp_path, coordinator_env=live_cluster.coordinator_address)
+    done = twopc_tx(
+        *lookup,
+        cwd=tmp_path,
+        coordinator_env=live_cluster.coordinator_address,
+        tls=live_cluster.client_tls(),
+    )
     assert done.returncode == 3, done.stdout + done.stderr
     answer = fields(done.stdout)
     assert answer["txid"] == f"{live_cluster.coordinator_id}.r-never-ran"
@@ -125,14 +148,31 @@ def test_no_record_anywhere_has_an_exit_status_of_its_own(
 
 def test_failures_and_wrong_usage(live_cluster: Cluster, tmp_path: Path) -> None:
     address = live_cluster.coordinator_address
-    malformed = twopc_tx("not-a-txid", cwd=tmp_path, coordinator_env=address)
+    tls = live_cluster.client_tls()
+    malformed = twopc_tx("not-a-txid", cwd=tmp_path, coordinator_env=address, tls=tls)
     assert malformed.returncode == 1
     assert "InvalidArgument" in malformed.stderr
-    assert f"(coordinator {address}, from $TWOPC_COORDINATOR)" in malformed.stderr
-    elsewhere = twopc_tx("elsewhere.r-x", cwd=tmp_path, coordinator_env=address)
+    assert f"(coordinator {address}, from $TWOPC_COORDINATOR; TLS from $TWOPC_TLS_CERT" in (
+        malformed.stderr
+    )
+    elsewhere = twopc_tx("elsewhere.r-x", cwd=tmp_path, coordinator_env=address, tls=tls)
     assert elsewhere.returncode == 1
     assert "NotFound" in elsewhere.stderr
-    both = twopc_tx("c1.r-x", "--request-id", "x", cwd=tmp_path, coordinator_env=address)
+    both = twopc_tx("c1.r-x", "--request-id", "x", cwd=tmp_path, coordinator_env=address, tls=tls)
     assert both.returncode == 2
-    neither = twopc_tx(cwd=tmp_path, coordinator_env=address)
+    neither = twopc_tx(cwd=tmp_path, coordinator_env=address, tls=tls)
     assert neither.returncode == 2
+
+
+def test_no_certificate_no_lookup(live_cluster: Cluster, tmp_path: Path) -> None:
+    """Without a certificate it says what to set; in plaintext the coordinator will not talk."""
+    address = live_cluster.coordinator_address
+    bare = twopc_tx("c1.r-x", cwd=tmp_path, coordinator_env=address)
+    assert bare.returncode == 2
+    assert "no TLS configuration: set TWOPC_TLS_CERT, TWOPC_TLS_KEY and TWOPC_TLS_CA" in (
+        bare.stderr
+    )
+    plaintext = twopc_tx("c1.r-x", "--insecure", cwd=tmp_path, coordinator_env=address)
+    assert plaintext.returncode == 1
+    assert "Unavailable" in plaintext.stderr
+    assert "TLS from --insecure" in plaintext.stderr

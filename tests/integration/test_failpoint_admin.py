@@ -20,6 +20,7 @@ from twopc.api import chaos_pb2_grpc as chaos_grpc
 from twopc.client import Client, Outcome, TransactionAborted, TransactionState
 from twopc.failpoints import FAILPOINTS
 from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.testing.playground.tls import ADMIN
 
 ADMIN_ENV = "TWOPC_COORDINATOR_ADMIN_FAILPOINTS"
 POINT = "coordinator.before_commit_record"
@@ -39,7 +40,7 @@ def admin(live_cluster: Cluster) -> Iterator[chaos_grpc.FailpointsStub]:
     coordinator.env[ADMIN_ENV] = "1"
     restart(live_cluster, "coordinator")
     try:
-        with grpc.insecure_channel(coordinator.address) as channel:
+        with live_cluster.channel("coordinator", identity=ADMIN) as channel:
             yield chaos_grpc.FailpointsStub(channel)
     finally:
         coordinator.env.pop(ADMIN_ENV, None)
@@ -127,7 +128,7 @@ def test_bad_names_and_specs_are_invalid_arguments(admin: chaos_grpc.FailpointsS
 def test_daemons_without_the_setting_answer_unimplemented(live_cluster: Cluster, name: str) -> None:
     component = live_cluster.component(name)
     assert component.env.get(ADMIN_ENV) is None
-    with grpc.insecure_channel(component.address) as channel:
+    with live_cluster.channel(name, identity=ADMIN) as channel:
         stub = chaos_grpc.FailpointsStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.List(chaos_pb.ListFailpointsRequest(), timeout=5)

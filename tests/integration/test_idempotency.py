@@ -13,6 +13,7 @@ from tests.support import balance, markers, prepared, sleeping_sessions
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.testing.playground.tls import CLIENT, COORDINATOR
 from twopc.txid import Xid
 from twopc.values import to_values
 
@@ -23,13 +24,13 @@ def statement(sql: str, *params: object) -> pb.Statement:
 
 @pytest.fixture
 def coordinator(live_cluster: Cluster) -> Iterator[pb_grpc.CoordinatorStub]:
-    with grpc.insecure_channel(live_cluster.coordinator_address) as channel:
+    with live_cluster.channel(live_cluster.coordinator_address, identity=CLIENT) as channel:
         yield pb_grpc.CoordinatorStub(channel)
 
 
 @pytest.fixture
 def agent_us(live_cluster: Cluster) -> Iterator[pb_grpc.ParticipantStub]:
-    with grpc.insecure_channel(live_cluster.component("agent-us").address) as channel:
+    with live_cluster.channel("agent-us", identity=COORDINATOR) as channel:
         yield pb_grpc.ParticipantStub(channel)
 
 

@@ -20,6 +20,7 @@ from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.cluster import Cluster, Component, process_alive, wait_until
 from twopc.testing.playground.ports import COORDINATOR_PORT, LOOPBACK
+from twopc.testing.playground.tls import CLIENT, COORDINATOR
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,8 +54,12 @@ def detached(tmp_path: Path) -> Iterator[Path]:
         twopc("playground", "--down", cwd=tmp_path)
 
 
-def answers(component: dict[str, Any]) -> bool:
-    with grpc.insecure_channel(component["address"]) as channel:
+def answers(cwd: Path, name: str) -> bool:
+    """The component answers, over mutual TLS as the playground's own tools call it."""
+    cluster = Cluster.load(cwd / ".twopc-playground")
+    component = state(cwd)["components"][name]
+    identity = COORDINATOR if component["kind"] == "agent" else CLIENT
+    with cluster.channel(name, identity=identity) as channel:
         try:
             if component["kind"] == "agent":
                 pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
@@ -84,7 +89,7 @@ def test_restart_stops_a_running_component_and_starts_it_again(
     assert f"{name} started again, pid {after['pid']}" in done.stdout
     assert not process_alive(before["pid"])
     assert process_alive(after["pid"])
-    assert answers(after)
+    assert answers(detached, name)
 
 
 def test_a_taken_fixed_port_is_replaced_and_the_lookup_still_finds_the_coordinator(

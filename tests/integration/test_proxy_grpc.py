@@ -18,9 +18,11 @@ import pytest
 
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
-from twopc.errors import NotFound
+from twopc.errors import DeadlineExceeded, NotFound, PermissionDenied, Unavailable
 from twopc.serving import CHANNEL_OPTIONS
+from twopc.testing.certs import CertificateAuthority
 from twopc.testing.chaos.proxy_service import ProxyControl, main
+from twopc.tls import TlsConfig
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,16 +43,31 @@ class Proxy:
     log: Path
     control: ProxyControl
     control_address: str
+    tls: dict[str, TlsConfig]
 
     def events(self) -> list[dict[str, object]]:
         lines = self.log.read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+def _certificates(directory: Path) -> dict[str, TlsConfig]:
+    """The proxy's control certificate, an ``admin`` and a ``client`` identity, one CA."""
+    ca = CertificateAuthority.create(directory / "tls")
+    configs = {}
+    for name in ("proxy", "admin", "client"):
+        issued = ca.issue(name)
+        configs[name] = TlsConfig(cert=issued.cert, key=issued.key, ca=ca.cert_path)
+    return configs
+
+
 @contextmanager
 def proxy_process(tmp_path: Path, *links: str) -> Iterator[Proxy]:
+    """A proxy whose control API runs mutual TLS and obeys the ``admin`` identity."""
     log = tmp_path / "proxy.log"
+    tls = _certificates(tmp_path)
     command = [sys.executable, "-m", "twopc.testing.chaos.proxy_service", "--control", f"{HOST}:0"]
+    command += [f"--tls-cert={tls['proxy'].cert}", f"--tls-key={tls['proxy'].key}"]
+    command += [f"--tls-ca={tls['proxy'].ca}", "--admin-identity=admin"]
     for link in links:
         command += ["--link", link]
     with log.open("wb") as stderr:
@@ -58,8 +75,8 @@ def proxy_process(tmp_path: Path, *links: str) -> Iterator[Proxy]:
     try:
         port = _wait_for_control_port(process, log)
         address = f"{HOST}:{port}"
-        with ProxyControl(address) as control:
-            yield Proxy(process, log, control, address)
+        with ProxyControl(address, tls=tls["admin"]) as control:
+            yield Proxy(process, log, control, address, tls)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -167,6 +184,27 @@ def test_unknown_link_is_not_found_naming_the_known_ones(healed: Setup) -> None:
         healed.proxy.control.heal("nope")
     with pytest.raises(TypeError, match="no fault field 'latency'"):
         healed.proxy.control.set_fault("coordinator", latency=5)
+
+
+def test_the_control_api_obeys_its_admin_identities_only(tmp_path: Path) -> None:
+    """Another identity of the same CA is refused, naming the option to change, and so is a
+    caller without TLS (it gets no connection)."""
+    with proxy_process(tmp_path, f"a={HOST}:0={HOST}:9") as proxy:
+        with (
+            ProxyControl(proxy.control_address, tls=proxy.tls["client"]) as other,
+            pytest.raises(PermissionDenied, match=r"identity 'client' may not .*--admin-identity"),
+        ):
+            other.set_fault("a", cut=True)
+        with (
+            ProxyControl(proxy.control_address, insecure=True, timeout=1) as plaintext,
+            pytest.raises((Unavailable, DeadlineExceeded)),
+        ):
+            plaintext.links()
+        assert not proxy.control.links()["a"].fault.cut
+    denied = [e for e in proxy.events() if e["event"] == "permission_denied"]
+    assert [(e["caller"], e["method"]) for e in denied] == [
+        ("client", "/twopc.chaos.v1.FaultProxy/SetFault")
+    ]
 
 
 def test_sigterm_stops_the_proxy(tmp_path: Path) -> None:

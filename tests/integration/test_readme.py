@@ -4,8 +4,9 @@ The playground is started with the README's command in an empty directory, the R
 program is run unchanged (its text is taken from the README), then the README's ``twopc tx``
 command. The effects are checked on the databases. ``.venv/bin/twopc`` is run as this Python's
 ``-m twopc.cli`` with this checkout first on the path (the shared virtual environment's
-``twopc`` script may belong to another checkout). If port 7100 is taken here, the program is
-pointed at the playground the way the README says: ``TWOPC_COORDINATOR``, from the state file.
+``twopc`` script may belong to another checkout). The program gets its client certificate the
+way the README says: the ``export`` line the playground prints (``TWOPC_TLS_CERT``, ``..._KEY``,
+``..._CA``, and ``TWOPC_COORDINATOR`` when port 7100 was taken here).
 """
 
 from __future__ import annotations
@@ -51,8 +52,19 @@ def command(line: str) -> list[str]:
 
 
 def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("TWOPC_COORDINATOR", "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TWOPC_COORDINATOR", "PYTHONPATH") and not k.startswith("TWOPC_TLS_")
+    }
     return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def exported(printed: list[str]) -> dict[str, str]:
+    """The variables of the ``export`` line the playground printed."""
+    lines = [line.strip() for line in printed if line.strip().startswith("export ")]
+    assert len(lines) == 1, printed
+    return dict(word.split("=", 1) for word in lines[0].split()[1:])
 
 
 @dataclass
@@ -140,8 +152,10 @@ def test_the_readme_python_example_runs_against_the_readme_playground(
 
     python = code_blocks(section("Use it from Python"), "python")
     (tmp_path / "example.py").write_text(python[0])
-    # The variable the example honours, as the playground would print it if 7100 was taken.
-    env = environment(TWOPC_COORDINATOR=address)
+    variables = exported(playground.output)
+    assert set(variables) >= {"TWOPC_TLS_CERT", "TWOPC_TLS_KEY", "TWOPC_TLS_CA"}
+    assert variables.get("TWOPC_COORDINATOR", "127.0.0.1:7100") == address
+    env = environment(**variables)
 
     def run_example() -> list[str]:
         done = subprocess.run(

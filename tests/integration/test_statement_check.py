@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 
-import grpc
 import pytest
 
 from tests.support import balance, prepared, transfer_sql
@@ -19,6 +18,7 @@ from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import Client, InvalidArgument, TransactionState
 from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.testing.playground.tls import COORDINATOR
 from twopc.txid import txid_for_request
 
 REFUSED = [
@@ -43,7 +43,7 @@ _request_ids = itertools.count()
 
 def branch_state(cluster: Cluster, region: str, txid: str) -> int:
     """What ``region``'s agent knows of ``txid``'s branch (a BranchState)."""
-    with grpc.insecure_channel(cluster.component(f"agent-{region}").address) as channel:
+    with cluster.channel(f"agent-{region}", identity=COORDINATOR) as channel:
         answer = pb_grpc.ParticipantStub(channel).Inspect(
             pb.InspectRequest(txids=[txid]), timeout=10
         )

@@ -19,6 +19,7 @@ from twopc.testing.bench.metrics import (
     count_time_wait,
     format_summary,
     format_table,
+    format_tls_summary,
     in_time_wait,
     parse_proc_net_tcp,
     parse_stat_ticks,
@@ -28,8 +29,9 @@ from twopc.testing.bench.metrics import (
     ratio,
     summary_rows,
     time_wait_by_name,
+    tls_rows,
 )
-from twopc.testing.bench.runner import add_ratios, apply_round_trip
+from twopc.testing.bench.runner import _with_tls_modes, add_ratios, apply_round_trip
 from twopc.testing.playground.cluster import LinkPlan
 
 # Captured from this kind of machine: a listener, two loopback sockets in TIME_WAIT (06) and an
@@ -321,6 +323,25 @@ def test_table_has_a_header_a_rule_and_a_row_per_cell() -> None:
     twopc = [field.strip() for field in lines[2].strip("|").split("|")]
     assert twopc[14] == "0.75"  # fsyncs per commit
     assert twopc[-4:] == ["-", "-", "2.00", "2.00"]  # p50 and p99 over the 5 ms floor
+
+
+def test_twopc_runs_once_per_tls_mode_and_tls_is_priced_against_plaintext() -> None:
+    assert _with_tls_modes(["twopc", "direct-xa"], ["on", "off"]) == (
+        "twopc",
+        "twopc-plaintext",
+        "direct-xa",
+    )
+    assert _with_tls_modes(["direct-xa", "twopc"], ["off"]) == ("direct-xa", "twopc-plaintext")
+    tls = _cell("twopc", 150, [12.0] * 10)
+    plain = _cell("twopc-plaintext", 200, [9.0] * 10)
+    add_ratios([tls, plain])
+    assert plain.twopc_ratio == {"tps": pytest.approx(0.75), "p50": pytest.approx(12 / 9)}
+    (row,) = tls_rows([tls.as_json(), plain.as_json()])
+    assert row[:6] == ["transfer2", "0", "8", "75", "100", "0.75"]
+    assert format_tls_summary([tls.as_json()]) == ""  # no plaintext run: no table
+    alone = _cell("twopc-plaintext", 200, [9.0] * 10)
+    add_ratios([alone, _cell("direct-xa", 400, [4.5] * 10)], Floor(1.0, 2.0, 1.5))
+    assert alone.floor_ratio["p50"] == pytest.approx(2.0)  # the plaintext run, run alone
 
 
 class _FakeProxy:

@@ -336,7 +336,9 @@ def fake_time() -> FakeTime:
 
 @pytest.fixture
 def client(target: str, fake: FakeCoordinator, fake_time: FakeTime) -> Iterator[Client]:
-    with Client(target, sleep=fake_time.sleep, clock=fake_time.clock, rpc_timeout=RPC_TIMEOUT) as c:
+    with Client(
+        target, insecure=True, sleep=fake_time.sleep, clock=fake_time.clock, rpc_timeout=RPC_TIMEOUT
+    ) as c:
         yield c
 
 
@@ -347,7 +349,11 @@ def run_async(
 
     async def main() -> T:
         async with AsyncClient(
-            target, sleep=fake_time.async_sleep, clock=fake_time.clock, rpc_timeout=RPC_TIMEOUT
+            target,
+            insecure=True,
+            sleep=fake_time.async_sleep,
+            clock=fake_time.clock,
+            rpc_timeout=RPC_TIMEOUT,
         ) as async_client:
             return await body(async_client)
 
@@ -375,11 +381,13 @@ def test_public_names_are_pinned() -> None:
         "NotFound",
         "Outcome",
         "OutcomeUnknown",
+        "PermissionDenied",
         "ResourceExhausted",
         "Result",
         "RetryPolicy",
         "RunResult",
         "StatementFailed",
+        "TlsConfig",
         "Transaction",
         "TransactionAborted",
         "TransactionInfo",
@@ -653,7 +661,13 @@ def test_backoff_grows_to_its_cap_then_gives_up(
     policy = RetryPolicy(attempts=6, initial_backoff=0.1, max_backoff=0.3, multiplier=2.0)
     fake.add_error("GetTransaction", grpc.StatusCode.UNAVAILABLE, times=6)
     with (
-        Client(target, retry_policy=policy, sleep=fake_time.sleep, clock=fake_time.clock) as c,
+        Client(
+            target,
+            insecure=True,
+            retry_policy=policy,
+            sleep=fake_time.sleep,
+            clock=fake_time.clock,
+        ) as c,
         pytest.raises(Unavailable) as raised,
     ):
         c.get_transaction("c1.x")
@@ -669,7 +683,13 @@ def test_retries_stop_at_the_deadline(
     policy = RetryPolicy(attempts=100, initial_backoff=0.05, multiplier=2.0, deadline=0.4)
     fake.add_error("GetTransaction", grpc.StatusCode.DEADLINE_EXCEEDED, times=100)
     with (
-        Client(target, retry_policy=policy, sleep=fake_time.sleep, clock=fake_time.clock) as c,
+        Client(
+            target,
+            insecure=True,
+            retry_policy=policy,
+            sleep=fake_time.sleep,
+            clock=fake_time.clock,
+        ) as c,
         pytest.raises(TwopcError),
     ):
         c.get_transaction("c1.x")
@@ -972,7 +992,7 @@ def test_every_call_has_the_rpc_timeout(client: Client, fake: FakeCoordinator) -
 
 
 def test_closed_client_refuses_calls(target: str, fake: FakeCoordinator) -> None:
-    c = Client(target)
+    c = Client(target, insecure=True)
     c.close()
     c.close()
     with pytest.raises(FailedPrecondition, match="closed"):

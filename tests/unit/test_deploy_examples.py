@@ -16,12 +16,19 @@ def test_coordinator_example_loads() -> None:
     config = load_coordinator_config(EXAMPLES / "coordinator.toml", environ={})
     assert dict(config.participants) == {"eu": "db-eu.internal:7201", "us": "db-us.internal:7201"}
     assert config.data_dir == Path("/var/lib/twopc/coordinator")
+    assert (config.tls_cert, config.tls_ca) == (
+        Path("/etc/twopc/tls/coordinator.pem"),
+        Path("/etc/twopc/tls/ca.pem"),
+    )
+    assert (config.insecure_plaintext, config.admin_identities) == (False, ("ops",))
 
 
 def test_agent_example_loads_and_the_environment_wins() -> None:
     environ = {"TWOPC_AGENT_POOL_SIZE": "64", "TWOPC_MYSQL_PASSWORD": "s3cret"}
     config = load_agent_config(EXAMPLES / "agent-eu.toml", environ=environ)
     assert (config.name, config.mysql_database, config.pool_size) == ("eu", "shop", 64)
+    assert config.tls_key == Path("/etc/twopc/tls/agent-eu.key")
+    assert (config.insecure_plaintext, config.coordinator_identities) == (False, ("coordinator",))
     assert config.mysql_password(environ) == "s3cret"
 
 

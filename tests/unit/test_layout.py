@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import twopc
+from twopc.testing.certs import CertificateAuthority
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -124,8 +125,8 @@ def test_the_sdk_runs_with_the_base_dependencies_only(base_site: Path) -> None:
     """``pip install twopc`` gives grpcio and protobuf: the SDK must import and build a client
     with those alone."""
     program = """
-from twopc import AsyncClient, Client, OutcomeUnknown, RetryPolicy, TransactionAborted
-with Client("127.0.0.1:1", retry_policy=RetryPolicy(attempts=1)) as client:
+from twopc import AsyncClient, Client, OutcomeUnknown, RetryPolicy, TlsConfig, TransactionAborted
+with Client("127.0.0.1:1", insecure=True, retry_policy=RetryPolicy(attempts=1)) as client:
     pass
 """
     done = _run_with_base_only(base_site, program + _LOADED)
@@ -155,14 +156,19 @@ def test_the_command_helps_with_the_base_dependencies_only(
     assert done.stdout.splitlines()[-2:] == ["exit status: 0", "loaded: [] daemons: []"]
 
 
-def test_twopc_tx_runs_with_the_base_dependencies_only(base_site: Path) -> None:
-    """It gets as far as asking the coordinator (nothing listens on port 1)."""
-    done = _run_with_base_only(
-        base_site, _twopc(["tx", "--coordinator", "127.0.0.1:1", "c1.r-nothing"]) + _LOADED
-    )
+def test_twopc_tx_runs_with_the_base_dependencies_only(base_site: Path, tmp_path: Path) -> None:
+    """It gets as far as asking the coordinator (nothing listens on port 1), with mutual TLS
+    from the environment."""
+    ca = CertificateAuthority.create(tmp_path)
+    client = ca.issue("client")
+    environment = {"TWOPC_TLS_CERT": client.cert, "TWOPC_TLS_KEY": client.key}
+    environment["TWOPC_TLS_CA"] = ca.cert_path
+    program = f"import os\nos.environ.update({ {k: str(v) for k, v in environment.items()}!r})\n"
+    program += _twopc(["tx", "--coordinator", "127.0.0.1:1", "c1.r-nothing"])
+    done = _run_with_base_only(base_site, program + _LOADED)
     assert done.returncode == 0, done.stderr
     assert "twopc tx: Unavailable:" in done.stderr
-    assert "(coordinator 127.0.0.1:1, from --coordinator)" in done.stderr
+    assert "(coordinator 127.0.0.1:1, from --coordinator; TLS from $TWOPC_TLS_CERT" in done.stderr
     assert done.stdout.splitlines()[-2:] == ["exit status: 1", "loaded: [] daemons: []"]
 
 
@@ -174,6 +180,7 @@ def test_twopc_tx_runs_with_the_base_dependencies_only(base_site: Path) -> None:
         (["playground", "--detach"], "playground"),
         (["chaos", "--help"], "chaos"),
         (["bench", "--duration", "1"], "bench"),
+        (["certs", "init", "somewhere"], "playground"),
     ],
 )
 def test_a_command_without_its_extra_names_the_extra(

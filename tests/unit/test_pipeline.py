@@ -115,7 +115,7 @@ def test_answers_come_back_as_work_finishes_and_each_reaches_its_caller() -> Non
     agent.delays = {"slow": 0.3}
 
     async def scenario(address: str) -> None:
-        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address)))
+        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address, None)))
         slow = asyncio.ensure_future(pipeline.call(prepare_call("slow"), 5))
         fast = await pipeline.call(prepare_call("fast"), 5)
         assert fast.prepare.reason == "fast"
@@ -131,7 +131,7 @@ def test_calls_made_together_share_messages() -> None:
     agent = PipelinedAgent()
 
     async def scenario(address: str) -> None:
-        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address)))
+        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address, None)))
         await pipeline.call(prepare_call("warm"), 5)  # the stream is open
         calls = [pipeline.call(prepare_call(f"t{i}"), 5) for i in range(50)]
         answers = await asyncio.gather(*calls)
@@ -145,7 +145,7 @@ def test_calls_made_together_share_messages() -> None:
 
 def test_an_error_answer_is_raised_as_the_error_it_names() -> None:
     async def scenario(address: str) -> None:
-        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address)))
+        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address, None)))
         with pytest.raises(FailedPrecondition) as caught:
             await pipeline.call(prepare_call("refused"), 5)
         assert caught.value.message == "branch refused was rolled back"
@@ -161,7 +161,7 @@ def test_a_broken_stream_fails_its_calls_with_unavailable_and_the_next_call_reop
     agent.delays = {"waiting": 5}
 
     async def scenario(address: str) -> None:
-        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address)))
+        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address, None)))
         waiting = asyncio.ensure_future(pipeline.call(prepare_call("waiting"), 10))
         with pytest.raises(Unavailable):
             await pipeline.call(prepare_call("boom"), 5)
@@ -180,7 +180,7 @@ def test_a_call_past_its_timeout_is_deadline_exceeded_and_its_late_answer_is_dro
     agent.delays = {"late": 0.4}
 
     async def scenario(address: str) -> None:
-        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address)))
+        pipeline = AgentPipeline("eu", pb_grpc.ParticipantStub(channel(address, None)))
         with pytest.raises(DeadlineExceeded):
             await pipeline.call(prepare_call("late"), 0.1)
         await agent.late_answered.wait()  # its answer arrives and finds nobody waiting
@@ -195,7 +195,7 @@ def test_an_agent_without_the_pipeline_is_served_with_unary_calls() -> None:
     agent = UnaryOnlyAgent()
 
     async def scenario(address: str) -> None:
-        clients = AgentClients({"eu": address})
+        clients = AgentClients({"eu": address}, None)
         for txid in ("c1.r-one", "c1.r-two"):
             reply = await clients.prepare("eu", txid, [], 1, 5)
             assert reply.vote is Vote.PREPARED

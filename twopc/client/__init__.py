@@ -2,9 +2,10 @@
 
 Blocking::
 
-    from twopc import Client
+    from twopc import Client, TlsConfig
 
-    with Client("127.0.0.1:7100") as client:
+    tls = TlsConfig(cert="client.pem", key="client.key", ca="ca.pem")  # mutual TLS
+    with Client("127.0.0.1:7100", tls=tls) as client:
         with client.transaction(timeout=5.0) as tx:
             balance = tx.execute("eu", "SELECT balance FROM accounts WHERE id = %s", [1]).scalar()
             tx.execute("us", "UPDATE accounts SET balance = balance + %s WHERE id = %s", [5, 2])
@@ -36,12 +37,14 @@ from twopc.errors import (
     InvalidArgument,
     NotFound,
     OutcomeUnknown,
+    PermissionDenied,
     ResourceExhausted,
     StatementFailed,
     TransactionAborted,
     TwopcError,
     Unavailable,
 )
+from twopc.tls import TlsConfig
 
 __all__ = [
     "AsyncClient",
@@ -54,11 +57,13 @@ __all__ = [
     "NotFound",
     "Outcome",
     "OutcomeUnknown",
+    "PermissionDenied",
     "ResourceExhausted",
     "Result",
     "RetryPolicy",
     "RunResult",
     "StatementFailed",
+    "TlsConfig",
     "Transaction",
     "TransactionAborted",
     "TransactionInfo",

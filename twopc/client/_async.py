@@ -42,6 +42,7 @@ from twopc.client._common import (
 )
 from twopc.errors import FailedPrecondition, TwopcError
 from twopc.status import error_from_rpc, is_transport_failure
+from twopc.tls import TlsConfig, client_transport
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -60,6 +61,8 @@ class AsyncClient:
         self,
         target: str,
         *,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Iterable[ChannelOption] = (),
         retry_policy: RetryPolicy | None = None,
@@ -67,12 +70,20 @@ class AsyncClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        options = channel_options_with(channel_options)
-        self._channel = (
-            aio.insecure_channel(target, options=options)
-            if credentials is None
-            else aio.secure_channel(target, credentials, options=options)
+        secure, tls_options = client_transport(
+            tls=tls, credentials=credentials, insecure=insecure, what=f"AsyncClient({target!r})"
         )
+        options = channel_options_with([*tls_options, *channel_options])
+        if secure is None:
+            logger.warning(
+                "%s(%r, insecure=True): plaintext, no TLS: requests, results and the caller's "
+                "identity travel unprotected",
+                "AsyncClient",
+                target,
+            )
+            self._channel = aio.insecure_channel(target, options=options)
+        else:
+            self._channel = aio.secure_channel(target, secure, options=options)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._target = target
         self._retry = retry_policy or RetryPolicy()

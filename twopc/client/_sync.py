@@ -37,6 +37,7 @@ from twopc.client._common import (
 )
 from twopc.errors import FailedPrecondition, TwopcError
 from twopc.status import error_from_rpc, is_transport_failure
+from twopc.tls import TlsConfig, client_transport
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -49,9 +50,17 @@ class Client:
 
     Thread-safe (one ``Client`` may serve many threads); a ``Transaction`` is not.
 
+    Give exactly one of ``tls``, ``credentials`` or ``insecure=True``: the coordinator runs
+    mutual TLS unless it is set to plaintext.
+
     Args:
         target: the coordinator's address, ``host:port``.
-        credentials: TLS credentials; a plaintext channel when None.
+        tls: this client's certificate and key, and the CA of the coordinator's certificate
+            (``TlsConfig.from_env()`` reads them from ``TWOPC_TLS_CERT``, ``TWOPC_TLS_KEY`` and
+            ``TWOPC_TLS_CA``). The certificate's Common Name is the client's identity.
+        insecure: a plaintext channel, for a coordinator run with ``insecure_plaintext``
+            (logged as a warning).
+        credentials: gRPC channel credentials made by the caller, in place of ``tls``.
         channel_options: gRPC channel options added to (and overriding) the defaults.
         retry_policy: how requests whose answer was lost are retried.
         rpc_timeout: the gRPC deadline of each request, in seconds.
@@ -63,6 +72,8 @@ class Client:
         self,
         target: str,
         *,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Iterable[ChannelOption] = (),
         retry_policy: RetryPolicy | None = None,
@@ -70,12 +81,20 @@ class Client:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        options = channel_options_with(channel_options)
-        self._channel = (
-            grpc.insecure_channel(target, options=options)
-            if credentials is None
-            else grpc.secure_channel(target, credentials, options=options)
+        secure, tls_options = client_transport(
+            tls=tls, credentials=credentials, insecure=insecure, what=f"Client({target!r})"
         )
+        options = channel_options_with([*tls_options, *channel_options])
+        if secure is None:
+            logger.warning(
+                "%s(%r, insecure=True): plaintext, no TLS: requests, results and the caller's "
+                "identity travel unprotected",
+                "Client",
+                target,
+            )
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, secure, options=options)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._target = target
         self._retry = retry_policy or RetryPolicy()
@@ -117,7 +136,9 @@ class Client:
 
         Raises:
             InvalidArgument: a bad timeout or request_id.
-            Unavailable, DeadlineExceeded: no answer, after retries.
+            PermissionDenied: the coordinator does not let this client's identity do it.
+            Unavailable, DeadlineExceeded: no answer, after retries (also when the TLS
+                handshake fails: a certificate the coordinator does not trust, or the reverse).
         """
         return self._begin(timeout, request_id, wait_for_phase2=False)
 

@@ -27,6 +27,7 @@ import grpc
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.cluster import Cluster
+from twopc.testing.playground.tls import CLIENT, COORDINATOR
 
 PROBES = 25
 _OTHER_COORDINATORS_TXID = "floor-probe.r-probe"
@@ -52,7 +53,8 @@ class Floor:
 
 
 def measure_floor(cluster: Cluster, probes: int = PROBES) -> Floor:
-    with grpc.insecure_channel(cluster.coordinator_address) as channel:
+    """The floor with the cluster's transport as it is (TLS, or plaintext)."""
+    with cluster.channel(cluster.coordinator_address, identity=CLIENT) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         request = pb.GetTransactionRequest(txid=_OTHER_COORDINATORS_TXID)
 
@@ -75,7 +77,7 @@ def _agent_round_trip_ms(cluster: Cluster, region: str, probes: int) -> float:
         (x.listen for x in cluster.links if x.name == link),
         cluster.component(f"agent-{region}").address,
     )
-    with grpc.insecure_channel(address) as channel:
+    with cluster.channel(address, identity=COORDINATOR) as channel:  # as the coordinator calls
         stub = pb_grpc.ParticipantStub(channel)
         return _median_ms(lambda: stub.GetInfo(pb.GetInfoRequest(), timeout=5), probes)
 

@@ -571,3 +571,55 @@ def summary_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 def format_summary(cells: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table of ``summary_rows``."""
     return _markdown(list(_SUMMARY_COLUMNS), summary_rows(cells), text_columns={0})
+
+
+# --- what TLS costs: twopc with and without it, per (workload, round trip, concurrency) --------
+
+_TLS_COLUMNS = (
+    "workload",
+    "rtt ms",
+    "clients",
+    "TLS tps",
+    "plaintext tps",
+    "TLS÷plaintext tps",
+    "TLS p50 / p99 ms",
+    "plaintext p50 / p99 ms",
+    "CPU s/1k coord TLS / plain",
+    "agents TLS / plain",
+)
+
+
+def tls_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """One row per (workload, round trip, concurrency) that has both a ``twopc`` (mutual TLS)
+    and a ``twopc-plaintext`` cell, from cells' JSON."""
+    groups: dict[tuple[str, int, int], dict[str, Mapping[str, Any]]] = {}
+    for cell in cells:
+        key = (cell["workload"], cell["rtt_ms"], cell["concurrency"])
+        groups.setdefault(key, {})[cell["system"]] = cell
+    rows = []
+    for (workload, rtt, clients), by_system in groups.items():
+        tls, plain = by_system.get("twopc"), by_system.get("twopc-plaintext")
+        if tls is None or plain is None:
+            continue
+        tls_cpu, plain_cpu = tls["cpu_s_per_1k"], plain["cpu_s_per_1k"]
+        rows.append(
+            [
+                workload,
+                str(rtt),
+                str(clients),
+                _fmt(tls["tps"], 0),
+                _fmt(plain["tps"], 0),
+                _fmt((plain.get("twopc_ratio") or {}).get("tps"), 2),
+                f"{_fmt(tls['latency_ms']['p50'], 1)} / {_fmt(tls['latency_ms']['p99'], 1)}",
+                f"{_fmt(plain['latency_ms']['p50'], 1)} / {_fmt(plain['latency_ms']['p99'], 1)}",
+                f"{_fmt(tls_cpu.get('coordinator'), 2)} / {_fmt(plain_cpu.get('coordinator'), 2)}",
+                f"{_fmt(tls_cpu.get('agents'), 2)} / {_fmt(plain_cpu.get('agents'), 2)}",
+            ]
+        )
+    return rows
+
+
+def format_tls_summary(cells: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of ``tls_rows``; empty when no cell ran twopc both ways."""
+    rows = tls_rows(cells)
+    return _markdown(list(_TLS_COLUMNS), rows, text_columns={0}) if rows else ""

@@ -29,16 +29,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
 from coordinator.decision_log._format import RecordType, check_header, scan
 from coordinator.decision_log.file_log import LOG_NAME
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
-from twopc.client import AsyncClient, Client, Outcome, RetryPolicy, TwopcError
+from twopc.client import AsyncClient, Outcome, RetryPolicy, TwopcError
 from twopc.logs import configure_logging
 from twopc.testing.playground.cluster import STATE_FILE, Cluster, wait_until
 from twopc.testing.playground.invariants import prepared_branches
+from twopc.testing.playground.tls import COORDINATOR
 
 TARGET_S = 5.0
 WAVE = 50  # transactions started together
@@ -192,9 +191,7 @@ async def _start_in_waves(
     """Sends every transaction, a wave at a time: the next wave goes once every branch of the
     earlier ones is prepared (and its transaction paused). A thousand transactions at once would
     measure an overloaded agent's thread pool, not recovery. None is answered before the kill."""
-    client = AsyncClient(
-        cluster.coordinator_address, retry_policy=RetryPolicy(attempts=1), rpc_timeout=300.0
-    )
+    client = cluster.async_client(retry_policy=RetryPolicy(attempts=1), rpc_timeout=300.0)
 
     async def one(rid: str) -> None:
         work = {r: [(f"INSERT INTO {TABLE} (k) VALUES (%s)", [rid])] for r in cluster.regions}
@@ -210,9 +207,8 @@ async def _start_in_waves(
 
 
 async def _all_prepared(cluster: Cluster, count: int) -> None:
-    channels = {
-        r: grpc.aio.insecure_channel(cluster.component(f"agent-{r}").address)
-        for r in cluster.regions
+    channels = {  # GetInfo, as the coordinator: the agents obey no one else
+        r: cluster.aio_channel(f"agent-{r}", identity=COORDINATOR) for r in cluster.regions
     }
     try:
         while True:
@@ -246,7 +242,7 @@ def _check(
             rows[region] = {str(k) for (k,) in cursor.fetchall()}
     committed = rolled_back = 0
     mismatches: list[str] = []
-    with Client(cluster.coordinator_address) as client:
+    with cluster.client() as client:
         for rid in request_ids:
             info = client.get_transaction(request_id=rid)
             applied = [r for r in cluster.regions if rid in rows[r]]

@@ -8,6 +8,10 @@ way on every ``coordinator-agent-<region>`` and ``client-mariadb-<region>`` link
 and the coordinator sit together, the regions are remote). Agents reach their databases and the
 benchmark reaches the coordinator directly, with no proxy in between: those hops stay inside one
 place in a real deployment, and a proxy hop would only add the proxy's CPU to twopc's bill.
+
+Every gRPC hop runs mutual TLS, as the playground does. ``--tls on,off`` runs twopc both ways in
+each cell (``twopc`` and ``twopc-plaintext``, the daemons restarted with ``insecure_plaintext``
+in between), so that one run shows what TLS costs.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from twopc.testing.bench.metrics import (
     cpu_seconds,
     format_summary,
     format_table,
+    format_tls_summary,
     in_time_wait,
     peak_rss_kb,
     ratio,
@@ -54,6 +59,7 @@ from twopc.testing.bench.systems import (
     Local,
     System,
     Twopc,
+    TwopcPlaintext,
     TxFailed,
     make_system,
 )
@@ -129,6 +135,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="injected round trip per region in ms (default 0,50)",
     )
     parser.add_argument(
+        "--tls",
+        default=["on"],
+        type=_tls_modes,
+        help="twopc's gRPC hops with mutual TLS (on), in plaintext (off), or both in each cell, "
+        "side by side (on,off; the daemons restart in between). Default: on",
+    )
+    parser.add_argument(
         "--wait-phase2",
         action="store_true",
         help="twopc answers after phase 2 (default: early answer once the decision is durable)",
@@ -151,6 +164,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tx-timeout", type=float, default=30.0, help="transaction timeout, s")
     parser.add_argument("--seed", type=int, default=1)
+
+
+def _tls_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in ("on", "off") for m in modes) or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"--tls {text!r}: give on, off, or on,off")
+    return modes
+
+
+def _with_tls_modes(systems: Sequence[str], modes: Sequence[str]) -> tuple[str, ...]:
+    """``systems`` with twopc run once per TLS mode (``twopc``, ``twopc-plaintext``)."""
+    variants = {"on": Twopc.name, "off": TwopcPlaintext.name}
+    expanded: list[str] = []
+    for system in systems:
+        expanded += [variants[m] for m in modes] if system == Twopc.name else [system]
+    return tuple(expanded)
 
 
 @dataclass(frozen=True)
@@ -179,7 +208,7 @@ class Settings:
             raise ValueError("concurrency must be at least 1")
         return cls(
             workloads=tuple(args.workloads),
-            systems=tuple(args.systems),
+            systems=_with_tls_modes(args.systems, getattr(args, "tls", ["on"])),
             concurrency=tuple(args.concurrency),
             duration_s=args.duration,
             warmup_s=args.warmup,
@@ -274,7 +303,7 @@ class Bench:
         self._say = say
         self._clock = clock
         self._sleep = sleep
-        self._proxy = ProxyControl(cluster.component(PROXY).address)
+        self._proxy = ProxyControl(cluster.component(PROXY).address, tls=cluster.proxy_tls())
         self._ports = _cluster_ports(cluster)
         self._log = LogSyncs(Path(cluster.component("coordinator").data_dir) / LOG_NAME)
         self._endpoints = Endpoints(
@@ -308,6 +337,8 @@ class Bench:
                 for rtt in s.rtt_ms:
                     self.injected[rtt] = apply_round_trip(self._proxy, self.cluster, rtt)
                     if rtt not in self.floors:
+                        # With TLS when twopc runs with it: the floor twopc's cell is held to.
+                        self.cluster.use_plaintext(Twopc.name not in s.systems)
                         self.floors[rtt] = measure_floor(self.cluster)
                         self._say(f"latency floor at {rtt} ms: {self.floors[rtt].as_json()}")
                     for concurrency in s.concurrency:
@@ -330,9 +361,7 @@ class Bench:
         s = self.settings
         leftovers = self.settle()
         workload.reset(self.cluster)
-        system = make_system(
-            system_name, self._endpoints, concurrency=concurrency, wait_for_phase2=s.wait_phase2
-        )
+        system = self._system(system_name, concurrency)
         pids = self._pids(system)
         tw_start = in_time_wait(time_wait_sockets(), self._ports)
         rss_reset = all(reset_peak_rss(pid) for group in pids.values() for pid in group)
@@ -427,6 +456,16 @@ class Bench:
         )
         self._say(_progress(cell))
         return cell
+
+    def _system(self, name: str, concurrency: int) -> System:
+        """The system ``name``, connected; twopc's daemons first (re)started with TLS, or in
+        plaintext for ``twopc-plaintext``, when they do not run so already."""
+        if name in (Twopc.name, TwopcPlaintext.name):
+            self.cluster.use_plaintext(name == TwopcPlaintext.name)
+        endpoints = replace(self._endpoints, coordinator_tls=self.cluster.client_tls())
+        return make_system(
+            name, endpoints, concurrency=concurrency, wait_for_phase2=self.settings.wait_phase2
+        )
 
     def _work(self, plan: _RunPlan, tally: Tally, seed_name: str) -> None:
         """One worker thread: transactions until the window ends; those that ended inside it
@@ -569,8 +608,12 @@ class Bench:
 
 def add_ratios(group: Sequence[CellResult], floor: Floor | None = None) -> None:
     """On each baseline's cell of one (workload, round trip, concurrency): twopc ÷ it, for
-    throughput and p50 latency; on twopc's cell, its p50 and p99 ÷ the latency floor."""
+    throughput and p50 latency; on twopc's cell, its p50 and p99 ÷ the latency floor. twopc is
+    the run with TLS (the plaintext run is then one of the baselines: twopc ÷ it is what TLS
+    costs), or the plaintext run when it ran alone."""
     twopc = next((c for c in group if c.system == Twopc.name), None)
+    if twopc is None:
+        twopc = next((c for c in group if c.system == TwopcPlaintext.name), None)
     if twopc is None:
         return
     if floor is not None:
@@ -645,7 +688,10 @@ def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, Path | No
     if not data["complete"]:
         header += "**Interrupted: these are the cells measured before the interruption.**\n\n"
     paths[1].write_text(header + format_table(data["cells"]) + "\n")
-    (out / SUMMARY_NAME).write_text(header + format_summary(data["cells"]) + "\n")
+    tls_summary = format_tls_summary(data["cells"])
+    if tls_summary:
+        tls_summary = "\n\n## twopc with and without mutual TLS\n\n" + tls_summary
+    (out / SUMMARY_NAME).write_text(header + format_summary(data["cells"]) + tls_summary + "\n")
     title = f"twopc bench ({'wait for phase 2' if settings['wait_phase2'] else 'early answer'})"
     drawn = plot_cells(data["cells"], paths[2], title=title)
     return paths[0], paths[1], paths[2] if drawn else None
@@ -698,6 +744,8 @@ def run(args: argparse.Namespace) -> int:
     json_path, table_path, plot_path = write_report(data, args.out)
     say("\n" + format_table(data["cells"]))
     say("\n" + format_summary(data["cells"]))
+    if tls_summary := format_tls_summary(data["cells"]):
+        say("\ntwopc with and without mutual TLS:\n" + tls_summary)
     say(f"\nreport: {json_path}\ntable: {table_path}")
     if plot_path is None:
         say("warning: no plot drawn: matplotlib is not installed (pip install 'twopc[bench]')")

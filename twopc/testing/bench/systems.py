@@ -11,7 +11,9 @@ connections, opened once and reused for every transaction) and the ``Tx`` it beg
 The systems:
 
 - ``Twopc``: the SDK, through the coordinator (one ``Client``, thread-safe, shared by all
-  workers: its one gRPC channel is the persistent connection).
+  workers: its one gRPC channel is the persistent connection), over mutual TLS.
+  ``TwopcPlaintext`` is the same with every gRPC hop in plaintext (the daemons restarted with
+  ``insecure_plaintext``): the two side by side give what TLS costs.
 - ``DirectXA``: XA driven from the benchmark process over one pymysql connection per region:
   XA START, the statements, XA END and XA PREPARE on each branch in turn, then XA COMMIT on each.
   A branch that only read is finished by ``XA COMMIT ... ONE PHASE`` when it ends (as twopc's
@@ -41,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from twopc.client import Client, OutcomeUnknown, RetryPolicy, TransactionAborted, TwopcError
 from twopc.client import Transaction as TwopcTransaction
+from twopc.tls import TlsConfig
 from twopc.txid import FORMAT_ID
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "SqlaTwoPhase",
     "System",
     "Twopc",
+    "TwopcPlaintext",
     "Tx",
     "TxFailed",
     "Work",
@@ -105,6 +109,7 @@ class Endpoints:
         lock_wait_timeout_s: ``innodb_lock_wait_timeout`` of the baselines' sessions (the
             agents get the same).
         tx_timeout_s: twopc's transaction timeout; also the baselines' read timeout.
+        coordinator_tls: the client's TLS towards the coordinator; None: plaintext.
     """
 
     coordinator: str
@@ -112,6 +117,7 @@ class Endpoints:
     database: str
     lock_wait_timeout_s: int = 10
     tx_timeout_s: float = 30.0
+    coordinator_tls: TlsConfig | None = None
 
 
 class Tx(ABC):
@@ -210,8 +216,13 @@ class Twopc(System):
         self._timeout = endpoints.tx_timeout_s
         self._wait = wait_for_phase2
         policy = RetryPolicy(attempts=3, initial_backoff=0.05, max_backoff=0.5, deadline=5.0)
+        tls = endpoints.coordinator_tls
         self._client = Client(
-            endpoints.coordinator, retry_policy=policy, rpc_timeout=self._timeout + 5
+            endpoints.coordinator,
+            tls=tls,
+            insecure=tls is None,
+            retry_policy=policy,
+            rpc_timeout=self._timeout + 5,
         )
 
     def worker(self) -> Worker:
@@ -219,6 +230,13 @@ class Twopc(System):
 
     def close(self) -> None:
         self._client.close()
+
+
+class TwopcPlaintext(Twopc):
+    """``Twopc`` with TLS off on every gRPC hop (the endpoints give no TLS, and the daemons run
+    with ``insecure_plaintext``)."""
+
+    name = "twopc-plaintext"
 
 
 def _twopc_failure(err: TwopcError) -> TxFailed:
@@ -673,6 +691,8 @@ def make_system(
     """
     if name == Twopc.name:
         return Twopc(endpoints, wait_for_phase2=wait_for_phase2)
+    if name == TwopcPlaintext.name:
+        return TwopcPlaintext(endpoints, wait_for_phase2=wait_for_phase2)
     if name == DirectXA.name:
         return DirectXA(endpoints)
     if name == SqlaTwoPhase.name:

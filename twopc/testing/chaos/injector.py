@@ -23,6 +23,7 @@ from twopc.api import chaos_pb2_grpc as cpb_grpc
 from twopc.testing.chaos.schedule import FaultEvent, FaultKind
 from twopc.testing.playground.cluster import PROXY, Cluster
 from twopc.testing.playground.mariadb import PlaygroundError
+from twopc.testing.playground.tls import ADMIN
 
 log = structlog.get_logger("twopc.chaos")
 _CONTROL_TIMEOUT_S = 5.0
@@ -201,7 +202,9 @@ class Injector:
 
     @contextlib.contextmanager
     def _channel(self, component: str) -> Iterator[grpc.Channel]:
-        with grpc.insecure_channel(self.cluster.component(component).address) as channel:
+        """A channel to ``component``'s admin API (Failpoints, the proxy's control), as the
+        operator (the ``admin`` identity)."""
+        with self.cluster.channel(component, identity=ADMIN) as channel:
             yield channel
 
 

@@ -9,6 +9,11 @@ Command line (``twopc proxy`` takes the same arguments)::
 Ports may be 0: the ``proxy_listening`` log line (JSON on stderr) names the control port, and
 ``ListLinks`` the links' bound addresses. The process runs until SIGTERM or SIGINT.
 
+The control API runs mutual TLS (``--tls-cert``, ``--tls-key``, ``--tls-ca``) and obeys only the
+identities given by ``--admin-identity``; ``--insecure-plaintext`` serves it in plaintext, to
+anyone. The links relay TCP as it comes: TLS between the parts passes through them untouched
+(the server's certificate must name the proxy's address too; the playground's name 127.0.0.1).
+
 The control API: ``SetFault`` replaces a link's fault (see ``twopc.testing.chaos.proxy`` for the
 semantics and the precedence of contradictory fields: cut > reset > half_open > blackhole >
 latency/jitter/bandwidth; contradictions are applied by that precedence, not refused) and returns
@@ -22,6 +27,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -30,11 +36,13 @@ from grpc import aio
 
 from twopc.api import chaos_pb2 as cpb
 from twopc.api import chaos_pb2_grpc as cpb_grpc
-from twopc.errors import NotFound, Unavailable
+from twopc.errors import InvalidArgument, NotFound, Unavailable
+from twopc.identity import AccessControl, ServiceRule
 from twopc.logs import configure_logging
 from twopc.serving import listen, new_server, wait_for_stop_signal
 from twopc.status import abort_with, error_from_rpc
 from twopc.testing.chaos.proxy import FaultSpec, LinkSpec, ProxyLink, split_host_port
+from twopc.tls import TlsConfig, plaintext_warning
 
 __all__ = [
     "FaultProxyServicer",
@@ -131,8 +139,14 @@ class FaultProxyServicer(cpb_grpc.FaultProxyServicer):
             )
 
 
-async def serve_proxy(control: str, links: list[LinkSpec]) -> None:
-    """Runs the links and the control server until SIGTERM or SIGINT.
+async def serve_proxy(
+    control: str,
+    links: list[LinkSpec],
+    tls: TlsConfig | None,
+    admin_identities: Sequence[str] = (),
+) -> None:
+    """Runs the links and the control server until SIGTERM or SIGINT. The control API takes
+    mutual TLS with ``tls`` and obeys ``admin_identities`` only; plaintext when ``tls`` is None.
 
     Raises:
         ValueError: two links share a name.
@@ -143,12 +157,17 @@ async def serve_proxy(control: str, links: list[LinkSpec]) -> None:
     if duplicates:
         raise ValueError(f"link names must be unique: {', '.join(duplicates)}")
     proxies = {spec.name: ProxyLink(spec) for spec in links}
-    server = new_server()
+    rules = {
+        cpb.DESCRIPTOR.services_by_name["FaultProxy"].full_name: ServiceRule(
+            tuple(admin_identities), "--admin-identity"
+        )
+    }
+    server = new_server([AccessControl(rules, component="the fault proxy")] if tls else [])
     try:
         for link in proxies.values():
             await link.start()
         cpb_grpc.add_FaultProxyServicer_to_server(FaultProxyServicer(proxies), server)
-        port = listen(server, control)
+        port = listen(server, control, tls)
         await server.start()
         log.info(
             "proxy_listening",
@@ -191,6 +210,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=LISTEN_HOST:PORT=UPSTREAM_HOST:PORT",
         help="a link to proxy (repeat for more)",
     )
+    parser.add_argument("--tls-cert", type=Path, help="the control API's certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="its key (PEM)")
+    parser.add_argument("--tls-ca", type=Path, help="the CA that signed the callers' certificates")
+    parser.add_argument(
+        "--admin-identity",
+        dest="admin_identities",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an identity (certificate Common Name) that may call the control API (repeat)",
+    )
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="serve the control API without TLS, to anyone who reaches it",
+    )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -205,11 +240,31 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, console=args.console, component="proxy")
     try:
         split_host_port(args.control)
-        asyncio.run(serve_proxy(args.control, list(args.links)))
+        tls = _control_tls(args)
+        asyncio.run(serve_proxy(args.control, list(args.links), tls, args.admin_identities))
     except (OSError, ValueError) as err:
         log.critical("proxy_cannot_start", error=str(err))
         return 2
+    except InvalidArgument as err:
+        log.critical("proxy_cannot_start", error=err.message)
+        return 2
     return 0
+
+
+def _control_tls(args: argparse.Namespace) -> TlsConfig | None:
+    if args.insecure_plaintext:
+        log.warning("insecure_plaintext", warning=plaintext_warning(args.control, False))
+        return None
+    if not (args.tls_cert and args.tls_key and args.tls_ca):
+        raise InvalidArgument(
+            "the control API runs mutual TLS: give --tls-cert, --tls-key and --tls-ca (and "
+            "--admin-identity), or --insecure-plaintext"
+        )
+    if not args.admin_identities:
+        raise InvalidArgument("give --admin-identity: the identities that may control the proxy")
+    tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    tls.read()
+    return tls
 
 
 def main(argv: Sequence[str]) -> int:
@@ -222,14 +277,30 @@ def main(argv: Sequence[str]) -> int:
 
 
 class ProxyControl:
-    """A blocking client of a proxy's control API, for test harnesses.
+    """A blocking client of a proxy's control API, for test harnesses: mutual TLS with ``tls``
+    (an admin identity of the proxy), or plaintext with ``insecure=True``.
 
     Errors come back as ``TwopcError`` classes (``NotFound`` for an unknown link, ``Unavailable``
-    when the proxy cannot be reached within ``timeout`` seconds).
+    when the proxy cannot be reached within ``timeout`` seconds, ``PermissionDenied`` for an
+    identity the proxy does not obey).
     """
 
-    def __init__(self, address: str, *, timeout: float = 5.0) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+        timeout: float = 5.0,
+    ) -> None:
+        if (tls is None) == (not insecure):
+            raise InvalidArgument("ProxyControl: give tls=TlsConfig(...) or insecure=True")
+        if tls is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            self._channel = grpc.secure_channel(
+                address, tls.channel_credentials(), options=tls.channel_options()
+            )
         self._stub = cpb_grpc.FaultProxyStub(self._channel)
         self._timeout = timeout
 

@@ -23,7 +23,7 @@ import grpc
 
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
-from twopc.client import Client, RetryPolicy
+from twopc.client import RetryPolicy
 from twopc.logs import configure_logging
 from twopc.testing.chaos.injector import Injector
 from twopc.testing.chaos.report import ChaosResult, plot_timeline, write_json
@@ -36,6 +36,7 @@ from twopc.testing.playground.invariants import (
     prepared_branches,
     resolve_unknown,
 )
+from twopc.testing.playground.tls import COORDINATOR
 
 QUIESCENCE_DEADLINE_S = 120.0
 TRANSFER_TIMEOUT_S = 5.0
@@ -130,7 +131,7 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
     say(f"{len(schedule)} faults planned from seed {args.seed} over {args.duration:.0f} s")
     injector = Injector(cluster)
     policy = RetryPolicy(attempts=4, initial_backoff=0.05, max_backoff=0.5, deadline=3.0)
-    with Client(cluster.coordinator_address, retry_policy=policy, rpc_timeout=5.0) as client:
+    with cluster.client(retry_policy=policy, rpc_timeout=5.0) as client:
         workload = TransferWorkload(
             client,
             coordinator_id=cluster.coordinator_id,
@@ -232,8 +233,8 @@ def _held_by_agents(cluster: Cluster) -> list[str]:
     """Agents that hold a branch (active or prepared), or that do not answer."""
     held = []
     for region in cluster.regions:
-        address = cluster.component(f"agent-{region}").address
-        with grpc.insecure_channel(address) as channel:
+        # GetInfo, as the coordinator: the agents obey no one else.
+        with cluster.channel(f"agent-{region}", identity=COORDINATOR) as channel:
             try:
                 info = pb_grpc.ParticipantStub(channel).GetInfo(pb.GetInfoRequest(), timeout=2)
             except grpc.RpcError:

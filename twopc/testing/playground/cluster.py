@@ -6,6 +6,8 @@ any part with a real signal and start it again exactly as the cluster did::
 
     {"version": 1, "directory": ..., "coordinator_id": "c1", "regions": ["eu", "us", "ap"],
      "database": "twopc", "client_address": "127.0.0.1:40001",
+     "client_tls": {"cert": ..., "key": ..., "ca": ...}, "plaintext": false,
+     "tls": {"ca": ..., "identities": {"client": {"cert": ..., "key": ...}, ...}},
      "links": [{"name": "coordinator-agent-eu", "listen": ..., "upstream": ...}, ...],
      "components": {
         "mariadb-eu": {"kind": "mariadb", "region": "eu", "address": "127.0.0.1:41234",
@@ -14,8 +16,15 @@ any part with a real signal and start it again exactly as the cluster did::
         "agent-eu": {...}, ..., "coordinator": {...}, "proxy": {...}}}
 
 ``client_address`` is where the SDK connects (the proxy's end of the client link when the
-cluster was made with fault proxies; ``links`` is empty otherwise). The ``proxy`` component's
-address is its FaultProxy control endpoint. Start a component again:
+cluster was made with fault proxies; ``links`` is empty otherwise).
+
+Every gRPC hop runs mutual TLS (``twopc.testing.playground.tls``): ``tls`` holds the CA and the
+certificate and key of each identity (``coordinator``, ``agent-<region>``, ``proxy``, ``client``,
+``admin``, ``other-app``), and ``client_tls`` the three files a client uses
+(``{"cert": ..., "key": ..., "ca": ...}``; null when the daemons run in plaintext, as
+``plaintext`` then says). ``Cluster.channel`` and ``Cluster.client`` connect as an identity.
+
+The ``proxy`` component's address is its FaultProxy control endpoint. Start a component again:
 ``subprocess.Popen(c["command"], cwd=c["cwd"], env=os.environ | c["env"])``
 (or ``twopc playground --restart NAME``, which stops it first if it runs, and records the new
 pid).
@@ -39,11 +48,13 @@ from typing import Any
 
 import grpc
 import pymysql
+from grpc import aio
 
 from twopc.api import chaos_pb2 as cpb
 from twopc.api import chaos_pb2_grpc as cpb_grpc
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
+from twopc.client import AsyncClient, Client
 from twopc.testing.playground.mariadb import (
     AGENT_PASSWORD_ENV,
     AGENT_USER,
@@ -59,6 +70,15 @@ from twopc.testing.playground.ports import (
     free_port,
     port_or_free,
 )
+from twopc.testing.playground.tls import (
+    ADMIN,
+    CLIENT,
+    COORDINATOR,
+    PROXY_IDENTITY,
+    ClusterTls,
+    agent_identity,
+)
+from twopc.tls import TlsConfig
 
 STATE_FILE = "state.json"
 DATABASE = "twopc"
@@ -94,6 +114,8 @@ class Component:
 
     def spawn(self) -> int:
         """Starts the command in a new session, output appended to ``log``; returns the pid."""
+        for child in list(_CHILDREN.values()):  # reaps each one that ended, noticed or not
+            child.poll()
         Path(self.log).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             process = subprocess.Popen(
@@ -158,12 +180,19 @@ class Cluster:
         components: Mapping[str, Component],
         coordinator_id: str = "c1",
         links: Sequence[LinkPlan] = (),
+        *,
+        tls: ClusterTls | None = None,
+        plaintext: bool = False,
     ) -> None:
         self.directory = directory.resolve()
         self.regions = list(regions)
         self.components = dict(components)
         self.coordinator_id = coordinator_id
         self.links = list(links)
+        self.tls = tls
+        # The daemons run with insecure_plaintext: always without certificates; the benchmark
+        # switches a TLS cluster to plaintext and back (use_plaintext).
+        self.plaintext = plaintext or tls is None
 
     # --- building -----------------------------------------------------------------------------
 
@@ -180,9 +209,15 @@ class Cluster:
         client_db_links: bool = False,
         remote_links_only: bool = False,
         fixed_ports: bool = False,
+        tls: bool = True,
         python: str = sys.executable,
     ) -> Cluster:
-        """Lays out directories and configuration files; starts nothing.
+        """Lays out directories, certificates and configuration files; starts nothing.
+
+        With ``tls`` (the default), a throwaway CA and a certificate per party go in
+        ``directory / "tls"`` and every gRPC hop runs mutual TLS: agents obey the
+        ``coordinator`` identity alone, the admin APIs the ``admin`` identity. Without it every
+        daemon runs with ``insecure_plaintext``.
 
         Every port is a free one the kernel picks, unless ``fixed_ports`` (the interactive
         playground): then the coordinator's client address is 127.0.0.1:7100, the n-th region's
@@ -206,6 +241,7 @@ class Cluster:
         """
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
+        certificates = ClusterTls.make(directory, regions) if tls else None
         env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(_REPO_ROOT)}
         components: dict[str, Component] = {}
         agents: dict[str, str] = {}
@@ -256,6 +292,11 @@ class Cluster:
                     "mysql_user": AGENT_USER,
                     "mysql_password_env": AGENT_PASSWORD_ENV,
                     "mysql_database": DATABASE,
+                    **_transport_settings(
+                        certificates,
+                        agent_identity(region),
+                        coordinator_identities=[COORDINATOR],
+                    ),
                     **(agent_settings or {}),
                 },
             )
@@ -283,6 +324,7 @@ class Cluster:
                 "coordinator_id": coordinator_id,
                 "listen": address,
                 "data_dir": str(coordinator_dir / "data"),
+                **_transport_settings(certificates, COORDINATOR),
                 **(coordinator_settings or {}),
             },
             tables={"participants": agents},
@@ -313,12 +355,13 @@ class Cluster:
                     "proxy",
                     f"--control={control}",
                     *link_args,
+                    *_proxy_transport_args(certificates),
                 ],
                 cwd=str(directory),
                 log=str(directory / "proxy.log"),
                 env=dict(env),
             )
-        return cls(directory, regions, components, coordinator_id, links)
+        return cls(directory, regions, components, coordinator_id, links, tls=certificates)
 
     @classmethod
     def load(cls, directory: Path) -> Cluster:
@@ -330,7 +373,13 @@ class Cluster:
         components = {n: Component(**c) for n, c in state["components"].items()}
         links = [LinkPlan(**link) for link in state.get("links", [])]
         return cls(
-            Path(state["directory"]), state["regions"], components, state["coordinator_id"], links
+            Path(state["directory"]),
+            state["regions"],
+            components,
+            state["coordinator_id"],
+            links,
+            tls=ClusterTls.from_json(state.get("tls")),
+            plaintext=bool(state.get("plaintext", False)),
         )
 
     # --- running ------------------------------------------------------------------------------
@@ -350,6 +399,76 @@ class Cluster:
     @property
     def proxied(self) -> bool:
         return PROXY in self.components
+
+    # --- connecting, as an identity --------------------------------------------------------------
+
+    def client_tls(self, identity: str = CLIENT) -> TlsConfig | None:
+        """The TLS configuration of ``identity`` towards the daemons; None when they run in
+        plaintext."""
+        if self.plaintext or self.tls is None:
+            return None
+        return self.tls.config(identity)
+
+    def proxy_tls(self) -> TlsConfig | None:
+        """The ``admin`` identity's TLS towards the fault proxy's control API (which keeps TLS
+        when the benchmark switches the daemons to plaintext); None without certificates."""
+        return self.tls.config(ADMIN) if self.tls is not None else None
+
+    def _address(self, target: str) -> str:
+        return self.components[target].address if target in self.components else target
+
+    def channel(self, target: str, *, identity: str) -> grpc.Channel:
+        """A blocking gRPC channel to a component (by name) or an address, as ``identity``
+        (``client``, ``coordinator`` to call agents as the coordinator does, ``admin`` for the
+        admin APIs, ``other-app``). Plaintext when the daemons run so."""
+        address = self._address(target)
+        tls = self.proxy_tls() if target == PROXY else self.client_tls(identity)
+        if tls is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(
+            address, tls.channel_credentials(), options=tls.channel_options()
+        )
+
+    def aio_channel(self, target: str, *, identity: str) -> aio.Channel:
+        """``channel`` for asyncio."""
+        address = self._address(target)
+        tls = self.client_tls(identity)
+        if tls is None:
+            return aio.insecure_channel(address)
+        return aio.secure_channel(address, tls.channel_credentials(), options=tls.channel_options())
+
+    def client(self, identity: str = CLIENT, **kwargs: Any) -> Client:
+        """An SDK ``Client`` of the coordinator (through the client link when proxied), as
+        ``identity``; ``kwargs`` go to ``Client``."""
+        tls = self.client_tls(identity)
+        return Client(self.coordinator_address, tls=tls, insecure=tls is None, **kwargs)
+
+    def async_client(self, identity: str = CLIENT, **kwargs: Any) -> AsyncClient:
+        """``client`` for asyncio (make it inside the event loop that uses it)."""
+        tls = self.client_tls(identity)
+        return AsyncClient(self.coordinator_address, tls=tls, insecure=tls is None, **kwargs)
+
+    def use_plaintext(self, plaintext: bool, timeout: float = 60.0) -> None:
+        """Restarts the agents and the coordinator with TLS off (``insecure_plaintext`` from
+        the environment, over their configuration files) or on again, when they do not run so
+        already. For measuring what TLS costs; the proxy's control API keeps its TLS."""
+        if plaintext == self.plaintext:
+            return
+        if not plaintext and self.tls is None:
+            raise PlaygroundError("this cluster has no certificates: it runs in plaintext only")
+        variables = {"agent": "TWOPC_AGENT_INSECURE_PLAINTEXT"}
+        variables["coordinator"] = "TWOPC_COORDINATOR_INSECURE_PLAINTEXT"
+        daemons = [f"agent-{r}" for r in self.regions] + ["coordinator"]
+        for name in daemons:
+            component = self.components[name]
+            if plaintext:
+                component.env[variables[component.kind]] = "true"
+            else:
+                component.env.pop(variables[component.kind], None)
+        self.plaintext = plaintext
+        self.save()
+        for name in daemons:
+            self.restart(name, timeout=timeout)
 
     def component(self, name: str) -> Component:
         try:
@@ -450,7 +569,11 @@ class Cluster:
                     f"{name} exited while starting; its log {component.log} ends with:\n"
                     + _tail(component.log)
                 )
-            return _answers(component)
+            if component.kind == "mariadb":
+                return _database_answers(component)
+            # Each asked as its own callers ask it: the agents obey the coordinator alone.
+            identity = {"agent": COORDINATOR, PROXY: ADMIN}.get(component.kind, CLIENT)
+            return _answers(component, self.channel(name, identity=identity))
 
         wait_until(ready, timeout, f"{name} answering on {component.address}", interval=0.05)
 
@@ -484,6 +607,9 @@ class Cluster:
             "regions": self.regions,
             "database": DATABASE,
             "client_address": self.coordinator_address,
+            "client_tls": _files(self.client_tls(CLIENT)),
+            "plaintext": self.plaintext,
+            "tls": self.tls.as_json() if self.tls is not None else None,
             "links": [asdict(link) for link in self.links],
             "components": {n: asdict(c) for n, c in self.components.items()},
         }
@@ -513,15 +639,18 @@ class Cluster:
             conn.close()
 
 
-def _answers(component: Component) -> bool:
+def _database_answers(component: Component) -> bool:
     host, port = component.address.rsplit(":", 1)
-    if component.kind == "mariadb":
-        try:
-            pymysql.connect(host=host, port=int(port), user="root", connect_timeout=1).close()
-        except pymysql.err.MySQLError:
-            return False
-        return True
-    with grpc.insecure_channel(component.address) as channel:
+    try:
+        pymysql.connect(host=host, port=int(port), user="root", connect_timeout=1).close()
+    except pymysql.err.MySQLError:
+        return False
+    return True
+
+
+def _answers(component: Component, channel: grpc.Channel) -> bool:
+    """True when a gRPC ``component`` answers through ``channel`` (closed here)."""
+    with channel:
         try:
             if component.kind == PROXY:
                 cpb_grpc.FaultProxyStub(channel).ListLinks(cpb.ListLinksRequest(), timeout=1)
@@ -551,6 +680,39 @@ def _pids_of(component: Component) -> list[int]:
     return sorted(p for p in pids if process_alive(p))
 
 
+def _transport_settings(
+    certificates: ClusterTls | None, identity: str, **identities: Sequence[str]
+) -> dict[str, object]:
+    """A daemon's TLS settings and who it obeys: its certificate, the ``admin`` identity for
+    its admin API, and ``identities`` (e.g. an agent's coordinator_identities); plaintext
+    without certificates."""
+    if certificates is None:
+        return {"insecure_plaintext": True}
+    return {
+        **certificates.daemon_settings(identity),
+        "admin_identities": [ADMIN],
+        **{key: list(value) for key, value in identities.items()},
+    }
+
+
+def _proxy_transport_args(certificates: ClusterTls | None) -> list[str]:
+    if certificates is None:
+        return ["--insecure-plaintext"]
+    config = certificates.config(PROXY_IDENTITY)
+    return [
+        f"--tls-cert={config.cert}",
+        f"--tls-key={config.key}",
+        f"--tls-ca={config.ca}",
+        f"--admin-identity={ADMIN}",
+    ]
+
+
+def _files(tls: TlsConfig | None) -> dict[str, str] | None:
+    if tls is None:
+        return None
+    return {"cert": str(tls.cert), "key": str(tls.key), "ca": str(tls.ca)}
+
+
 def _write_toml(
     path: Path, values: Mapping[str, object], tables: Mapping[str, Mapping[str, str]] | None = None
 ) -> None:
@@ -562,6 +724,8 @@ def _write_toml(
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

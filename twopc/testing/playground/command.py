@@ -15,6 +15,10 @@ from twopc.testing.playground.ports import (
     LOOPBACK,
     is_free,
 )
+from twopc.testing.playground.tls import CLIENT
+from twopc.tls import ENV_CA, ENV_CERT, ENV_KEY
+
+COORDINATOR_ENV = "TWOPC_COORDINATOR"  # the README's example reads it
 
 # The README's examples: every region's database gets these tables (left as they are when the
 # playground starts again in the same directory; missing seed rows are put back).
@@ -137,13 +141,20 @@ def _describe(cluster: Cluster, args: argparse.Namespace) -> None:
         print(f"  link {link.name:<24} {link.listen} -> {link.upstream}")
     address = cluster.coordinator_address
     print()
-    if address == f"{LOOPBACK}:{COORDINATOR_PORT}":
-        print(f'clients connect to {address}: Client("{address}"), twopc tx TXID')
-    else:
-        print(
-            f'clients connect to {address} (port {COORDINATOR_PORT} was taken): Client("{address}")'
-        )
-        print(f"  for the README's examples and twopc tx: export TWOPC_COORDINATOR={address}")
+    tls = cluster.client_tls(CLIENT)
+    how = f"with mutual TLS, as the identity {CLIENT!r}" if tls is not None else "in plaintext"
+    taken = address != f"{LOOPBACK}:{COORDINATOR_PORT}"
+    print(
+        f"clients connect to {address} {how}"
+        + (f" (port {COORDINATOR_PORT} was taken)" if taken else "")
+        + "; twopc tx TXID finds it from here"
+    )
+    exports = [f"{COORDINATOR_ENV}={address}"] if taken else []
+    if tls is not None:
+        exports += [f"{ENV_CERT}={tls.cert}", f"{ENV_KEY}={tls.key}", f"{ENV_CA}={tls.ca}"]
+    if exports:
+        print("for your programs (the README's example), in their shell:")
+        print(f"  export {' '.join(exports)}")
     tables = "" if args.no_examples else f"; example tables {', '.join(EXAMPLE_TABLE_NAMES)}"
     print(f"databases (user root, no password, database {DATABASE}{tables}):")
     for region in cluster.regions:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from twopc.client import Client, RetryPolicy
+from twopc.client import RetryPolicy
 from twopc.testing.playground.bank import (
     ABORTED,
     COMMITTED,
@@ -166,7 +166,7 @@ def _run(cluster: Cluster, args: argparse.Namespace) -> int:
     say(f"{args.accounts} accounts per region, total balance {expected_total}")
     progress = Progress()
     policy = RetryPolicy(attempts=60, deadline=30.0)
-    with Client(cluster.coordinator_address, retry_policy=policy) as client:
+    with cluster.client(retry_policy=policy) as client:
         workload = TransferWorkload(
             client,
             coordinator_id=cluster.coordinator_id,

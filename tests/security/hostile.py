@@ -14,23 +14,35 @@ import pytest
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.cluster import Cluster
+from twopc.testing.playground.tls import CLIENT, COORDINATOR
 
 # Room for the oversized requests the tests send (the daemons, not the channel, must refuse).
 _OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 _ids = itertools.count(1)
 
 
+def _channel(cluster: Cluster, address: str, identity: str) -> grpc.Channel:
+    tls = cluster.client_tls(identity)
+    if tls is None:
+        return grpc.insecure_channel(address, options=_OPTIONS)
+    options = [*tls.channel_options(), *_OPTIONS]
+    return grpc.secure_channel(address, tls.channel_credentials(), options=options)
+
+
 @contextmanager
 def agent(cluster: Cluster, region: str) -> Iterator[pb_grpc.ParticipantStub]:
-    """The Participant API of ``region``'s agent, as anyone who reaches its port sees it."""
+    """The Participant API of ``region``'s agent as the coordinator's identity reaches it: what
+    the agent itself refuses from a caller it obeys (strangers get no further than TLS:
+    tests/security/test_tls.py)."""
     address = cluster.component(f"agent-{region}").address
-    with grpc.insecure_channel(address, options=_OPTIONS) as channel:
+    with _channel(cluster, address, COORDINATOR) as channel:
         yield pb_grpc.ParticipantStub(channel)
 
 
 @contextmanager
 def coordinator(cluster: Cluster) -> Iterator[pb_grpc.CoordinatorStub]:
-    with grpc.insecure_channel(cluster.coordinator_address, options=_OPTIONS) as channel:
+    """The Coordinator API as an application's identity reaches it."""
+    with _channel(cluster, cluster.coordinator_address, CLIENT) as channel:
         yield pb_grpc.CoordinatorStub(channel)
 
 

@@ -16,6 +16,7 @@ from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import Client, InvalidArgument, StatementFailed
 from twopc.testing.playground.cluster import DATABASE, Cluster
 from twopc.testing.playground.mariadb import AGENT_PASSWORD_ENV, AGENT_USER
+from twopc.testing.playground.tls import COORDINATOR
 
 ER_TABLEACCESS_DENIED = 1142
 _ids = itertools.count()
@@ -36,8 +37,8 @@ def billing(live_cluster: Cluster) -> Iterator[str]:
 def on_agent(cluster: Cluster, sql: str) -> pb.BranchExecuteResponse:
     """``sql`` straight to eu's agent, as a caller that skips the coordinator; its branch is
     rolled back afterwards."""
-    txid = f"hostile.r-reach-{next(_ids)}"
-    with grpc.insecure_channel(cluster.component("agent-eu").address) as channel:
+    txid = f"{cluster.coordinator_id}.r-reach-{next(_ids)}"
+    with cluster.channel("agent-eu", identity=COORDINATOR) as channel:
         agent = pb_grpc.ParticipantStub(channel)
         try:
             return agent.Execute(

@@ -33,6 +33,7 @@ from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import Client, NotFound, Outcome, TransactionState
 from twopc.testing.certs import CertificateAuthority
 from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.testing.playground.mariadb import AGENT_PASSWORD_ENV
 from twopc.testing.playground.ports import LOOPBACK, free_port
 from twopc.testing.playground.tls import ADMIN, CLIENT, COORDINATOR, OTHER_APP
 from twopc.tls import TlsConfig
@@ -251,11 +252,13 @@ def test_the_admin_api_obeys_the_admin_identities_only(
 # --- plaintext only when set -----------------------------------------------------------------
 
 
-def run_daemon(kind: str, config: Path) -> subprocess.Popen[str]:
+def run_daemon(
+    kind: str, config: Path, environ: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "twopc.cli", kind, "--config", str(config)],
         cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **(environ or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -307,8 +310,12 @@ def test_insecure_plaintext_serves_plaintext_and_says_so(
 ) -> None:
     make = coordinator_config if kind == "coordinator" else agent_config
     listen = f"{LOOPBACK}:{free_port()}"
+    # The agent reaches its database as the playground's agents do: the least-privilege user.
+    password = live_cluster.component("agent-eu").env[AGENT_PASSWORD_ENV]
     daemon = run_daemon(
-        kind, make(live_cluster, tmp_path / "config.toml", listen, "insecure_plaintext = true")
+        kind,
+        make(live_cluster, tmp_path / "config.toml", listen, "insecure_plaintext = true"),
+        {AGENT_PASSWORD_ENV: password},
     )
     try:
         with grpc.insecure_channel(listen) as channel:

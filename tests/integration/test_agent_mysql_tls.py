@@ -13,12 +13,14 @@ import pytest
 
 from participants.config import AgentConfig
 from participants.daemon import build_agent, build_pool
+from participants.grants import least_grants
 from participants.mysql_tls import CR_SSL_CONNECTION_ERROR, mysql_ssl_context
 from participants.xa import DbError
 from twopc.errors import Unavailable
 from twopc.failpoints import Failpoints
+from twopc.sql_guard import DEFAULT_MARKER_TABLE as MARKER_TABLE
 from twopc.testing.certs import CertificateAuthority
-from twopc.testing.playground.mariadb import MariaDBInstance
+from twopc.testing.playground.mariadb import MariaDBInstance, create_agent_user
 
 X509_USER = "twopc_x509"
 # A refused connection's socket is closed by the event loop after the refusal, and the test's
@@ -61,7 +63,11 @@ def tls_mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mari
         with instance.connect() as conn, conn.cursor() as cursor:
             cursor.execute("CREATE DATABASE IF NOT EXISTS twopc")
             cursor.execute(f"CREATE USER IF NOT EXISTS '{X509_USER}'@'%' REQUIRE X509")
-            cursor.execute(f"GRANT ALL ON twopc.* TO '{X509_USER}'@'%'")
+            # Both users hold the least privileges: the agent refuses to start with more.
+            for grant in least_grants(f"`{X509_USER}`@`%`", ["twopc"], "twopc", MARKER_TABLE):
+                cursor.execute(grant)
+        with instance.connect() as conn:
+            create_agent_user(conn, "", "twopc", host="%")
         yield instance, directory / "tls"
     finally:
         instance.stop(timeout=30)

@@ -640,7 +640,10 @@ def create_agent_user(
     account as written in SQL (```twopc_agent`@`127.0.0.1```)."""
     account = f"{quote_name(user)}@{quote_name(host)}"
     with conn.cursor() as cursor:
-        cursor.execute(f"CREATE OR REPLACE USER {account} IDENTIFIED BY %s", [password])
+        # The account may hold a host pattern's '%': doubled, since the password is a parameter.
+        cursor.execute(
+            f"CREATE OR REPLACE USER {account.replace('%', '%%')} IDENTIFIED BY %s", [password]
+        )
         for statement in least_grants(account, [database], database, marker_table):
             cursor.execute(statement)
     return account

@@ -13,11 +13,13 @@ the guard refuses in a client's own SQL.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from twopc.client import Client
+from tests.conftest import AGENT_SETTINGS
+from twopc.client import Client, Transaction
 from twopc.testing.playground.cluster import DATABASE, Cluster, wait_until
 from twopc.testing.playground.mariadb import AGENT_USER
 from twopc.values import SqlValue
@@ -29,7 +31,6 @@ SETTINGS = (
     "@@character_set_client, @@character_set_connection, @@character_set_results, "
     "@@collation_connection, @@tx_isolation"
 )
-_ATTEMPTS = 200  # transactions to wait for the pool to lend a given session again
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +67,25 @@ def run(client: Client, sql: str) -> tuple[SqlValue, ...]:
 
 
 def run_on_session(client: Client, sql: str, session: SqlValue) -> tuple[SqlValue, ...]:
-    """``sql`` run again until the agent's pool lends it ``session`` (it lends the session it
-    got back last first, once that session is idle again)."""
-    for _ in range(_ATTEMPTS):
-        row = run(client, sql)
-        if row[-1] == session:
-            return row[:-1]
+    """``sql`` run on database session ``session`` once the agent's pool lends it again.
+
+    The pool lends its most recently returned session first, so a session returned while another
+    transaction runs can sit under the one in use for ever. Transactions held open at once, one
+    more than the pool keeps idle, make the pool lend every idle session; this repeats until
+    ``session`` is among them (its reset may still be running when a round starts)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held: list[Transaction] = []
+        try:
+            for _ in range(AGENT_SETTINGS["pool_size"] + 1):
+                tx = client.begin(timeout=10)
+                held.append(tx)
+                row = tx.execute(REGION, f"{sql}, CONNECTION_ID()").rows[0]
+                if row[-1] == session:
+                    return row[:-1]
+        finally:
+            for tx in held:
+                tx.rollback()
     raise AssertionError(f"the agent's pool never lent session {session} again")
 
 

@@ -47,6 +47,8 @@ def test_bounded_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     report = json.loads((directory / "chaos-report.json").read_text())
     assert report["ok"] is True
     assert all(v["holds"] for v in report["invariants"])
+    assert report["mutual_tls"] is True, "chaos runs with TLS on by default"
+    assert "mutual TLS on every hop" in result.stdout
     assert report["operations"]["committed"] > 100
     assert sum(report["faults_by_kind"].values()) == report["faults_planned"] >= 8
     killed = {f["target"].split("-")[0] for f in report["faults"] if f["kind"] == "kill"}

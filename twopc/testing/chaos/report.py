@@ -99,7 +99,7 @@ class ChaosResult:
         latencies = [t.ended - t.started for t in self.transfers if t.outcome == COMMITTED]
         lines = [
             f"chaos run: seed {self.seed}, {self.duration:.0f} s, "
-            f"regions {', '.join(self.regions)}",
+            f"regions {', '.join(self.regions)}{_transport(self.extra)}",
             f"  transactions: {len(self.transfers)} ({outcomes[COMMITTED]} committed, "
             f"{outcomes[ABORTED]} aborted, {outcomes[UNKNOWN]} unknown to the client; resolved "
             f"by lookup: {dict(Counter(self.resolved.values()))})",
@@ -117,6 +117,13 @@ class ChaosResult:
         lines.extend(f"  {verdict}" for verdict in self.verdicts)
         lines.append("  ALL INVARIANTS HOLD" if self.ok else "  INVARIANT BROKEN")
         return "\n".join(lines)
+
+
+def _transport(extra: dict[str, object]) -> str:
+    """How the run's daemons talked, when the runner recorded it (a replayed report may not)."""
+    if "mutual_tls" not in extra:
+        return ""
+    return ", mutual TLS on every hop" if extra["mutual_tls"] else ", PLAINTEXT"
 
 
 def write_json(result: ChaosResult, path: Path) -> None:

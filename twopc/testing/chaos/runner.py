@@ -82,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
         },
         agent_settings={"admin_failpoints": True, "lock_wait_timeout_s": 5},
     )
-    say(f"starting a proxied playground in {directory} ({', '.join(regions)})")
+    transport = "mutual TLS" if cluster.tls is not None else "PLAINTEXT"
+    say(f"starting a proxied playground in {directory} ({', '.join(regions)}; {transport})")
     cluster.up()
     try:
         result = _run(cluster, args, kinds)
+        result.extra["mutual_tls"] = cluster.tls is not None
     finally:
         if args.keep:
             say(f"cluster left running: twopc playground --dir {directory} --down")

@@ -226,7 +226,11 @@ def _render(action: str, answer: Any) -> list[str]:
                 [
                     d.txid,
                     ",".join(d.prepared_on) or "-",
-                    "COMMIT logged" if d.commit_logged else "none (presumed abort)",
+                    "COMMIT logged"
+                    if d.commit_logged
+                    else "none (presumed abort)"
+                    if d.txid.startswith(f"{answer.coordinator_id}.")
+                    else "none here (another coordinator's)",
                 ]
                 for d in answer.in_doubt
             ],

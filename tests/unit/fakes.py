@@ -430,6 +430,8 @@ class InMemoryDecisionLog:
         self.commits: list[CommitRecord] = []
         self.ends: list[str] = []
         self.audits: list[AuditRecord] = []
+        # The length of the participants' call log when each audit record was durable.
+        self.audited_at: list[int] = []
         self.attempts: list[CommitRecord] = []
         self.durable_at: dict[str, int] = {}
         self.ended_at: dict[str, int] = {}
@@ -467,6 +469,7 @@ class InMemoryDecisionLog:
     async def record_audit(self, record: AuditRecord) -> None:
         await asyncio.sleep(0)  # the fsync
         self.audits.append(record)
+        self.audited_at.append(len(self._calls))
 
     async def record_end(self, txid: str) -> None:
         if self.end_failures:

@@ -28,7 +28,13 @@ OK = 0
 FAILED = 1  # the coordinator refused or could not be reached; stderr says why
 USAGE = 2
 
-ACTIONS = ("list", "show", "resolve", "drain", "undrain", "audit")
+EXIT_STATUS = f"""\
+exit status:
+  {OK}  the coordinator answered (printed)
+  {FAILED}  it refused (a decision the verdict contradicts, a caller not in its
+     admin_identities, ...) or could not be reached; stderr says why
+  {USAGE}  wrong usage, or no TLS configuration found
+"""
 
 
 def add_arguments(admin: argparse.ArgumentParser, common: Callable[[Any], None]) -> None:

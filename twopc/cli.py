@@ -220,6 +220,7 @@ def _parser(named: str | None = None) -> argparse.ArgumentParser:
         f"admin_identities: TLS from ${ENV_CERT}, ${ENV_KEY} and ${ENV_CA}, else the "
         "playground's admin identity (its state file)."
     )
+    admin.epilog = admin_cli.EXIT_STATUS
     admin_cli.add_arguments(admin, _coordinator_options)
 
     if named is not None and named in _COMMANDS and _COMMANDS[named].arguments:

@@ -1038,7 +1038,11 @@ class TransactionManager:
             del self._live[tx.txid]
         if tx.abort is not None and not tx.abort.conclusive and tx.state is TxState.ABORTED:
             return  # not an outcome to repeat: lookups and retries ask the participants
-        self._remember(TransactionView(tx.txid, tx.state, tuple(tx.participants), tx.abort_reason))
+        self._remember(
+            TransactionView(
+                tx.txid, tx.state, tuple(tx.participants), tx.abort_reason, owner=tx.owner
+            )
+        )
 
     def _retire_in_doubt(self, tx: Transaction) -> None:
         """A one-phase commit whose answer was lost: only the participant's marker can tell."""

@@ -190,3 +190,22 @@ async def test_the_listing_is_bounded_and_names_holders() -> None:
     assert listing.live_count == 3
     with pytest.raises(InvalidArgument):
         await operator(env).listing(limit=10_001)
+
+
+@scenario
+async def test_show_tells_the_holder_the_branches_and_the_audit_of_a_finished_transaction() -> None:
+    env = await started()
+    tx = env.manager.begin(5_000, owner="shop")
+    await env.manager.execute(tx.txid, "eu", [WRITE], 1)
+    admin = operator(env)
+    await admin.resolve(tx.txid, Verdict.ABORT, "OPS-11", "admin")
+    report = await admin.show(tx.txid)
+    assert (report.live, report.view.owner, report.view.state) == (False, "shop", TxState.ABORTED)
+    assert {b.participant: b.presence.name for b in report.branches if b.presence} == {
+        "eu": "ROLLED_BACK",
+        "us": "UNKNOWN",
+        "ap": "UNKNOWN",
+    }
+    assert [(a.identity, a.outcome, a.reason) for a in report.audits] == [
+        ("admin", "abort", "OPS-11")
+    ]

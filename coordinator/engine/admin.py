@@ -1,6 +1,6 @@
 """The operator's view and hand (``twopc admin``): list, show, resolve, drain, audit.
 
-The rules of ``resolve`` (proto/PROTOCOL.md, Operating it):
+The rules of ``resolve`` (proto/PROTOCOL.md, The operator's hand):
 
 - **Never against a logged decision.** With a COMMIT record in the log (or the transaction known
   here as committed), ``abort`` is refused (FailedPrecondition, naming the decision) and

@@ -8,7 +8,7 @@ Served to the identities in the coordinator's admin_identities alone (PERMISSION
 any other); in plaintext (insecure_plaintext) only with admin_plaintext = true. Every action
 (Resolve, Drain, Undrain), and every refused Resolve, is written to the decision log as an
 audit record (who, when, what, why) and made durable before it is carried out.
-proto/PROTOCOL.md, "Operating it", gives the rules of Resolve.
+proto/PROTOCOL.md, "The operator's hand", gives the rules of Resolve.
 """
 
 from collections import abc as _abc

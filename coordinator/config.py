@@ -36,6 +36,12 @@ class CoordinatorConfig:
     turns TLS off, and with it every identity rule. ``admin_identities``: the identities
     (certificate Common Names, ``twopc.identity``) allowed the admin APIs. Per-identity rules
     of the client API go beside them.
+
+    The operator's API (``twopc.v1.Admin``, ``twopc admin``) is served with TLS to
+    ``admin_identities`` alone. In plaintext it is not served (UNIMPLEMENTED) unless
+    ``admin_plaintext`` is true: then whoever reaches the port may resolve transactions and
+    drain the coordinator. ``audit_keep``: the operator's audit records the decision log keeps
+    across compactions (the last ones), and that the API shows.
     """
 
     coordinator_id: str = "c1"
@@ -65,6 +71,8 @@ class CoordinatorConfig:
     tls_ca: Path | None = None
     insecure_plaintext: bool = False
     admin_identities: tuple[str, ...] = ()
+    admin_plaintext: bool = False
+    audit_keep: int = 1000
 
     def __post_init__(self) -> None:
         check_coordinator_id(self.coordinator_id)
@@ -72,6 +80,8 @@ class CoordinatorConfig:
             check_participant_name(name)
         object.__setattr__(self, "participants", MappingProxyType(dict(self.participants)))
         self.request_limits()  # checks them
+        if self.audit_keep < 1:
+            raise ValueError(f"audit_keep ({self.audit_keep}) must be at least 1")
         if self.max_request_bytes < 1024 * 1024:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1 MiB")
 
@@ -108,6 +118,7 @@ class CoordinatorConfig:
             rpc_timeout_s=self.rpc_timeout_s,
             phase2_attempts=self.phase2_attempts,
             finished_memory=self.finished_memory,
+            audit_keep=self.audit_keep,
         )
 
 

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import structlog
 
+from coordinator.admin import AdminServicer
 from coordinator.agents import AgentClients
 from coordinator.config import CoordinatorConfig, load_coordinator_config
 from coordinator.decision_log import DecisionLogCorrupted
 from coordinator.decision_log.file_log import FileDecisionLog
+from coordinator.engine.admin import Operator
 from coordinator.engine.manager import TransactionManager
 from coordinator.engine.recovery import Recovery
 from coordinator.servicer import CoordinatorServicer
-from twopc.api import chaos_pb2, twopc_pb2
+from twopc.api import admin_pb2, admin_pb2_grpc, chaos_pb2, twopc_pb2
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import InvalidArgument
 from twopc.failpoint_admin import add_failpoint_admin
@@ -39,10 +41,13 @@ def _die(err: BaseException) -> None:
 
 def access_control(config: CoordinatorConfig) -> AccessControl:
     """Who may call the coordinator: the client API is open to every identity the CA vouches
-    for; the admin API (Failpoints) to ``admin_identities`` only."""
+    for; the admin APIs (Admin, Failpoints) to ``admin_identities`` only."""
     return AccessControl(
         {
             twopc_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name: ServiceRule(None),
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name: ServiceRule(
+                config.admin_identities, "admin_identities"
+            ),
             chaos_pb2.DESCRIPTOR.services_by_name["Failpoints"].full_name: ServiceRule(
                 config.admin_identities, "admin_identities"
             ),
@@ -53,7 +58,9 @@ def access_control(config: CoordinatorConfig) -> AccessControl:
 
 async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfig | None) -> None:
     agents = AgentClients(config.participants, tls)
-    decision_log = FileDecisionLog(config.data_dir, max_bytes=config.log_max_bytes)
+    decision_log = FileDecisionLog(
+        config.data_dir, max_bytes=config.log_max_bytes, audit_keep=config.audit_keep
+    )
     manager = TransactionManager(
         config.engine_settings(),
         agents,
@@ -68,6 +75,9 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
     )
     servicer = CoordinatorServicer(manager, limits=config.request_limits())
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    if tls is not None or config.admin_plaintext:
+        operator = Operator(manager, rpc_timeout=config.rpc_timeout_s)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(operator), server)
     if config.admin_failpoints:
         add_failpoint_admin(server, failpoints)
     port = listen(server, config.listen, tls)
@@ -79,6 +89,7 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
         participants=dict(config.participants),
         tls=tls is not None,
         admin_identities=list(config.admin_identities),
+        admin_api=tls is not None or config.admin_plaintext,
     )
     recovery = Recovery(manager, rpc_timeout=config.rpc_timeout_s, failpoints=failpoints)
     tasks = [
@@ -121,6 +132,12 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
     if tls is None:
         ignored = any((config.tls_cert, config.tls_key, config.tls_ca))
         log.warning("insecure_plaintext", warning=plaintext_warning(config.listen, ignored))
+        if config.admin_plaintext:
+            log.warning(
+                "insecure_admin_api",
+                warning="INSECURE: admin_plaintext = true serves the Admin API (resolve, "
+                f"drain) in plaintext on {config.listen} to whoever reaches it",
+            )
     try:
         run_daemon(serve(config, failpoints, tls))
     except DecisionLogCorrupted as err:

@@ -22,6 +22,7 @@ from coordinator.engine.states import Outcome, TxState
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
+from twopc.identity import peer_identity
 from twopc.limits import DEFAULT_LIMITS, RequestLimits
 from twopc.logs import redact
 from twopc.sql_guard import DEFAULT_MARKER_TABLE, check_statement
@@ -68,7 +69,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
         async def run() -> pb.BeginResponse:
-            tx = self._manager.begin(request.timeout_ms, request.request_id)
+            tx = self._manager.begin(
+                request.timeout_ms, request.request_id, owner=peer_identity(context)
+            )
             return pb.BeginResponse(txid=tx.txid, timeout_ms=tx.timeout_ms)
 
         return await _guard(context, "", run)
@@ -137,6 +140,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 timeout_ms=request.timeout_ms,
                 request_id=request.request_id,
                 wait_for_phase2=request.wait_for_phase2,
+                owner=peer_identity(context),
             )
             return pb.RunTransactionResponse(
                 txid=outcome.txid,
@@ -211,3 +215,6 @@ async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]]) -
                 context, Internal(f"coordinator error: {type(err).__name__}: {err}", txid=txid)
             )
     raise AssertionError("unreachable: abort_with raises")
+
+
+guard = _guard  # the same for the other services of the coordinator (coordinator.admin)

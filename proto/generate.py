@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-SOURCES = ["twopc/v1/twopc.proto", "twopc/chaos/v1/chaos.proto"]
+SOURCES = ["twopc/v1/twopc.proto", "twopc/v1/admin.proto", "twopc/chaos/v1/chaos.proto"]
 TARGET = ROOT / "twopc" / "api"
 PACKAGE = "twopc.api"
 INIT = '"""Generated from proto/twopc/ by proto/generate.py. Do not edit."""\n'

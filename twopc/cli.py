@@ -18,9 +18,15 @@ twopc bench [--workloads ...] [--concurrency ...] twopc against direct XA, SQLAl
 twopc bench-recovery [--in-doubt N]             time to resolve N in-doubt transactions after
                                                 a coordinator SIGKILL and restart
 twopc tx TXID | --request-id ID                 a transaction's state and outcome
+twopc admin list | show TXID | audit            the operator's view: live and in-doubt
+                                                transactions, one in full, the audit records
+twopc admin resolve TXID (--commit|--abort) --reason TEXT
+                                                commit or abort one by hand (audited)
+twopc admin drain | undrain                     stop / resume admitting new transactions
 twopc certs init DIR | issue DIR NAME           a throwaway CA and certificates (mutual TLS)
 
-`pip install twopc` runs `twopc tx`; every other command needs an extra (it says which).
+`pip install twopc` runs `twopc tx` and `twopc admin`; every other command needs an extra (it
+says which).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from twopc import admin_cli
 
 DEFAULT_PLAYGROUND_DIR = Path(".twopc-playground")
 # twopc.testing.playground.cluster.STATE_FILE, not imported from there: that needs pymysql.
@@ -94,6 +102,9 @@ _COMMANDS = {
         "twopc.testing.bench.recovery",
     ),
     "tx": _Command("look a transaction up", None),
+    "admin": _Command(
+        "the operator's view and hand: list, show, resolve, drain, undrain, audit", None
+    ),
     "certs": _Command(
         "a throwaway CA and certificates for mutual TLS", "playground", "twopc.testing.certs"
     ),
@@ -201,22 +212,35 @@ def _parser(named: str | None = None) -> argparse.ArgumentParser:
     tx.add_argument(
         "--request-id", metavar="ID", help="look it up by the request id given to begin/run"
     )
-    tx.add_argument(
-        "--coordinator",
-        metavar="ADDR",
-        help=f"host:port (default: ${COORDINATOR_ENV}, the playground, {DEFAULT_COORDINATOR})",
+    _coordinator_options(tx)
+
+    admin = subparsers["admin"]
+    admin.description = (
+        "The operator's view and hand on a coordinator. The caller must be one of its "
+        f"admin_identities: TLS from ${ENV_CERT}, ${ENV_KEY} and ${ENV_CA}, else the "
+        "playground's admin identity (its state file)."
     )
-    tx.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext, no TLS: for a coordinator run with insecure_plaintext = true",
-    )
+    admin.epilog = admin_cli.EXIT_STATUS
+    admin_cli.add_arguments(admin, _coordinator_options)
 
     if named is not None and named in _COMMANDS and _COMMANDS[named].arguments:
         with _needs_extra(named):
             module = importlib.import_module(str(_COMMANDS[named].arguments))
         module.add_arguments(subparsers[named])
     return parser
+
+
+def _coordinator_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--coordinator",
+        metavar="ADDR",
+        help=f"host:port (default: ${COORDINATOR_ENV}, the playground, {DEFAULT_COORDINATOR})",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no TLS: for a coordinator run with insecure_plaintext = true",
+    )
 
 
 def _named_command(argv: Sequence[str]) -> str | None:
@@ -231,6 +255,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         args = _parser(command).parse_args(arguments)
         if args.command == "tx":
             return _tx(args, environ)
+        if args.command == "admin":
+            coordinator = coordinator_address(args.coordinator, environ, Path.cwd())
+            state = Path.cwd() / DEFAULT_PLAYGROUND_DIR / PLAYGROUND_STATE_FILE
+            return admin_cli.run(args, environ, coordinator, state)
         with _needs_extra(args.command):
             run = _runner(args.command)
     except MissingExtra as err:

@@ -2,7 +2,9 @@
 
 Only COMMIT decisions are forced to disk, before the first XA COMMIT is sent (invariant I4). END
 records, written after every branch acknowledged, are not forced; they let the log forget a
-transaction. The interface is small so that a replicated backend can replace the file later.
+transaction. AUDIT records (the operator's actions through ``twopc admin``: who, when, what, why)
+are forced like COMMITs, and the last ``audit_keep`` of them are kept across compactions. The
+interface is small so that a replicated backend can replace the file later.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol
 from twopc.errors import Internal, ResourceExhausted
 
 __all__ = [
+    "AuditRecord",
     "CommitRecord",
     "DecisionLog",
     "DecisionLogCorrupted",
@@ -31,6 +34,27 @@ class CommitRecord:
 
 
 @dataclass(frozen=True)
+class AuditRecord:
+    """One action of an operator, as the log keeps it.
+
+    Attributes:
+        at_ms: wall-clock time of the action, ms since the epoch.
+        identity: who acted (the caller's certificate identity; "" in plaintext).
+        action: what was asked: ``resolve``, ``drain``, ``undrain``.
+        txid: the transaction acted on ("" for drain and undrain).
+        outcome: what was chosen (``commit``, ``abort``), or ``refused: <why>``.
+        reason: why, in the operator's words.
+    """
+
+    at_ms: int
+    identity: str
+    action: str
+    txid: str
+    outcome: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Replay:
     """What the log holds when opened.
 
@@ -38,11 +62,13 @@ class Replay:
         open_commits: COMMIT records without an END record, in log order: phase 2 must be re-driven.
         ended: txids whose COMMIT and END records are both still in the log (committed everywhere).
         torn_bytes: bytes of a torn last write that were cut from the end of the log (0 if none).
+        audits: the last audit records, oldest first (at most the log's ``audit_keep``).
     """
 
     open_commits: list[CommitRecord] = field(default_factory=list)
     ended: set[str] = field(default_factory=set)
     torn_bytes: int = 0
+    audits: list[AuditRecord] = field(default_factory=list)
 
 
 class DecisionLogFull(ResourceExhausted):
@@ -75,6 +101,15 @@ class DecisionLog(Protocol):
 
     async def record_end(self, txid: str) -> None:
         """Notes that every branch of ``txid`` committed. Not forced to disk."""
+        ...
+
+    async def record_audit(self, record: AuditRecord) -> None:
+        """Returns once the record is durable (forced as a COMMIT is).
+
+        Raises:
+            DecisionLogFull: the record is not in the log.
+            DecisionLogFailed: durability unknown; the caller must stop the process.
+        """
         ...
 
     def open_commits(self) -> list[CommitRecord]:

@@ -9,7 +9,9 @@ made durable with one fsync::
     record:  u32 payload length | u32 CRC32 of (type byte + payload) | u8 type | payload
 
 Integers are little-endian. A payload is a sequence of UTF-8 strings, each prefixed by its u16
-byte length: COMMIT holds the txid then each participant, END holds the txid. Length-prefixed
+byte length: COMMIT holds the txid then each participant, END holds the txid, AUDIT (version 3)
+holds exactly six: the wall-clock time in ms as decimal digits, the identity that acted, the
+action, the txid (or ""), the outcome chosen and the reason (``AuditRecord``). Length-prefixed
 strings rather than JSON: a record is half the size, needs no escaping, encodes with one
 ``b"".join`` on the hot path and decodes without a parser that could accept more than we write.
 
@@ -31,6 +33,12 @@ Record types are never skipped: a reader that skipped a record it did not unders
 decision, say) would drop it at the next compaction. A future record type comes with a new format
 version, which an older reader refuses as a whole; an unknown type under the current version is
 corruption.
+
+Versions: 2 framed records in batches (COMMIT, END). 3 adds AUDIT, the operator's actions
+(``twopc admin``); its batches are framed as version 2's. A version 2 file is read (an AUDIT
+record in it is corruption) and upgraded when opened: its header is rewritten as version 3's,
+its batches kept byte for byte (``FileDecisionLog``). Version 1 (bare records) had no users; it is
+refused, not read.
 """
 
 from __future__ import annotations
@@ -41,12 +49,20 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from coordinator.decision_log import CommitRecord
+from coordinator.decision_log import AuditRecord, CommitRecord
 
-# 2: records framed in batches. Version 1 (bare records) had no users; it is refused, not read.
-FORMAT_VERSION = 2
+# 3: AUDIT records. 2: records framed in batches (read, and upgraded on open).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MAGIC = b"TWOPCDL\n"
-HEADER = MAGIC + struct.pack("<I", FORMAT_VERSION)
+_VERSION = struct.Struct("<I")
+
+
+def header(version: int) -> bytes:
+    return MAGIC + _VERSION.pack(version)
+
+
+HEADER = header(FORMAT_VERSION)
 
 BATCH_MAGIC = b"\xffTPC"
 BATCH_HEAD = struct.Struct("<4sIIQ")  # magic, body length, CRC32, sequence number
@@ -64,6 +80,15 @@ class RecordType(enum.IntEnum):
     # 0 is never a type, so that a run of zero bytes (unwritten blocks) never reads as a record.
     COMMIT = 1
     END = 2
+    AUDIT = 3  # format version 3 on
+
+    @property
+    def since(self) -> int:
+        """The first format version that holds this type."""
+        return 3 if self is RecordType.AUDIT else 2
+
+
+_AUDIT_FIELDS = 6
 
 
 class FormatError(Exception):
@@ -76,6 +101,28 @@ def encode_commit(record: CommitRecord) -> bytes:
 
 def encode_end(txid: str) -> bytes:
     return _encode(RecordType.END, (txid,))
+
+
+def encode_audit(record: AuditRecord) -> bytes:
+    if record.at_ms < 0:
+        raise ValueError(f"an audit record's time cannot be negative ({record.at_ms})")
+    return _encode(
+        RecordType.AUDIT,
+        (
+            str(record.at_ms),
+            record.identity,
+            record.action,
+            record.txid,
+            record.outcome,
+            record.reason,
+        ),
+    )
+
+
+def decode_audit(strings: list[str]) -> AuditRecord:
+    """The AuditRecord of an AUDIT record's strings (checked by ``scan``)."""
+    at_ms, identity, action, txid, outcome, reason = strings
+    return AuditRecord(int(at_ms), identity, action, txid, outcome, reason)
 
 
 def frame_batch(sequence: int, records: Iterable[bytes]) -> bytes:
@@ -186,23 +233,33 @@ def _record_at(data: bytes, at: int, limit: int) -> tuple[int, int] | None:
     return kind, end
 
 
+def header_version(data: bytes) -> int:
+    """The format version in a header (``check_header`` has passed)."""
+    (version,) = _VERSION.unpack_from(data, len(MAGIC))
+    return int(version)
+
+
 def check_header(data: bytes) -> str:
     """Why ``data`` does not start with a header of ours, or "" if it does."""
     if len(data) < len(HEADER) or not data.startswith(MAGIC):
         return f"it does not start with the decision-log magic {MAGIC!r}"
-    (version,) = struct.unpack_from("<I", data, len(MAGIC))
-    if version < FORMAT_VERSION:
+    version = header_version(data)
+    if version < min(READABLE_VERSIONS):
         return (
             f"its format version is {version}, an older format that this twopc (version "
             f"{FORMAT_VERSION}) neither reads nor converts"
         )
     if version > FORMAT_VERSION:
-        return f"its format version is {version}; this twopc reads version {FORMAT_VERSION}"
+        return (
+            f"its format version is {version}; this twopc reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
     return ""
 
 
-def scan(data: bytes) -> Scan:
-    """Reads every batch after the header (which the caller has checked).
+def scan(data: bytes, version: int = FORMAT_VERSION) -> Scan:
+    """Reads every batch after the header (which the caller has checked; ``version`` is its
+    format version: a record type it does not hold is corruption).
 
     Stops at the first batch whose head, length or CRC is bad, and looks past it for a good
     batch with a higher sequence number: ``resumes_at`` tells a torn last write (None) from
@@ -229,14 +286,14 @@ def scan(data: bytes) -> Scan:
                 f"the batch at byte {at} has sequence number {sequence} where {wanted} was "
                 "due: batches are out of order"
             )
-        _decode_body(data, at, end, result.records)
+        _decode_body(data, at, end, result.records, version)
         result.sequence = sequence
         at = result.good_end = end
     return result
 
 
 def _decode_body(
-    data: bytes, batch_at: int, end: int, into: list[tuple[RecordType, list[str]]]
+    data: bytes, batch_at: int, end: int, into: list[tuple[RecordType, list[str]]], version: int
 ) -> None:
     at = batch_at + BATCH_HEAD.size
     while at < end:
@@ -247,20 +304,32 @@ def _decode_body(
                 f"checksum of its batch at byte {batch_at} holds"
             )
         kind, record_end = found
-        into.append(_decode(data, at, kind, record_end))
+        into.append(_decode(data, at, kind, record_end, version))
         at = record_end
 
 
-def _decode(data: bytes, at: int, kind: int, end: int) -> tuple[RecordType, list[str]]:
+def _decode(
+    data: bytes, at: int, kind: int, end: int, version: int
+) -> tuple[RecordType, list[str]]:
     try:
         record_type = RecordType(kind)
     except ValueError:
         raise FormatError(f"unknown record type {kind} at byte {at}") from None
+    if record_type.since > version:
+        raise FormatError(
+            f"{record_type.name} record at byte {at} in a log of format version {version}, "
+            f"which has no such records (they came with version {record_type.since})"
+        )
     try:
         strings = _decode_strings(data[at + _RECORD_HEAD.size : end])
     except FormatError as err:
         raise FormatError(f"{record_type.name} record at byte {at}: {err}") from None
-    wanted_ok = len(strings) >= 1 if record_type is RecordType.COMMIT else len(strings) == 1
+    if record_type is RecordType.AUDIT:
+        wanted_ok = len(strings) == _AUDIT_FIELDS and strings[0].isascii() and strings[0].isdigit()
+    elif record_type is RecordType.COMMIT:
+        wanted_ok = len(strings) >= 1
+    else:
+        wanted_ok = len(strings) == 1
     if not wanted_ok:
         raise FormatError(f"{record_type.name} record at byte {at} holds {len(strings)} strings")
     return record_type, strings

@@ -28,10 +28,12 @@ import errno
 import fcntl
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from coordinator.decision_log import (
+    AuditRecord,
     CommitRecord,
     DecisionLogCorrupted,
     DecisionLogFailed,
@@ -39,13 +41,17 @@ from coordinator.decision_log import (
     Replay,
 )
 from coordinator.decision_log._format import (
+    FORMAT_VERSION,
     HEADER,
     FormatError,
     RecordType,
     check_header,
+    decode_audit,
+    encode_audit,
     encode_commit,
     encode_end,
     frame_batch,
+    header_version,
     scan,
 )
 
@@ -77,7 +83,15 @@ class FileDecisionLog:
             this, or past twice its size after the last compaction, whichever is larger.
         end_flush_delay: END records ride with the next batch of commits, or are written on their
             own after this many seconds at the latest.
+        audit_keep: how many of the last AUDIT records a compaction carries into the new file
+            (older ones are dropped then), and ``Replay.audits`` holds at most. Each record is at
+            most a few KiB (``twopc admin`` bounds its reason), so they cannot grow the log
+            without limit.
         fsync: makes a file descriptor durable; injectable for tests.
+
+    A log of format version 2 (before AUDIT records) is upgraded when opened: its batches are
+    copied byte for byte behind a version 3 header, into a new file renamed over the old one. An
+    older twopc then refuses the log (it reads version 2 only).
     """
 
     def __init__(
@@ -86,8 +100,11 @@ class FileDecisionLog:
         *,
         max_bytes: int = 64 * 1024 * 1024,
         end_flush_delay: float = 0.05,
+        audit_keep: int = 1000,
         fsync: Callable[[int], None] = os.fdatasync,
     ) -> None:
+        if audit_keep < 1:
+            raise ValueError(f"audit_keep must be at least 1, got {audit_keep}")
         self._directory = Path(directory)
         self._path = self._directory / LOG_NAME
         self._tmp_path = self._directory / _TMP_NAME
@@ -112,6 +129,7 @@ class FileDecisionLog:
         self._sequence = 0  # of the last batch in the file; never reset, even by compaction
         self._compact_at = max_bytes
         self._written_open: dict[str, bytes] = {}
+        self._written_audits: deque[bytes] = deque(maxlen=audit_keep)
 
     @property
     def path(self) -> Path:
@@ -155,6 +173,24 @@ class FileDecisionLog:
             self._wakeup.notify()
         await waiter
         self._open[record.txid] = record
+
+    async def record_audit(self, record: AuditRecord) -> None:
+        """Returns once the audit record is durable; it shares the write and fsync of whatever is
+        queued with it.
+
+        Raises:
+            DecisionLogFull: the record is not in the log.
+            DecisionLogFailed: durability unknown; the caller must stop the process.
+            ValueError: a field is longer than 65,535 bytes in UTF-8.
+        """
+        loop = self._check_open()
+        data = encode_audit(record)
+        waiter = loop.create_future()
+        with self._wakeup:
+            self._queue.records.append(data)
+            self._queue.audits.append((record.txid, data, waiter))
+            self._wakeup.notify()
+        await waiter
 
     async def record_end(self, txid: str) -> None:
         """Queues an END record for ``txid``: written with the next batch, or within
@@ -253,8 +289,9 @@ class FileDecisionLog:
                 "untouched; restore it from a backup or move it away to start an empty log "
                 "(which forgets every commit decision in it)"
             )
+        version = header_version(data)
         try:
-            found = scan(data)
+            found = scan(data, version)
         except FormatError as err:
             raise self._corrupted(str(err)) from err
         if found.resumes_at is not None:
@@ -263,18 +300,27 @@ class FileDecisionLog:
                 f"checksum) but a later good batch follows at byte {found.resumes_at}, so it is "
                 "not a torn last write"
             )
-        self._fd = self._reopen(found.good_end, torn=found.bad_offset is not None)
+        if version == FORMAT_VERSION:
+            self._fd = self._reopen(found.good_end, torn=found.bad_offset is not None)
+        else:
+            self._fd = self._upgrade(data[len(HEADER) : found.good_end], version)
         self._size = found.good_end
         self._sequence = found.sequence
         replay = Replay(torn_bytes=len(data) - found.good_end)
         opened: dict[str, CommitRecord] = {}
+        audits: deque[AuditRecord] = deque(maxlen=self._written_audits.maxlen)
         for kind, strings in found.records:
+            if kind is RecordType.AUDIT:
+                audits.append(decode_audit(strings))
+                continue
             txid = strings[0]
             if kind is RecordType.COMMIT:
                 opened[txid] = CommitRecord(txid, tuple(strings[1:]))
                 replay.ended.discard(txid)
             elif opened.pop(txid, None) is not None:
                 replay.ended.add(txid)
+        replay.audits.extend(audits)
+        self._written_audits.extend(encode_audit(record) for record in audits)
         replay.open_commits.extend(opened.values())
         self._open = dict(opened)
         self._written_open = {txid: encode_commit(record) for txid, record in opened.items()}
@@ -285,6 +331,17 @@ class FileDecisionLog:
             f"decision log {self._path} is corrupted: {what}. It was left untouched; it holds "
             "commit decisions that recovery needs, so repair it by hand or restore it from a backup"
         )
+
+    def _upgrade(self, batches: bytes, version: int) -> int:
+        """Rewrites a log of an older format version as the current one: the same batches (a
+        torn tail already left out) behind the current header, renamed over the old file."""
+        try:
+            return self._create_file(HEADER + batches)
+        except (OSError, _SyncFailed) as err:
+            raise DecisionLogFailed(
+                f"cannot upgrade decision log {self._path} from format version {version} to "
+                f"{FORMAT_VERSION}: {err}; the old file is still in place"
+            ) from err
 
     def _reopen(self, good_end: int, *, torn: bool) -> int:
         try:
@@ -333,7 +390,9 @@ class FileDecisionLog:
     def _run_writer(self) -> None:
         while True:
             with self._wakeup:
-                while not (self._queue.commits or self._flush_due or self._stopping):
+                while not (
+                    self._queue.commits or self._queue.audits or self._flush_due or self._stopping
+                ):
                     self._wakeup.wait()
                 stop = self._stopping
                 batch, self._queue = self._queue, _Batch()
@@ -345,9 +404,10 @@ class FileDecisionLog:
                     self._fsync(self._fd)  # earlier END-only batches were not synced
             except Exception as err:
                 failure = self._fail(f"writing decision log {self._path} failed ({err!r})", err)
-            if batch.commits and self._loop is not None:
+            waiting = batch.commits + batch.audits
+            if waiting and self._loop is not None:
                 with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
-                    self._loop.call_soon_threadsafe(_settle, batch.commits, failure)
+                    self._loop.call_soon_threadsafe(_settle, waiting, failure)
             if stop:
                 return
             if failure is None and self._size > self._compact_at:
@@ -365,9 +425,9 @@ class FileDecisionLog:
         try:
             _write_all(self._fd, data)
         except OSError as err:
-            return self._undo_write(start, len(batch.commits), err)
+            return self._undo_write(start, len(batch.commits), len(batch.audits), err)
         # END records are not forced: the next batch's fsync covers them (or close's).
-        if batch.commits or sync:
+        if batch.commits or batch.audits or sync:
             try:
                 self._fsync(self._fd)
             except OSError as err:
@@ -378,9 +438,10 @@ class FileDecisionLog:
             self._written_open[txid] = record
         for txid in batch.ends:
             self._written_open.pop(txid, None)
+        self._written_audits.extend(record for _, record, _ in batch.audits)
         return None
 
-    def _undo_write(self, start: int, count: int, err: OSError) -> _Failure:
+    def _undo_write(self, start: int, count: int, audits: int, err: OSError) -> _Failure:
         try:
             os.ftruncate(self._fd, start)
             self._fsync(self._fd)
@@ -391,10 +452,14 @@ class FileDecisionLog:
                 undo_err,
             )
         hint = " (the disk is full: free space)" if err.errno == errno.ENOSPC else ""
+        what = f"{count} commit decision(s)"
+        if audits:
+            what += f" and {audits} audit record(s)"
         return _Failure(
             DecisionLogFull,
-            f"could not write {count} commit decision(s) to {self._path}: {err}{hint}; "
-            "the transaction was not committed and must abort; the log is still usable",
+            f"could not write {what} to {self._path}: {err}{hint}; a transaction whose commit "
+            "was not written was not committed and must abort, an action whose audit record was "
+            "not written was not done; the log is still usable",
             err,
         )
 
@@ -407,13 +472,15 @@ class FileDecisionLog:
         return _Failure(DecisionLogFailed, self._failure, err)
 
     def _compact(self) -> None:
-        """Rewrites the log with only the open commits; appends queue up meanwhile. A write error
-        leaves the old log (still complete) in place and retries after another ``max_bytes``.
+        """Rewrites the log with only the last ``audit_keep`` audit records and the open commits;
+        appends queue up meanwhile. A write error leaves the old log (still complete) in place and
+        retries after another ``max_bytes``.
 
         The new file is one batch numbered after the old file's last, even with no open commit,
         so that sequence numbers never go back: bytes of an older file never pass for newer ones.
         """
-        content = HEADER + frame_batch(self._sequence + 1, self._written_open.values())
+        records = [*self._written_audits, *self._written_open.values()]
+        content = HEADER + frame_batch(self._sequence + 1, records)
         try:
             fd = self._create_file(content)
         except _SyncFailed as failed:
@@ -450,6 +517,8 @@ class _Batch:
 
     records: list[bytes] = dataclasses.field(default_factory=list)
     commits: list[tuple[str, bytes, asyncio.Future[None]]] = dataclasses.field(default_factory=list)
+    # (txid or "", record, waiter): forced like commits, but no commit to keep open.
+    audits: list[tuple[str, bytes, asyncio.Future[None]]] = dataclasses.field(default_factory=list)
     ends: list[str] = dataclasses.field(default_factory=list)
 
 

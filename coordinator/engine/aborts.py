@@ -37,6 +37,7 @@ class AbortCause(enum.Enum):
     # A request-id transaction refused only by agents it could not reach: an earlier attempt
     # of the request (before a restart of this coordinator) may have committed there.
     MAYBE_COMMITTED_EARLIER = "maybe_committed_earlier"
+    OPERATOR = "operator"  # an operator's ``twopc admin resolve --abort``
 
 
 # The client's error for each cause: the one place where an abort becomes an error class.
@@ -50,6 +51,7 @@ CLIENT_ERRORS: dict[AbortCause, type[TwopcError]] = {
     AbortCause.UNREACHABLE: TransactionAborted,
     AbortCause.LOG_WRITE_FAILED: TransactionAborted,
     AbortCause.MAYBE_COMMITTED_EARLIER: Unavailable,
+    AbortCause.OPERATOR: TransactionAborted,
 }
 
 
@@ -121,6 +123,12 @@ class AbortReason:
     @classmethod
     def unreachable(cls, participant: str, what: str) -> AbortReason:
         return cls(AbortCause.UNREACHABLE, f"participant {participant}: {what}")
+
+    @classmethod
+    def by_operator(cls, identity: str, reason: str) -> AbortReason:
+        """``twopc admin resolve --abort`` of a live transaction: who, and why."""
+        who = f"operator {identity!r}" if identity else "an operator"
+        return cls(AbortCause.OPERATOR, f"aborted by {who}: {reason}")
 
     @classmethod
     def log_write_failed(cls, what: str) -> AbortReason:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import structlog
 
 from coordinator.decision_log import (
+    AuditRecord,
     CommitRecord,
     DecisionLog,
     DecisionLogFailed,
@@ -86,6 +87,7 @@ class EngineSettings:
     phase2_attempts: int = 8
     phase2_backoff_s: float = 0.05
     finished_memory: int = 100_000
+    audit_keep: int = 1000
 
 
 @dataclass
@@ -94,6 +96,9 @@ class Transaction:
     deadline: float
     timeout_ms: int
     request_id: str = ""
+    # The identity that began it (the caller's certificate identity; None in plaintext).
+    owner: str | None = None
+    begun: float = 0.0  # the clock's monotonic time at Begin
     state: TxState = TxState.ACTIVE
     participants: list[str] = field(default_factory=list)
     # Participants whose branch needs no rollback: voted READ_ONLY or ABORT, or rolled back.
@@ -157,6 +162,7 @@ class TransactionView:
     participants: tuple[str, ...] = ()
     abort_reason: str = ""
     presumed: bool = False
+    owner: str | None = None
 
     @property
     def outcome(self) -> Outcome:
@@ -197,6 +203,8 @@ class TransactionManager:
         self._phase2_running: set[str] = set()
         self._recovering: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._audits: deque[AuditRecord] = deque(maxlen=settings.audit_keep)
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -208,6 +216,7 @@ class TransactionManager:
             self._open_commits[record.txid] = record
         for txid in replay.ended:
             self._remember(TransactionView(txid, TxState.COMMITTED))
+        self._audits.extend(replay.audits)
         log.info(
             "coordinator_started",
             coordinator_id=self.coordinator_id,
@@ -222,8 +231,69 @@ class TransactionManager:
 
     # --- client operations -------------------------------------------------------------------
 
-    def begin(self, timeout_ms: int, request_id: str = "") -> Transaction:
-        """A new transaction, or the one that ``request_id`` named already."""
+    # --- draining ------------------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """True while the coordinator admits no new transaction (``drain``): Begin and
+        RunTransaction get Unavailable; live transactions run to their end."""
+        return self._draining
+
+    def drain(self) -> None:
+        self._draining = True
+        log.warning("coordinator_draining", live=len(self._live))
+
+    def undrain(self) -> None:
+        self._draining = False
+        log.info("coordinator_undrained", live=len(self._live))
+
+    @property
+    def live_count(self) -> int:
+        return len(self._live)
+
+    def live_transactions(self) -> list[Transaction]:
+        """The transactions live in this process, oldest first."""
+        return sorted(self._live.values(), key=lambda tx: tx.begun)
+
+    def live_transaction(self, txid: str) -> Transaction | None:
+        return self._live.get(txid)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    # --- audit records -----------------------------------------------------------------------
+
+    async def record_audit(self, record: AuditRecord) -> None:
+        """Makes an operator's action durable in the decision log, and remembers it (the last
+        ``audit_keep``).
+
+        Raises:
+            DecisionLogFull: not written; the action must not be done.
+            DecisionLogFailed: the process stops (as for a COMMIT record).
+        """
+        try:
+            await self._log.record_audit(record)
+        except DecisionLogFailed as err:
+            self._fatal(err)
+            raise
+        self._audits.append(record)
+
+    def audit_trail(self) -> list[AuditRecord]:
+        """The audit records remembered, oldest first."""
+        return list(self._audits)
+
+    # --- client operations -------------------------------------------------------------------
+
+    def begin(
+        self, timeout_ms: int, request_id: str = "", *, owner: str | None = None
+    ) -> Transaction:
+        """A new transaction, or the one that ``request_id`` named already.
+
+        Raises:
+            Unavailable: the coordinator is draining (a new transaction only), or an earlier
+                attempt of ``request_id`` is being recovered.
+        """
         if request_id:
             txid = txid_for_request(self.coordinator_id, request_id)
             existing = self._live.get(txid)
@@ -242,6 +312,11 @@ class TransactionManager:
                 )
         else:
             txid = new_txid(self.coordinator_id, self._clock.wall_ms())
+        if self._draining:
+            raise Unavailable(
+                f"coordinator {self.coordinator_id} is draining: it admits no new transaction; "
+                "use another coordinator (transactions begun here run to their end)"
+            )
         if timeout_ms < 0 or timeout_ms > self.settings.max_timeout_ms:
             raise InvalidArgument(
                 f"timeout_ms must be between 0 and {self.settings.max_timeout_ms}, got {timeout_ms}"
@@ -256,6 +331,8 @@ class TransactionManager:
             deadline=self._clock.monotonic() + timeout_ms / 1000,
             timeout_ms=timeout_ms,
             request_id=request_id,
+            owner=owner,
+            begun=self._clock.monotonic(),
         )
         self._live[txid] = tx
         log.debug("transaction_begun", txid=txid)
@@ -365,6 +442,7 @@ class TransactionManager:
         timeout_ms: int,
         request_id: str = "",
         wait_for_phase2: bool = False,
+        owner: str | None = None,
     ) -> RunOutcome:
         """A one-shot transaction: every participant's statements and the commit together."""
         names = [participant for participant, _ in work]
@@ -383,7 +461,7 @@ class TransactionManager:
                 if view.outcome is Outcome.ABORTED:
                     raise TransactionAborted(view.abort_reason or "aborted", txid=txid)
                 return RunOutcome(txid, view.state, {})
-        tx = self.begin(timeout_ms, request_id)
+        tx = self.begin(timeout_ms, request_id, owner=owner)
         async with tx.lock:
             if tx.state is TxState.ACTIVE:
                 for participant in names:
@@ -396,7 +474,9 @@ class TransactionManager:
         """What this coordinator knows of a transaction without asking the agents."""
         tx = self._live.get(txid)
         if tx is not None:
-            return TransactionView(tx.txid, tx.state, tuple(tx.participants), tx.abort_reason)
+            return TransactionView(
+                tx.txid, tx.state, tuple(tx.participants), tx.abort_reason, owner=tx.owner
+            )
         if txid in self._open_commits:
             return TransactionView(txid, TxState.COMMITTING, self._open_commits[txid].participants)
         known = self._finished.get(txid)
@@ -754,6 +834,54 @@ class TransactionManager:
         await asyncio.gather(*(self._roll_back(tx) for tx in expired))
         return len(expired)
 
+    # --- the operator's hand (coordinator.engine.admin) ---------------------------------------
+
+    async def abort_by_operator(self, txid: str, reason: AbortReason) -> TxState:
+        """Aborts a live ACTIVE transaction (``twopc admin resolve --abort``) and rolls its
+        branches back; an aborting one is waited for.
+
+        Raises:
+            NotFound: not live here.
+            Unavailable: PREPARING: its decision is being made; try again.
+            FailedPrecondition: decided COMMIT.
+        """
+        tx = self._live.get(txid)
+        if tx is None:
+            raise NotFound(f"transaction {txid} is not live on this coordinator", txid=txid)
+        if tx.state is TxState.PREPARING:
+            raise Unavailable(
+                f"the decision of {txid} is being made (preparing); try again in a moment",
+                txid=txid,
+            )
+        if outcome_of(tx.state) is Outcome.COMMITTED:
+            raise FailedPrecondition(
+                f"transaction {txid} has a commit decision ({tx.state.value}); it cannot be "
+                "aborted",
+                txid=txid,
+            )
+        if tx.state is TxState.ACTIVE:
+            self._abort_now(tx, reason)
+            await self._shielded(self._roll_back(tx))
+        await tx.done.wait()
+        return tx.state
+
+    async def record_operator_commit(self, record: CommitRecord) -> None:
+        """Writes an operator's COMMIT decision for a transaction that no coordinator here
+        decided (another coordinator's stray branches); recovery drives it from now on, here
+        and after a restart.
+
+        Raises:
+            DecisionLogFull: not written.
+            DecisionLogFailed: the process stops.
+        """
+        try:
+            await self._log.record_commit(record)
+        except DecisionLogFailed as err:
+            self._fatal(err)
+            raise
+        self._open_commits[record.txid] = record
+        log.warning("operator_commit_decided", txid=record.txid, participants=record.participants)
+
     # --- recovery support --------------------------------------------------------------------
 
     def claim_for_recovery(self, txid: str) -> bool:
@@ -768,6 +896,10 @@ class TransactionManager:
 
     def commit_record(self, txid: str) -> CommitRecord | None:
         return self._open_commits.get(txid)
+
+    def open_commit_records(self) -> list[CommitRecord]:
+        """Every COMMIT record without END, phase 2 running or not."""
+        return list(self._open_commits.values())
 
     def open_commits_to_drive(self) -> list[CommitRecord]:
         return [r for t, r in self._open_commits.items() if t not in self._phase2_running]
@@ -906,7 +1038,11 @@ class TransactionManager:
             del self._live[tx.txid]
         if tx.abort is not None and not tx.abort.conclusive and tx.state is TxState.ABORTED:
             return  # not an outcome to repeat: lookups and retries ask the participants
-        self._remember(TransactionView(tx.txid, tx.state, tuple(tx.participants), tx.abort_reason))
+        self._remember(
+            TransactionView(
+                tx.txid, tx.state, tuple(tx.participants), tx.abort_reason, owner=tx.owner
+            )
+        )
 
     def _retire_in_doubt(self, tx: Transaction) -> None:
         """A one-phase commit whose answer was lost: only the participant's marker can tell."""

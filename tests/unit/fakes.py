@@ -28,7 +28,7 @@ import dataclasses
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 
-from coordinator.decision_log import CommitRecord, Replay
+from coordinator.decision_log import AuditRecord, CommitRecord, Replay
 from coordinator.engine.ports import CommitReply, Presence, Results, Statements, Vote, VoteReply
 from participants.branches import BranchState
 from twopc.errors import (
@@ -429,6 +429,9 @@ class InMemoryDecisionLog:
         self.replay = replay or Replay()
         self.commits: list[CommitRecord] = []
         self.ends: list[str] = []
+        self.audits: list[AuditRecord] = []
+        # The length of the participants' call log when each audit record was durable.
+        self.audited_at: list[int] = []
         self.attempts: list[CommitRecord] = []
         self.durable_at: dict[str, int] = {}
         self.ended_at: dict[str, int] = {}
@@ -462,6 +465,11 @@ class InMemoryDecisionLog:
             raise self.commit_failures.popleft()
         self.commits.append(record)
         self.durable_at[record.txid] = len(self._calls)
+
+    async def record_audit(self, record: AuditRecord) -> None:
+        await asyncio.sleep(0)  # the fsync
+        self.audits.append(record)
+        self.audited_at.append(len(self._calls))
 
     async def record_end(self, txid: str) -> None:
         if self.end_failures:

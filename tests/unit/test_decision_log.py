@@ -319,7 +319,7 @@ def test_a_batch_is_laid_out_as_documented() -> None:
     records = [encode_commit(commit(1)), encode_end(commit(1).txid)]
     assert frame_batch(7, records) == framed(7, *records)
     assert frame_batch(1, []) == framed(1)
-    assert HEADER == b"TWOPCDL\n\x02\x00\x00\x00"
+    assert HEADER == b"TWOPCDL\n\x03\x00\x00\x00"
 
 
 def test_each_write_is_one_batch_numbered_from_one(tmp_path: Path) -> None:
@@ -539,7 +539,7 @@ def test_an_unknown_record_type_is_corruption(tmp_path: Path) -> None:
     "header",
     [
         b"NOTALOG!\x02\x00\x00\x00",
-        HEADER[:8] + struct.pack("<I", 3),
+        HEADER[:8] + struct.pack("<I", 4),
         HEADER[:5],
         b"\x00" * 12,
     ],

@@ -602,6 +602,11 @@ ABORT_ERRORS: list[tuple[AbortReason, type[TwopcError], str]] = [
     (AbortReason.voted_no("us", "lock wait", 1205), StatementFailed, "us voted no: lock wait"),
     (AbortReason.log_write_failed("no space"), TransactionAborted, "no space"),
     (
+        AbortReason.by_operator("admin", "OPS-12: holds locks"),
+        TransactionAborted,
+        "aborted by operator 'admin': OPS-12: holds locks",
+    ),
+    (
         AbortReason.unreachable("us", "unreachable").maybe_committed_earlier("req-7"),
         Unavailable,
         "an earlier attempt of request req-7 may have committed there",

@@ -54,9 +54,7 @@ def test_branches_of_a_coordinator_id_it_does_not_serve_are_refused(
                 timeout=10,
             ),
             "Prepare": lambda: stub.Prepare(
-                pb.PrepareRequest(
-                    txid=txid, participant=REGION, sequence=1, statements=[ADD_ONE]
-                ),
+                pb.PrepareRequest(txid=txid, participant=REGION, sequence=1, statements=[ADD_ONE]),
                 timeout=10,
             ),
             "Prepare without statements": lambda: stub.Prepare(

@@ -451,7 +451,7 @@ class TransactionManager:
                 remaining,
                 continues=participant in tx.participants,
             )
-        except (InvalidArgument, FailedPrecondition, NotFound):
+        except (InvalidArgument, FailedPrecondition, NotFound, ResourceExhausted):
             if participant not in tx.participants:
                 self._release_session(tx, participant)
             raise  # refused before anything ran: the transaction is as it was

@@ -79,11 +79,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._limits = limits
         self._rules = rules
 
-    def _caller(self, context: Context, participants: Sequence[str] = ()) -> str | None:
-        """The caller's identity, once the identities setting lets it use ``participants``
+    def _caller(self, context: Context) -> str | None:
+        """The caller's identity, once the identities setting lets it use the client API
         (PermissionDenied otherwise, before anything starts)."""
         identity = peer_identity(context)
-        self._rules.check_participants(identity, participants)
+        self._rules.admit(identity)
         return identity
 
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
@@ -96,8 +96,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         async def run() -> pb.ExecuteResponse:
-            check_participant_name(request.participant)
-            owner = self._caller(context, [request.participant])
+            owner = self._caller(context)
+            check_participant_name(request.participant)  # before it is echoed
+            self._rules.check_participants(owner, [request.participant])
             txid = _txid(request.txid)
             consequence = "nothing of this request ran; the transaction is as it was"
             self._limits.check(request.statements, "the coordinator")
@@ -151,9 +152,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.RunTransactionRequest, context: Context
     ) -> pb.RunTransactionResponse:
         async def run() -> pb.RunTransactionResponse:
+            owner = self._caller(context)
             for work in request.work:
-                check_participant_name(work.participant)
-            owner = self._caller(context, [work.participant for work in request.work])
+                check_participant_name(work.participant)  # before it is echoed
+            self._rules.check_participants(owner, [work.participant for work in request.work])
             self._limits.check(
                 (statement for work in request.work for statement in work.statements),
                 "the coordinator",

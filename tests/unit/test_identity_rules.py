@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from coordinator.config import CoordinatorConfig, load_coordinator_config
+from coordinator.daemon import _log_identity_rules
 from coordinator.identities import IdentityRules
 from participants.config import AgentConfig, load_agent_config
 from twopc.errors import InvalidArgument, PermissionDenied
@@ -56,3 +58,16 @@ def test_an_agent_serves_c1_unless_told_otherwise(tmp_path: Path) -> None:
         AgentConfig(coordinator_ids=())
     with pytest.raises(InvalidArgument, match="coordinator id"):
         AgentConfig(coordinator_ids=("C 1",))
+
+
+def test_the_coordinator_says_at_start_who_may_use_what() -> None:
+    cases = [
+        (None, True, "identities_open", "info"),
+        ({"shop": ("eu",)}, True, "identities", "info"),
+        ({"shop": ("eu",)}, False, "identity_rules_off", "warning"),
+    ]
+    for identities, tls, event, level in cases:
+        config = CoordinatorConfig(participants=PARTICIPANTS, identities=identities)
+        with capture_logs() as logs:
+            _log_identity_rules(config, tls)
+        assert [(e["event"], e["log_level"]) for e in logs] == [(event, level)]

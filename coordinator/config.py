@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from coordinator.engine.manager import EngineSettings
+from coordinator.identities import IdentityRules
 from twopc.errors import InvalidArgument
 from twopc.limits import RequestLimits
 from twopc.settings import load_settings
@@ -34,14 +35,23 @@ class CoordinatorConfig:
     ``tls_key`` (this coordinator's certificate: its identity towards the agents) and ``tls_ca``
     (the CA that signed the clients' and the agents' certificates). ``insecure_plaintext``
     turns TLS off, and with it every identity rule. ``admin_identities``: the identities
-    (certificate Common Names, ``twopc.identity``) allowed the admin APIs. Per-identity rules
-    of the client API go beside them.
+    (certificate Common Names, ``twopc.identity``) allowed the admin APIs.
 
     The operator's API (``twopc.v1.Admin``, ``twopc admin``) is served with TLS to
     ``admin_identities`` alone. In plaintext it is not served (UNIMPLEMENTED) unless
     ``admin_plaintext`` is true: then whoever reaches the port may resolve transactions and
     drain the coordinator. ``audit_keep``: the operator's audit records the decision log keeps
     across compactions (the last ones), and that the API shows.
+
+    Per identity (all moot with ``insecure_plaintext``: there is no identity then):
+    ``identities`` maps each identity allowed the client API to the participants it may use
+    (``["*"]``: all; ``coordinator.identities``); absent, every identity the CA vouches for may
+    use every participant. A transaction belongs to the identity that began it, and request ids
+    are per identity. ``max_active_per_identity`` bounds an identity's live transactions and
+    ``max_sessions_per_identity`` its open branches on one participant (each holds a pooled
+    session of that participant's agent: keep it below the agents' pool_size + pool_overflow);
+    over either, RESOURCE_EXHAUSTED. ``max_idle_ms``: an interactive transaction with no call
+    for that long is rolled back (0: never), releasing its sessions.
     """
 
     coordinator_id: str = "c1"
@@ -73,17 +83,35 @@ class CoordinatorConfig:
     admin_identities: tuple[str, ...] = ()
     admin_plaintext: bool = False
     audit_keep: int = 1000
+    identities: Mapping[str, tuple[str, ...]] | None = None
+    max_active_per_identity: int = 1000
+    max_sessions_per_identity: int = 48
+    max_idle_ms: int = 30_000
 
     def __post_init__(self) -> None:
         check_coordinator_id(self.coordinator_id)
         for name in self.participants:
             check_participant_name(name)
         object.__setattr__(self, "participants", MappingProxyType(dict(self.participants)))
+        if self.identities is not None:
+            frozen = {k: tuple(v) for k, v in self.identities.items()}
+            object.__setattr__(self, "identities", MappingProxyType(frozen))
+        self.identity_rules()  # checks them
+        if self.max_active_per_identity < 1 or self.max_sessions_per_identity < 1:
+            raise ValueError("max_active_per_identity and max_sessions_per_identity must be >= 1")
+        if self.max_idle_ms < 0:
+            raise ValueError(f"max_idle_ms ({self.max_idle_ms}) must be 0 (no limit) or more")
         self.request_limits()  # checks them
         if self.audit_keep < 1:
             raise ValueError(f"audit_keep ({self.audit_keep}) must be at least 1")
         if self.max_request_bytes < 1024 * 1024:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1 MiB")
+
+    def identity_rules(self) -> IdentityRules:
+        """Raises InvalidArgument when ``identities`` names an unknown participant."""
+        return IdentityRules.from_setting(
+            self.identities, self.participants, component=f"coordinator {self.coordinator_id}"
+        )
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_statements, self.max_params, self.max_sql_length)
@@ -119,6 +147,9 @@ class CoordinatorConfig:
             phase2_attempts=self.phase2_attempts,
             finished_memory=self.finished_memory,
             audit_keep=self.audit_keep,
+            max_active_per_identity=self.max_active_per_identity,
+            max_sessions_per_identity=self.max_sessions_per_identity,
+            max_idle_ms=self.max_idle_ms,
         )
 
 

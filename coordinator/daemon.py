@@ -73,7 +73,8 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
         [access_control(config)] if tls is not None else [],
         max_request_bytes=config.max_request_bytes,
     )
-    servicer = CoordinatorServicer(manager, limits=config.request_limits())
+    rules = config.identity_rules()
+    servicer = CoordinatorServicer(manager, limits=config.request_limits(), rules=rules)
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     if tls is not None or config.admin_plaintext:
         operator = Operator(manager, rpc_timeout=config.rpc_timeout_s)
@@ -91,6 +92,7 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
         admin_identities=list(config.admin_identities),
         admin_api=tls is not None or config.admin_plaintext,
     )
+    _log_identity_rules(config, tls is not None)
     recovery = Recovery(manager, rpc_timeout=config.rpc_timeout_s, failpoints=failpoints)
     tasks = [
         asyncio.create_task(recovery.run_forever(config.recovery_interval_s)),
@@ -105,6 +107,35 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
         await server.stop(grace=5)
         await manager.close()
         await agents.close()
+
+
+def _log_identity_rules(config: CoordinatorConfig, tls: bool) -> None:
+    """Says at start who may use which participants, and what the quotas are."""
+    quotas = {
+        "max_active_per_identity": config.max_active_per_identity,
+        "max_sessions_per_identity": config.max_sessions_per_identity,
+        "max_idle_ms": config.max_idle_ms,
+    }
+    if not tls:
+        log.warning(
+            "identity_rules_off",
+            detail="insecure_plaintext: callers have no identity, so the identities setting, "
+            "ownership of transactions and the per-identity quotas do not apply",
+            max_idle_ms=config.max_idle_ms,
+        )
+    elif config.identities is None:
+        log.info(
+            "identities_open",
+            detail="no identities setting: every identity the CA vouches for may use every "
+            "participant; list them in identities to restrict",
+            **quotas,
+        )
+    else:
+        log.info(
+            "identities",
+            identities={k: list(v) for k, v in config.identities.items()},
+            **quotas,
+        )
 
 
 async def _reap_forever(manager: TransactionManager, interval: float) -> None:

@@ -6,6 +6,12 @@ the agent will decode it (``twopc.values``). What is refused is answered Invalid
 nothing started (no transaction begun, no agent called), on every path alike, and an interactive
 transaction stays as it was. Participant names are checked before they are looked up or echoed,
 and only a txid of a txid's form is echoed in an error.
+
+Every call is made as the caller's identity (``twopc.identity.peer_identity``: None on a
+plaintext coordinator, where no identity rule applies): the ``identities`` setting
+(``coordinator.identities``) decides whether it may call at all and which participants it may
+use, checked before anything starts (PERMISSION_DENIED); the engine binds each transaction, and
+each request id, to it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from grpc import aio
 
 from coordinator.engine.manager import TransactionManager, TransactionView
 from coordinator.engine.states import Outcome, TxState
+from coordinator.identities import OPEN, IdentityRules
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
@@ -62,22 +69,36 @@ def transaction_info(view: TransactionView) -> pb.TransactionInfo:
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(
-        self, manager: TransactionManager, *, limits: RequestLimits = DEFAULT_LIMITS
+        self,
+        manager: TransactionManager,
+        *,
+        limits: RequestLimits = DEFAULT_LIMITS,
+        rules: IdentityRules = OPEN,
     ) -> None:
         self._manager = manager
         self._limits = limits
+        self._rules = rules
+
+    def _caller(self, context: Context) -> str | None:
+        """The caller's identity, once the identities setting lets it use the client API
+        (PermissionDenied otherwise, before anything starts)."""
+        identity = peer_identity(context)
+        self._rules.admit(identity)
+        return identity
 
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
         async def run() -> pb.BeginResponse:
-            tx = self._manager.begin(
-                request.timeout_ms, request.request_id, owner=peer_identity(context)
-            )
+            owner = self._caller(context)
+            tx = self._manager.begin(request.timeout_ms, request.request_id, owner=owner)
             return pb.BeginResponse(txid=tx.txid, timeout_ms=tx.timeout_ms)
 
         return await _guard(context, "", run)
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         async def run() -> pb.ExecuteResponse:
+            owner = self._caller(context)
+            check_participant_name(request.participant)  # before it is echoed
+            self._rules.check_participants(owner, [request.participant])
             txid = _txid(request.txid)
             consequence = "nothing of this request ran; the transaction is as it was"
             self._limits.check(request.statements, "the coordinator")
@@ -88,6 +109,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 request.statements,
                 request.sequence,
                 digest=statements_digest(request.statements),
+                owner=owner,
             )
             return pb.ExecuteResponse(results=results)  # type: ignore[arg-type]
 
@@ -95,8 +117,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
         async def run() -> pb.CommitResponse:
+            owner = self._caller(context)
             state = await self._manager.commit(
-                _txid(request.txid), wait_for_phase2=request.wait_for_phase2
+                _txid(request.txid), wait_for_phase2=request.wait_for_phase2, owner=owner
             )
             return pb.CommitResponse(txid=request.txid, state=STATES[state])
 
@@ -104,7 +127,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.RollbackResponse:
         async def run() -> pb.RollbackResponse:
-            state = await self._manager.rollback(_txid(request.txid))
+            owner = self._caller(context)
+            state = await self._manager.rollback(_txid(request.txid), owner)
             return pb.RollbackResponse(txid=request.txid, state=STATES[state])
 
         return await _guard(context, request.txid, run)
@@ -113,13 +137,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.GetTransactionRequest, context: Context
     ) -> pb.TransactionInfo:
         async def run() -> pb.TransactionInfo:
+            owner = self._caller(context)
             if request.txid and request.request_id:
                 raise InvalidArgument("give txid or request_id, not both")
             if request.request_id:
-                txid = self._manager.request_txid(request.request_id)
+                view = await self._manager.lookup_request(request.request_id, owner)
             else:
-                txid = _txid(request.txid)
-            return transaction_info(await self._manager.lookup(txid))
+                view = await self._manager.lookup(_txid(request.txid), owner)
+            return transaction_info(view)
 
         return await _guard(context, request.txid, run)
 
@@ -127,6 +152,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.RunTransactionRequest, context: Context
     ) -> pb.RunTransactionResponse:
         async def run() -> pb.RunTransactionResponse:
+            owner = self._caller(context)
+            for work in request.work:
+                check_participant_name(work.participant)  # before it is echoed
+            self._rules.check_participants(owner, [work.participant for work in request.work])
             self._limits.check(
                 (statement for work in request.work for statement in work.statements),
                 "the coordinator",
@@ -140,7 +169,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 timeout_ms=request.timeout_ms,
                 request_id=request.request_id,
                 wait_for_phase2=request.wait_for_phase2,
-                owner=peer_identity(context),
+                owner=owner,
             )
             return pb.RunTransactionResponse(
                 txid=outcome.txid,

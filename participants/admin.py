@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from participants.xa import ConnectionLost, DbError, Session, SessionPool
+from participants.xa import ConnectionLost, DbError, PoolExhausted, Session, SessionPool
 from twopc.errors import Unavailable
 
 
@@ -23,6 +23,8 @@ class AdminSessions:
         broke."""
         try:
             session = await self._pool.session()
+        except PoolExhausted as err:
+            raise Unavailable(f"participant {self._participant}: {err.message}") from err
         except DbError as err:
             raise Unavailable(
                 f"participant {self._participant} cannot reach its database: {err}"

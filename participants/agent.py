@@ -59,6 +59,7 @@ from participants.safety import DatabaseChecks
 from participants.steps import BranchSteps
 from participants.takeover import Takeover
 from participants.xa import (
+    Session,
     SessionPool,
     StatementOutput,
     committed_markers,
@@ -144,6 +145,7 @@ class Agent:
             if problem is not None:
                 raise FailedPrecondition(problem)
             await self._checks.at_start(session)
+            await self._warn_of_foreign_branches(session)
             flush = (await session.execute("SELECT @@innodb_flush_log_at_trx_commit")).rows[0][0]
         self.server_version = version
         if int(flush) != 1:
@@ -189,7 +191,7 @@ class Agent:
         *,
         continues: bool = False,
     ) -> list[StatementOutput]:
-        xid = self._xid(txid, participant)
+        xid = self._xid(txid, participant, starts=True)
         work = self._check(statements)
         if sequence < 1:
             raise InvalidArgument("sequence numbers start at 1", txid=txid)
@@ -220,7 +222,7 @@ class Agent:
         sequence: int,
         timeout_ms: int,
     ) -> VoteResult:
-        xid = self._xid(txid, participant)
+        xid = self._xid(txid, participant, starts=True)
         work = self._check(statements)
         deadline = self._deadline(timeout_ms, txid)
         found = self._registry.get(txid)
@@ -260,7 +262,7 @@ class Agent:
         sequence: int = 0,
         timeout_ms: int = 0,
     ) -> CommitResult:
-        xid = self._xid(txid, participant)
+        xid = self._xid(txid, participant, starts=one_phase)
         work = self._check(statements)
         if work and not one_phase:
             raise InvalidArgument("statements come with a one-phase commit only", txid=txid)
@@ -401,6 +403,27 @@ class Agent:
         fails."""
         async with self._admin.session() as session:
             await self._checks.again(session)
+            await self._warn_of_foreign_branches(session)
+
+    async def _warn_of_foreign_branches(self, session: Session) -> None:
+        """Logs the prepared branches on this participant whose coordinator id is not one this
+        agent serves: no recovery of this agent's coordinators touches them, so they hold their
+        locks until an operator rolls them back (Rollback, or XA ROLLBACK)."""
+        served = tuple(f"{c}." for c in self.config.coordinator_ids)
+        foreign = sorted(
+            x.txid
+            for x in await prepared_xids(session)
+            if x.branch == self.name and not x.txid.startswith(served)
+        )
+        if foreign:
+            self._log.warning(
+                "foreign_prepared_branches",
+                count=len(foreign),
+                txids=foreign[:50],
+                coordinator_ids=list(self.config.coordinator_ids),
+                detail="prepared branches of coordinator ids this agent does not serve: no "
+                "recovery resolves them; roll them back, or add their id to coordinator_ids",
+            )
 
     async def collect_markers(self, limit: int = 1000) -> int:
         """Deletes marker rows older than the retention; returns how many went."""
@@ -473,10 +496,20 @@ class Agent:
 
     # --- helpers ----------------------------------------------------------------------------------
 
-    def _xid(self, txid: str, participant: str) -> Xid:
+    def _xid(self, txid: str, participant: str, *, starts: bool = False) -> Xid:
         """The branch's XID; InvalidArgument (echoing neither) for a txid that is not one, or a
-        participant name that is not this agent's."""
-        parse_txid(txid)
+        participant name that is not this agent's. For a call that ``starts`` or prepares a
+        branch, FailedPrecondition when the txid's coordinator id is not one this agent serves
+        (``coordinator_ids``): nothing was started."""
+        coordinator_id = parse_txid(txid).coordinator_id
+        if starts and coordinator_id not in self.config.coordinator_ids:
+            served = ", ".join(self.config.coordinator_ids)
+            raise FailedPrecondition(
+                f"agent {self.name} serves coordinator id(s) {served} (its coordinator_ids "
+                f"setting), not {coordinator_id!r}: no branch of {txid} was started; add "
+                f"{coordinator_id!r} to coordinator_ids if that coordinator uses this agent",
+                txid=txid,
+            )
         if participant != self.name:
             check_participant_name(participant)
             raise InvalidArgument(

@@ -12,7 +12,7 @@ from twopc.limits import RequestLimits
 from twopc.serving import MAX_MESSAGE_BYTES
 from twopc.settings import load_settings
 from twopc.tls import TlsConfig, daemon_tls
-from twopc.txid import check_participant_name
+from twopc.txid import check_coordinator_id, check_participant_name
 
 ENV_PREFIX = "TWOPC_AGENT_"
 _POLICIES = ("refuse", "warn")
@@ -44,6 +44,14 @@ class AgentConfig:
     obeys only ``coordinator_identities`` (certificate Common Names, ``twopc.identity``): any
     other caller of the Participant API gets PERMISSION_DENIED. ``insecure_plaintext`` turns
     TLS off, and with it every identity rule.
+
+    ``coordinator_ids``: the coordinator ids (txid prefixes, ``<id>.``) whose transactions this
+    agent serves (default ``("c1",)``, a coordinator's default id). A call that would start or
+    prepare a branch of another id (Execute, Prepare, a one-phase Commit, the pipeline's
+    prepares) is refused with FAILED_PRECONDITION before anything reaches MySQL: no branch of a
+    coordinator that nobody recovers can start here. Rollback and Recover still take any txid
+    (an operator's cleanup); prepared branches of other ids are logged at start and by the
+    periodic checks (``foreign_prepared_branches``).
 
     TLS to the database: ``mysql_ssl_ca`` turns it on and requires it (a server that does not
     offer TLS is refused); the server's certificate must be signed by that CA and name
@@ -101,6 +109,7 @@ class AgentConfig:
     tls_ca: Path | None = None
     insecure_plaintext: bool = False
     coordinator_identities: tuple[str, ...] = ()
+    coordinator_ids: tuple[str, ...] = ("c1",)
     admin_identities: tuple[str, ...] = ()
     mysql_ssl_ca: Path | None = None
     mysql_ssl_cert: Path | None = None
@@ -108,6 +117,13 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         check_participant_name(self.name)
+        if not self.coordinator_ids:
+            raise ValueError(
+                "coordinator_ids is empty: the agent would serve no coordinator; list the id "
+                'of each coordinator that uses it, e.g. coordinator_ids = ["c1"]'
+            )
+        for coordinator_id in self.coordinator_ids:
+            check_coordinator_id(coordinator_id)
         if not self.marker_table.replace("_", "").isalnum():
             raise ValueError(f"marker_table {self.marker_table!r} must be letters, digits and '_'")
         if not self.mysql_database.replace("_", "").isalnum():

@@ -16,12 +16,13 @@ from structlog.typing import FilteringBoundLogger
 
 from participants.branches import Branch, BranchRegistry, BranchState
 from participants.calls import VoteResult, Work, mark_for_reset, work_digest
-from participants.steps import BranchSteps
+from participants.steps import BranchSteps, pool_exhausted
 from participants.xa import (
     ER_DUP_ENTRY,
     BatchFailed,
     ConnectionLost,
     DbError,
+    PoolExhausted,
     SessionPool,
     check_rows,
 )
@@ -74,6 +75,9 @@ class OneTripPrepare:
         )
         try:
             session = await self._pool.session()
+        except PoolExhausted as err:
+            self._registry.forget(branch)
+            raise pool_exhausted(self._name, err, branch.txid) from err
         except DbError as err:
             self._registry.forget(branch)
             raise Unavailable(

@@ -29,6 +29,7 @@ from participants.xa import (
     ConnectionLost,
     DbError,
     Pause,
+    PoolExhausted,
     Session,
     SessionPool,
     StatementOutput,
@@ -40,6 +41,7 @@ from participants.xa import (
 from twopc.errors import (
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     StatementFailed,
     TransactionAborted,
     TwopcError,
@@ -51,6 +53,17 @@ from twopc.sql_guard import StatementKind
 from twopc.votes import Vote
 
 SEVER_AFTER_S = 2.0  # past a branch's deadline: KILL QUERY had its chance, the socket goes
+
+
+def pool_exhausted(participant: str, err: PoolExhausted, txid: str) -> ResourceExhausted:
+    """The answer when no pooled session came free for a new branch: nothing was started (the
+    coordinator keeps the transaction as it was), and the message says which settings bound it."""
+    return ResourceExhausted(
+        f"participant {participant} has no database session for a new branch of {txid}: "
+        f"{err.message}; nothing was started. Retry later; if one application holds them, "
+        "lower the coordinator's max_sessions_per_identity, or raise this agent's pool",
+        txid=txid,
+    )
 
 
 class BranchSteps:
@@ -190,6 +203,8 @@ class BranchSteps:
         earlier life, so the branch is forgotten, never recorded as finished (a later commit of
         that prepared branch would be refused)."""
         self._registry.forget(branch)
+        if isinstance(err, PoolExhausted):
+            return pool_exhausted(self._name, err, branch.txid)
         if err.errno == ER_XAER_DUPID:
             return TransactionAborted(
                 f"a branch of {branch.txid} already exists on {self._name} (prepared by an "

@@ -57,6 +57,11 @@ class ConnectionLost(DbError):
     unknown."""
 
 
+class PoolExhausted(DbError):
+    """Every session of the agent's pool is in use (held by open branches) and none came free
+    in time: the database was not asked anything."""
+
+
 class BatchFailed(Exception):
     """A statement of a batch failed: ``completed`` statements ran before it, ``error`` is its
     error (the server runs none of the statements after it)."""
@@ -419,10 +424,11 @@ class SessionPool:
             async with asyncio.timeout(self._checkout_timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise DbError(
+            raise PoolExhausted(
                 0,
-                f"no free database connection in the agent's pool after "
-                f"{self._checkout_timeout:g} s ({self._capacity} in use)",
+                f"all {self._capacity} database sessions of the agent's pool (pool_size + "
+                "pool_overflow) are in use, held by open branches, and none came free within "
+                f"{self._checkout_timeout:g} s (pool_checkout_timeout_s)",
             ) from None
         try:
             conn = self._idle_connection() or await self._connect()

@@ -9,8 +9,9 @@ subject alternative name because those name hosts (every twopc certificate carri
 each daemon a CA that signs certificates for twopc's parties alone.
 
 ``peer_identity(context)`` reads it in any handler, from the call's auth context. It is the one
-function to use for per-identity rules (the coordinator's identities, participants and admin
-rights, which are configured beside ``admin_identities`` in ``coordinator/config.py``)::
+function to use for per-identity rules (the coordinator's ``identities``, participants per
+identity, in ``coordinator/identities.py``; ownership of transactions and per-identity quotas in
+its engine, which the servicer hands the identity)::
 
     identity = peer_identity(context)   # "client"; None on a plaintext server
 

@@ -4,7 +4,8 @@ A configuration is a frozen dataclass whose fields have defaults. ``load_setting
 top-level keys (names as the fields) and then, for each field, an environment variable
 ``<prefix><FIELD NAME IN UPPER CASE>``; the environment wins. Values are converted to the field's
 type; an unknown key or a value of the wrong type is an error that names the key and where it came
-from. Mappings (``dict[str, str]``) are written in the environment as ``a=x,b=y``.
+from. Mappings (``dict[str, str]``) are written in the environment as ``a=x,b=y``; mappings of
+lists (``Mapping[str, tuple[str, ...]]``, a TOML table of lists) as ``a=x y,b=z``.
 """
 
 from __future__ import annotations
@@ -99,8 +100,17 @@ def _convert(hint: Any, value: Any, where: str, from_text: bool) -> Any:
             pairs = [p for p in value.split(",") if p.strip()]
             if not all("=" in p for p in pairs):
                 raise InvalidArgument(f"{where}: expected name=value,name=value, got {value!r}")
-            return {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in pairs)}
+            parsed = {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in pairs)}
+            if len(args) == 2 and typing.get_origin(args[1]) is tuple:
+                # name=a b,other=c: a list per name, its items separated by spaces
+                return {
+                    k: _convert(args[1], ",".join(v.split()), where, True)
+                    for k, v in parsed.items()
+                }
+            return parsed
         if not isinstance(value, dict):
             raise InvalidArgument(f"{where}: expected a table, got {value!r}")
+        if len(args) == 2 and args[1] is not str:  # e.g. Mapping[str, tuple[str, ...]]
+            return {str(k): _convert(args[1], v, f"{where} ({k})", False) for k, v in value.items()}
         return {str(k): str(v) for k, v in value.items()}
     raise InvalidArgument(f"{where}: unsupported setting type {hint!r}")

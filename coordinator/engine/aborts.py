@@ -26,6 +26,7 @@ __all__ = ["CLIENT_ERRORS", "AbortCause", "AbortReason"]
 class AbortCause(enum.Enum):
     ROLLED_BACK = "rolled_back"  # the client asked for it
     DEADLINE = "deadline"  # the transaction's deadline passed
+    IDLE = "idle"  # no call came for max_idle_ms
     # A statement failed on a participant (or a branch's prepare, saying why in MySQL's words):
     # the only cause with a MySQL error number.
     STATEMENT_FAILED = "statement_failed"
@@ -44,6 +45,7 @@ class AbortCause(enum.Enum):
 CLIENT_ERRORS: dict[AbortCause, type[TwopcError]] = {
     AbortCause.ROLLED_BACK: TransactionAborted,
     AbortCause.DEADLINE: TransactionAborted,
+    AbortCause.IDLE: TransactionAborted,
     AbortCause.STATEMENT_FAILED: StatementFailed,
     AbortCause.REFUSED: InvalidArgument,
     AbortCause.VOTED_NO: TransactionAborted,
@@ -88,6 +90,14 @@ class AbortReason:
     def deadline(cls, when: str = "") -> AbortReason:
         """``when``: where the deadline was found passed (" before commit", say)."""
         return cls(AbortCause.DEADLINE, f"the transaction's deadline passed{when}")
+
+    @classmethod
+    def idle(cls, max_idle_ms: int) -> AbortReason:
+        """No call on the transaction for ``max_idle_ms`` (its sessions are released)."""
+        return cls(
+            AbortCause.IDLE,
+            f"no call on the transaction for {max_idle_ms} ms (the coordinator's max_idle_ms)",
+        )
 
     @classmethod
     def participant_failed(cls, participant: str, error: TwopcError) -> AbortReason:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,6 +56,7 @@ from twopc.logs import redact
 from twopc.txid import new_txid, parse_txid, txid_for_request, txid_prefix
 
 log = structlog.get_logger("twopc.coordinator")
+_PRESUMED_ABORT = "no commit decision exists (presumed abort)"
 
 
 class Clock(Protocol):
@@ -88,6 +89,10 @@ class EngineSettings:
     phase2_backoff_s: float = 0.05
     finished_memory: int = 100_000
     audit_keep: int = 1000
+    # Per identity (owner); a transaction without one (plaintext) is bound by max_active alone.
+    max_active_per_identity: int = 1000
+    max_sessions_per_identity: int = 48  # open branches on one participant
+    max_idle_ms: int = 30_000  # an ACTIVE transaction with no call for this long is rolled back
 
 
 @dataclass
@@ -96,9 +101,15 @@ class Transaction:
     deadline: float
     timeout_ms: int
     request_id: str = ""
-    # The identity that began it (the caller's certificate identity; None in plaintext).
+    # The identity that began it (the caller's certificate's Common Name); None without one (a
+    # plaintext coordinator). Only its owner may use it, or see it.
     owner: str | None = None
     begun: float = 0.0  # the clock's monotonic time at Begin
+    # When the client last called on it (monotonic): the reaper rolls back an ACTIVE one idle
+    # for longer than max_idle_ms.
+    last_call: float = 0.0
+    # Participants whose branch counts against the owner's max_sessions_per_identity.
+    sessions: set[str] = field(default_factory=set)
     state: TxState = TxState.ACTIVE
     participants: list[str] = field(default_factory=list)
     # Participants whose branch needs no rollback: voted READ_ONLY or ABORT, or rolled back.
@@ -162,7 +173,7 @@ class TransactionView:
     participants: tuple[str, ...] = ()
     abort_reason: str = ""
     presumed: bool = False
-    owner: str | None = None
+    owner: str | None = None  # the identity that began it; None: none, or not known here
 
     @property
     def outcome(self) -> Outcome:
@@ -205,6 +216,12 @@ class TransactionManager:
         self._background: set[asyncio.Task[None]] = set()
         self._draining = False
         self._audits: deque[AuditRecord] = deque(maxlen=settings.audit_keep)
+        # Quotas per identity: live transactions, and open branches per participant.
+        self._active_by_owner: Counter[str] = Counter()
+        self._sessions_by_owner: Counter[tuple[str, str]] = Counter()
+        # (owner, request id) -> txid, for a request id that another identity held first (its
+        # txid is then not the request id's own: see _txid_of_request).
+        self._request_aliases: OrderedDict[tuple[str | None, str], str] = OrderedDict()
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -288,16 +305,20 @@ class TransactionManager:
     def begin(
         self, timeout_ms: int, request_id: str = "", *, owner: str | None = None
     ) -> Transaction:
-        """A new transaction, or the one that ``request_id`` named already.
+        """A new transaction of ``owner``, or the one that ``owner``'s ``request_id`` named
+        already.
 
         Raises:
+            ResourceExhausted: the coordinator runs max_active transactions, or ``owner`` its
+                max_active_per_identity (nothing was begun).
             Unavailable: the coordinator is draining (a new transaction only), or an earlier
                 attempt of ``request_id`` is being recovered.
         """
-        if request_id:
-            txid = txid_for_request(self.coordinator_id, request_id)
+        txid = self._txid_of_request(owner, request_id) if request_id else None
+        if txid is not None:
             existing = self._live.get(txid)
             if existing is not None:
+                existing.last_call = self._clock.monotonic()
                 return existing
             if txid in self._recovering:
                 raise Unavailable(
@@ -310,8 +331,6 @@ class TransactionManager:
                     f"finished ({self.view(txid).state.value}); use a new request id",
                     txid=txid,
                 )
-        else:
-            txid = new_txid(self.coordinator_id, self._clock.wall_ms())
         if self._draining:
             raise Unavailable(
                 f"coordinator {self.coordinator_id} is draining: it admits no new transaction; "
@@ -325,19 +344,117 @@ class TransactionManager:
             raise ResourceExhausted(
                 f"the coordinator runs {len(self._live)} transactions, its max_active; retry later"
             )
+        if owner is not None:
+            running = self._active_by_owner[owner]
+            if running >= self.settings.max_active_per_identity:
+                raise ResourceExhausted(
+                    f"identity {owner!r} runs {running} live transactions, its quota "
+                    f"(max_active_per_identity = {self.settings.max_active_per_identity}); "
+                    "finish some, or retry later (nothing was begun)"
+                )
+        if txid is None:
+            txid = new_txid(self.coordinator_id, self._clock.wall_ms())
+            if request_id:  # the request id's own txid is another identity's
+                self._request_aliases[(owner, request_id)] = txid
+                while len(self._request_aliases) > self.settings.finished_memory:
+                    self._request_aliases.popitem(last=False)
         timeout_ms = timeout_ms or self.settings.default_timeout_ms
+        now = self._clock.monotonic()
         tx = Transaction(
             txid=txid,
-            deadline=self._clock.monotonic() + timeout_ms / 1000,
+            deadline=now + timeout_ms / 1000,
             timeout_ms=timeout_ms,
             request_id=request_id,
             owner=owner,
-            begun=self._clock.monotonic(),
+            begun=now,
+            last_call=now,
         )
         self._live[txid] = tx
+        if owner is not None:
+            self._active_by_owner[owner] += 1
         log.debug("transaction_begun", txid=txid)
         self._failpoints.hit("coordinator.after_begin")
         return tx
+
+    def _txid_of_request(self, owner: str | None, request_id: str) -> str | None:
+        """The txid that ``owner``'s ``request_id`` names; None when it names none yet and its
+        own txid is held by another identity (a new one is then made).
+
+        A request id's own txid is ``<coordinator id>.r-<request id>``, the same across
+        restarts; the identity that uses it first owns it. Another identity's request under the
+        same id gets a txid of its own (remembered as an alias), never the first one's.
+        """
+        alias = self._request_aliases.get((owner, request_id))
+        if alias is not None:
+            return alias
+        txid = txid_for_request(self.coordinator_id, request_id)
+        return txid if self._may_see(owner, self._owner_of(txid)) else None
+
+    def _owner_of(self, txid: str) -> str | None:
+        """The identity that owns ``txid`` as far as this coordinator knows (None: none, or not
+        known: begun before a restart, or never)."""
+        tx = self._live.get(txid)
+        if tx is not None:
+            return tx.owner
+        known = self._finished.get(txid)
+        return known.owner if known is not None else None
+
+    @staticmethod
+    def _may_see(caller: str | None, owner: str | None) -> bool:
+        """Whether ``caller`` may use or see a transaction of ``owner``: its own, or one whose
+        owner is not known (a plaintext caller has no identity, and every rule is off)."""
+        return caller is None or owner is None or caller == owner
+
+    def _unknown(self, txid: str) -> NotFound:
+        """The answer for a txid this coordinator does not run, also given for another
+        identity's (which must not learn that it exists)."""
+        return NotFound(
+            f"no live transaction {txid} on this coordinator (finished long ago, or begun before "
+            "a restart of the coordinator, which aborted it)",
+            txid=txid,
+        )
+
+    def _reserve_sessions(self, tx: Transaction, participants: Sequence[str]) -> None:
+        """Counts ``tx``'s branches on ``participants`` against its owner's
+        max_sessions_per_identity, all or none. ResourceExhausted (nothing counted) when one
+        would go over."""
+        owner = tx.owner
+        new = [p for p in participants if p not in tx.sessions]
+        if owner is None or not new:
+            return
+        limit = self.settings.max_sessions_per_identity
+        for participant in new:
+            held = self._sessions_by_owner[(owner, participant)]
+            if held >= limit:
+                raise ResourceExhausted(
+                    f"identity {owner!r} holds {held} open branches on participant "
+                    f"{participant!r}, its quota (max_sessions_per_identity = {limit}); finish "
+                    "some, or retry later (nothing of this request ran)",
+                    txid=tx.txid,
+                )
+        for participant in new:
+            tx.sessions.add(participant)
+            self._sessions_by_owner[(owner, participant)] += 1
+
+    def _release_session(self, tx: Transaction, participant: str) -> None:
+        if participant in tx.sessions and tx.owner is not None:
+            tx.sessions.discard(participant)
+            key = (tx.owner, participant)
+            self._sessions_by_owner[key] -= 1
+            if self._sessions_by_owner[key] <= 0:
+                del self._sessions_by_owner[key]
+
+    def _unlist(self, tx: Transaction) -> None:
+        """Takes ``tx`` out of the live table and its owner's quotas."""
+        if self._live.get(tx.txid) is not tx:
+            return
+        del self._live[tx.txid]
+        for participant in list(tx.sessions):
+            self._release_session(tx, participant)
+        if tx.owner is not None:
+            self._active_by_owner[tx.owner] -= 1
+            if self._active_by_owner[tx.owner] <= 0:
+                del self._active_by_owner[tx.owner]
 
     async def execute(
         self,
@@ -347,74 +464,102 @@ class TransactionManager:
         sequence: int,
         *,
         digest: bytes = b"",
+        owner: str | None = None,
     ) -> Results:
         """Runs ``statements`` on ``participant``'s branch. ``digest`` (of the statements and
         their parameters) tells a retry (the last sequence number again, the same digest: the
         agent answers it with its first answer) from other work under a used number, which is
-        refused with InvalidArgument (the transaction stays as it was)."""
-        tx = self._live_transaction(txid)
+        refused with InvalidArgument (the transaction stays as it was). Another identity than
+        ``owner``'s transaction is NotFound; a first branch on ``participant`` over the owner's
+        max_sessions_per_identity ResourceExhausted (the transaction stays as it was)."""
+        tx = self._live_transaction(txid, owner)
         self._check_participant(participant)
         if sequence < 1:
             raise InvalidArgument("Execute sequence numbers start at 1", txid=txid)
         if not statements:
             raise InvalidArgument("Execute needs at least one statement", txid=txid)
         async with tx.lock:
-            self._require_active(tx)
-            last = tx.executed.get(participant)
-            if last is not None and last[0] == sequence and last[1] != digest:
-                raise InvalidArgument(
-                    f"Execute sequence {sequence} on participant {participant!r} ran already, "
-                    "with other statements or parameters: a retry must repeat its call "
-                    "exactly; new work takes a new sequence number (nothing of this request "
-                    "ran; the transaction is as it was)",
-                    txid=txid,
-                )
-            remaining = self._remaining(tx)
-            if remaining <= 0:
-                await self._abort(tx, AbortReason.deadline())
-                self._require_active(tx)
+            tx.last_call = self._clock.monotonic()
             try:
-                results = await self._ports.execute(
-                    participant,
-                    txid,
-                    statements,
-                    sequence,
-                    remaining,
-                    continues=participant in tx.participants,
-                )
-            except (InvalidArgument, FailedPrecondition, NotFound):
-                raise  # refused before anything ran: the transaction is as it was
-            except TwopcError as err:
-                tx.touch(participant)
-                if isinstance(err, TransactionAborted) or not is_transport_failure(err):
-                    tx.settled_branches.add(participant)  # the agent rolled its branch back
-                await self._abort(tx, AbortReason.participant_failed(participant, err))
-                # This abort's error, or that of an abort decided meanwhile (a rollback, the
-                # deadline), or FailedPrecondition if an earlier attempt turned out committed.
-                raise self._inactive_error(tx) from err
-            tx.touch(participant)
-            tx.executed[participant] = (sequence, digest)
-            if tx.state is not TxState.ACTIVE:
-                # Rolled back while the statement ran: the branch may have started after the
-                # rollback reached the agent, so roll it back again.
-                self._spawn(self._rollback_quietly(participant, txid))
-                self._require_active(tx)
-            await self._failpoints.ahit("coordinator.after_execute")
-            return results
+                return await self._execute_locked(tx, participant, statements, sequence, digest)
+            finally:
+                tx.last_call = self._clock.monotonic()
 
-    async def commit(self, txid: str, *, wait_for_phase2: bool) -> TxState:
+    async def _execute_locked(
+        self,
+        tx: Transaction,
+        participant: str,
+        statements: Statements,
+        sequence: int,
+        digest: bytes,
+    ) -> Results:
+        """The body of ``execute``, under the transaction's lock."""
+        txid = tx.txid
+        self._require_active(tx)
+        last = tx.executed.get(participant)
+        if last is not None and last[0] == sequence and last[1] != digest:
+            raise InvalidArgument(
+                f"Execute sequence {sequence} on participant {participant!r} ran already, "
+                "with other statements or parameters: a retry must repeat its call "
+                "exactly; new work takes a new sequence number (nothing of this request "
+                "ran; the transaction is as it was)",
+                txid=txid,
+            )
+        remaining = self._remaining(tx)
+        if remaining <= 0:
+            await self._abort(tx, AbortReason.deadline())
+            self._require_active(tx)
+        self._reserve_sessions(tx, [participant])
+        try:
+            results = await self._ports.execute(
+                participant,
+                txid,
+                statements,
+                sequence,
+                remaining,
+                continues=participant in tx.participants,
+            )
+        except (InvalidArgument, FailedPrecondition, NotFound, ResourceExhausted):
+            if participant not in tx.participants:
+                self._release_session(tx, participant)
+            raise  # refused before anything ran: the transaction is as it was
+        except TwopcError as err:
+            tx.touch(participant)
+            if isinstance(err, TransactionAborted) or not is_transport_failure(err):
+                tx.settled_branches.add(participant)  # the agent rolled its branch back
+            await self._abort(tx, AbortReason.participant_failed(participant, err))
+            # This abort's error, or that of an abort decided meanwhile (a rollback, the
+            # deadline), or FailedPrecondition if an earlier attempt turned out committed.
+            raise self._inactive_error(tx) from err
+        tx.touch(participant)
+        tx.executed[participant] = (sequence, digest)
+        if tx.state is not TxState.ACTIVE:
+            # Rolled back while the statement ran: the branch may have started after the
+            # rollback reached the agent, so roll it back again.
+            self._spawn(self._rollback_quietly(participant, txid))
+            self._require_active(tx)
+        await self._failpoints.ahit("coordinator.after_execute")
+        return results
+
+    async def commit(
+        self, txid: str, *, wait_for_phase2: bool, owner: str | None = None
+    ) -> TxState:
         tx = self._live.get(txid)
+        if tx is not None and not self._may_see(owner, tx.owner):
+            raise self._unknown(txid)
         if tx is None:
-            return self._settled_state(await self.lookup(txid))
+            return self._settled_state(await self.lookup(txid, owner))
         async with tx.lock:
             if tx.state is TxState.ACTIVE:
                 await self._shielded(self._decide(tx, work=None))
         return await self._answer(tx, wait_for_phase2)
 
-    async def rollback(self, txid: str) -> TxState:
+    async def rollback(self, txid: str, owner: str | None = None) -> TxState:
         tx = self._live.get(txid)
+        if tx is not None and not self._may_see(owner, tx.owner):
+            raise self._unknown(txid)
         if tx is None:
-            view = await self.lookup(txid)
+            view = await self.lookup(txid, owner)
             if view.outcome is Outcome.COMMITTED:
                 raise FailedPrecondition(
                     f"transaction {txid} committed; it cannot roll back", txid=txid
@@ -444,7 +589,8 @@ class TransactionManager:
         wait_for_phase2: bool = False,
         owner: str | None = None,
     ) -> RunOutcome:
-        """A one-shot transaction: every participant's statements and the commit together."""
+        """A one-shot transaction of ``owner``: every participant's statements and the commit
+        together. Over ``owner``'s quotas: ResourceExhausted, nothing begun."""
         names = [participant for participant, _ in work]
         if not work:
             raise InvalidArgument("RunTransaction needs statements for at least one participant")
@@ -455,13 +601,23 @@ class TransactionManager:
             if not statements:
                 raise InvalidArgument(f"no statements for participant {participant}")
         if request_id:
-            txid = txid_for_request(self.coordinator_id, request_id)
-            if txid not in self._live and (txid in self._finished or txid in self._open_commits):
-                view = self.view(txid)
+            known = self._txid_of_request(owner, request_id)
+            if (
+                known is not None
+                and known not in self._live
+                and (known in self._finished or known in self._open_commits)
+            ):
+                view = self.view(known)
                 if view.outcome is Outcome.ABORTED:
-                    raise TransactionAborted(view.abort_reason or "aborted", txid=txid)
-                return RunOutcome(txid, view.state, {})
+                    raise TransactionAborted(view.abort_reason or "aborted", txid=known)
+                return RunOutcome(known, view.state, {})
+        if owner is not None:  # checked before anything is begun
+            probe = Transaction(txid="", deadline=0.0, timeout_ms=0, owner=owner)
+            self._reserve_sessions(probe, names)
+            for participant in names:
+                self._release_session(probe, participant)
         tx = self.begin(timeout_ms, request_id, owner=owner)
+        self._reserve_sessions(tx, names)  # no await since the check: it cannot fail now
         async with tx.lock:
             if tx.state is TxState.ACTIVE:
                 for participant in names:
@@ -484,8 +640,10 @@ class TransactionManager:
             return known
         return TransactionView(txid, TxState.ABORTED, presumed=True)
 
-    async def lookup(self, txid: str) -> TransactionView:
-        """GetTransaction: memory and the decision log first, then the participants' markers."""
+    async def lookup(self, txid: str, owner: str | None = None) -> TransactionView:
+        """GetTransaction: memory and the decision log first, then the participants' markers.
+        Another identity's transaction than ``owner``'s is NotFound, as an unknown one is to
+        Execute."""
         parsed = parse_txid(txid)
         if parsed.coordinator_id != self.coordinator_id:
             raise NotFound(
@@ -494,12 +652,30 @@ class TransactionManager:
                 txid=txid,
             )
         view = self.view(txid)
+        if not self._may_see(owner, view.owner):
+            raise self._unknown(txid)
         if not view.presumed:
             return view
         return await self._lookup_on_participants(txid)
 
-    def request_txid(self, request_id: str) -> str:
-        return txid_for_request(self.coordinator_id, request_id)
+    async def lookup_request(self, request_id: str, owner: str | None = None) -> TransactionView:
+        """GetTransaction by ``owner``'s request id. One that another identity used (and this
+        one did not) is answered as one that nobody used, without asking the participants."""
+        txid = self._txid_of_request(owner, request_id)
+        if txid is None:
+            return TransactionView(
+                txid_for_request(self.coordinator_id, request_id),
+                TxState.ABORTED,
+                abort_reason=_PRESUMED_ABORT,
+                presumed=True,
+            )
+        return await self.lookup(txid, owner)
+
+    def request_txid(self, request_id: str, owner: str | None = None) -> str:
+        """The txid that ``owner``'s request id names (its own txid when none yet)."""
+        return self._txid_of_request(owner, request_id) or txid_for_request(
+            self.coordinator_id, request_id
+        )
 
     # --- the decision ------------------------------------------------------------------------
 
@@ -822,15 +998,23 @@ class TransactionManager:
         return False
 
     async def reap_expired(self) -> int:
-        """Aborts ACTIVE transactions past their deadline."""
+        """Aborts ACTIVE transactions past their deadline, and those that no call used for
+        max_idle_ms (one in the middle of a call is not idle)."""
         now = self._clock.monotonic()
-        expired = [
-            tx
-            for tx in list(self._live.values())
-            if tx.state is TxState.ACTIVE
-            and now > tx.deadline
-            and self._abort_now(tx, AbortReason.deadline())
-        ]
+        idle_s = self.settings.max_idle_ms / 1000
+
+        def reason(tx: Transaction) -> AbortReason | None:
+            if now > tx.deadline:
+                return AbortReason.deadline()
+            if idle_s and not tx.lock.locked() and now - tx.last_call > idle_s:
+                return AbortReason.idle(self.settings.max_idle_ms)
+            return None
+
+        expired = []
+        for tx in list(self._live.values()):
+            why = reason(tx) if tx.state is TxState.ACTIVE else None
+            if why is not None and self._abort_now(tx, why):
+                expired.append(tx)
         await asyncio.gather(*(self._roll_back(tx) for tx in expired))
         return len(expired)
 
@@ -965,7 +1149,7 @@ class TransactionManager:
                 "did not answer; ask again later",
                 txid=txid,
             )
-        reason = "no commit decision exists (presumed abort)"
+        reason = _PRESUMED_ABORT
         if holding:
             reason += f"; branches on {', '.join(holding)} are being rolled back"
         return TransactionView(txid, TxState.ABORTED, tuple(holding), reason, presumed=True)
@@ -990,23 +1174,23 @@ class TransactionManager:
             )
         return view.state
 
-    def _live_transaction(self, txid: str) -> Transaction:
+    def _live_transaction(self, txid: str, owner: str | None = None) -> Transaction:
         tx = self._live.get(txid)
         if tx is not None:
+            if not self._may_see(owner, tx.owner):
+                raise self._unknown(txid)
             return tx
         parse_txid(txid)
         known = self._finished.get(txid)
+        if known is not None and not self._may_see(owner, known.owner):
+            raise self._unknown(txid)
         if known is not None and known.outcome is Outcome.ABORTED:
             raise TransactionAborted(
                 f"transaction {txid} was aborted: {known.abort_reason}", txid=txid
             )
         if known is not None or txid in self._open_commits:
             raise FailedPrecondition(f"transaction {txid} has committed", txid=txid)
-        raise NotFound(
-            f"no live transaction {txid} on this coordinator (finished long ago, or begun before "
-            "a restart of the coordinator, which aborted it)",
-            txid=txid,
-        )
+        raise self._unknown(txid)
 
     def _require_active(self, tx: Transaction) -> None:
         if tx.state is not TxState.ACTIVE:
@@ -1034,8 +1218,7 @@ class TransactionManager:
         """Moves a transaction whose fate is sealed out of the live table."""
         if tx.txid in self._phase2_running:
             return
-        if self._live.get(tx.txid) is tx:
-            del self._live[tx.txid]
+        self._unlist(tx)
         if tx.abort is not None and not tx.abort.conclusive and tx.state is TxState.ABORTED:
             return  # not an outcome to repeat: lookups and retries ask the participants
         self._remember(
@@ -1046,8 +1229,7 @@ class TransactionManager:
 
     def _retire_in_doubt(self, tx: Transaction) -> None:
         """A one-phase commit whose answer was lost: only the participant's marker can tell."""
-        if self._live.get(tx.txid) is tx:
-            del self._live[tx.txid]
+        self._unlist(tx)
         tx.decided.set()
         tx.done.set()
 

@@ -317,6 +317,7 @@ def config(database: MariaDBInstance) -> AgentConfig:
         mysql_user=AGENT_USER,
         pool_size=POOL_SIZE,
         pool_overflow=OVERFLOW,
+        coordinator_ids=("slots",),
         mysql_read_timeout_s=1.5,
         mysql_command_timeout_s=1.5,
         lock_wait_timeout_s=1,

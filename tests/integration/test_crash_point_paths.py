@@ -96,7 +96,11 @@ def test_arming_a_point_changes_no_statement(
 ) -> None:
     run, unarmed_trips, armed_trips, fired = FLOWS[flow]
     config = AgentConfig(
-        name=REGION, mysql_host=database.host, mysql_port=database.port, mysql_user=AGENT_USER
+        name=REGION,
+        mysql_host=database.host,
+        mysql_port=database.port,
+        mysql_user=AGENT_USER,
+        coordinator_ids=("paths",),
     )
     failpoints = Failpoints()
     tag = f"{flow.replace('_', '-')}-{action[:5]}"

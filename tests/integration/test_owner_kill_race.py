@@ -37,6 +37,7 @@ def test_a_branch_committed_after_killing_its_owner_is_committed(live_cluster: C
         mysql_host=host,
         mysql_port=int(port),
         mysql_user=AGENT_USER,
+        coordinator_ids=("elsewhere",),
         pool_size=ROUNDS + 4,
     )
     environ = {AGENT_PASSWORD_ENV: live_cluster.component("agent-eu").env[AGENT_PASSWORD_ENV]}

@@ -60,8 +60,7 @@ def make_user(security_mariadb: MariaDBInstance) -> Iterator[MakeUser]:
             mysql_port=security_mariadb.port,
             mysql_user=name,
             mysql_database=DATABASE,
-            pool_size=4,
-            **settings,  # type: ignore[arg-type]
+            **{"pool_size": 4, "coordinator_ids": ("c1", "sec"), **settings},  # type: ignore[arg-type]
         )
         return DbUser(name, account, config, {AGENT_PASSWORD_ENV: PASSWORD})
 

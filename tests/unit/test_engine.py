@@ -582,6 +582,7 @@ async def test_execute_and_commit_after_the_deadline_abort() -> None:
 ABORT_ERRORS: list[tuple[AbortReason, type[TwopcError], str]] = [
     (AbortReason.rolled_back(), TransactionAborted, "rolled back by the client"),
     (AbortReason.deadline(" before commit"), TransactionAborted, "deadline passed before commit"),
+    (AbortReason.idle(1500), TransactionAborted, "no call on the transaction for 1500 ms"),
     (
         AbortReason.participant_failed("us", StatementFailed("dup key", mysql_errno=1062)),
         StatementFailed,

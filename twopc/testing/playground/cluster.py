@@ -74,6 +74,7 @@ from twopc.testing.playground.tls import (
     ADMIN,
     CLIENT,
     COORDINATOR,
+    OTHER_APP,
     PROXY_IDENTITY,
     ClusterTls,
     agent_identity,
@@ -83,6 +84,10 @@ from twopc.tls import TlsConfig
 STATE_FILE = "state.json"
 DATABASE = "twopc"
 PROXY = "proxy"
+# A second coordinator id that every agent serves and no coordinator runs: tests drive agents
+# directly with its txids, which the cluster's coordinator's recovery never touches.
+TEST_COORDINATOR_ID = "elsewhere"
+DEFAULT_IDENTITIES: Mapping[str, Sequence[str]] = {CLIENT: ["*"], OTHER_APP: ["*"]}
 CLIENT_LINK = "client-coordinator"
 STOP_TIMEOUT_S = 10.0  # a graceful stop's bound: SIGKILL after it
 # The directory that holds the ``twopc`` package (this file is twopc/testing/playground/cluster.py):
@@ -205,6 +210,7 @@ class Cluster:
         coordinator_id: str = "c1",
         coordinator_settings: Mapping[str, object] | None = None,
         agent_settings: Mapping[str, object] | None = None,
+        identities: Mapping[str, Sequence[str]] | None = None,
         proxied: bool = False,
         client_db_links: bool = False,
         remote_links_only: bool = False,
@@ -218,6 +224,14 @@ class Cluster:
         ``directory / "tls"`` and every gRPC hop runs mutual TLS: agents obey the
         ``coordinator`` identity alone, the admin APIs the ``admin`` identity. Without it every
         daemon runs with ``insecure_plaintext``.
+
+        ``identities`` is the coordinator's setting of that name (identity -> the participants
+        it may use, ``"*"`` for all): by default ``client`` and ``other-app`` may use every
+        participant, and no other identity the client API. Each agent serves the coordinator id
+        and ``elsewhere`` (``TEST_COORDINATOR_ID``: a coordinator id whose recovery runs
+        nowhere, for tests that drive an agent directly); and an identity may hold three
+        quarters of an agent's pool (``max_sessions_per_identity``), unless the settings say
+        otherwise.
 
         Every port is a free one the kernel picks, unless ``fixed_ports`` (the interactive
         playground): then the coordinator's client address is 127.0.0.1:7100, the n-th region's
@@ -297,6 +311,7 @@ class Cluster:
                         agent_identity(region),
                         coordinator_identities=[COORDINATOR],
                     ),
+                    "coordinator_ids": [coordinator_id, TEST_COORDINATOR_ID],
                     **(agent_settings or {}),
                 },
             )
@@ -318,16 +333,24 @@ class Cluster:
         client_port = port(COORDINATOR_PORT)
         address = f"{LOOPBACK}:{free_port() if proxied_hop(CLIENT_LINK) else client_port}"
         config = coordinator_dir / "coordinator.toml"
+        settings = dict(agent_settings or {})
+        pool = int(str(settings.get("pool_size", 32))) + int(str(settings.get("pool_overflow", 32)))
+        tables: dict[str, Mapping[str, object]] = {"participants": agents}
+        if certificates is not None:
+            tables["identities"] = {
+                name: list(allowed) for name, allowed in (identities or DEFAULT_IDENTITIES).items()
+            }
         _write_toml(
             config,
             {
                 "coordinator_id": coordinator_id,
                 "listen": address,
                 "data_dir": str(coordinator_dir / "data"),
+                "max_sessions_per_identity": max(1, pool * 3 // 4),
                 **_transport_settings(certificates, COORDINATOR),
                 **(coordinator_settings or {}),
             },
-            tables={"participants": agents},
+            tables=tables,
         )
         components["coordinator"] = Component(
             name="coordinator",
@@ -714,7 +737,9 @@ def _files(tls: TlsConfig | None) -> dict[str, str] | None:
 
 
 def _write_toml(
-    path: Path, values: Mapping[str, object], tables: Mapping[str, Mapping[str, str]] | None = None
+    path: Path,
+    values: Mapping[str, object],
+    tables: Mapping[str, Mapping[str, object]] | None = None,
 ) -> None:
     lines = [f"{key} = {_toml_value(value)}" for key, value in values.items()]
     for table, entries in (tables or {}).items():

@@ -20,6 +20,7 @@ from twopc.api import admin_pb2 as pb
 from twopc.api import admin_pb2_grpc as pb_grpc
 from twopc.api import twopc_pb2, twopc_pb2_grpc
 from twopc.client import Client, RetryPolicy, TwopcError
+from twopc.testing.playground.cluster import TEST_COORDINATOR_ID as RETIRED
 from twopc.testing.playground.cluster import Cluster, wait_until
 from twopc.testing.playground.tls import ADMIN, CLIENT
 
@@ -198,15 +199,16 @@ def test_resolve_abort_of_a_live_transaction_tells_its_client_who_and_why(
 def test_another_coordinators_stray_branch_is_concluded_with_a_reason(
     live_cluster: Cluster, admin: pb_grpc.AdminStub, bank: int
 ) -> None:
-    """The Vitess ``conclude`` case: a decommissioned coordinator ``c9`` left prepared
-    branches that this coordinator's recovery never touches. Commit writes the decision to this
+    """The Vitess ``conclude`` case: a decommissioned coordinator (``elsewhere``, an id the
+    playground's agents serve beside this one) left prepared branches that this coordinator's
+    recovery never touches. Commit writes the decision to this
     log first, then phase 2."""
-    stray = "c9.r-admin-stray"
+    stray = f"{RETIRED}.r-admin-stray"
     prepare_on_agent(live_cluster, "eu", stray, -10, 8)
     prepare_on_agent(live_cluster, "us", stray, 10, 8)
-    listing = admin.List(pb.AdminListRequest(coordinator_id="c9"), timeout=30)
+    listing = admin.List(pb.AdminListRequest(coordinator_id=RETIRED), timeout=30)
     assert [(d.txid, list(d.prepared_on)) for d in listing.in_doubt] == [(stray, ["eu", "us"])]
-    done = resolve(admin, stray, pb.RESOLUTION_COMMIT, "OPS-5: c9 is gone for good")
+    done = resolve(admin, stray, pb.RESOLUTION_COMMIT, "OPS-5: gone for good")
     assert done.state == twopc_pb2.TRANSACTION_STATE_COMMITTED, done.detail
     assert markers(live_cluster, stray) == {"eu", "us"}
     assert (balance(live_cluster, "eu", 8), balance(live_cluster, "us", 8)) == (990, 1010)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tests.support import prepare_on_agent, prepared
 from twopc.client import Client
+from twopc.testing.playground.cluster import TEST_COORDINATOR_ID as RETIRED
 from twopc.testing.playground.cluster import Cluster
 from twopc.testing.playground.tls import ADMIN, CLIENT
 from twopc.tls import TlsConfig
@@ -80,15 +81,15 @@ def test_list_and_show_as_a_table_and_as_json(
 def test_a_stray_branch_is_resolved_with_a_reason_and_audited(
     live_cluster: Cluster, bank: int, tmp_path: Path
 ) -> None:
-    stray = "c9.r-cli-stray"
+    stray = f"{RETIRED}.r-cli-stray"
     prepare_on_agent(live_cluster, "us", stray, 3, 7)
     no_reason = as_admin(live_cluster, tmp_path, "resolve", stray, "--abort")
     assert no_reason.returncode == 2
     assert "--reason" in no_reason.stderr
-    listed = as_admin(live_cluster, tmp_path, "list", "--coordinator-id", "c9")
+    listed = as_admin(live_cluster, tmp_path, "list", "--coordinator-id", RETIRED)
     assert any(line.split()[:2] == [stray, "us"] for line in listed.stdout.splitlines())
     done = as_admin(
-        live_cluster, tmp_path, "resolve", stray, "--abort", "--reason", "OPS-9: c9 retired"
+        live_cluster, tmp_path, "resolve", stray, "--abort", "--reason", "OPS-9: retired"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{stray}: ABORTED")
@@ -96,7 +97,7 @@ def test_a_stray_branch_is_resolved_with_a_reason_and_audited(
     audit = as_admin(live_cluster, tmp_path, "audit", "--txid", stray, "--json")
     entries = json.loads(audit.stdout)["entries"]
     assert [(e["identity"], e["outcome"], e["reason"]) for e in entries] == [
-        (ADMIN, "abort", "OPS-9: c9 retired")
+        (ADMIN, "abort", "OPS-9: retired")
     ]
 
 

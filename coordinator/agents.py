@@ -33,6 +33,7 @@ from twopc.errors import InvalidArgument
 from twopc.serving import channel
 from twopc.status import error_from_rpc
 from twopc.tls import TlsConfig
+from twopc.tracing import outgoing_metadata
 
 _VOTES = {
     pb.VOTE_PREPARED: Vote.PREPARED,
@@ -184,7 +185,12 @@ class AgentClients:
     @staticmethod
     async def _call(method: Any, request: Any, timeout: float, *, wait: bool = False) -> Any:
         try:
-            return await method(request, timeout=max(timeout, _MIN_TIMEOUT_S), wait_for_ready=wait)
+            return await method(
+                request,
+                timeout=max(timeout, _MIN_TIMEOUT_S),
+                wait_for_ready=wait,
+                metadata=outgoing_metadata(),  # the call's trace context, if any
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
 

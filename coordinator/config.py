@@ -11,6 +11,7 @@ from types import MappingProxyType
 from coordinator.engine.manager import EngineSettings
 from twopc.errors import InvalidArgument
 from twopc.limits import RequestLimits
+from twopc.observability import split_metrics_listen
 from twopc.settings import load_settings
 from twopc.tls import TlsConfig, daemon_tls
 from twopc.txid import check_coordinator_id, check_participant_name
@@ -65,6 +66,11 @@ class CoordinatorConfig:
     tls_ca: Path | None = None
     insecure_plaintext: bool = False
     admin_identities: tuple[str, ...] = ()
+    # Prometheus metrics over HTTP (twopc.observability): "" is off. Beyond loopback, HTTPS with
+    # client certificates of tls_ca, or plain HTTP with insecure_plaintext.
+    metrics_listen: str = ""
+    # Each finished span as a JSON line (needs opentelemetry-sdk): for a look, and the tests.
+    trace_file: Path | None = None
 
     def __post_init__(self) -> None:
         check_coordinator_id(self.coordinator_id)
@@ -74,6 +80,8 @@ class CoordinatorConfig:
         self.request_limits()  # checks them
         if self.max_request_bytes < 1024 * 1024:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1 MiB")
+        if self.metrics_listen:
+            split_metrics_listen(self.metrics_listen)
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_statements, self.max_params, self.max_sql_length)

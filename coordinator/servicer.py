@@ -19,6 +19,7 @@ from grpc import aio
 
 from coordinator.engine.manager import TransactionManager, TransactionView
 from coordinator.engine.states import Outcome, TxState
+from twopc import tracing
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
@@ -69,9 +70,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
         async def run() -> pb.BeginResponse:
             tx = self._manager.begin(request.timeout_ms, request.request_id)
+            tracing.set_txid(tx.txid)
             return pb.BeginResponse(txid=tx.txid, timeout_ms=tx.timeout_ms)
 
-        return await _guard(context, "", run)
+        return await _guard(context, "", run, "Begin")
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         async def run() -> pb.ExecuteResponse:
@@ -88,7 +90,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
             return pb.ExecuteResponse(results=results)  # type: ignore[arg-type]
 
-        return await _guard(context, request.txid, run)
+        return await _guard(context, request.txid, run, "Execute")
 
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
         async def run() -> pb.CommitResponse:
@@ -97,14 +99,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
             return pb.CommitResponse(txid=request.txid, state=STATES[state])
 
-        return await _guard(context, request.txid, run)
+        return await _guard(context, request.txid, run, "Commit")
 
     async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.RollbackResponse:
         async def run() -> pb.RollbackResponse:
             state = await self._manager.rollback(_txid(request.txid))
             return pb.RollbackResponse(txid=request.txid, state=STATES[state])
 
-        return await _guard(context, request.txid, run)
+        return await _guard(context, request.txid, run, "Rollback")
 
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: Context
@@ -118,7 +120,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 txid = _txid(request.txid)
             return transaction_info(await self._manager.lookup(txid))
 
-        return await _guard(context, request.txid, run)
+        return await _guard(context, request.txid, run, "GetTransaction")
 
     async def RunTransaction(
         self, request: pb.RunTransactionRequest, context: Context
@@ -138,6 +140,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 request_id=request.request_id,
                 wait_for_phase2=request.wait_for_phase2,
             )
+            tracing.set_txid(outcome.txid)
             return pb.RunTransactionResponse(
                 txid=outcome.txid,
                 state=STATES[outcome.state],
@@ -147,7 +150,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 ],
             )
 
-        return await _guard(context, "", run)
+        return await _guard(context, "", run, "RunTransaction")
 
 
 def _check_statements(
@@ -193,11 +196,15 @@ def _txid(txid: str) -> str:
     return txid
 
 
-async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
-    """Runs a handler with ``txid`` bound in the logs and errors turned into statuses. Only a
-    txid of a txid's form is bound or echoed: a hostile one may hold anything."""
+async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]], method: str) -> T:
+    """Runs a handler with ``txid`` bound in the logs, in a span of its own (the child of the
+    caller's trace context, ``twopc.tracing``), and errors turned into statuses. Only a txid
+    of a txid's form is bound or echoed: a hostile one may hold anything."""
     txid = txid if is_txid(txid) else ""
-    with structlog.contextvars.bound_contextvars(txid=txid or None):
+    with (
+        tracing.span(f"twopc.Coordinator/{method}", context.invocation_metadata(), txid=txid),
+        structlog.contextvars.bound_contextvars(txid=txid or None),
+    ):
         try:
             return await run()
         except TwopcError as err:

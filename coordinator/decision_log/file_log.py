@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,6 +79,10 @@ class FileDecisionLog:
         end_flush_delay: END records ride with the next batch of commits, or are written on their
             own after this many seconds at the latest.
         fsync: makes a file descriptor durable; injectable for tests.
+        on_sync: called from the writer thread after each forced batch, with the number of
+            COMMIT records it carried and the seconds its fsync took (the metrics); it must be
+            quick and must not raise.
+        clock: monotonic seconds, for ``on_sync``.
     """
 
     def __init__(
@@ -87,6 +92,8 @@ class FileDecisionLog:
         max_bytes: int = 64 * 1024 * 1024,
         end_flush_delay: float = 0.05,
         fsync: Callable[[int], None] = os.fdatasync,
+        on_sync: Callable[[int, float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._directory = Path(directory)
         self._path = self._directory / LOG_NAME
@@ -94,6 +101,8 @@ class FileDecisionLog:
         self._max_bytes = max_bytes
         self._end_flush_delay = end_flush_delay
         self._fsync = fsync
+        self._on_sync = on_sync
+        self._clock = clock
         self._state = _State.NEW
         self._failure = ""
         self._open: dict[str, CommitRecord] = {}
@@ -368,10 +377,13 @@ class FileDecisionLog:
             return self._undo_write(start, len(batch.commits), err)
         # END records are not forced: the next batch's fsync covers them (or close's).
         if batch.commits or sync:
+            started = self._clock()
             try:
                 self._fsync(self._fd)
             except OSError as err:
                 return self._fail(f"fsync of decision log {self._path} failed ({err})", err)
+            if self._on_sync is not None:
+                self._on_sync(len(batch.commits), self._clock() - started)
         self._size = start + len(data)
         self._sequence += 1
         for txid, record, _ in batch.commits:

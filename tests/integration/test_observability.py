@@ -136,6 +136,9 @@ _TXID_LIKE = re.compile(r"^c1\.|\.r-|^[0-9a-f]{32}$")
 
 def test_metrics_count_what_the_transactions_did(cluster: Cluster) -> None:
     committed, aborted = 5, 2
+    wait_until(
+        lambda: _health(cluster, "coordinator", "") == SERVING, 10.0, "the coordinator SERVING"
+    )
     before = {name: _scrape(cluster, name) for name in ("coordinator", "agent-eu", "agent-us")}
     with _client(cluster) as client:
         for i in range(committed):

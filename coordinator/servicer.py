@@ -201,6 +201,7 @@ async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]], m
     caller's trace context, ``twopc.tracing``), and errors turned into statuses. Only a txid
     of a txid's form is bound or echoed: a hostile one may hold anything."""
     txid = txid if is_txid(txid) else ""
+    error: TwopcError
     with (
         tracing.span(f"twopc.Coordinator/{method}", context.invocation_metadata(), txid=txid),
         structlog.contextvars.bound_contextvars(txid=txid or None),
@@ -211,10 +212,10 @@ async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]], m
             err.txid = err.txid or txid
             if err.code in ("INTERNAL", "UNKNOWN"):
                 log.error("rpc_failed", error=redact(err.message))
-            await abort_with(context, err)
+            error = err
         except Exception as err:
             log.exception("rpc_crashed")
-            await abort_with(
-                context, Internal(f"coordinator error: {type(err).__name__}: {err}", txid=txid)
-            )
+            error = Internal(f"coordinator error: {type(err).__name__}: {err}", txid=txid)
+        tracing.mark_error(error)
+    await abort_with(context, error)
     raise AssertionError("unreachable: abort_with raises")

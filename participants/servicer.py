@@ -354,7 +354,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         # Only a well-formed txid is echoed (in the logs and the trailing metadata).
         txid = txid if is_txid(txid) else ""
         started = self._clock()
-        code = ""
+        error: TwopcError | None = None
         try:
             with tracing.span(
                 f"twopc.Participant/{method}",
@@ -362,22 +362,22 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 txid=txid,
                 participant=self._agent.name,
             ):
-                return await _finish(run())
-        except TwopcError as err:
-            code = err.code
-            err.txid = err.txid or txid
-            if err.code in ("INTERNAL", "UNKNOWN"):
-                self._log.error("rpc_failed", txid=txid, error=redact(err.message))
-            await abort_with(context, err)
-        except Exception as err:
-            code = "INTERNAL"
-            self._log.exception("rpc_crashed", txid=txid)
-            await abort_with(
-                context, Internal(f"agent error: {type(err).__name__}: {err}", txid=txid)
-            )
+                try:
+                    return await _finish(run())
+                except TwopcError as err:
+                    err.txid = err.txid or txid
+                    if err.code in ("INTERNAL", "UNKNOWN"):
+                        self._log.error("rpc_failed", txid=txid, error=redact(err.message))
+                    error = err
+                except Exception as err:
+                    self._log.exception("rpc_crashed", txid=txid)
+                    error = Internal(f"agent error: {type(err).__name__}: {err}", txid=txid)
+                tracing.mark_error(error)
         finally:
             if self._metrics is not None:
+                code = error.code if error is not None else ""
                 self._metrics.call(method, self._clock() - started, code)
+        await abort_with(context, error)
         raise AssertionError("unreachable: abort_with raises")
 
 

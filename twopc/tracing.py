@@ -40,10 +40,12 @@ def _load() -> tuple[Any, Any]:
 propagate, trace = _load()
 
 __all__ = [
+    "ERROR_ATTRIBUTE",
     "PARTICIPANT_ATTRIBUTE",
     "TXID_ATTRIBUTE",
     "available",
     "export_to_file",
+    "mark_error",
     "outgoing_metadata",
     "set_txid",
     "span",
@@ -51,7 +53,13 @@ __all__ = [
 
 TXID_ATTRIBUTE = "twopc.txid"
 PARTICIPANT_ATTRIBUTE = "twopc.participant"
+ERROR_ATTRIBUTE = "twopc.error"  # the class of the error a call ended with, never its message
 _tracer: Tracer | None = trace.get_tracer("twopc") if trace is not None else None
+
+
+def _recording() -> bool:
+    """True when an OpenTelemetry SDK (a tracer provider of its own) is installed."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def available() -> bool:
@@ -87,9 +95,16 @@ def span(
     parent = None
     if incoming is not None:
         carrier = {key: value for key, value in incoming if isinstance(value, str)}
-        if carrier:
+        if "traceparent" in carrier:
             parent = propagate.extract(carrier)
+        elif not _recording():
+            # No context to carry on and no SDK to record a span: a no-op span would cost a
+            # few microseconds a call for nothing.
+            yield
+            return
     kind = trace.SpanKind.SERVER if incoming is not None else trace.SpanKind.INTERNAL
+    # An error's message may quote the database's (a duplicate key's value): the span records
+    # the error's class alone, never its message or traceback.
     with _tracer.start_as_current_span(
         name,
         context=parent,
@@ -99,8 +114,23 @@ def span(
             for key, value in ((TXID_ATTRIBUTE, txid), (PARTICIPANT_ATTRIBUTE, participant))
             if value
         },
+        record_exception=False,
+        set_status_on_exception=False,
     ):
-        yield
+        try:
+            yield
+        except BaseException as err:
+            mark_error(err)
+            raise
+
+
+def mark_error(error: BaseException) -> None:
+    """Marks the current span as ended in ``error``: its class only (the message may quote the
+    database's)."""
+    if trace is not None:
+        current = trace.get_current_span()
+        current.set_attribute(ERROR_ATTRIBUTE, type(error).__name__)
+        current.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
 
 
 def set_txid(txid: str) -> None:

@@ -30,6 +30,7 @@ from twopc import tracing
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import AsyncClient, Client, RetryPolicy
+from twopc.errors import StatementFailed, TransactionAborted
 from twopc.observability import Health, add_health_and_reflection, is_loopback, metrics_server
 from twopc.testing.certs import CertificateAuthority
 from twopc.tls import TlsConfig
@@ -217,6 +218,7 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("twopc"))
+    monkeypatch.setattr(tracing, "_recording", lambda: True)
     yield exporter
     provider.shutdown()
 
@@ -300,3 +302,25 @@ async def _asyncio_client_sends(spans: InMemorySpanExporter) -> None:
         _check_one_child_of(app, spans, servicer)
     finally:
         await server.stop(None)
+
+
+def test_a_span_names_the_error_class_and_never_its_message(spans: InMemorySpanExporter) -> None:
+    """An error's message may quote the database's (a duplicate key's value)."""
+    incoming = (("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01"),)
+    secret = "Duplicate entry 'alice@example.com' for key 'email'"
+    with (
+        pytest.raises(StatementFailed),
+        tracing.span("twopc.Participant/Execute", incoming, txid="c1.r-x"),
+    ):
+        raise StatementFailed(f"(1062) {secret}")
+    with tracing.span("twopc.Coordinator/Commit", incoming):
+        tracing.mark_error(TransactionAborted(f"voted no: {secret}"))
+    failed, marked = spans.get_finished_spans()
+    assert failed.attributes is not None
+    assert failed.attributes["twopc.error"] == "StatementFailed"
+    assert failed.status.status_code is trace.StatusCode.ERROR
+    assert failed.status.description == "StatementFailed"
+    assert marked.attributes is not None
+    assert marked.attributes["twopc.error"] == "TransactionAborted"
+    for span in (failed, marked):
+        assert "alice" not in span.to_json()

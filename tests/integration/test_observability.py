@@ -19,6 +19,7 @@ from tests.support import transfer_sql
 from twopc.client import Client, RetryPolicy, TransactionAborted
 from twopc.testing.playground.bank import create_accounts
 from twopc.testing.playground.cluster import Cluster, wait_until
+from twopc.testing.playground.mariadb import AGENT_USER
 from twopc.testing.playground.tls import CLIENT, OTHER_APP
 from twopc.txid import is_txid
 
@@ -39,7 +40,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "recovery_interval_s": 0.5,
             "trace_file": str(directory / "coordinator-spans.jsonl"),
         },
-        agent_settings={"health_check_interval_s": 0.1, "pool_size": 4},
+        agent_settings={
+            "health_check_interval_s": 0.1,
+            "safety_check_interval_s": 0.2,
+            "pool_size": 4,
+        },
     )
     for region in REGIONS:  # each agent its own span file
         config = Path(cluster.components[f"agent-{region}"].cwd) / "agent.toml"
@@ -113,6 +118,25 @@ def test_an_agent_is_not_serving_while_its_database_is_down(cluster: Cluster) ->
     wait_until(lambda: _health(cluster, agent, "") == SERVING, 30.0, "agent-us SERVING again")
     assert _health(cluster, agent, PARTICIPANT) == SERVING
     assert _value(_scrape(cluster, agent), "twopc_agent_database_up") == 1
+
+
+def test_an_agent_is_not_serving_while_a_safety_check_refuses(cluster: Cluster) -> None:
+    """Its database user gains a right it must not hold (FILE): the agent refuses new
+    branches, and says so in its health, until the right is revoked."""
+    agent = "agent-eu"
+    account = f"`{AGENT_USER}`@`127.0.0.1`"
+    with cluster.mysql("eu") as conn, conn.cursor() as cursor:
+        cursor.execute(f"GRANT FILE ON *.* TO {account}")
+    try:
+        wait_until(lambda: _health(cluster, agent, "") == NOT_SERVING, 15.0, "agent-eu NOT_SERVING")
+        assert _health(cluster, agent, PARTICIPANT) == NOT_SERVING
+        assert _value(_scrape(cluster, agent), "twopc_agent_accepting_branches") == 0
+        assert _value(_scrape(cluster, agent), "twopc_agent_database_up") == 1
+    finally:
+        with cluster.mysql("eu") as conn, conn.cursor() as cursor:
+            cursor.execute(f"REVOKE FILE ON *.* FROM {account}")
+    wait_until(lambda: _health(cluster, agent, "") == SERVING, 15.0, "agent-eu SERVING again")
+    assert _value(_scrape(cluster, agent), "twopc_agent_accepting_branches") == 1
 
 
 def _listed_services(cluster: Cluster, name: str) -> set[str]:

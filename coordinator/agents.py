@@ -135,7 +135,11 @@ class AgentClients:
         pipeline = self._pipelines[participant]
         if not pipeline.unsupported:
             with contextlib.suppress(PipelineUnsupported):
-                piped = await pipeline.call(pb.PipelineCall(prepare=request), timeout)
+                # The stream's own metadata is the first caller's: each call carries its own.
+                call = pb.PipelineCall(
+                    prepare=request, trace_context=dict(outgoing_metadata() or ())
+                )
+                piped = await pipeline.call(call, timeout)
                 return piped.prepare
         reply: pb.PrepareResponse = await self._call(
             self._stubs[participant].Prepare, request, timeout, wait=True

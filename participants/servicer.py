@@ -249,7 +249,13 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         txid = call.prepare.txid if kind == "prepare" and is_txid(call.prepare.txid) else ""
         try:
             if kind == "prepare":
-                prepared = await self._prepare(call.prepare)
+                with tracing.span(
+                    "twopc.Participant/Prepare",
+                    call.trace_context.items(),
+                    txid=txid,
+                    participant=self._agent.name,
+                ):
+                    prepared = await self._prepare(call.prepare)
                 return pb.PipelineAnswer(id=call.id, prepare=prepared)
             if kind == "commit_many":
                 committed = await self._commit_many(call.commit_many)

@@ -3,8 +3,9 @@
 The SDK puts the caller's current trace context into the metadata of every request it sends to
 the coordinator; the coordinator opens a span per call (Begin, Execute, Commit, Rollback,
 RunTransaction, GetTransaction) as a child of it, and sends the context on to the agents, which
-open theirs. Spans carry the txid (``twopc.txid``), the participant and the call's name, never
-SQL, parameters or rows.
+open theirs: in the metadata of a unary call, in ``PipelineCall.trace_context`` for a Prepare on
+the pipeline stream (a batched phase-2 CommitMany carries none). Spans carry the txid
+(``twopc.txid``), the participant and the call's name, never SQL, parameters or rows.
 
 ``opentelemetry-api`` is optional (``pip install 'twopc[tracing]'``; the daemons' extras have
 it): without it every function here does nothing. With the API and no SDK configured, spans are

@@ -274,6 +274,27 @@ def test_the_trace_context_reaches_the_coordinator_and_the_agent(cluster: Cluste
         (execute,) = of_trace(agent_spans, "twopc.Participant/Execute")
         assert execute["parent_span_id"] in {s["span_id"] for s in executes}
         assert execute["attributes"] == {"twopc.txid": txid, "twopc.participant": region}
+    # A one-shot transaction: its Prepare rides the pipeline stream, each call with its context.
+    with _client(cluster) as client, tracer.start_as_current_span("transfer-2") as app:
+        run = client.run({"eu": transfer_sql(-1, 4), "us": transfer_sql(1, 4)}, timeout=10)
+    trace_id = f"{app.get_span_context().trace_id:032x}"
+    wait_until(
+        lambda: of_trace(coordinator_spans, "twopc.Coordinator/RunTransaction"),
+        10.0,
+        "the coordinator's RunTransaction span",
+    )
+    (run_span,) = of_trace(coordinator_spans, "twopc.Coordinator/RunTransaction")
+    assert run_span["attributes"] == {"twopc.txid": run.txid}
+    for region in REGIONS:
+        agent_spans = directory / f"agent-{region}-spans.jsonl"
+        wait_until(
+            lambda p=agent_spans: of_trace(p, "twopc.Participant/Prepare"),
+            10.0,
+            f"agent-{region}'s Prepare span",
+        )
+        (prepare,) = of_trace(agent_spans, "twopc.Participant/Prepare")
+        assert prepare["parent_span_id"] == run_span["span_id"]
+        assert prepare["attributes"] == {"twopc.txid": run.txid, "twopc.participant": region}
     # Spans carry ids, never statements or values.
     for path in directory.glob("*-spans.jsonl"):
         assert "UPDATE" not in path.read_text()

@@ -94,7 +94,7 @@ class AdminServicer(pb_grpc.AdminServicer):
                 truncated=found.truncated,
             )
 
-        return await guard(context, "", run)
+        return await guard(context, "", run, "twopc.v1.Admin/List")
 
     async def Show(self, request: pb.AdminShowRequest, context: Context) -> pb.AdminShowResponse:
         async def run() -> pb.AdminShowResponse:
@@ -112,7 +112,7 @@ class AdminServicer(pb_grpc.AdminServicer):
                 audit=[audit_entry(a) for a in report.audits],
             )
 
-        return await guard(context, request.txid, run)
+        return await guard(context, request.txid, run, "twopc.v1.Admin/Show")
 
     async def Resolve(
         self, request: pb.AdminResolveRequest, context: Context
@@ -128,21 +128,21 @@ class AdminServicer(pb_grpc.AdminServicer):
                 txid=done.txid, state=STATES[done.state], detail=done.detail
             )
 
-        return await guard(context, request.txid, run)
+        return await guard(context, request.txid, run, "twopc.v1.Admin/Resolve")
 
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.DrainResponse:
         async def run() -> pb.DrainResponse:
             await self._operator.drain(peer_identity(context) or "", request.reason)
             return self._drain_state()
 
-        return await guard(context, "", run)
+        return await guard(context, "", run, "twopc.v1.Admin/Drain")
 
     async def Undrain(self, request: pb.DrainRequest, context: Context) -> pb.DrainResponse:
         async def run() -> pb.DrainResponse:
             await self._operator.undrain(peer_identity(context) or "", request.reason)
             return self._drain_state()
 
-        return await guard(context, "", run)
+        return await guard(context, "", run, "twopc.v1.Admin/Undrain")
 
     async def Audit(self, request: pb.AuditRequest, context: Context) -> pb.AuditResponse:
         async def run() -> pb.AuditResponse:
@@ -150,7 +150,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             entries = self._operator.audits(txid, request.limit)
             return pb.AuditResponse(entries=[audit_entry(a) for a in entries])
 
-        return await guard(context, request.txid, run)
+        return await guard(context, request.txid, run, "twopc.v1.Admin/Audit")
 
     def _drain_state(self) -> pb.DrainResponse:
         listing = self._operator.manager

@@ -33,6 +33,7 @@ from twopc.errors import InvalidArgument
 from twopc.serving import channel
 from twopc.status import error_from_rpc
 from twopc.tls import TlsConfig
+from twopc.tracing import outgoing_metadata
 
 _VOTES = {
     pb.VOTE_PREPARED: Vote.PREPARED,
@@ -134,7 +135,11 @@ class AgentClients:
         pipeline = self._pipelines[participant]
         if not pipeline.unsupported:
             with contextlib.suppress(PipelineUnsupported):
-                piped = await pipeline.call(pb.PipelineCall(prepare=request), timeout)
+                # The stream's own metadata is the first caller's: each call carries its own.
+                call = pb.PipelineCall(
+                    prepare=request, trace_context=dict(outgoing_metadata() or ())
+                )
+                piped = await pipeline.call(call, timeout)
                 return piped.prepare
         reply: pb.PrepareResponse = await self._call(
             self._stubs[participant].Prepare, request, timeout, wait=True
@@ -184,7 +189,12 @@ class AgentClients:
     @staticmethod
     async def _call(method: Any, request: Any, timeout: float, *, wait: bool = False) -> Any:
         try:
-            return await method(request, timeout=max(timeout, _MIN_TIMEOUT_S), wait_for_ready=wait)
+            return await method(
+                request,
+                timeout=max(timeout, _MIN_TIMEOUT_S),
+                wait_for_ready=wait,
+                metadata=outgoing_metadata(),  # the call's trace context, if any
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
 

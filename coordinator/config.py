@@ -12,6 +12,7 @@ from coordinator.engine.manager import EngineSettings
 from coordinator.identities import IdentityRules
 from twopc.errors import InvalidArgument
 from twopc.limits import RequestLimits
+from twopc.observability import split_metrics_listen
 from twopc.settings import load_settings
 from twopc.tls import TlsConfig, daemon_tls
 from twopc.txid import check_coordinator_id, check_participant_name
@@ -87,6 +88,11 @@ class CoordinatorConfig:
     max_active_per_identity: int = 1000
     max_sessions_per_identity: int = 48
     max_idle_ms: int = 30_000
+    # Prometheus metrics over HTTP (twopc.observability): "" is off. Beyond loopback, HTTPS with
+    # client certificates of tls_ca, or plain HTTP with insecure_plaintext.
+    metrics_listen: str = ""
+    # Each finished span as a JSON line (needs opentelemetry-sdk): for a look, and the tests.
+    trace_file: Path | None = None
 
     def __post_init__(self) -> None:
         check_coordinator_id(self.coordinator_id)
@@ -106,6 +112,8 @@ class CoordinatorConfig:
             raise ValueError(f"audit_keep ({self.audit_keep}) must be at least 1")
         if self.max_request_bytes < 1024 * 1024:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1 MiB")
+        if self.metrics_listen:
+            split_metrics_listen(self.metrics_listen)
 
     def identity_rules(self) -> IdentityRules:
         """Raises InvalidArgument when ``identities`` names an unknown participant."""

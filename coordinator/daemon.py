@@ -18,7 +18,9 @@ from coordinator.decision_log.file_log import FileDecisionLog
 from coordinator.engine.admin import Operator
 from coordinator.engine.manager import TransactionManager
 from coordinator.engine.recovery import Recovery
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.servicer import CoordinatorServicer
+from twopc import tracing
 from twopc.api import admin_pb2, admin_pb2_grpc, chaos_pb2, twopc_pb2
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import InvalidArgument
@@ -26,10 +28,21 @@ from twopc.failpoint_admin import add_failpoint_admin
 from twopc.failpoints import Failpoints
 from twopc.identity import AccessControl, ServiceRule
 from twopc.logs import configure_logging
+from twopc.observability import (
+    OPEN_RULES,
+    Health,
+    add_health_and_reflection,
+    is_loopback,
+    metrics_server,
+)
 from twopc.serving import listen, new_server, run_daemon, wait_for_stop_signal
 from twopc.tls import TlsConfig, plaintext_warning
 
 log = structlog.get_logger("twopc.coordinator")
+COORDINATOR_SERVICE = twopc_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+FAILPOINTS_SERVICE = chaos_pb2.DESCRIPTOR.services_by_name["Failpoints"].full_name
+_HEALTH_POLL_S = 0.25  # how soon a change of manager.draining shows in the health status
 
 
 def _die(err: BaseException) -> None:
@@ -40,26 +53,31 @@ def _die(err: BaseException) -> None:
 
 
 def access_control(config: CoordinatorConfig) -> AccessControl:
-    """Who may call the coordinator: the client API is open to every identity the CA vouches
-    for; the admin APIs (Admin, Failpoints) to ``admin_identities`` only."""
+    """Who may call the coordinator: the client API, health and reflection are open to every
+    identity the CA vouches for (the client API then applies ``identities``); the admin APIs
+    (Admin, Failpoints) to ``admin_identities`` only."""
     return AccessControl(
         {
-            twopc_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name: ServiceRule(None),
-            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name: ServiceRule(
-                config.admin_identities, "admin_identities"
-            ),
-            chaos_pb2.DESCRIPTOR.services_by_name["Failpoints"].full_name: ServiceRule(
-                config.admin_identities, "admin_identities"
-            ),
+            COORDINATOR_SERVICE: ServiceRule(None),
+            ADMIN_SERVICE: ServiceRule(config.admin_identities, "admin_identities"),
+            FAILPOINTS_SERVICE: ServiceRule(config.admin_identities, "admin_identities"),
+            **OPEN_RULES,
         },
         component=f"coordinator {config.coordinator_id}",
     )
 
 
 async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfig | None) -> None:
+    # Without metrics_listen nothing is measured (the engine's metrics port records nothing).
+    metrics = CoordinatorMetrics() if config.metrics_listen else None
+    health = Health(COORDINATOR_SERVICE)
+    await health.set(False)  # until the first recovery pass has finished
     agents = AgentClients(config.participants, tls)
     decision_log = FileDecisionLog(
-        config.data_dir, max_bytes=config.log_max_bytes, audit_keep=config.audit_keep
+        config.data_dir,
+        max_bytes=config.log_max_bytes,
+        audit_keep=config.audit_keep,
+        on_sync=metrics.log_synced if metrics is not None else None,
     )
     manager = TransactionManager(
         config.engine_settings(),
@@ -67,7 +85,10 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
         decision_log,
         failpoints=failpoints,
         on_fatal=_die,
+        metrics=metrics,
     )
+    if metrics is not None:
+        metrics.watch(manager, lambda: health.serving)
     await manager.start()
     server = new_server(
         [access_control(config)] if tls is not None else [],
@@ -76,12 +97,19 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
     rules = config.identity_rules()
     servicer = CoordinatorServicer(manager, limits=config.request_limits(), rules=rules)
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    services = [COORDINATOR_SERVICE]
     if tls is not None or config.admin_plaintext:
         operator = Operator(manager, rpc_timeout=config.rpc_timeout_s)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(operator), server)
+        services.append(ADMIN_SERVICE)
     if config.admin_failpoints:
         add_failpoint_admin(server, failpoints)
+        services.append(FAILPOINTS_SERVICE)
+    add_health_and_reflection(server, health, services)
     port = listen(server, config.listen, tls)
+    exporter = metrics_server(config.metrics_listen, metrics.registry, tls) if metrics else None
+    if exporter is not None and not exporter.https and not is_loopback(exporter.host):
+        log.warning("metrics_plaintext", address=exporter.address)
     await server.start()
     log.info(
         "coordinator_listening",
@@ -91,22 +119,43 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
         tls=tls is not None,
         admin_identities=list(config.admin_identities),
         admin_api=tls is not None or config.admin_plaintext,
+        metrics_address=exporter.address if exporter is not None else None,
+        metrics_https=exporter.https if exporter is not None else None,
     )
     _log_identity_rules(config, tls is not None)
     recovery = Recovery(manager, rpc_timeout=config.rpc_timeout_s, failpoints=failpoints)
     tasks = [
         asyncio.create_task(recovery.run_forever(config.recovery_interval_s)),
         asyncio.create_task(_reap_forever(manager, config.reaper_interval_s)),
+        asyncio.create_task(_keep_health(manager, recovery, health)),
     ]
     try:
         sig = await wait_for_stop_signal()
         log.info("coordinator_stopping", signal=sig.name)
     finally:
+        await health.shutting_down()
         for task in tasks:
             task.cancel()
         await server.stop(grace=5)
         await manager.close()
         await agents.close()
+        if exporter is not None:
+            exporter.close()
+
+
+async def _keep_health(manager: TransactionManager, recovery: Recovery, health: Health) -> None:
+    """SERVING once the first recovery pass has finished (what a crash left in doubt has been
+    looked at), and while the coordinator is not draining; NOT_SERVING otherwise."""
+    while True:
+        serving = recovery.passes > 0 and not manager.draining
+        if await health.set(serving):
+            log.info(
+                "health_changed",
+                serving=serving,
+                recovery_passes=recovery.passes,
+                draining=manager.draining,
+            )
+        await asyncio.sleep(_HEALTH_POLL_S)
 
 
 def _log_identity_rules(config: CoordinatorConfig, tls: bool) -> None:
@@ -169,6 +218,12 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
                 warning="INSECURE: admin_plaintext = true serves the Admin API (resolve, "
                 f"drain) in plaintext on {config.listen} to whoever reaches it",
             )
+    if config.trace_file is not None:
+        try:
+            tracing.export_to_file(config.trace_file, f"twopc-coordinator-{config.coordinator_id}")
+        except (RuntimeError, OSError) as err:
+            log.critical("coordinator_cannot_start", error=f"trace_file: {err}")
+            return 2
     try:
         run_daemon(serve(config, failpoints, tls))
     except DecisionLogCorrupted as err:

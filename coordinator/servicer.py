@@ -26,6 +26,7 @@ from grpc import aio
 from coordinator.engine.manager import TransactionManager, TransactionView
 from coordinator.engine.states import Outcome, TxState
 from coordinator.identities import OPEN, IdentityRules
+from twopc import tracing
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
@@ -90,9 +91,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         async def run() -> pb.BeginResponse:
             owner = self._caller(context)
             tx = self._manager.begin(request.timeout_ms, request.request_id, owner=owner)
+            tracing.set_txid(tx.txid)
             return pb.BeginResponse(txid=tx.txid, timeout_ms=tx.timeout_ms)
 
-        return await _guard(context, "", run)
+        return await _guard(context, "", run, "Begin")
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         async def run() -> pb.ExecuteResponse:
@@ -113,7 +115,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
             return pb.ExecuteResponse(results=results)  # type: ignore[arg-type]
 
-        return await _guard(context, request.txid, run)
+        return await _guard(context, request.txid, run, "Execute")
 
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
         async def run() -> pb.CommitResponse:
@@ -123,7 +125,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
             return pb.CommitResponse(txid=request.txid, state=STATES[state])
 
-        return await _guard(context, request.txid, run)
+        return await _guard(context, request.txid, run, "Commit")
 
     async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.RollbackResponse:
         async def run() -> pb.RollbackResponse:
@@ -131,7 +133,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             state = await self._manager.rollback(_txid(request.txid), owner)
             return pb.RollbackResponse(txid=request.txid, state=STATES[state])
 
-        return await _guard(context, request.txid, run)
+        return await _guard(context, request.txid, run, "Rollback")
 
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: Context
@@ -146,7 +148,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 view = await self._manager.lookup(_txid(request.txid), owner)
             return transaction_info(view)
 
-        return await _guard(context, request.txid, run)
+        return await _guard(context, request.txid, run, "GetTransaction")
 
     async def RunTransaction(
         self, request: pb.RunTransactionRequest, context: Context
@@ -171,6 +173,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 wait_for_phase2=request.wait_for_phase2,
                 owner=owner,
             )
+            tracing.set_txid(outcome.txid)
             return pb.RunTransactionResponse(
                 txid=outcome.txid,
                 state=STATES[outcome.state],
@@ -180,7 +183,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 ],
             )
 
-        return await _guard(context, "", run)
+        return await _guard(context, "", run, "RunTransaction")
 
 
 def _check_statements(
@@ -226,23 +229,33 @@ def _txid(txid: str) -> str:
     return txid
 
 
-async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
-    """Runs a handler with ``txid`` bound in the logs and errors turned into statuses. Only a
-    txid of a txid's form is bound or echoed: a hostile one may hold anything."""
+async def _guard(context: Context, txid: str, run: Callable[[], Awaitable[T]], method: str) -> T:
+    """Runs a handler with ``txid`` bound in the logs, in a span of its own named ``method``
+    (``Begin`` is ``twopc.Coordinator/Begin``; another service's method is named in full), the
+    child of the caller's trace context (``twopc.tracing``), and errors turned into statuses.
+    Only a txid of a txid's form is bound or echoed: a hostile one may hold anything."""
     txid = txid if is_txid(txid) else ""
-    with structlog.contextvars.bound_contextvars(txid=txid or None):
+    error: TwopcError
+    with (
+        tracing.span(
+            method if "/" in method else f"twopc.Coordinator/{method}",
+            context.invocation_metadata(),
+            txid=txid,
+        ),
+        structlog.contextvars.bound_contextvars(txid=txid or None),
+    ):
         try:
             return await run()
         except TwopcError as err:
             err.txid = err.txid or txid
             if err.code in ("INTERNAL", "UNKNOWN"):
                 log.error("rpc_failed", error=redact(err.message))
-            await abort_with(context, err)
+            error = err
         except Exception as err:
             log.exception("rpc_crashed")
-            await abort_with(
-                context, Internal(f"coordinator error: {type(err).__name__}: {err}", txid=txid)
-            )
+            error = Internal(f"coordinator error: {type(err).__name__}: {err}", txid=txid)
+        tracing.mark_error(error)
+    await abort_with(context, error)
     raise AssertionError("unreachable: abort_with raises")
 
 

@@ -59,6 +59,7 @@ from participants.safety import DatabaseChecks
 from participants.steps import BranchSteps
 from participants.takeover import Takeover
 from participants.xa import (
+    ConnectionLost,
     Session,
     SessionPool,
     StatementOutput,
@@ -72,6 +73,7 @@ from twopc.errors import (
     StatementFailed,
     TransactionAborted,
     TwopcError,
+    Unavailable,
 )
 from twopc.failpoints import Failpoints
 from twopc.txid import Xid, check_participant_name, check_txid_prefix, parse_txid
@@ -375,6 +377,26 @@ class Agent:
 
     def counts(self) -> tuple[int, int]:
         return self._registry.counts()
+
+    @property
+    def pool(self) -> SessionPool:
+        return self._pool
+
+    @property
+    def refusing(self) -> bool:
+        """True while a safety check refuses new branches (``participants.safety``)."""
+        return self._checks.refusal is not None
+
+    async def database_reachable(self) -> bool:
+        """Asks the database ``SELECT 1`` on a pooled session: False when it cannot be reached
+        (no connection, or the link broke), True when it answered, and also when every pooled
+        session is busy (the database is in use, so it answers)."""
+        try:
+            async with self._admin.session() as session:
+                await session.execute("SELECT 1")
+        except Unavailable as err:
+            return not isinstance(err.__cause__, ConnectionLost)
+        return True
 
     # --- housekeeping -----------------------------------------------------------------------------
 

@@ -190,9 +190,11 @@ class BranchRegistry:
         return list(self._live.values())
 
     def counts(self) -> tuple[int, int]:
-        """(active, prepared) live branches."""
-        prepared = sum(b.state is BranchState.PREPARED for b in self._live.values())
-        return len(self._live) - prepared, prepared
+        """(active, prepared) live branches. Safe from another thread (the metrics'): the
+        copy of the live set is made in one step, under the GIL."""
+        live = list(self._live.values())
+        prepared = sum(b.state is BranchState.PREPARED for b in live)
+        return len(live) - prepared, prepared
 
 
 async def take_lock(branch: Branch, patience: float) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from twopc.errors import InvalidArgument
 from twopc.limits import RequestLimits
+from twopc.observability import split_metrics_listen
 from twopc.serving import MAX_MESSAGE_BYTES
 from twopc.settings import load_settings
 from twopc.tls import TlsConfig, daemon_tls
@@ -114,6 +115,13 @@ class AgentConfig:
     mysql_ssl_ca: Path | None = None
     mysql_ssl_cert: Path | None = None
     mysql_ssl_key: Path | None = None
+    # Prometheus metrics over HTTP (twopc.observability): "" is off. Beyond loopback, HTTPS with
+    # client certificates of tls_ca, or plain HTTP with insecure_plaintext.
+    metrics_listen: str = ""
+    # How often the database is probed (SELECT 1) for the gRPC health status.
+    health_check_interval_s: float = 2.0
+    # Each finished span as a JSON line (needs opentelemetry-sdk): for a look, and the tests.
+    trace_file: Path | None = None
 
     def __post_init__(self) -> None:
         check_participant_name(self.name)
@@ -164,6 +172,10 @@ class AgentConfig:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1 MiB")
         if self.marker_gc_interval_s <= 0 or self.reaper_interval_s <= 0:
             raise ValueError("marker_gc_interval_s and reaper_interval_s must be positive")
+        if self.health_check_interval_s <= 0:
+            raise ValueError("health_check_interval_s must be positive")
+        if self.metrics_listen:
+            split_metrics_listen(self.metrics_listen)
         if not self.lock_wait_timeout_s < self.mysql_command_timeout_s <= self.mysql_read_timeout_s:
             raise ValueError(
                 f"mysql_command_timeout_s ({self.mysql_command_timeout_s}) must be above "

@@ -13,9 +13,11 @@ import structlog
 
 from participants.agent import Agent
 from participants.config import AgentConfig, load_agent_config
+from participants.metrics import AgentMetrics
 from participants.mysql_tls import mysql_ssl_context
 from participants.servicer import ParticipantServicer
 from participants.xa import SessionPool
+from twopc import tracing
 from twopc.api import chaos_pb2, twopc_pb2
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -23,6 +25,13 @@ from twopc.failpoint_admin import add_failpoint_admin
 from twopc.failpoints import Failpoints
 from twopc.identity import AccessControl, ServiceRule
 from twopc.logs import configure_logging
+from twopc.observability import (
+    OPEN_RULES,
+    Health,
+    add_health_and_reflection,
+    is_loopback,
+    metrics_server,
+)
 from twopc.serving import listen, new_server, run_daemon, wait_for_stop_signal
 from twopc.tls import TlsConfig, plaintext_warning
 
@@ -30,6 +39,8 @@ _STARTUP_PATIENCE_S = 60.0
 _CLOSE_BUDGET_S = 5.0  # for agent.close() at shutdown, after the gRPC grace period
 
 log = structlog.get_logger("twopc.agent")
+PARTICIPANT_SERVICE = twopc_pb2.DESCRIPTOR.services_by_name["Participant"].full_name
+FAILPOINTS_SERVICE = chaos_pb2.DESCRIPTOR.services_by_name["Failpoints"].full_name
 
 
 def build_agent(config: AgentConfig, environ: Mapping[str, str], failpoints: Failpoints) -> Agent:
@@ -77,15 +88,15 @@ async def start_agent(agent: Agent, patience: float = _STARTUP_PATIENCE_S) -> No
 
 def access_control(config: AgentConfig) -> AccessControl:
     """Who may call the agent: the Participant API only its coordinators
-    (``coordinator_identities``), the admin API (Failpoints) only ``admin_identities``."""
+    (``coordinator_identities``), the admin API (Failpoints) only ``admin_identities``, health
+    and reflection every identity the CA vouches for."""
     return AccessControl(
         {
-            twopc_pb2.DESCRIPTOR.services_by_name["Participant"].full_name: ServiceRule(
+            PARTICIPANT_SERVICE: ServiceRule(
                 config.coordinator_identities, "coordinator_identities"
             ),
-            chaos_pb2.DESCRIPTOR.services_by_name["Failpoints"].full_name: ServiceRule(
-                config.admin_identities, "admin_identities"
-            ),
+            FAILPOINTS_SERVICE: ServiceRule(config.admin_identities, "admin_identities"),
+            **OPEN_RULES,
         },
         component=f"agent {config.name}",
     )
@@ -98,11 +109,26 @@ async def serve(
         [access_control(config)] if tls is not None else [],
         max_request_bytes=config.max_request_bytes,
     )
-    servicer = ParticipantServicer(agent)
+    # Without metrics_listen nothing is measured.
+    metrics = AgentMetrics() if config.metrics_listen else None
+    health = Health(PARTICIPANT_SERVICE)
+    probe = _DatabaseProbe()
+    if metrics is not None:
+        metrics.watch(
+            agent, agent.pool, database_up=lambda: probe.up, serving=lambda: health.serving
+        )
+    servicer = ParticipantServicer(agent, metrics=metrics)
     pb_grpc.add_ParticipantServicer_to_server(servicer, server)
+    services = [PARTICIPANT_SERVICE]
     if config.admin_failpoints:
         add_failpoint_admin(server, failpoints)
+        services.append(FAILPOINTS_SERVICE)
+    add_health_and_reflection(server, health, services)
+    await _update_health(agent, health, probe)  # the agent started: its database answered
     port = listen(server, config.listen, tls)
+    exporter = metrics_server(config.metrics_listen, metrics.registry, tls) if metrics else None
+    if exporter is not None and not exporter.https and not is_loopback(exporter.host):
+        log.warning("metrics_plaintext", address=exporter.address)
     await server.start()
     log.info(
         "agent_listening",
@@ -112,19 +138,26 @@ async def serve(
         coordinator_identities=list(config.coordinator_identities),
         admin_identities=list(config.admin_identities),
         mysql_tls=config.mysql_ssl_ca is not None,
+        metrics_address=exporter.address if exporter is not None else None,
+        metrics_https=exporter.https if exporter is not None else None,
     )
     reaper = asyncio.create_task(_reap(agent, config))
     collector = asyncio.create_task(_collect_markers(agent, config))
     checker = asyncio.create_task(_check_database(agent, config))
+    watcher = asyncio.create_task(_watch_health(agent, config, health, probe))
     try:
         sig = await wait_for_stop_signal()
         log.info("agent_stopping", signal=sig.name)
     finally:
+        await health.shutting_down()
         reaper.cancel()
         collector.cancel()
         checker.cancel()
+        watcher.cancel()
         servicer.stop()
         await server.stop(grace=5)
+        if exporter is not None:
+            exporter.close()
         try:
             # Bounded: closing may be stuck in a database call on a dead link. Prepared
             # branches are durable on the server either way; active ones are rolled back by it
@@ -132,6 +165,35 @@ async def serve(
             await asyncio.wait_for(agent.close(), timeout=_CLOSE_BUDGET_S)
         except TimeoutError:
             log.warning("agent_close_timed_out", budget_s=_CLOSE_BUDGET_S)
+
+
+class _DatabaseProbe:
+    """The last answer of the health probe: does the database answer?"""
+
+    def __init__(self) -> None:
+        self.up = True
+
+
+async def _update_health(agent: Agent, health: Health, probe: _DatabaseProbe) -> None:
+    """SERVING while the database answers and no safety check refuses new branches."""
+    serving = probe.up and not agent.refusing
+    if await health.set(serving):
+        log.info("health_changed", serving=serving, database_up=probe.up, refusing=agent.refusing)
+
+
+async def _watch_health(
+    agent: Agent, config: AgentConfig, health: Health, probe: _DatabaseProbe
+) -> None:
+    """Probes the database every ``health_check_interval_s`` (bounded by the connect and
+    command timeouts) and updates the health status."""
+    while True:
+        await asyncio.sleep(config.health_check_interval_s)
+        try:
+            probe.up = await agent.database_reachable()
+        except Exception:
+            log.exception("health_probe_failed")
+            probe.up = False
+        await _update_health(agent, health, probe)
 
 
 async def _reap(agent: Agent, config: AgentConfig) -> None:
@@ -185,6 +247,12 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
     if tls is None:
         ignored = any((config.tls_cert, config.tls_key, config.tls_ca))
         log.warning("insecure_plaintext", warning=plaintext_warning(config.listen, ignored))
+    if config.trace_file is not None:
+        try:
+            tracing.export_to_file(config.trace_file, f"twopc-agent-{config.name}")
+        except (RuntimeError, OSError) as err:
+            log.error("agent_cannot_start", error=f"trace_file: {err}")
+            return 2
     try:
         agent = build_agent(config, environ, failpoints)
     except (OSError, ValueError) as err:  # the database's TLS files (mysql_ssl_*)

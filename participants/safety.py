@@ -71,6 +71,12 @@ class DatabaseChecks:
             self._log.info("accepting_new_branches_again")
         self._refusal = problems or None
 
+    @property
+    def refusal(self) -> str | None:
+        """Why new branches are refused now (a later check failed in "refuse" mode); None
+        while they are accepted."""
+        return self._refusal
+
     def admit(self) -> None:
         """Raises FailedPrecondition while the last check failed in "refuse" mode."""
         if self._refusal is not None:

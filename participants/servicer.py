@@ -13,6 +13,7 @@ middle of a statement.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -21,7 +22,9 @@ from grpc import aio
 
 from participants.agent import Agent
 from participants.calls import StatementRequest
+from participants.metrics import AgentMetrics
 from participants.xa import StatementOutput
+from twopc import tracing
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.errors import Internal, InvalidArgument, TwopcError
@@ -78,8 +81,16 @@ def statement_results(outputs: Sequence[StatementOutput]) -> list[pb.StatementRe
 
 
 class ParticipantServicer(pb_grpc.ParticipantServicer):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        metrics: AgentMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._agent = agent
+        self._metrics = metrics
+        self._clock = clock
         self._limits: RequestLimits = agent.config.request_limits()
         self._max_batch = agent.config.max_batch_txids
         self._log = structlog.get_logger("twopc.agent.rpc")
@@ -99,10 +110,10 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             )
             return pb.BranchExecuteResponse(results=statement_results(outputs))
 
-        return await self._call(context, request.txid, run)
+        return await self._call(context, request.txid, run, "Execute")
 
     async def Prepare(self, request: pb.PrepareRequest, context: Context) -> pb.PrepareResponse:
-        return await self._call(context, request.txid, lambda: self._prepare(request))
+        return await self._call(context, request.txid, lambda: self._prepare(request), "Prepare")
 
     async def _prepare(self, request: pb.PrepareRequest) -> pb.PrepareResponse:
         result = await self._agent.prepare(
@@ -136,12 +147,12 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 already_committed=result.already_committed,
             )
 
-        return await self._call(context, request.txid, run)
+        return await self._call(context, request.txid, run, "Commit")
 
     async def CommitMany(
         self, request: pb.CommitManyRequest, context: Context
     ) -> pb.CommitManyResponse:
-        return await self._call(context, "", lambda: self._commit_many(request))
+        return await self._call(context, "", lambda: self._commit_many(request), "CommitMany")
 
     async def _commit_many(self, request: pb.CommitManyRequest) -> pb.CommitManyResponse:
         self._check_batch(request.txids, "CommitMany")
@@ -223,11 +234,28 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             await asyncio.wait((writer,))
 
     async def _pipeline_answer(self, call: pb.PipelineCall) -> pb.PipelineAnswer:
+        started = self._clock()
+        answer = await self._pipeline_answer_now(call)
+        if self._metrics is not None:
+            method = {"prepare": "Prepare", "commit_many": "CommitMany"}.get(
+                call.WhichOneof("call") or "", ""
+            )
+            code = answer.error.code if answer.WhichOneof("result") == "error" else ""
+            self._metrics.call(method, self._clock() - started, code)
+        return answer
+
+    async def _pipeline_answer_now(self, call: pb.PipelineCall) -> pb.PipelineAnswer:
         kind = call.WhichOneof("call")
         txid = call.prepare.txid if kind == "prepare" and is_txid(call.prepare.txid) else ""
         try:
             if kind == "prepare":
-                prepared = await self._prepare(call.prepare)
+                with tracing.span(
+                    "twopc.Participant/Prepare",
+                    call.trace_context.items(),
+                    txid=txid,
+                    participant=self._agent.name,
+                ):
+                    prepared = await self._prepare(call.prepare)
                 return pb.PipelineAnswer(id=call.id, prepare=prepared)
             if kind == "commit_many":
                 committed = await self._commit_many(call.commit_many)
@@ -265,7 +293,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             already = await self._agent.rollback(request.txid, request.participant)
             return pb.BranchRollbackResponse(already_rolled_back=already)
 
-        return await self._call(context, request.txid, run)
+        return await self._call(context, request.txid, run, "Rollback")
 
     async def Recover(self, request: pb.RecoverRequest, context: Context) -> pb.RecoverResponse:
         async def run() -> pb.RecoverResponse:
@@ -281,7 +309,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 ]
             )
 
-        return await self._call(context, "", run)
+        return await self._call(context, "", run, "Recover")
 
     async def Inspect(self, request: pb.InspectRequest, context: Context) -> pb.InspectResponse:
         async def run() -> pb.InspectResponse:
@@ -294,7 +322,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 ]
             )
 
-        return await self._call(context, "", run)
+        return await self._call(context, "", run, "Inspect")
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: Context) -> pb.AgentInfo:
         active, prepared = self._agent.counts()
@@ -324,21 +352,38 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             except InvalidArgument as err:
                 raise InvalidArgument(f"{call} txid {index}: {err.message}") from None
 
-    async def _call(self, context: Context, txid: str, run: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self, context: Context, txid: str, run: Callable[[], Awaitable[T]], method: str
+    ) -> T:
+        """Runs a call to its end (``_finish``), in a span of its own (the child of the trace
+        context the coordinator sent, ``twopc.tracing``), measured; errors become statuses."""
         # Only a well-formed txid is echoed (in the logs and the trailing metadata).
         txid = txid if is_txid(txid) else ""
+        started = self._clock()
+        error: TwopcError | None = None
         try:
-            return await _finish(run())
-        except TwopcError as err:
-            err.txid = err.txid or txid
-            if err.code in ("INTERNAL", "UNKNOWN"):
-                self._log.error("rpc_failed", txid=txid, error=redact(err.message))
-            await abort_with(context, err)
-        except Exception as err:
-            self._log.exception("rpc_crashed", txid=txid)
-            await abort_with(
-                context, Internal(f"agent error: {type(err).__name__}: {err}", txid=txid)
-            )
+            with tracing.span(
+                f"twopc.Participant/{method}",
+                context.invocation_metadata(),
+                txid=txid,
+                participant=self._agent.name,
+            ):
+                try:
+                    return await _finish(run())
+                except TwopcError as err:
+                    err.txid = err.txid or txid
+                    if err.code in ("INTERNAL", "UNKNOWN"):
+                        self._log.error("rpc_failed", txid=txid, error=redact(err.message))
+                    error = err
+                except Exception as err:
+                    self._log.exception("rpc_crashed", txid=txid)
+                    error = Internal(f"agent error: {type(err).__name__}: {err}", txid=txid)
+                tracing.mark_error(error)
+        finally:
+            if self._metrics is not None:
+                code = error.code if error is not None else ""
+                self._metrics.call(method, self._clock() - started, code)
+        await abort_with(context, error)
         raise AssertionError("unreachable: abort_with raises")
 
 

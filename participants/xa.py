@@ -378,6 +378,8 @@ class SessionPool:
         self._pool_size = pool_size
         self._capacity = pool_size + overflow
         self._slots: asyncio.Semaphore | None = None  # made on the loop, at first use
+        self.in_use = 0  # slots taken: sessions lent out, and connections being reset
+        self.waiting = 0  # checkouts waiting for a free slot
         self._idle: collections.deque[aiomysql.Connection] = collections.deque()
         self._resetting: dict[asyncio.Future[None], aiomysql.Connection] = {}
         # sql_mode: the statement guard lexes quotes as MySQL does by default; the two modes
@@ -420,6 +422,7 @@ class SessionPool:
         reached (``ConnectionLost``)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._capacity)
+        self.waiting += 1
         try:
             async with asyncio.timeout(self._checkout_timeout):
                 await self._slots.acquire()
@@ -430,10 +433,13 @@ class SessionPool:
                 "pool_overflow) are in use, held by open branches, and none came free within "
                 f"{self._checkout_timeout:g} s (pool_checkout_timeout_s)",
             ) from None
+        finally:
+            self.waiting -= 1
+        self.in_use += 1
         try:
             conn = self._idle_connection() or await self._connect()
         except BaseException:
-            self._slots.release()
+            self._free_slot()
             raise
         return Session(
             conn, self, read_timeout=self._read_timeout, command_timeout=self._command_timeout
@@ -502,8 +508,18 @@ class SessionPool:
                     conn.close()
                 self._free_slot()
 
+    @property
+    def capacity(self) -> int:
+        """The most sessions at once: ``pool_size`` kept, ``overflow`` more under load."""
+        return self._capacity
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
     def _free_slot(self) -> None:
         if self._slots is not None:
+            self.in_use -= 1
             self._slots.release()
 
     def reset(self) -> None:

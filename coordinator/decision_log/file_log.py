@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,10 @@ class FileDecisionLog:
             most a few KiB (``twopc admin`` bounds its reason), so they cannot grow the log
             without limit.
         fsync: makes a file descriptor durable; injectable for tests.
+        on_sync: called from the writer thread after each forced batch, with the number of
+            COMMIT records it carried and the seconds its fsync took (the metrics); it must be
+            quick and must not raise.
+        clock: monotonic seconds, for ``on_sync``.
 
     A log of format version 2 (before AUDIT records) is upgraded when opened: its batches are
     copied byte for byte behind a version 3 header, into a new file renamed over the old one. An
@@ -102,6 +107,8 @@ class FileDecisionLog:
         end_flush_delay: float = 0.05,
         audit_keep: int = 1000,
         fsync: Callable[[int], None] = os.fdatasync,
+        on_sync: Callable[[int, float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if audit_keep < 1:
             raise ValueError(f"audit_keep must be at least 1, got {audit_keep}")
@@ -111,6 +118,8 @@ class FileDecisionLog:
         self._max_bytes = max_bytes
         self._end_flush_delay = end_flush_delay
         self._fsync = fsync
+        self._on_sync = on_sync
+        self._clock = clock
         self._state = _State.NEW
         self._failure = ""
         self._open: dict[str, CommitRecord] = {}
@@ -428,10 +437,13 @@ class FileDecisionLog:
             return self._undo_write(start, len(batch.commits), len(batch.audits), err)
         # END records are not forced: the next batch's fsync covers them (or close's).
         if batch.commits or batch.audits or sync:
+            started = self._clock()
             try:
                 self._fsync(self._fd)
             except OSError as err:
                 return self._fail(f"fsync of decision log {self._path} failed ({err})", err)
+            if self._on_sync is not None:
+                self._on_sync(len(batch.commits), self._clock() - started)
         self._size = start + len(data)
         self._sequence += 1
         for txid, record, _ in batch.commits:

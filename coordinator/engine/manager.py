@@ -34,6 +34,8 @@ from coordinator.decision_log import (
 from coordinator.engine.aborts import AbortReason
 from coordinator.engine.ports import (
     CommitReply,
+    EngineMetrics,
+    NoMetrics,
     ParticipantPort,
     Presence,
     Results,
@@ -132,6 +134,7 @@ class Transaction:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    counted: bool = False  # its outcome went to the metrics
 
     def move_to(self, target: TxState) -> None:
         check_transition(self.txid, self.state, target)
@@ -200,8 +203,10 @@ class TransactionManager:
         clock: Clock | None = None,
         failpoints: Failpoints | None = None,
         on_fatal: FatalHandler | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics: EngineMetrics = metrics or NoMetrics()
         self.coordinator_id = settings.coordinator_id
         self._ports = participants
         self._log = decision_log
@@ -266,6 +271,7 @@ class TransactionManager:
 
     @property
     def live_count(self) -> int:
+        """Transactions begun and not yet sealed."""
         return len(self._live)
 
     def live_transactions(self) -> list[Transaction]:
@@ -683,6 +689,13 @@ class TransactionManager:
         """Phase 1 and the decision. ``work`` carries one-shot statements per participant."""
         if tx.state is not TxState.ACTIVE:
             return  # a rollback or the reaper decided first (this runs a loop step later)
+        started = self._clock.monotonic()
+        try:
+            await self._decide_now(tx, work)
+        finally:
+            self.metrics.commit_decided(self._clock.monotonic() - started)
+
+    async def _decide_now(self, tx: Transaction, work: dict[str, Statements] | None) -> None:
         if not tx.participants:
             tx.move_to(TxState.COMMITTED)
             self._retire(tx)
@@ -783,14 +796,17 @@ class TransactionManager:
         remaining = self._remaining(tx)
         if remaining <= 0:
             return _Ballot(Vote.ABORT, against=AbortReason.deadline(" before prepare"))
+        started = self._clock.monotonic()
         try:
             reply = await self._ports.prepare(
                 participant, tx.txid, statements, 1 if statements else 0, remaining
             )
         except TwopcError as err:
+            self.metrics.prepare_answered(participant, self._clock.monotonic() - started)
             if is_transport_failure(err):
                 tx.unreached.add(participant)
             return _Ballot(Vote.ABORT, against=AbortReason.prepare_failed(participant, err))
+        self.metrics.prepare_answered(participant, self._clock.monotonic() - started)
         if reply.vote is Vote.ABORT:
             no = AbortReason.voted_no(participant, reply.reason, reply.mysql_errno)
             return _Ballot(Vote.ABORT, reply.results, no)
@@ -1102,6 +1118,12 @@ class TransactionManager:
         return self._ports
 
     @property
+    def in_doubt_count(self) -> int:
+        """Transactions decided COMMIT whose branches have not all acknowledged yet (a COMMIT
+        record without END): phase 2 or recovery still has to reach some branch."""
+        return len(self._open_commits)
+
+    @property
     def prefix(self) -> str:
         return txid_prefix(self.coordinator_id)
 
@@ -1219,6 +1241,8 @@ class TransactionManager:
         if tx.txid in self._phase2_running:
             return
         self._unlist(tx)
+        outcome = outcome_of(tx.state)
+        self._count(tx, "unknown" if outcome is Outcome.PENDING else outcome.value)
         if tx.abort is not None and not tx.abort.conclusive and tx.state is TxState.ABORTED:
             return  # not an outcome to repeat: lookups and retries ask the participants
         self._remember(
@@ -1230,8 +1254,15 @@ class TransactionManager:
     def _retire_in_doubt(self, tx: Transaction) -> None:
         """A one-phase commit whose answer was lost: only the participant's marker can tell."""
         self._unlist(tx)
+        self._count(tx, "unknown")
         tx.decided.set()
         tx.done.set()
+
+    def _count(self, tx: Transaction, outcome: str) -> None:
+        """Reports a transaction's outcome to the metrics, once."""
+        if not tx.counted:
+            tx.counted = True
+            self.metrics.transaction_finished(outcome)
 
     def _remember(self, view: TransactionView) -> None:
         self._finished[view.txid] = view

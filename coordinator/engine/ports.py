@@ -1,4 +1,5 @@
-"""How the engine reaches participant agents: an interface, implemented over gRPC elsewhere.
+"""How the engine reaches participant agents, and reports what it measures: interfaces,
+implemented over gRPC and Prometheus elsewhere.
 
 Statements and results pass through the coordinator untouched: they are opaque to the engine
 (``Statements``, ``Results``), so the relay costs no conversion.
@@ -14,6 +15,8 @@ from twopc.votes import Presence, Vote
 
 __all__ = [
     "CommitReply",
+    "EngineMetrics",
+    "NoMetrics",
     "ParticipantPort",
     "Presence",
     "Results",
@@ -85,3 +88,42 @@ class ParticipantPort(Protocol):
     async def inspect(
         self, participant: str, txids: Sequence[str], timeout: float
     ) -> dict[str, Presence]: ...
+
+
+class EngineMetrics(Protocol):
+    """What the engine measures, for an adapter to export (``coordinator.metrics``). Each call
+    is cheap and never raises; no argument is a txid (metric labels stay a bounded set)."""
+
+    def transaction_finished(self, outcome: str) -> None:
+        """A transaction's fate is sealed: "committed", "aborted" or "unknown" (a one-phase
+        commit whose answer was lost)."""
+        ...
+
+    def commit_decided(self, seconds: float) -> None:
+        """A commit took ``seconds`` from its start (Commit, or RunTransaction's commit) to its
+        decision: phase 1 and the decision log's write."""
+        ...
+
+    def prepare_answered(self, participant: str, seconds: float) -> None:
+        """A Prepare to ``participant`` answered, or failed, after ``seconds``."""
+        ...
+
+    def recovery_pass(self, *, clean: bool, committed: int, rolled_back: int) -> None:
+        """A recovery pass ended; ``clean``: nothing was left in doubt or unreachable."""
+        ...
+
+
+class NoMetrics:
+    """An ``EngineMetrics`` that records nothing (tests, tools)."""
+
+    def transaction_finished(self, outcome: str) -> None:
+        pass
+
+    def commit_decided(self, seconds: float) -> None:
+        pass
+
+    def prepare_answered(self, participant: str, seconds: float) -> None:
+        pass
+
+    def recovery_pass(self, *, clean: bool, committed: int, rolled_back: int) -> None:
+        pass

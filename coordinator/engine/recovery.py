@@ -52,6 +52,7 @@ class Recovery:
         self._limit = asyncio.Semaphore(concurrency)
         self._failpoints = failpoints or Failpoints()
         self._running = asyncio.Lock()
+        self.passes = 0  # finished passes (the coordinator's health waits for the first)
 
     async def run_once(self) -> RecoveryReport:
         async with self._running:
@@ -64,6 +65,12 @@ class Recovery:
             await asyncio.gather(*(self._resolve_prepared(p, report) for p in ports.names()))
             if report.redriven or report.committed or report.rolled_back or not report.clean:
                 log.info("recovery_pass", **report.__dict__)
+            self._manager.metrics.recovery_pass(
+                clean=report.clean,
+                committed=report.redriven + report.committed,
+                rolled_back=report.rolled_back,
+            )
+            self.passes += 1
             return report
 
     async def run_forever(self, interval: float) -> None:

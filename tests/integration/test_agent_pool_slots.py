@@ -351,6 +351,8 @@ async def _all_slots_free(pool: SessionPool) -> None:
         async with asyncio.timeout(CHECKOUT_PATIENCE_S):
             while len(sessions) < POOL_SIZE + OVERFLOW:
                 sessions.append(await pool.session())
+        # The metrics' gauges (twopc_agent_pool_in_use, _waiters) agree, whatever happened.
+        assert (pool.in_use, pool.waiting) == (POOL_SIZE + OVERFLOW, 0)
     except TimeoutError:
         raise AssertionError(
             f"only {len(sessions)} of {POOL_SIZE + OVERFLOW} pool slots free: a session was "
@@ -359,6 +361,7 @@ async def _all_slots_free(pool: SessionPool) -> None:
     finally:
         for session in sessions:
             session.release()
+    assert pool.in_use == 0, "the pool's count of sessions in use missed a way back"
 
 
 def _running(case: Case, sql: str) -> int:

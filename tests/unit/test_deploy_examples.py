@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from coordinator.config import load_coordinator_config
 from participants.config import AgentConfig, load_agent_config
+from twopc.observability import is_loopback
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 
@@ -86,3 +90,147 @@ def test_statement_schemas_default_to_the_agents_database_and_come_from_the_envi
 def test_the_database_check_settings_are_checked(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AgentConfig(**settings)  # type: ignore[arg-type]
+
+
+# --- every example, the way a daemon loads it ----------------------------------------------
+
+COORDINATOR_EXAMPLES = sorted(EXAMPLES.glob("coordinator*.toml"))
+AGENT_EXAMPLES = sorted(EXAMPLES.glob("agent-*.toml"))
+
+
+def test_every_example_is_a_coordinator_or_an_agent_configuration() -> None:
+    assert COORDINATOR_EXAMPLES
+    assert len(AGENT_EXAMPLES) >= 2
+    assert set(EXAMPLES.glob("*.toml")) == {*COORDINATOR_EXAMPLES, *AGENT_EXAMPLES}
+
+
+def _host(address: str) -> str:
+    return address.rpartition(":")[0].strip("[]")
+
+
+@pytest.mark.parametrize("path", COORDINATOR_EXAMPLES + AGENT_EXAMPLES, ids=lambda p: p.name)
+def test_an_example_listens_beyond_loopback_only_with_tls(path: Path) -> None:
+    """Loaded with the daemon's own loader: every address it listens on (gRPC and metrics)
+    that is not loopback comes with its certificate, key and CA, and plaintext is off."""
+    environ = {"TWOPC_MYSQL_PASSWORD": "s3cret"}
+    loader = load_coordinator_config if path.name.startswith("coordinator") else load_agent_config
+    config = loader(path, environ=environ)
+    assert config.metrics_listen, "every example serves metrics"
+    for address in (config.listen, config.metrics_listen):
+        if not is_loopback(_host(address)):
+            assert not config.insecure_plaintext, address
+            assert None not in (config.tls_cert, config.tls_key, config.tls_ca), address
+
+
+# --- the systemd units ----------------------------------------------------------------------------
+
+UNITS = sorted((EXAMPLES.parent / "systemd").glob("*.service"))
+HARDENING = {
+    "User": "twopc",
+    "Group": "twopc",
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    "RestrictNamespaces": "yes",
+    "LockPersonality": "yes",
+    "MemoryDenyWriteExecute": "yes",
+    "SystemCallArchitectures": "native",
+    "CapabilityBoundingSet": "",
+    "LimitNOFILE": "65536",
+}
+
+
+def _service_section(unit: Path) -> dict[str, str]:
+    """The [Service] section's keys (the last value of a key that repeats)."""
+    keys: dict[str, str] = {}
+    section = ""
+    for raw in unit.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            keys[key.strip()] = value.strip()
+    return keys
+
+
+def test_there_is_a_unit_per_daemon() -> None:
+    assert [u.name for u in UNITS] == ["twopc-agent@.service", "twopc-coordinator.service"]
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_a_unit_runs_its_daemon_hardened(unit: Path) -> None:
+    service = _service_section(unit)
+    for key, value in HARDENING.items():
+        assert service.get(key) == value, f"{unit.name}: {key}={service.get(key)!r}"
+    daemon = "coordinator" if "coordinator" in unit.name else "agent"
+    assert service["ExecStart"].startswith(f"/opt/twopc/.venv/bin/twopc {daemon} --config ")
+
+
+def test_the_coordinator_unit_may_write_its_data_dir_and_nothing_else() -> None:
+    service = _service_section(EXAMPLES.parent / "systemd" / "twopc-coordinator.service")
+    data_dir = str(load_coordinator_config(EXAMPLES / "coordinator.toml", environ={}).data_dir)
+    assert service["StateDirectory"] == "twopc/coordinator"
+    assert data_dir == "/var/lib/" + service["StateDirectory"]
+    assert service["ReadWritePaths"] == data_dir
+    agent = _service_section(EXAMPLES.parent / "systemd" / "twopc-agent@.service")
+    assert "ReadWritePaths" not in agent
+    assert "StateDirectory" not in agent
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.fixture
+def units_here(tmp_path: Path) -> list[Path]:
+    """The units as they would be installed, with ExecStart pointing at this checkout's twopc
+    (``verify`` checks that the program exists); the agent's template as an instance."""
+    twopc = Path(sys.executable).parent / "twopc"
+    installed = []
+    for unit in UNITS:
+        text = unit.read_text().replace("/opt/twopc/.venv/bin/twopc", str(twopc))
+        target = tmp_path / unit.name.replace("@.service", "@eu.service")
+        target.write_text(text)
+        installed.append(target)
+    return installed
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed here")
+def test_systemd_accepts_the_units_without_a_warning(units_here: list[Path]) -> None:
+    assert SYSTEMD_ANALYZE is not None
+    done = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", *map(str, units_here)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=units_here[0].parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr  # an unknown key is only a warning there
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed here")
+@pytest.mark.parametrize("index", [0, 1])
+def test_systemd_rates_the_units_exposure_low(units_here: list[Path], index: int) -> None:
+    """``systemd-analyze security`` scores what a unit leaves exposed, 0 (nothing) to 10: at
+    most 2.5 here (the agent scores 2.0, the coordinator 1.8)."""
+    assert SYSTEMD_ANALYZE is not None
+    done = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=25", str(units_here[index])],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=units_here[index].parent,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr

@@ -22,7 +22,20 @@ from twopc.testing.certs import CertificateAuthority
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # The daemons' and the tools' dependencies: none of them may load with the SDK.
-NOT_FOR_THE_SDK = ("structlog", "pymysql", "aiomysql", "sqlalchemy", "uvloop", "matplotlib")
+NOT_FOR_THE_SDK = (
+    "structlog",
+    "pymysql",
+    "aiomysql",
+    "sqlalchemy",
+    "uvloop",
+    "matplotlib",
+    "prometheus_client",
+    "grpc_health",
+    "grpc_reflection",
+)
+# Used by the SDK when installed (trace context, twopc.tracing), and absent from the base install:
+# the base-install checks run without it.
+OPTIONAL_FOR_THE_SDK = ("opentelemetry",)
 
 
 def _contract(name_start: str) -> dict[str, object]:
@@ -97,7 +110,7 @@ def _run_with_base_only(site: Path, program: str) -> subprocess.CompletedProcess
     prelude = f"""
 import sys
 sys.path[:0] = [{str(site)!r}, {str(ROOT)!r}]
-for name in {NOT_FOR_THE_SDK!r}:
+for name in {NOT_FOR_THE_SDK + OPTIONAL_FOR_THE_SDK!r}:
     try:
         __import__(name)
     except ImportError:
@@ -132,6 +145,19 @@ with Client("127.0.0.1:1", insecure=True, retry_policy=RetryPolicy(attempts=1)) 
     done = _run_with_base_only(base_site, program + _LOADED)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "loaded: [] daemons: []"
+
+
+def test_the_sdk_sends_no_trace_context_without_opentelemetry(base_site: Path) -> None:
+    program = """
+from twopc import tracing
+print("tracing:", tracing.available(), tracing.outgoing_metadata())
+parent = [("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")]
+with tracing.span("twopc.Coordinator/Begin", parent, txid="c1.r-x"):
+    pass
+"""
+    done = _run_with_base_only(base_site, program + _LOADED)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["tracing: False None", "loaded: [] daemons: []"]
 
 
 def _twopc(arguments: list[str]) -> str:

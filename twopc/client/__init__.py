@@ -18,6 +18,9 @@ asyncio: ``AsyncClient``, the same API with ``await`` / ``async with``.
 Requests whose answer is lost (UNAVAILABLE, DEADLINE_EXCEEDED) are retried unchanged, as the
 ``RetryPolicy`` allows; nothing else is retried. A commit whose answer never comes raises
 ``OutcomeUnknown``: look its outcome up with ``get_transaction``. Every error is a ``TwopcError``.
+
+With OpenTelemetry installed (``pip install 'twopc[tracing]'``), every request carries the
+caller's current trace context (``twopc.tracing``); without it, nothing is sent.
 """
 
 from twopc.client._async import AsyncClient, AsyncTransaction

@@ -43,6 +43,7 @@ from twopc.client._common import (
 from twopc.errors import FailedPrecondition, TwopcError
 from twopc.status import error_from_rpc, is_transport_failure
 from twopc.tls import TlsConfig, client_transport
+from twopc.tracing import outgoing_metadata
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -181,9 +182,11 @@ class AsyncClient:
             raise FailedPrecondition(f"the client of {self._target} is closed", txid=txid)
         policy = self._retry if retry else _NO_RETRY
         tracker = RetryTracker(policy, self._clock, method, txid)
+        # The caller's trace context (OpenTelemetry, when installed), the same on every try.
+        trace_context = outgoing_metadata()
         while True:
             try:
-                return await callable_(request, timeout=self._rpc_timeout)
+                return await callable_(request, timeout=self._rpc_timeout, metadata=trace_context)
             except grpc.RpcError as rpc_error:
                 error = with_txid(error_from_rpc(rpc_error), txid)
                 delay = tracker.next_delay(error)

@@ -11,7 +11,8 @@ place in a real deployment, and a proxy hop would only add the proxy's CPU to tw
 
 Every gRPC hop runs mutual TLS, as the playground does. ``--tls on,off`` runs twopc both ways in
 each cell (``twopc`` and ``twopc-plaintext``, the daemons restarted with ``insecure_plaintext``
-in between), so that one run shows what TLS costs.
+in between), so that one run shows what TLS costs. ``--metrics off`` runs the daemons without
+metrics (nothing measured, nothing served); a run with and one without show what they cost.
 """
 
 from __future__ import annotations
@@ -142,6 +143,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "side by side (on,off; the daemons restart in between). Default: on",
     )
     parser.add_argument(
+        "--metrics",
+        choices=("on", "off"),
+        default="on",
+        help="the daemons measure and serve Prometheus metrics (on, as the playground does) or "
+        "measure nothing (off): two runs side by side show what metrics cost. Default: on",
+    )
+    parser.add_argument(
         "--wait-phase2",
         action="store_true",
         help="twopc answers after phase 2 (default: early answer once the decision is durable)",
@@ -197,6 +205,7 @@ class Settings:
     lock_wait_timeout_s: int
     tx_timeout_s: float
     seed: int
+    metrics: bool = True
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -220,6 +229,7 @@ class Settings:
             lock_wait_timeout_s=args.lock_wait_timeout,
             tx_timeout_s=args.tx_timeout,
             seed=args.seed,
+            metrics=getattr(args, "metrics", "on") == "on",
         )
 
 
@@ -239,6 +249,7 @@ def create_cluster(directory: Path, settings: Settings) -> Cluster:
         proxied=True,
         client_db_links=True,
         remote_links_only=True,
+        metrics=settings.metrics,
         agent_settings={
             "pool_size": 3 * max(settings.concurrency) + 16,
             "pool_overflow": 32,

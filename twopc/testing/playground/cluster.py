@@ -13,8 +13,11 @@ any part with a real signal and start it again exactly as the cluster did::
         "mariadb-eu": {"kind": "mariadb", "region": "eu", "address": "127.0.0.1:41234",
                        "pid": 1234, "data_dir": ..., "command": [...], "cwd": ..., "env": {...},
                        "log": ...},
-        "agent-eu": {...}, ..., "coordinator": {...}, "proxy": {...}}}
+        "agent-eu": {..., "metrics_address": "127.0.0.1:41250"}, ...,
+        "coordinator": {..., "metrics_address": ...}, "proxy": {...}}}
 
+``metrics_address`` is where a daemon serves its Prometheus metrics (plain HTTP on loopback,
+``http://ADDRESS/metrics``; "" when the cluster was made without metrics).
 ``client_address`` is where the SDK connects (the proxy's end of the client link when the
 cluster was made with fault proxies; ``links`` is empty otherwise).
 
@@ -116,6 +119,13 @@ class Component:
     env: dict[str, str] = field(default_factory=dict)
     region: str = ""
     pid: int | None = None
+    # A daemon's Prometheus endpoint (its metrics_listen, host:port; plain HTTP on loopback);
+    # "" when it serves none.
+    metrics_address: str = ""
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_address}/metrics" if self.metrics_address else ""
 
     def spawn(self) -> int:
         """Starts the command in a new session, output appended to ``log``; returns the pid."""
@@ -216,6 +226,7 @@ class Cluster:
         remote_links_only: bool = False,
         fixed_ports: bool = False,
         tls: bool = True,
+        metrics: bool = True,
         python: str = sys.executable,
     ) -> Cluster:
         """Lays out directories, certificates and configuration files; starts nothing.
@@ -252,6 +263,10 @@ class Cluster:
         go through the proxy (``coordinator-agent-<region>``, ``client-mariadb-<region>``); the
         client's hop to the coordinator and each agent's to its own database are direct, as they
         are when those parts sit side by side (the benchmark: a proxy hop costs CPU).
+
+        With ``metrics`` (the default) each daemon serves Prometheus metrics on a free loopback
+        port (its ``metrics_listen``), which the state file records as the component's
+        ``metrics_address``; without it they measure nothing.
         """
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
@@ -264,6 +279,9 @@ class Cluster:
 
         def port(fixed: int) -> int:
             return port_or_free(fixed if fixed_ports else None)
+
+        def metrics_address() -> str:
+            return f"{LOOPBACK}:{free_port()}" if metrics else ""
 
         def proxied_hop(name: str) -> bool:
             local = name == CLIENT_LINK or (name.endswith("-mariadb") and name.startswith("agent-"))
@@ -296,6 +314,7 @@ class Cluster:
             if client_db_links:
                 through_proxy(f"client-mariadb-{region}", db.address)
             config = base / "agent.toml"
+            agent_metrics = metrics_address()
             _write_toml(
                 config,
                 {
@@ -306,6 +325,7 @@ class Cluster:
                     "mysql_user": AGENT_USER,
                     "mysql_password_env": AGENT_PASSWORD_ENV,
                     "mysql_database": DATABASE,
+                    "metrics_listen": agent_metrics,
                     **_transport_settings(
                         certificates,
                         agent_identity(region),
@@ -325,6 +345,7 @@ class Cluster:
                 cwd=str(base),
                 log=str(base / "agent.log"),
                 env={**env, AGENT_PASSWORD_ENV: agent_password},
+                metrics_address=agent_metrics,
             )
         coordinator_dir = directory / "coordinator"
         coordinator_dir.mkdir(parents=True, exist_ok=True)
@@ -340,6 +361,7 @@ class Cluster:
             tables["identities"] = {
                 name: list(allowed) for name, allowed in (identities or DEFAULT_IDENTITIES).items()
             }
+        coordinator_metrics = metrics_address()
         _write_toml(
             config,
             {
@@ -347,6 +369,7 @@ class Cluster:
                 "listen": address,
                 "data_dir": str(coordinator_dir / "data"),
                 "max_sessions_per_identity": max(1, pool * 3 // 4),
+                "metrics_listen": coordinator_metrics,
                 **_transport_settings(certificates, COORDINATOR),
                 **(coordinator_settings or {}),
             },
@@ -361,6 +384,7 @@ class Cluster:
             cwd=str(coordinator_dir),
             log=str(coordinator_dir / "coordinator.log"),
             env=dict(env),
+            metrics_address=coordinator_metrics,
         )
         through_proxy(CLIENT_LINK, address, client_port)
         if proxied:

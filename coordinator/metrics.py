@@ -1,0 +1,171 @@
+"""The coordinator's Prometheus metrics: the engine's ``EngineMetrics`` port, the decision log's
+fsyncs, and gauges read at scrape time. One ``CollectorRegistry`` per coordinator, never the
+global one. No label carries a txid: outcomes, results and participant names only.
+
+==========================================  =====================================================
+``twopc_coordinator_transactions_total``    sealed transactions, label ``outcome``: committed,
+                                            aborted, unknown (a one-phase commit's lost answer)
+``twopc_coordinator_commit_seconds``        histogram: a commit's start to its decision (phase 1
+                                            and the decision log's write)
+``twopc_coordinator_prepare_seconds``       histogram per ``participant``: Prepare round trips
+``twopc_coordinator_recovery_passes_total`` label ``result``: clean, or unclean (an agent
+                                            unreachable, a branch left in doubt)
+``twopc_coordinator_recovered_total``       branches recovery finished, label ``action``:
+                                            committed, rolled_back
+``twopc_coordinator_live_transactions``     gauge: begun and not sealed
+``twopc_coordinator_in_doubt_transactions`` gauge: decided COMMIT, not acknowledged by every
+                                            branch yet (COMMIT record without END)
+``twopc_coordinator_serving``               gauge: 1 while its health is SERVING
+``twopc_decision_log_fsync_seconds``        histogram: each forced write's fsync
+``twopc_decision_log_batch_commits``        histogram: COMMIT records per fsync (group commit)
+==========================================  =====================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from coordinator.engine.manager import TransactionManager
+
+__all__ = ["LATENCY_BUCKETS", "CoordinatorMetrics"]
+
+#: Seconds, from a fast loopback round trip to a slow cross-region one.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+OUTCOMES = ("committed", "aborted", "unknown")
+
+
+class CoordinatorMetrics:
+    """Implements ``coordinator.engine.ports.EngineMetrics`` over ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._transactions = Counter(
+            "twopc_coordinator_transactions",
+            "Transactions whose fate is sealed, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self._by_outcome = {o: self._transactions.labels(o) for o in OUTCOMES}
+        self._commit = Histogram(
+            "twopc_coordinator_commit_seconds",
+            "From a commit's start to its decision (phase 1 and the decision log's write)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._prepare = Histogram(
+            "twopc_coordinator_prepare_seconds",
+            "Prepare round trips, by participant",
+            ["participant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._prepare_children: dict[str, Histogram] = {}
+        passes = Counter(
+            "twopc_coordinator_recovery_passes",
+            "Recovery passes, by result (unclean: an agent unreachable or a branch left)",
+            ["result"],
+            registry=r,
+        )
+        self._clean, self._unclean = passes.labels("clean"), passes.labels("unclean")
+        recovered = Counter(
+            "twopc_coordinator_recovered",
+            "Branches that recovery finished, by action",
+            ["action"],
+            registry=r,
+        )
+        self._committed, self._rolled_back = (
+            recovered.labels("committed"),
+            recovered.labels("rolled_back"),
+        )
+        self._fsync = Histogram(
+            "twopc_decision_log_fsync_seconds",
+            "The decision log's fsync of each forced batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._batch = Histogram(
+            "twopc_decision_log_batch_commits",
+            "COMMIT records made durable by one fsync (group commit)",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+
+    # --- EngineMetrics -----------------------------------------------------------------------
+
+    def transaction_finished(self, outcome: str) -> None:
+        counter = self._by_outcome.get(outcome)
+        if counter is not None:
+            counter.inc()
+
+    def commit_decided(self, seconds: float) -> None:
+        self._commit.observe(seconds)
+
+    def prepare_answered(self, participant: str, seconds: float) -> None:
+        child = self._prepare_children.get(participant)
+        if child is None:
+            child = self._prepare_children[participant] = self._prepare.labels(participant)
+        child.observe(seconds)
+
+    def recovery_pass(self, *, clean: bool, committed: int, rolled_back: int) -> None:
+        (self._clean if clean else self._unclean).inc()
+        if committed:
+            self._committed.inc(committed)
+        if rolled_back:
+            self._rolled_back.inc(rolled_back)
+
+    # --- the decision log (called from its writer thread) ------------------------------------
+
+    def log_synced(self, commits: int, seconds: float) -> None:
+        self._fsync.observe(seconds)
+        self._batch.observe(commits)
+
+    # --- read at scrape time -----------------------------------------------------------------
+
+    def watch(self, manager: TransactionManager, serving: Callable[[], bool]) -> None:
+        """Adds the gauges read from ``manager`` and ``serving`` (its health) at each scrape."""
+        self.registry.register(_StateCollector(manager, serving))
+
+
+class _StateCollector(Collector):
+    def __init__(self, manager: TransactionManager, serving: Callable[[], bool]) -> None:
+        self._manager = manager
+        self._serving = serving
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        # Read from the metrics thread: each is one len() or attribute read of the loop's state.
+        yield GaugeMetricFamily(
+            "twopc_coordinator_live_transactions",
+            "Transactions begun and not yet sealed",
+            value=self._manager.live_count,
+        )
+        yield GaugeMetricFamily(
+            "twopc_coordinator_in_doubt_transactions",
+            "Transactions decided COMMIT whose branches have not all acknowledged yet",
+            value=self._manager.in_doubt_count,
+        )
+        yield GaugeMetricFamily(
+            "twopc_coordinator_serving",
+            "1 while the coordinator's gRPC health is SERVING",
+            value=1 if self._serving() else 0,
+        )

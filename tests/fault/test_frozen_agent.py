@@ -31,7 +31,13 @@ def replacement(live_cluster: Cluster) -> Iterator[pb_grpc.ParticipantStub]:
     process = subprocess.Popen(
         frozen.command,
         cwd=frozen.cwd,
-        env={**os.environ, **frozen.env, "TWOPC_AGENT_LISTEN": address},
+        env={
+            **os.environ,
+            **frozen.env,
+            "TWOPC_AGENT_LISTEN": address,
+            # the frozen agent still holds its metrics port
+            "TWOPC_AGENT_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+        },
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

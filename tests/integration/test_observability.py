@@ -149,7 +149,8 @@ def _listed_services(cluster: Cluster, name: str) -> set[str]:
 
 def test_reflection_lists_the_services(cluster: Cluster) -> None:
     common = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
-    assert _listed_services(cluster, "coordinator") == {COORDINATOR, *common}
+    admin = "twopc.v1.Admin"  # served with TLS (to admin_identities; listing it is harmless)
+    assert _listed_services(cluster, "coordinator") == {COORDINATOR, admin, *common}
     assert _listed_services(cluster, "agent-eu") == {PARTICIPANT, *common}
 
 

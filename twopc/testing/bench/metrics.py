@@ -39,6 +39,7 @@ from coordinator.decision_log._format import (
 __all__ = [
     "DEADLOCK",
     "LOCK_WAIT_TIMEOUT",
+    "STUCK_S",
     "CellResult",
     "LogSyncs",
     "Scrape",
@@ -103,6 +104,7 @@ def per_thousand(amount: float, transactions: int) -> float | None:
 
 
 DEADLOCK, LOCK_WAIT_TIMEOUT = "deadlock", "lock wait timeout"
+STUCK_S = 1.0  # a transaction in flight at the window's end for this long is waiting
 
 
 def failure_kind(reason: str) -> str | None:
@@ -134,8 +136,10 @@ class Tally:
         lock_wait_timeouts: failures that waited out ``innodb_lock_wait_timeout``.
         waited_out: transactions, committed or not, that waited out a timeout: a lock-wait
             timeout error, or as long as the transaction timeout or longer.
-        unfinished: transactions begun before the window's end that ended after it (waiting on a
-            lock, typically): not in the other counts, which are of what ended in the window.
+        stuck: transactions in flight at the window's end that had been running for
+            ``STUCK_S`` or longer (waiting on a lock, typically): not in the other counts, which
+            are of what ended in the window. (Each worker has one transaction in flight then;
+            a healthy one is a few milliseconds old.)
     """
 
     attempts: int = 0
@@ -149,7 +153,7 @@ class Tally:
     deadlocks: int = 0
     lock_wait_timeouts: int = 0
     waited_out: int = 0
-    unfinished: int = 0
+    stuck: int = 0
 
     def note_outcome(self, reason: str | None, seconds: float, tx_timeout_s: float) -> None:
         """Counts one finished transaction that took ``seconds``: ``reason`` is why it failed
@@ -174,7 +178,7 @@ class Tally:
         self.deadlocks += other.deadlocks
         self.lock_wait_timeouts += other.lock_wait_timeouts
         self.waited_out += other.waited_out
-        self.unfinished += other.unfinished
+        self.stuck += other.stuck
         self.attempts += other.attempts
         self.committed += other.committed
         self.conflicts += other.conflicts
@@ -623,7 +627,7 @@ class CellResult:
             "deadlocks": tally.deadlocks,
             "lock_wait_timeouts": tally.lock_wait_timeouts,
             "waited_out": tally.waited_out,
-            "unfinished": tally.unfinished,
+            "stuck_at_end": tally.stuck,
             "contention": self.contention,
             "path": self.path,
             "proxy_bytes": self.proxy_bytes,
@@ -868,7 +872,7 @@ _CONTENTION_COLUMNS = (
     "deadlock errors",
     "lock-wait timeouts",
     "waited out",
-    "unfinished at end",
+    "stuck at end",
     "cycles / victims",
     "break mean / p99 ms",
     "agent lock hold mean / p99 ms",
@@ -908,7 +912,7 @@ def contention_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
                 str(cell.get("deadlocks", 0)),
                 str(cell.get("lock_wait_timeouts", 0)),
                 str(cell.get("waited_out", 0)),
-                str(cell.get("unfinished", 0)),
+                str(cell.get("stuck_at_end", 0)),
                 f"{_count(figures.get('deadlock_cycles'))} / "
                 f"{_count(figures.get('deadlock_victims'))}",
                 _ms_pair(figures.get("deadlock_break")),

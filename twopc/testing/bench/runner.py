@@ -42,6 +42,7 @@ from coordinator.decision_log.file_log import LOG_NAME
 from twopc.logs import configure_logging
 from twopc.testing.bench.floor import Floor, measure_floor
 from twopc.testing.bench.metrics import (
+    STUCK_S,
     CellResult,
     LogSyncs,
     Scrape,
@@ -91,8 +92,9 @@ SUMMARY_NAME = "bench-summary.md"
 CONTENTION_NOTE = (
     "Not committed: share of attempts that did not commit (a deadlock or lock-wait timeout "
     "aborts the transaction; it is not retried). Waited out: transactions that failed with a "
-    "lock-wait timeout or took the transaction timeout or longer. Unfinished at end: "
-    "transactions still running when the measured window closed (they count nowhere else). "
+    "lock-wait timeout or took the transaction timeout or longer. Stuck at end: "
+    "transactions that had been running for 1 s or more when the measured window closed "
+    "(they count nowhere else). "
     "Cycles, victims, break and "
     "lock hold: from the daemons' Prometheus metrics over the measured window (n/a: not "
     "served, or a baseline).\n\n"
@@ -559,8 +561,8 @@ class Bench:
                     scratch.latencies_ms.append((ended - began) * 1000)
                 if t0 <= ended <= t1:
                     tally.merge(scratch)
-                elif began <= t1 < ended:
-                    tally.unfinished += 1  # still waiting when the window closed
+                elif began <= t1 - STUCK_S and ended > t1:
+                    tally.stuck += 1  # still waiting when the window closed
         finally:
             worker.close()
 
@@ -748,7 +750,7 @@ def _progress(cell: CellResult) -> str:
         f"{cell.workload:<17} rtt {cell.rtt_ms:>3} ms  c {cell.concurrency:>4}  "
         f"{cell.system:<13} {cell.tps:>8.0f} tps  p50 {ms(cell.latency(50))}  "
         f"p99 {ms(cell.latency(99))} ms  not committed {cell.tally.abort_rate:6.1%}  "
-        f"waited out {cell.tally.waited_out}  unfinished {cell.tally.unfinished}  {check}"
+        f"waited out {cell.tally.waited_out}  stuck {cell.tally.stuck}  {check}"
     )
 
 

@@ -160,6 +160,13 @@ def test_the_coordinators_agent_addresses_follow_the_override(tmp_path: Path) ->
         ("1213 Deadlock found when trying to get lock; try restarting transaction", DEADLOCK),
         ("1205 Lock wait timeout exceeded; try restarting transaction", LOCK_WAIT_TIMEOUT),
         ("branch us failed: (1205, 'Lock wait timeout exceeded')", LOCK_WAIT_TIMEOUT),
+        (  # twopc's abort, as the coordinator words it (the database's message not logged)
+            "participant us voted no: statement 1 failed: (1205) [database message not logged]; "
+            "try restarting transaction on participant us; the transaction is rolled back",
+            LOCK_WAIT_TIMEOUT,
+        ),
+        ("statement 1 failed: (1213) [database message not logged]", DEADLOCK),
+        ("waited 12050 ms for 1.1205 s", None),
         ("aborted: deadlock victim (cycle eu -> us)", DEADLOCK),
         ("1062 Duplicate entry '1' for key 'PRIMARY'", None),
         ("OutcomeUnknown: coordinator unreachable", None),

@@ -105,6 +105,10 @@ def per_thousand(amount: float, transactions: int) -> float | None:
 
 DEADLOCK, LOCK_WAIT_TIMEOUT = "deadlock", "lock wait timeout"
 STUCK_S = 1.0  # a transaction in flight at the window's end for this long is waiting
+# MariaDB's error codes as a failure's text carries them: "1213 Deadlock found ..." from the
+# driver, "statement 1 failed: (1205) [database message not logged]" in twopc's abort message.
+_DEADLOCK_CODE = re.compile(r"(?<![\d.])1213(?![\d.])")
+_LOCK_WAIT_CODE = re.compile(r"(?<![\d.])1205(?![\d.])")
 
 
 def failure_kind(reason: str) -> str | None:
@@ -112,9 +116,9 @@ def failure_kind(reason: str) -> str | None:
     as ``<code> <message>`` or twopc's abort message, which carries the branch's error) says
     so; None otherwise."""
     text = reason.lower()
-    if "1213" in text.split() or "deadlock" in text:
+    if _DEADLOCK_CODE.search(text) or "deadlock" in text:
         return DEADLOCK
-    if "1205" in text.split() or "lock wait timeout" in text:
+    if _LOCK_WAIT_CODE.search(text) or "lock wait timeout" in text:
         return LOCK_WAIT_TIMEOUT
     return None
 

@@ -284,3 +284,35 @@ def test_daemons_without_the_metrics_give_n_a_not_an_error() -> None:
     ]  # fmt: skip
     baseline = contention_rows([{**cell, "system": "direct-xa", "contention": {}}])[0]
     assert baseline[-3:] == ["n/a / n/a", "n/a", "n/a"]
+
+
+def test_the_figures_read_what_prometheus_client_serves() -> None:
+    # The exposition the daemons' library writes (counters with _total and _created, histograms
+    # with buckets), not a hand-written page.
+    from prometheus_client import (  # noqa: PLC0415 (only this test needs it)
+        CollectorRegistry,
+        Counter,
+        Histogram,
+        generate_latest,
+    )
+
+    registry = CollectorRegistry()
+    cycles = Counter("twopc_deadlock_cycles", "cycles", registry=registry)
+    victims = Counter("twopc_deadlock_victims", "victims", registry=registry)
+    broken = Histogram(
+        "twopc_deadlock_break_seconds", "break", buckets=(0.01, 0.1, 1.0), registry=registry
+    )
+    cycles.inc(2)
+    before = parse_prometheus_text(generate_latest(registry).decode())
+    cycles.inc(3)
+    victims.inc(3)
+    for seconds in (0.05, 0.05, 0.5):
+        broken.observe(seconds)
+    after = parse_prometheus_text(generate_latest(registry).decode())
+    figures = contention_figures((before, after), None)
+    assert figures["deadlock_cycles"] == 3.0
+    assert figures["deadlock_victims"] == 3.0
+    assert figures["deadlock_break"]["count"] == 3.0
+    assert figures["deadlock_break"]["mean_s"] == pytest.approx(0.2)
+    assert 0.1 < figures["deadlock_break"]["p99_s"] <= 1.0
+    assert figures["agent_lock_hold"] is None

@@ -138,7 +138,7 @@ def test_contended_workloads_run_end_and_conserve(tmp_path: Path) -> None:
             "--warmup=0.3",
             "--accounts=100",
             "--hot-accounts=3",
-            "--lock-wait-timeout=2",
+            "--lock-wait-timeout=1",
             "--regions=eu,us",
             f"--dir={directory}",
             f"--out={out}",
@@ -158,7 +158,14 @@ def test_contended_workloads_run_end_and_conserve(tmp_path: Path) -> None:
     }  # fmt: skip
     for (workload, rtt, system), cell in cells.items():
         where = f"{workload} {system} at {rtt} ms"
-        assert cell["committed"] > 0, where
+        if (workload, system) == ("transfer2-hot", "twopc"):
+            # twopc sends both branches at once: two transfers can lock a hot row each in
+            # different regions and wait on each other until the lock-wait timeout, so a short
+            # window may hold no commit at all; it must still have run and ended.
+            worked = cell["committed"] + cell["aborted"] + cell["stuck_at_end"]
+            assert worked > 0, f"{where}: nothing ran"
+        else:
+            assert cell["committed"] > 0, where
         assert cell["check"]["ok"], f"{where}: not conserved: {cell['check']}"
         assert cell["check"]["prepared_left"] == {}, where
         assert cell["check"]["stragglers"] == 0, f"{where}: a worker did not end"

@@ -8,8 +8,9 @@ and the injected network allow:
 
 - the client round trip: a GetTransaction that the coordinator refuses at once (the txid names
   another coordinator), over the same link the benchmark's clients use;
-- the agent round trip: GetInfo to each agent through its ``coordinator-agent-<region>`` link,
-  which carries the injected latency;
+- the agent round trip: GetInfo to each agent at the address the coordinator uses in the cell
+  (``bench.paths``: its own with no injected latency, else its ``coordinator-agent-<region>``
+  link, which carries the latency);
 - the fsync: an ``fdatasync`` of a small append in the coordinator's data directory.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +53,12 @@ class Floor:
         }
 
 
-def measure_floor(cluster: Cluster, probes: int = PROBES) -> Floor:
-    """The floor with the cluster's transport as it is (TLS, or plaintext)."""
+def measure_floor(
+    cluster: Cluster, agents: Mapping[str, str] | None = None, probes: int = PROBES
+) -> Floor:
+    """The floor with the cluster's transport as it is (TLS, or plaintext), each agent reached
+    at ``agents[region]`` (default: where the coordinator reaches it now)."""
+    agents = agents if agents is not None else cluster.agent_addresses()
     with cluster.channel(cluster.coordinator_address, identity=CLIENT) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         request = pb.GetTransactionRequest(txid=_OTHER_COORDINATORS_TXID)
@@ -66,17 +71,12 @@ def measure_floor(cluster: Cluster, probes: int = PROBES) -> Floor:
                     raise
 
         client_ms = _median_ms(refused, probes)
-    agents_ms = max(_agent_round_trip_ms(cluster, region, probes) for region in cluster.regions)
+    agents_ms = max(_agent_round_trip_ms(cluster, agents[r], probes) for r in cluster.regions)
     fsync_ms = _fsync_ms(Path(cluster.component("coordinator").data_dir), probes)
     return Floor(client_ms, agents_ms, fsync_ms)
 
 
-def _agent_round_trip_ms(cluster: Cluster, region: str, probes: int) -> float:
-    link = f"coordinator-agent-{region}"
-    address = next(
-        (x.listen for x in cluster.links if x.name == link),
-        cluster.component(f"agent-{region}").address,
-    )
+def _agent_round_trip_ms(cluster: Cluster, address: str, probes: int) -> float:
     with cluster.channel(address, identity=COORDINATOR) as channel:  # as the coordinator calls
         stub = pb_grpc.ParticipantStub(channel)
         return _median_ms(lambda: stub.GetInfo(pb.GetInfoRequest(), timeout=5), probes)

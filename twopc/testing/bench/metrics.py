@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +37,25 @@ from coordinator.decision_log._format import (
 )
 
 __all__ = [
+    "DEADLOCK",
+    "LOCK_WAIT_TIMEOUT",
+    "STUCK_S",
     "CellResult",
     "LogSyncs",
+    "Scrape",
     "Tally",
     "TcpSocket",
+    "contention_figures",
+    "contention_rows",
     "count_time_wait",
     "cpu_seconds",
+    "failure_kind",
+    "format_contention",
     "format_table",
+    "histogram_quantile",
     "in_time_wait",
     "parse_proc_net_tcp",
+    "parse_prometheus_text",
     "parse_stat_ticks",
     "parse_vm_hwm_kb",
     "peak_rss_kb",
@@ -51,6 +63,7 @@ __all__ = [
     "percentile",
     "ratio",
     "reset_peak_rss",
+    "scrape",
     "time_wait_by_name",
     "time_wait_sockets",
 ]
@@ -90,6 +103,26 @@ def per_thousand(amount: float, transactions: int) -> float | None:
     return amount * 1000 / transactions
 
 
+DEADLOCK, LOCK_WAIT_TIMEOUT = "deadlock", "lock wait timeout"
+STUCK_S = 1.0  # a transaction in flight at the window's end for this long is waiting
+# MariaDB's error codes as a failure's text carries them: "1213 Deadlock found ..." from the
+# driver, "statement 1 failed: (1205) [database message not logged]" in twopc's abort message.
+_DEADLOCK_CODE = re.compile(r"(?<![\d.])1213(?![\d.])")
+_LOCK_WAIT_CODE = re.compile(r"(?<![\d.])1205(?![\d.])")
+
+
+def failure_kind(reason: str) -> str | None:
+    """``DEADLOCK`` or ``LOCK_WAIT_TIMEOUT`` when ``reason`` (a failure's text, a MariaDB error
+    as ``<code> <message>`` or twopc's abort message, which carries the branch's error) says
+    so; None otherwise."""
+    text = reason.lower()
+    if _DEADLOCK_CODE.search(text) or "deadlock" in text:
+        return DEADLOCK
+    if _LOCK_WAIT_CODE.search(text) or "lock wait timeout" in text:
+        return LOCK_WAIT_TIMEOUT
+    return None
+
+
 @dataclass
 class Tally:
     """What one worker saw in the measured window (merged across workers afterwards).
@@ -103,6 +136,14 @@ class Tally:
         unknown: logical transactions whose outcome the client did not learn.
         latencies_ms: per committed transaction, first attempt to commit, retries included.
         errors: a sample of the reasons for failures, by reason.
+        deadlocks: failures the database (or twopc) reported as a deadlock.
+        lock_wait_timeouts: failures that waited out ``innodb_lock_wait_timeout``.
+        waited_out: transactions, committed or not, that waited out a timeout: a lock-wait
+            timeout error, or as long as the transaction timeout or longer.
+        stuck: transactions in flight at the window's end that had been running for
+            ``STUCK_S`` or longer (waiting on a lock, typically): not in the other counts, which
+            are of what ended in the window. (Each worker has one transaction in flight then;
+            a healthy one is a few milliseconds old.)
     """
 
     attempts: int = 0
@@ -113,8 +154,35 @@ class Tally:
     unknown: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    deadlocks: int = 0
+    lock_wait_timeouts: int = 0
+    waited_out: int = 0
+    stuck: int = 0
+
+    def note_outcome(self, reason: str | None, seconds: float, tx_timeout_s: float) -> None:
+        """Counts one finished transaction that took ``seconds``: ``reason`` is why it failed
+        (None: it committed)."""
+        kind = failure_kind(reason) if reason is not None else None
+        if kind == DEADLOCK:
+            self.deadlocks += 1
+        elif kind == LOCK_WAIT_TIMEOUT:
+            self.lock_wait_timeouts += 1
+        if kind == LOCK_WAIT_TIMEOUT or seconds >= tx_timeout_s:
+            self.waited_out += 1
+
+    @classmethod
+    def merged(cls, tallies: Iterable[Tally]) -> Tally:
+        """One tally of all of ``tallies``."""
+        total = cls()
+        for one in tallies:
+            total.merge(one)
+        return total
 
     def merge(self, other: Tally) -> None:
+        self.deadlocks += other.deadlocks
+        self.lock_wait_timeouts += other.lock_wait_timeouts
+        self.waited_out += other.waited_out
+        self.stuck += other.stuck
         self.attempts += other.attempts
         self.committed += other.committed
         self.conflicts += other.conflicts
@@ -337,6 +405,163 @@ def _walk_batches(data: bytes, base: int, *, skip_first: bool = False) -> tuple[
     return base + at, synced
 
 
+# --- the daemons' Prometheus metrics: deadlocks and lock holds --------------------------------
+
+# Counters and histograms the coordinator and the agents may serve (a daemon that does not, an
+# older one, gives "n/a" in the report: the benchmark reads them, never requires them).
+DEADLOCK_CYCLES = "twopc_deadlock_cycles_total"
+DEADLOCK_VICTIMS = "twopc_deadlock_victims_total"
+DEADLOCK_BREAK = "twopc_deadlock_break_seconds"
+LOCK_HOLD = "twopc_agent_branch_lock_hold_seconds"
+WATCHED = (DEADLOCK_CYCLES, DEADLOCK_VICTIMS, DEADLOCK_BREAK, LOCK_HOLD)
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """What one scrape of a Prometheus text endpoint gave: each sample summed over its labels
+    (``le`` apart), and each histogram's cumulative buckets by upper bound."""
+
+    samples: Mapping[str, float]
+    buckets: Mapping[str, Mapping[float, float]]
+
+    def plus(self, other: Scrape) -> Scrape:
+        """Both scrapes summed (several agents' endpoints as one)."""
+        samples = dict(self.samples)
+        for name, value in other.samples.items():
+            samples[name] = samples.get(name, 0.0) + value
+        buckets = {name: dict(b) for name, b in self.buckets.items()}
+        for name, bounds in other.buckets.items():
+            mine = buckets.setdefault(name, {})
+            for le, value in bounds.items():
+                mine[le] = mine.get(le, 0.0) + value
+        return Scrape(samples, buckets)
+
+
+EMPTY_SCRAPE = Scrape({}, {})
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)")
+
+
+def parse_prometheus_text(text: str, wanted: Sequence[str] = WATCHED) -> Scrape:
+    """The samples of the metric families ``wanted`` in Prometheus text exposition ``text``.
+
+    ``name`` (a counter given as ``name`` or ``name_total``), ``name_count``, ``name_sum`` and
+    ``name_bucket`` (by ``le``) are kept; the rest of the page is ignored, as are lines that do
+    not parse."""
+    roots = {w.removesuffix("_total") for w in wanted}
+    samples: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        name, labels, value_text = match.group(1), match.group(2) or "", match.group(3)
+        base = name
+        for suffix in ("_bucket", "_count", "_sum", "_total", "_created"):
+            if name.endswith(suffix):
+                base = name.removesuffix(suffix)
+                break
+        if base not in roots or name.endswith("_created"):
+            continue
+        if name in roots and f"{name}_total" in wanted:
+            name = f"{name}_total"  # a counter written without its suffix
+        try:
+            value = float(value_text)
+        except ValueError:
+            continue
+        if name.endswith("_bucket"):
+            le = _label(labels, "le")
+            if le is None:
+                continue
+            bound = math.inf if le == "+Inf" else float(le)
+            family = buckets.setdefault(base, {})
+            family[bound] = family.get(bound, 0.0) + value
+        else:
+            samples[name] = samples.get(name, 0.0) + value
+    return Scrape(samples, buckets)
+
+
+def _label(labels: str, key: str) -> str | None:
+    for pair in labels.split(","):
+        name, _, value = pair.partition("=")
+        if name.strip() == key:
+            return value.strip().strip('"')
+    return None
+
+
+def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """The ``q`` quantile (0-1) of a histogram's cumulative ``buckets`` (upper bound -> count),
+    interpolated linearly inside the bucket as Prometheus does; None when it holds nothing. A
+    quantile in the ``+Inf`` bucket is the highest finite bound."""
+    ordered = sorted(buckets.items())
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = q * ordered[-1][1]
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if math.isinf(bound):
+                return previous_bound
+            if count == previous_count:
+                return bound
+            return previous_bound + (bound - previous_bound) * (rank - previous_count) / (
+                count - previous_count
+            )
+        previous_bound, previous_count = bound, count
+    return previous_bound
+
+
+def _delta(before: Scrape, after: Scrape, name: str) -> float | None:
+    if name not in after.samples:
+        return None
+    return after.samples[name] - before.samples.get(name, 0.0)
+
+
+def _histogram_delta(before: Scrape, after: Scrape, family: str) -> dict[str, float | None] | None:
+    count = _delta(before, after, f"{family}_count")
+    if count is None:
+        return None
+    total = _delta(before, after, f"{family}_sum") or 0.0
+    window = {
+        le: value - before.buckets.get(family, {}).get(le, 0.0)
+        for le, value in after.buckets.get(family, {}).items()
+    }
+    return {
+        "count": count,
+        "mean_s": total / count if count > 0 else None,
+        "p99_s": histogram_quantile(0.99, window) if count > 0 else None,
+    }
+
+
+def contention_figures(
+    coordinator: tuple[Scrape, Scrape] | None, agents: tuple[Scrape, Scrape] | None
+) -> dict[str, Any]:
+    """The deadlock and lock-hold figures of one measured window from the scrapes at its start
+    and end (None: not scraped, e.g. a baseline, or the daemons serve no metrics). A figure the
+    daemons do not serve is None ("n/a")."""
+    coord_before, coord_after = coordinator or (EMPTY_SCRAPE, EMPTY_SCRAPE)
+    agents_before, agents_after = agents or (EMPTY_SCRAPE, EMPTY_SCRAPE)
+    return {
+        "deadlock_cycles": _delta(coord_before, coord_after, DEADLOCK_CYCLES),
+        "deadlock_victims": _delta(coord_before, coord_after, DEADLOCK_VICTIMS),
+        "deadlock_break": _histogram_delta(coord_before, coord_after, DEADLOCK_BREAK),
+        "agent_lock_hold": _histogram_delta(agents_before, agents_after, LOCK_HOLD),
+    }
+
+
+def scrape(url: str, timeout: float = 5.0) -> Scrape:
+    """Scrapes one endpoint; an empty scrape when there is none (``url`` "") or it does not
+    answer (the figures are then "n/a", not a failed cell)."""
+    if not url:
+        return EMPTY_SCRAPE
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 (loopback http)
+            return parse_prometheus_text(reply.read().decode("utf-8", "replace"))
+    except OSError:
+        return EMPTY_SCRAPE
+
+
 # --- results -------------------------------------------------------------------------------------
 
 
@@ -359,6 +584,12 @@ class CellResult:
     twopc_ratio: dict[str, float | None] = field(default_factory=dict)
     floor_ms: float | None = None  # twopc's latency floor at this round trip (bench.floor)
     floor_ratio: dict[str, float | None] = field(default_factory=dict)
+    # Which way the system's traffic went (bench.paths), and the bytes each proxy link carried
+    # during the run (all zero when nothing crossed the proxy).
+    path: str = ""
+    proxy_bytes: dict[str, int] = field(default_factory=dict)
+    # contention_figures of the measured window; empty: not scraped (a baseline).
+    contention: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tps(self) -> float:
@@ -397,6 +628,13 @@ class CellResult:
             "gave_up": tally.gave_up,
             "unknown": tally.unknown,
             "abort_rate": round(tally.abort_rate, 4),
+            "deadlocks": tally.deadlocks,
+            "lock_wait_timeouts": tally.lock_wait_timeouts,
+            "waited_out": tally.waited_out,
+            "stuck_at_end": tally.stuck,
+            "contention": self.contention,
+            "path": self.path,
+            "proxy_bytes": self.proxy_bytes,
             "errors": dict(sorted(tally.errors.items(), key=lambda item: -item[1])[:5]),
             "cpu_s_per_1k": {
                 name: _round(per_thousand(seconds, tally.committed), 4)
@@ -623,3 +861,71 @@ def format_tls_summary(cells: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table of ``tls_rows``; empty when no cell ran twopc both ways."""
     rows = tls_rows(cells)
     return _markdown(list(_TLS_COLUMNS), rows, text_columns={0}) if rows else ""
+
+
+# --- contention: aborts, waits and deadlocks, one row per cell ---------------------------------
+
+_CONTENTION_COLUMNS = (
+    "workload",
+    "rtt ms",
+    "clients",
+    "system",
+    "tps",
+    "p50 / p99 ms",
+    "not committed %",
+    "deadlock errors",
+    "lock-wait timeouts",
+    "waited out",
+    "stuck at end",
+    "cycles / victims",
+    "break mean / p99 ms",
+    "agent lock hold mean / p99 ms",
+)
+
+
+def _ms_pair(figure: Mapping[str, Any] | None) -> str:
+    if not figure:
+        return "n/a"
+    mean, p99 = figure.get("mean_s"), figure.get("p99_s")
+    return (
+        f"{_fmt(mean * 1000 if mean is not None else None, 1)} / "
+        f"{_fmt(p99 * 1000 if p99 is not None else None, 1)}"
+    )
+
+
+def _count(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def contention_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """One row per cell from cells' JSON: what contention cost it. The daemons' figures are
+    "n/a" for the baselines and when the daemons do not serve them."""
+    rows = []
+    for cell in cells:
+        figures = cell.get("contention") or {}
+        latency = cell["latency_ms"]
+        rows.append(
+            [
+                cell["workload"],
+                str(cell["rtt_ms"]),
+                str(cell["concurrency"]),
+                cell["system"],
+                _fmt(cell["tps"], 0),
+                f"{_fmt(latency['p50'], 1)} / {_fmt(latency['p99'], 1)}",
+                _fmt(cell["abort_rate"] * 100, 1),
+                str(cell.get("deadlocks", 0)),
+                str(cell.get("lock_wait_timeouts", 0)),
+                str(cell.get("waited_out", 0)),
+                str(cell.get("stuck_at_end", 0)),
+                f"{_count(figures.get('deadlock_cycles'))} / "
+                f"{_count(figures.get('deadlock_victims'))}",
+                _ms_pair(figures.get("deadlock_break")),
+                _ms_pair(figures.get("agent_lock_hold")),
+            ]
+        )
+    return rows
+
+
+def format_contention(cells: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of ``contention_rows``."""
+    return _markdown(list(_CONTENTION_COLUMNS), contention_rows(cells), text_columns={0, 3})

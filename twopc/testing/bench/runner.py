@@ -8,6 +8,9 @@ way on every ``coordinator-agent-<region>`` and ``client-mariadb-<region>`` link
 and the coordinator sit together, the regions are remote). Agents reach their databases and the
 benchmark reaches the coordinator directly, with no proxy in between: those hops stay inside one
 place in a real deployment, and a proxy hop would only add the proxy's CPU to twopc's bill.
+With no round trip to inject (0 ms), no system goes through the proxy at all (``bench.paths``):
+the baselines connect to each database directly and the coordinator is restarted with the
+agents' own addresses; the proxy's byte counters of each run are in the report to show it.
 
 Every gRPC hop runs mutual TLS, as the playground does. ``--tls on,off`` runs twopc both ways in
 each cell (``twopc`` and ``twopc-plaintext``, the daemons restarted with ``insecure_plaintext``
@@ -39,10 +42,14 @@ from coordinator.decision_log.file_log import LOG_NAME
 from twopc.logs import configure_logging
 from twopc.testing.bench.floor import Floor, measure_floor
 from twopc.testing.bench.metrics import (
+    STUCK_S,
     CellResult,
     LogSyncs,
+    Scrape,
     Tally,
+    contention_figures,
     cpu_seconds,
+    format_contention,
     format_summary,
     format_table,
     format_tls_summary,
@@ -50,9 +57,11 @@ from twopc.testing.bench.metrics import (
     peak_rss_kb,
     ratio,
     reset_peak_rss,
+    scrape,
     time_wait_by_name,
     time_wait_sockets,
 )
+from twopc.testing.bench.paths import Paths, choose_paths
 from twopc.testing.bench.systems import (
     BENCH_FORMAT_ID,
     SYSTEMS,
@@ -62,9 +71,16 @@ from twopc.testing.bench.systems import (
     Twopc,
     TwopcPlaintext,
     TxFailed,
+    Worker,
     make_system,
 )
-from twopc.testing.bench.workloads import WORKLOADS, Workload, make_workload, regions_needed
+from twopc.testing.bench.workloads import (
+    HOT_ACCOUNTS,
+    WORKLOADS,
+    Workload,
+    make_workload,
+    regions_needed,
+)
 from twopc.testing.chaos.proxy_service import ProxyControl
 from twopc.testing.playground.cluster import DATABASE, PROXY, STATE_FILE, Cluster, wait_until
 from twopc.txid import Xid
@@ -73,6 +89,16 @@ __all__ = ["Bench", "Settings", "add_arguments", "apply_round_trip", "run"]
 
 JSON_NAME, TABLE_NAME, PLOT_NAME = "bench.json", "bench.md", "bench.png"
 SUMMARY_NAME = "bench-summary.md"
+CONTENTION_NOTE = (
+    "Not committed: share of attempts that did not commit (a deadlock or lock-wait timeout "
+    "aborts the transaction; it is not retried). Waited out: transactions that failed with a "
+    "lock-wait timeout or took the transaction timeout or longer. Stuck at end: "
+    "transactions that had been running for 1 s or more when the measured window closed "
+    "(they count nowhere else). "
+    "Cycles, victims, break and "
+    "lock hold: from the daemons' Prometheus metrics over the measured window (n/a: not "
+    "served, or a baseline).\n\n"
+)
 # Bounds on every loop: transactions per worker per run, and how long the cluster may take to
 # settle (twopc's phase 2 runs after its early answers) before a reset.
 MAX_STEPS_PER_WORKER = 10_000_000
@@ -165,6 +191,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accounts per region (fewer make transfers collide on row locks more often)",
     )
     parser.add_argument(
+        "--hot-accounts",
+        type=int,
+        default=HOT_ACCOUNTS,
+        help=f"accounts per region that transfer2-hot moves money between (default {HOT_ACCOUNTS})",
+    )
+    parser.add_argument(
         "--max-retries", type=int, default=20, help="flash-optimistic retries per order"
     )
     parser.add_argument(
@@ -206,6 +238,7 @@ class Settings:
     tx_timeout_s: float
     seed: int
     metrics: bool = True
+    hot_accounts: int = HOT_ACCOUNTS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -215,6 +248,9 @@ class Settings:
             raise ValueError(f"the workloads need {needed} regions; --regions gives {all_regions}")
         if any(c < 1 for c in args.concurrency):
             raise ValueError("concurrency must be at least 1")
+        hot_accounts = getattr(args, "hot_accounts", HOT_ACCOUNTS)
+        if hot_accounts < 1:
+            raise ValueError("--hot-accounts must be at least 1")
         return cls(
             workloads=tuple(args.workloads),
             systems=_with_tls_modes(args.systems, getattr(args, "tls", ["on"])),
@@ -230,6 +266,7 @@ class Settings:
             tx_timeout_s=args.tx_timeout,
             seed=args.seed,
             metrics=getattr(args, "metrics", "on") == "on",
+            hot_accounts=hot_accounts,
         )
 
 
@@ -319,12 +356,7 @@ class Bench:
         self._log = LogSyncs(Path(cluster.component("coordinator").data_dir) / LOG_NAME)
         self._endpoints = Endpoints(
             coordinator=cluster.coordinator_address,
-            databases={
-                region: next(
-                    link.listen for link in cluster.links if link.name == f"client-mariadb-{region}"
-                )
-                for region in cluster.regions
-            },
+            databases={},  # per cell, from its Paths
             database=DATABASE,
             lock_wait_timeout_s=settings.lock_wait_timeout_s,
             tx_timeout_s=settings.tx_timeout_s,
@@ -332,6 +364,7 @@ class Bench:
         self.cells: list[CellResult] = []
         self.injected: dict[int, dict[str, int]] = {}  # round trip -> link -> ms each way
         self.floors: dict[int, Floor] = {}  # round trip -> twopc's latency floor
+        self.paths: dict[int, Paths] = {}  # round trip -> the addresses every system uses
         # One root connection per region for the checks between runs, kept open: a connection
         # per poll would fill TIME_WAIT with the harness's own sockets.
         self._admin_connections = contextlib.ExitStack()
@@ -342,15 +375,23 @@ class Bench:
         try:
             for workload_name in s.workloads:
                 workload = make_workload(
-                    workload_name, s.regions, accounts=s.accounts, max_retries=s.max_retries
+                    workload_name,
+                    s.regions,
+                    accounts=s.accounts,
+                    max_retries=s.max_retries,
+                    hot_accounts=s.hot_accounts,
                 )
                 workload.setup(self.cluster)
                 for rtt in s.rtt_ms:
                     self.injected[rtt] = apply_round_trip(self._proxy, self.cluster, rtt)
+                    paths = self.paths[rtt] = choose_paths(self.cluster, rtt)
                     if rtt not in self.floors:
-                        # With TLS when twopc runs with it: the floor twopc's cell is held to.
+                        for kind, how in paths.describe().items():
+                            self._say(f"paths at {rtt} ms, {kind}: {how}")
+                        # With TLS when twopc runs with it: the floor twopc's cell is held to;
+                        # the agents reached the way the coordinator reaches them in the cell.
                         self.cluster.use_plaintext(Twopc.name not in s.systems)
-                        self.floors[rtt] = measure_floor(self.cluster)
+                        self.floors[rtt] = measure_floor(self.cluster, paths.agents)
                         self._say(f"latency floor at {rtt} ms: {self.floors[rtt].as_json()}")
                     for concurrency in s.concurrency:
                         group = [
@@ -372,7 +413,9 @@ class Bench:
         s = self.settings
         leftovers = self.settle()
         workload.reset(self.cluster)
-        system = self._system(system_name, concurrency)
+        paths = self.paths[rtt]
+        system = self._system(system_name, concurrency, paths)
+        proxy_before = self._proxy_bytes()
         pids = self._pids(system)
         tw_start = in_time_wait(time_wait_sockets(), self._ports)
         rss_reset = all(reset_peak_rss(pid) for group in pids.values() for pid in group)
@@ -408,10 +451,12 @@ class Bench:
             self._sleep(max(t0 - self._clock(), 0))
             cpu_before = self._cpu(pids)
             fsyncs_before = self._log.read() if system.uses_daemons else 0
+            scrapes_before = self._scrape() if system.uses_daemons else None
             tw_before = in_time_wait(time_wait_sockets(), self._ports)
             self._sleep(max(t1 - self._clock(), 0))
             cpu_after = self._cpu(pids)
             fsyncs_after = self._log.read() if system.uses_daemons else 0
+            scrapes_after = self._scrape() if system.uses_daemons else None
             tw_end = in_time_wait(time_wait_sockets(), self._ports)
             stop.set()
             deadline = self._clock() + s.tx_timeout_s + 15
@@ -425,15 +470,8 @@ class Bench:
         tw_after = in_time_wait(time_wait_sockets(), self._ports)
         rss = {group: self._peak_rss(p) for group, p in pids.items()}
         unsettled = self.settle()
-        tally = Tally()
-        for one in tallies:
-            tally.merge(one)
-        cpu = {
-            group: cpu_after[group] - cpu_before[group]
-            for group in ("coordinator", "agents", "mariadb", "proxy", "bench")
-        }
-        if not system.uses_daemons:
-            cpu["coordinator"] = cpu["agents"] = 0.0
+        tally = Tally.merged(tallies)
+        cpu = _cpu_used(cpu_before, cpu_after, daemons=system.uses_daemons)
         cell = CellResult(
             workload=workload.name,
             system=system_name,
@@ -441,7 +479,7 @@ class Bench:
             concurrency=concurrency,
             window_s=t1 - t0,  # the workers count what ended in [t0, t1]
             tally=tally,
-            cpu_s=dict(cpu),
+            cpu_s=cpu,
             peak_rss_kb={
                 "coordinator": rss["coordinator"] if system.uses_daemons else None,
                 "agents": rss["agents"] if system.uses_daemons else None,
@@ -456,6 +494,9 @@ class Bench:
                 "new_in_run_by_port": time_wait_by_name(tw_after - tw_start, self._ports),
             },
             connections_opened=connections,
+            path=paths.describe()["twopc" if system.uses_daemons else "baselines"],
+            proxy_bytes=self._proxy_bytes_since(proxy_before),
+            contention=_contention(scrapes_before, scrapes_after),
             check={
                 **workload.check(self.cluster),
                 "prepared_left": unsettled,
@@ -468,12 +509,18 @@ class Bench:
         self._say(_progress(cell))
         return cell
 
-    def _system(self, name: str, concurrency: int) -> System:
-        """The system ``name``, connected; twopc's daemons first (re)started with TLS, or in
-        plaintext for ``twopc-plaintext``, when they do not run so already."""
+    def _system(self, name: str, concurrency: int, paths: Paths) -> System:
+        """The system ``name``, connected the way ``paths`` says; twopc's daemons first
+        (re)started with TLS, or in plaintext for ``twopc-plaintext``, and the coordinator with
+        the agents' addresses of ``paths``, when they do not run so already."""
         if name in (Twopc.name, TwopcPlaintext.name):
+            self.cluster.use_agent_addresses(None if paths.proxied else paths.agents)
             self.cluster.use_plaintext(name == TwopcPlaintext.name)
-        endpoints = replace(self._endpoints, coordinator_tls=self.cluster.client_tls())
+        endpoints = replace(
+            self._endpoints,
+            databases=dict(paths.databases),
+            coordinator_tls=self.cluster.client_tls(),
+        )
         return make_system(
             name, endpoints, concurrency=concurrency, wait_for_phase2=self.settings.wait_phase2
         )
@@ -503,31 +550,19 @@ class Bench:
                 # that their closing connections are not counted in it); the deadline is a bound.
                 if stop.is_set() or self._clock() >= deadline:
                     return
-                scratch = Tally()
                 began = self._clock()
-                failed = False
-                try:
-                    workload.step(worker, rng, scratch)
-                except TxFailed as err:
-                    failed = True
-                    if err.kind == "unknown":
-                        scratch.unknown += 1
-                    elif err.kind == "gave_up":
-                        scratch.gave_up += 1
-                    else:
-                        scratch.aborted += 1
-                    scratch.note_error(err.reason)
-                except Exception as err:  # a driver error the system did not wrap: count it
-                    failed = True
-                    scratch.aborted += 1
-                    scratch.note_error(f"{type(err).__name__}: {err}")
+                scratch, reason, unwrapped = _attempt(workload, worker, rng)
+                if unwrapped:
                     stop.wait(0.01)  # no hot loop on a broken worker
                 ended = self._clock()
-                if not failed:
+                scratch.note_outcome(reason, ended - began, self.settings.tx_timeout_s)
+                if reason is None:
                     scratch.committed += 1
                     scratch.latencies_ms.append((ended - began) * 1000)
                 if t0 <= ended <= t1:
                     tally.merge(scratch)
+                elif began <= t1 - STUCK_S and ended > t1:
+                    tally.stuck += 1  # still waiting when the window closed
         finally:
             worker.close()
 
@@ -607,6 +642,24 @@ class Bench:
             "bench": [os.getpid()],
         }
 
+    def _proxy_bytes_since(self, before: dict[str, int]) -> dict[str, int]:
+        after = self._proxy_bytes()
+        return {name: after.get(name, 0) - value for name, value in before.items()}
+
+    def _proxy_bytes(self) -> dict[str, int]:
+        """Bytes each proxy link carried so far, both ways."""
+        return {
+            name: int(link.bytes_up + link.bytes_down) for name, link in self._proxy.links().items()
+        }
+
+    def _scrape(self) -> tuple[Scrape, Scrape]:
+        """The coordinator's metrics, and the agents' summed."""
+        coordinator = scrape(self.cluster.component("coordinator").metrics_url)
+        agents = Scrape({}, {})
+        for region in self.cluster.regions:
+            agents = agents.plus(scrape(self.cluster.component(f"agent-{region}").metrics_url))
+        return coordinator, agents
+
     @staticmethod
     def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
         return {group: sum(cpu_seconds(p) or 0.0 for p in plist) for group, plist in pids.items()}
@@ -615,6 +668,53 @@ class Bench:
     def _peak_rss(pids: list[int]) -> int | None:
         values = [v for v in (peak_rss_kb(p) for p in pids) if v is not None]
         return sum(values) if values else None
+
+
+def _attempt(
+    workload: Workload, worker: Worker, rng: random.Random
+) -> tuple[Tally, str | None, bool]:
+    """One logical transaction of ``workload``: its tally, why it failed (None: it committed),
+    and whether the failure was a driver error the system did not wrap."""
+    scratch = Tally()
+    try:
+        workload.step(worker, rng, scratch)
+    except TxFailed as err:
+        if err.kind == "unknown":
+            scratch.unknown += 1
+        elif err.kind == "gave_up":
+            scratch.gave_up += 1
+        else:
+            scratch.aborted += 1
+        scratch.note_error(err.reason)
+        return scratch, err.reason, False
+    except Exception as err:  # a driver error the system did not wrap: count it
+        scratch.aborted += 1
+        reason = f"{type(err).__name__}: {err}"
+        scratch.note_error(reason)
+        return scratch, reason, True
+    return scratch, None, False
+
+
+def _cpu_used(
+    before: dict[str, float], after: dict[str, float], *, daemons: bool
+) -> dict[str, float | None]:
+    """CPU seconds per group of processes over the window; the daemons' count only when the
+    system uses them."""
+    used: dict[str, float | None] = {
+        group: after[group] - before[group]
+        for group in ("coordinator", "agents", "mariadb", "proxy", "bench")
+    }
+    if not daemons:
+        used["coordinator"] = used["agents"] = 0.0
+    return used
+
+
+def _contention(
+    before: tuple[Scrape, Scrape] | None, after: tuple[Scrape, Scrape] | None
+) -> dict[str, Any]:
+    if before is None or after is None:
+        return {}
+    return contention_figures((before[0], after[0]), (before[1], after[1]))
 
 
 def add_ratios(group: Sequence[CellResult], floor: Floor | None = None) -> None:
@@ -649,7 +749,8 @@ def _progress(cell: CellResult) -> str:
     return (
         f"{cell.workload:<17} rtt {cell.rtt_ms:>3} ms  c {cell.concurrency:>4}  "
         f"{cell.system:<13} {cell.tps:>8.0f} tps  p50 {ms(cell.latency(50))}  "
-        f"p99 {ms(cell.latency(99))} ms  not committed {cell.tally.abort_rate:6.1%}  {check}"
+        f"p99 {ms(cell.latency(99))} ms  not committed {cell.tally.abort_rate:6.1%}  "
+        f"waited out {cell.tally.waited_out}  stuck {cell.tally.stuck}  {check}"
     )
 
 
@@ -673,6 +774,7 @@ def report(
         "settings": asdict(bench.settings),
         "injected_latency_ms_each_way": {str(k): v for k, v in bench.injected.items()},
         "latency_floor_ms": {str(k): v.as_json() for k, v in bench.floors.items()},
+        "paths": {str(k): v.describe() for k, v in bench.paths.items()},
         "complete": complete,
         "cells": cells,
     }
@@ -696,13 +798,19 @@ def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, Path | No
         "(connections the run's workers opened and closed); twopc÷: twopc's figure divided "
         "by this system's.\n\n"
     )
+    for rtt, described in (data.get("paths") or {}).items():
+        header += f"Paths at {rtt} ms: " + "; ".join(f"{k}: {v}" for k, v in described.items())
+        header += ".\n\n"
     if not data["complete"]:
         header += "**Interrupted: these are the cells measured before the interruption.**\n\n"
     paths[1].write_text(header + format_table(data["cells"]) + "\n")
     tls_summary = format_tls_summary(data["cells"])
     if tls_summary:
         tls_summary = "\n\n## twopc with and without mutual TLS\n\n" + tls_summary
-    (out / SUMMARY_NAME).write_text(header + format_summary(data["cells"]) + tls_summary + "\n")
+    contention = "\n\n## Contention\n\n" + CONTENTION_NOTE + format_contention(data["cells"])
+    (out / SUMMARY_NAME).write_text(
+        header + format_summary(data["cells"]) + tls_summary + contention + "\n"
+    )
     title = f"twopc bench ({'wait for phase 2' if settings['wait_phase2'] else 'early answer'})"
     drawn = plot_cells(data["cells"], paths[2], title=title)
     return paths[0], paths[1], paths[2] if drawn else None
@@ -755,6 +863,7 @@ def run(args: argparse.Namespace) -> int:
     json_path, table_path, plot_path = write_report(data, args.out)
     say("\n" + format_table(data["cells"]))
     say("\n" + format_summary(data["cells"]))
+    say("\n" + format_contention(data["cells"]))
     if tls_summary := format_tls_summary(data["cells"]):
         say("\ntwopc with and without mutual TLS:\n" + tls_summary)
     say(f"\nreport: {json_path}\ntable: {table_path}")

@@ -13,11 +13,24 @@
   Interactive, since the decision comes in the middle.
 - ``read-mostly``: 90 % read-only transactions reading an account in each of the first two
   regions, 10 % ``transfer2``.
+- ``transfer2-hot``: ``transfer2`` between the first ``hot_accounts`` accounts of each region
+  only (4 by default): every transaction contends for a few rows. The branches run in the
+  regions' order whichever way the money goes (a fixed order: the baselines, which send one
+  branch after the other, cannot wait on each other in a cycle; twopc sends them at once).
+- ``flash-sale-2region``: a flash sale across two regions: lock the hot stock row in the first
+  region (``SELECT ... FOR UPDATE``) and take one unit, then in the second debit the buyer's
+  wallet (``wallets``, ``accounts`` of them) by the price and insert the order. One-shot, stock
+  branch first.
 
 The accounts (``accounts``, 10,000 per region by default) and the stock (``stock`` in the first
 region, ``orders`` in the second) are InnoDB tables in the cluster's database, set up once and reset
 before each system's run through root connections. ``check`` tells whether the money (or the
-stock) was conserved: sum of balances unchanged; units sold = order rows = version bumps.
+stock) was conserved: sum of balances unchanged; units sold = order rows = version bumps (and,
+for ``flash-sale-2region``, the wallets paid exactly the price of each unit sold).
+
+Contended transactions fail: a deadlock or a lock-wait timeout aborts the transaction, which is
+counted as not committed and not retried (the next transaction is a new one), for every system
+alike: the report shows the aborts rather than hiding them behind retries.
 """
 
 from __future__ import annotations
@@ -35,8 +48,10 @@ __all__ = [
     "WORKLOADS",
     "FlashOptimistic",
     "FlashPessimistic",
+    "FlashSale2Region",
     "ReadMostly",
     "Transfer2",
+    "Transfer2Hot",
     "Transfer3",
     "Workload",
     "make_workload",
@@ -46,6 +61,9 @@ __all__ = [
 INITIAL_BALANCE = 1000
 INITIAL_STOCK = 10**12
 HOT_SKU = 1
+HOT_ACCOUNTS = 4
+INITIAL_WALLET = 10**12
+PRICE = 7
 # Schema changes and resets wait at most this long for a lock (a leftover branch must not hang
 # the run).
 _RESET_LOCK_WAIT_S = 20
@@ -57,6 +75,9 @@ ACCOUNTS_SCHEMA = (
 STOCK_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS stock "
     "(sku INT PRIMARY KEY, qty BIGINT NOT NULL, version BIGINT NOT NULL) ENGINE=InnoDB"
+)
+WALLETS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS wallets (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=InnoDB"
 )
 ORDERS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, "
@@ -99,12 +120,22 @@ class Workload(ABC):
     name: ClassVar[str]
     regions_needed: ClassVar[int] = 2
 
-    def __init__(self, regions: Sequence[str], *, accounts: int = 10_000, max_retries: int = 20):
+    def __init__(
+        self,
+        regions: Sequence[str],
+        *,
+        accounts: int = 10_000,
+        max_retries: int = 20,
+        hot_accounts: int = HOT_ACCOUNTS,
+    ):
         if len(regions) < self.regions_needed:
             raise ValueError(f"{self.name} needs {self.regions_needed} regions, got {regions}")
+        if hot_accounts < 1 or accounts < 1:
+            raise ValueError("accounts and hot accounts must be at least 1")
         self.regions = list(regions[: self.regions_needed])
         self.accounts = accounts
         self.max_retries = max_retries
+        self.hot_accounts = min(hot_accounts, accounts)
 
     @abstractmethod
     def setup(self, cluster: Cluster) -> None:
@@ -168,6 +199,28 @@ class Transfer2(_Accounts):
 
     def step(self, worker: Worker, rng: random.Random, tally: Tally) -> None:
         work = self.transfer_work(rng, self.regions)
+        tally.attempts += 1
+        worker.run(work)
+
+
+class Transfer2Hot(_Accounts):
+    """``transfer2`` between the first ``hot_accounts`` accounts of each region, branches in the
+    regions' order."""
+
+    name = "transfer2-hot"
+
+    def hot_transfer_work(self, rng: random.Random) -> Work:
+        source = rng.choice(self.regions)
+        amount = rng.randint(1, 50)
+        return {
+            region: [
+                (DEBIT if region == source else CREDIT, [amount, rng.randrange(self.hot_accounts)])
+            ]
+            for region in self.regions  # a fixed order, whichever way the money goes
+        }
+
+    def step(self, worker: Worker, rng: random.Random, tally: Tally) -> None:
+        work = self.hot_transfer_work(rng)
         tally.attempts += 1
         worker.run(work)
 
@@ -293,15 +346,80 @@ class FlashOptimistic(_Flash):
         raise TxFailed("gave_up", f"still in conflict after {self.max_retries} retries")
 
 
+class FlashSale2Region(_Flash):
+    """The hot stock row in the first region, the buyers' wallets and orders in the second."""
+
+    name = "flash-sale-2region"
+
+    def setup(self, cluster: Cluster) -> None:
+        super().setup(cluster)
+        _admin(cluster, self.orders_region, [WALLETS_SCHEMA])
+
+    def reset(self, cluster: Cluster) -> None:
+        super().reset(cluster)
+        _admin(
+            cluster,
+            self.orders_region,
+            ["DELETE FROM wallets"],
+            rows=(
+                "INSERT INTO wallets (id, balance) VALUES (%s, %s)",
+                [(i, INITIAL_WALLET) for i in range(self.accounts)],
+            ),
+        )
+
+    def sale_work(self, rng: random.Random) -> Work:
+        buyer = rng.randrange(self.accounts)
+        return {
+            self.stock_region: [
+                ("SELECT qty FROM stock WHERE sku = %s FOR UPDATE", [HOT_SKU]),
+                (
+                    "UPDATE stock SET qty = qty - 1, version = version + 1 WHERE sku = %s",
+                    [HOT_SKU],
+                ),
+            ],
+            self.orders_region: [
+                ("UPDATE wallets SET balance = balance - %s WHERE id = %s", [PRICE, buyer]),
+                ("INSERT INTO orders (sku, customer) VALUES (%s, %s)", [HOT_SKU, buyer]),
+            ],
+        }
+
+    def step(self, worker: Worker, rng: random.Random, tally: Tally) -> None:
+        work = self.sale_work(rng)
+        tally.attempts += 1
+        worker.run(work)
+
+    def check(self, cluster: Cluster) -> dict[str, Any]:
+        result = super().check(cluster)
+        paid = INITIAL_WALLET * self.accounts - _scalar(
+            cluster, self.orders_region, "SELECT COALESCE(SUM(balance), 0) FROM wallets"
+        )
+        result["paid"] = paid
+        result["ok"] = result["ok"] and paid == PRICE * result["sold"]
+        return result
+
+
 _KINDS: dict[str, type[Workload]] = {
     kind.name: kind
-    for kind in (Transfer2, Transfer3, FlashPessimistic, FlashOptimistic, ReadMostly)
+    for kind in (
+        Transfer2,
+        Transfer3,
+        FlashPessimistic,
+        FlashOptimistic,
+        ReadMostly,
+        Transfer2Hot,
+        FlashSale2Region,
+    )
 }
 WORKLOADS = tuple(_KINDS)
 
 
 def make_workload(
-    name: str, regions: Sequence[str], *, accounts: int = 10_000, max_retries: int = 20
+    name: str,
+    regions: Sequence[str],
+    *,
+    accounts: int = 10_000,
+    max_retries: int = 20,
+    hot_accounts: int = HOT_ACCOUNTS,
 ) -> Workload:
     """The workload called ``name`` (one of ``WORKLOADS``).
 
@@ -310,7 +428,9 @@ def make_workload(
     """
     if name not in _KINDS:
         raise ValueError(f"unknown workload {name!r}; the workloads are {', '.join(WORKLOADS)}")
-    return _KINDS[name](regions, accounts=accounts, max_retries=max_retries)
+    return _KINDS[name](
+        regions, accounts=accounts, max_retries=max_retries, hot_accounts=hot_accounts
+    )
 
 
 def regions_needed(names: Sequence[str]) -> int:

@@ -92,6 +92,8 @@ PROXY = "proxy"
 TEST_COORDINATOR_ID = "elsewhere"
 DEFAULT_IDENTITIES: Mapping[str, Sequence[str]] = {CLIENT: ["*"], OTHER_APP: ["*"]}
 CLIENT_LINK = "client-coordinator"
+# Overrides the coordinator's participants table (its agents' addresses).
+PARTICIPANTS_ENV = "TWOPC_COORDINATOR_PARTICIPANTS"
 STOP_TIMEOUT_S = 10.0  # a graceful stop's bound: SIGKILL after it
 # The directory that holds the ``twopc`` package (this file is twopc/testing/playground/cluster.py):
 # the daemons get it first on PYTHONPATH, so that they run this checkout's code.
@@ -516,6 +518,43 @@ class Cluster:
         self.save()
         for name in daemons:
             self.restart(name, timeout=timeout)
+
+    def use_agent_addresses(
+        self, addresses: Mapping[str, str] | None, timeout: float = 60.0
+    ) -> bool:
+        """Restarts the coordinator so that it reaches each agent at ``addresses`` (region ->
+        host:port, through ``TWOPC_COORDINATOR_PARTICIPANTS`` over its configuration file), or
+        at the configured ones again (None), when it does not already. The benchmark gives the
+        agents' own addresses, past the proxy, for cells with no injected latency.
+
+        Returns:
+            Whether the coordinator was restarted.
+        """
+        component = self.components["coordinator"]
+        wanted = ",".join(f"{r}={a}" for r, a in addresses.items()) if addresses else None
+        if component.env.get(PARTICIPANTS_ENV) == wanted:
+            return False
+        if wanted is None:
+            component.env.pop(PARTICIPANTS_ENV, None)
+        else:
+            component.env[PARTICIPANTS_ENV] = wanted
+        self.save()
+        self.restart("coordinator", timeout=timeout)
+        return True
+
+    def agent_addresses(self) -> dict[str, str]:
+        """Where the coordinator reaches each agent now: region -> host:port (the proxy's end
+        of its link, unless ``use_agent_addresses`` said otherwise)."""
+        override = self.components["coordinator"].env.get(PARTICIPANTS_ENV)
+        if override:
+            return dict(pair.split("=", 1) for pair in override.split(","))
+        links = {link.name: link.listen for link in self.links}
+        return {
+            region: links.get(
+                f"coordinator-agent-{region}", self.components[f"agent-{region}"].address
+            )
+            for region in self.regions
+        }
 
     def component(self, name: str) -> Component:
         try:

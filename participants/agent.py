@@ -54,6 +54,7 @@ from participants.calls import (
     checked_work,
 )
 from participants.config import AgentConfig
+from participants.lock_waits import LockWaits, WaitReport
 from participants.one_trip import OneTripPrepare
 from participants.safety import DatabaseChecks
 from participants.steps import BranchSteps
@@ -129,6 +130,14 @@ class Agent:
             registry=self._registry,
             steps=self._steps,
             failpoints=failpoints,
+            log=self._log,
+        )
+        self._lock_waits = LockWaits(
+            participant=self.name,
+            enabled=config.report_lock_waits,
+            registry=self._registry,
+            admin=self._admin,
+            clock=clock,
             log=self._log,
         )
         self._checks = DatabaseChecks(config, self._log)
@@ -374,6 +383,12 @@ class Agent:
                 else:
                     result[txid] = Presence.UNKNOWN
         return result
+
+    async def waits_for(self, min_wait_ms: int) -> list[WaitReport]:
+        """Lock waits of this agent's branches whose statement has run ``min_wait_ms`` at least
+        (``lock_waits``); no SQL when there is none. ``min_wait_ms`` is at least the agent's
+        ``lock_wait_report_ms``."""
+        return await self._lock_waits.report(max(min_wait_ms, self.config.lock_wait_report_ms))
 
     def counts(self) -> tuple[int, int]:
         return self._registry.counts()

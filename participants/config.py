@@ -83,6 +83,12 @@ class AgentConfig:
     max_branches: int = 2000
     default_timeout_ms: int = 30_000
     lock_wait_timeout_s: int = 10
+    # Lock waits reported to the coordinator (WaitsFor), which breaks lock cycles across
+    # participants: a statement running longer than lock_wait_report_ms makes the agent read
+    # information_schema.INNODB_LOCK_WAITS (its user then needs PROCESS, which the privilege
+    # check allows only with this on). Off: WaitsFor answers nothing, and PROCESS is refused.
+    report_lock_waits: bool = True
+    lock_wait_report_ms: int = 5
     session_idle_timeout_s: int = 600
     max_result_rows: int = 10_000
     # Bounds on one request (twopc.limits), each refused with InvalidArgument before any work.

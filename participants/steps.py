@@ -92,6 +92,10 @@ class BranchSteps:
         self._failpoints = failpoints
         self._log = log
 
+    def now(self) -> float:
+        """The agent's clock (monotonic seconds)."""
+        return self._clock()
+
     # --- starting and running statements ----------------------------------------------------------
 
     async def ensure_started(self, branch: Branch) -> None:
@@ -153,6 +157,7 @@ class BranchSteps:
                     txid=branch.txid,
                 )
             await self._failpoints.ahit("agent.mid_statement")
+            branch.running_since = self._clock()
             branch.running_statement = True
             try:
                 output = await session.execute(

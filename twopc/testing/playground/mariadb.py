@@ -644,7 +644,9 @@ def create_agent_user(
         cursor.execute(
             f"CREATE OR REPLACE USER {account.replace('%', '%%')} IDENTIFIED BY %s", [password]
         )
-        for statement in least_grants(account, [database], database, marker_table):
+        # PROCESS too: the agents report lock waits (report_lock_waits, on by default).
+        grants = least_grants(account, [database], database, marker_table, lock_waits=True)
+        for statement in grants:
             cursor.execute(statement)
     return account
 

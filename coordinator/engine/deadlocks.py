@@ -141,7 +141,8 @@ class DeadlockDetector:
             begin time of every transaction that may be a victim, and the victims being
             aborted (``TransactionManager.waiting``).
         break_deadlock: aborts a victim (txid, its cycle described, how long the cycle has
-            existed in seconds), without awaiting; False when it could not (decided meanwhile).
+            existed in seconds, the participants where it waits), without awaiting; False when
+            it could not (decided meanwhile).
         threshold_s: how long a call runs before its transaction counts as waiting.
         interval_s: the pause between two looks while nothing waits that long.
     """
@@ -150,7 +151,7 @@ class DeadlockDetector:
         self,
         ports: ParticipantPort,
         waiting: Callable[[float], tuple[set[str], dict[str, float], set[str]]],
-        break_deadlock: Callable[[str, str, float], bool],
+        break_deadlock: Callable[[str, str, float, Sequence[str]], bool],
         *,
         threshold_s: float,
         rpc_timeout_s: float,
@@ -180,7 +181,7 @@ class DeadlockDetector:
         edges: list[WaitEdge] = []
         for participant, answer in zip(sorted(participants), answers, strict=True):
             if isinstance(answer, BaseException):
-                log.debug("waits_for_failed", participant=participant, error=str(answer))
+                log.warning("waits_for_failed", participant=participant, error=str(answer))
                 continue
             edges.extend(answer)
         victims = 0
@@ -191,6 +192,7 @@ class DeadlockDetector:
                 continue
             # The cycle exists since its most recent wait began.
             wait_s = cycle.youngest_wait_ms / 1000
-            if self._break(victim, cycle.describe(), wait_s):
+            waits_on = [edge.participant for edge in cycle.edges if edge.waiter == victim]
+            if self._break(victim, cycle.describe(), wait_s, waits_on):
                 victims += 1
         return victims

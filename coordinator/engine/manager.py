@@ -1060,7 +1060,9 @@ class TransactionManager:
             and tx.txid not in self._open_commits
         )
 
-    def break_deadlock(self, txid: str, cycle: str, waited_s: float) -> bool:
+    def break_deadlock(
+        self, txid: str, cycle: str, waited_s: float, waits_on: Sequence[str] = ()
+    ) -> bool:
         """Aborts ``txid``, the victim of a lock cycle (described by ``cycle``), and rolls its
         branches back at once: an agent interrupts a statement of it blocked in a lock wait
         (KILL QUERY) before XA ROLLBACK, which frees its locks for the others of the cycle.
@@ -1070,7 +1072,9 @@ class TransactionManager:
         its votes are counted, and its decider aborts it whatever the votes (the rollbacks sent
         here may reach branches that voted PREPARED: that is safe, as no COMMIT record can be
         written for it). A decided transaction (COMMIT record, or votes counted) is never
-        touched. False when ``txid`` could not be aborted (decided or gone meanwhile)."""
+        touched. ``waits_on``: the participants where the victim waits, rolled back too (an
+        Execute in flight has not added its participant yet). False when ``txid`` could not be
+        aborted (decided or gone meanwhile)."""
         tx = self._live.get(txid)
         if tx is None:
             return False
@@ -1080,6 +1084,9 @@ class TransactionManager:
             if not self._abort_now(tx, reason):
                 return False
             self._spawn(self._roll_back(tx))
+            for participant in waits_on:
+                if participant not in tx.participants:
+                    self._spawn(self._rollback_quietly(participant, txid))
         elif self._may_be_victim(tx):
             tx.victim_of = reason
             log.info("deadlock_victim_marked", txid=txid, cycle=cycle)

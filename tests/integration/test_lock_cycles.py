@@ -144,7 +144,8 @@ def test_a_local_deadlock_is_a_retryable_conflict(live_cluster: Cluster, bank: i
             # t1 waits for row 6 before t2 asks for row 5: InnoDB then sees the cycle itself.
             deadline = time.monotonic() + 10
             while not _waiting(live_cluster, "eu") and time.monotonic() < deadline:
-                time.sleep(0.01)
+                # InnoDB refreshes INNODB_TRX only when nobody read it for 100 ms.
+                time.sleep(0.12)
             f2 = pool.submit(timed, lambda: t2.execute("eu", sql, [5]))
             results = [f1.result()[0], f2.result()[0]]
         errors = [r for r in results if isinstance(r, TwopcError)]

@@ -86,8 +86,10 @@ class AgentConfig:
     # Lock waits reported to the coordinator (WaitsFor), which breaks lock cycles across
     # participants: a statement running longer than lock_wait_report_ms makes the agent read
     # information_schema.INNODB_LOCK_WAITS (its user then needs PROCESS, which the privilege
-    # check allows only with this on). Off: WaitsFor answers nothing, and PROCESS is refused.
-    report_lock_waits: bool = True
+    # check allows only with this on). Off (the default: least privilege): WaitsFor answers
+    # nothing, PROCESS is refused, and a cycle across participants lasts until a lock wait
+    # timeout or the transaction's deadline.
+    report_lock_waits: bool = False
     lock_wait_report_ms: int = 5
     session_idle_timeout_s: int = 600
     max_result_rows: int = 10_000

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +18,7 @@ from participants.config import AgentConfig
 from participants.daemon import build_pool
 from tests.support import AGENT_ENVIRON
 from twopc.errors import TwopcError
-from twopc.testing.playground.mariadb import AGENT_USER, MariaDBInstance
+from twopc.testing.playground.mariadb import AGENT_USER, LOOPBACK, MariaDBInstance
 from twopc.txid import Xid
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,18 +38,31 @@ def _queries(database: MariaDBInstance) -> list[int]:
         return [int(row[0]) for row in cursor.fetchall()]
 
 
-def test_lock_waits_are_read_only_when_a_branch_waits(scratch_mariadb: MariaDBInstance) -> None:
-    database = scratch_mariadb
-    with database.connect("twopc") as conn, conn.cursor() as cursor:
+@pytest.fixture
+def database(scratch_mariadb: MariaDBInstance) -> Iterator[MariaDBInstance]:
+    """The scratch server with two rows to wait for, and PROCESS for the agent's user (what
+    report_lock_waits needs) during this test only: the fixture's other users run without."""
+    account = f"`{AGENT_USER}`@`{LOOPBACK}`"
+    with scratch_mariadb.connect("twopc") as conn, conn.cursor() as cursor:
         cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
         cursor.execute(f"CREATE TABLE {TABLE} (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
         cursor.execute(f"INSERT INTO {TABLE} VALUES (1, 0), (2, 0)")
+        cursor.execute(f"GRANT PROCESS ON *.* TO {account}")
+    try:
+        yield scratch_mariadb
+    finally:
+        with scratch_mariadb.connect() as conn, conn.cursor() as cursor:
+            cursor.execute(f"REVOKE PROCESS ON *.* FROM {account}")
+
+
+def test_lock_waits_are_read_only_when_a_branch_waits(database: MariaDBInstance) -> None:
     config = AgentConfig(
         name="eu",
         mysql_host=database.host,
         mysql_port=database.port,
         mysql_user=AGENT_USER,
         coordinator_ids=("waits",),
+        report_lock_waits=True,
     )
     before = len(_queries(database))
     update = StatementRequest(f"UPDATE {TABLE} SET v = v + 1 WHERE id = %s", [1])

@@ -168,3 +168,31 @@ def test_schemas_the_server_shows_beyond_the_configured_ones_are_a_finding() -> 
     assert reach_findings(["information_schema", "shop"], ["shop"]) == []
     (finding,) = reach_findings(["information_schema", "shop", "mysql", "billing"], ["shop"])
     assert "`billing`, `mysql`" in finding.what
+
+
+def test_process_is_allowed_and_granted_only_for_lock_wait_reports() -> None:
+    process = f"GRANT PROCESS ON *.* TO {USER}"
+    assert [f for f in findings(process) if "PROCESS on *.*" in f]
+    allowed = grant_findings(
+        [*LEAST, process],
+        schemas=("shop",),
+        database="shop",
+        marker_table="twopc_branch_marker",
+        lock_waits=True,
+    )
+    assert allowed == []
+    # Only PROCESS: anything else server-wide is still refused.
+    more = grant_findings(
+        [*LEAST, f"GRANT PROCESS, FILE ON *.* TO {USER}"],
+        schemas=("shop",),
+        database="shop",
+        marker_table="twopc_branch_marker",
+        lock_waits=True,
+    )
+    assert [str(f) for f in more] == [s for s in map(str, more) if "FILE on *.*" in s]
+    assert len(more) == 1
+    grants = least_grants(USER, ["shop"], "shop", "twopc_branch_marker", lock_waits=True)
+    assert grants[-1] == f"GRANT PROCESS ON *.* TO {USER}"
+    assert f"GRANT PROCESS ON *.* TO {USER}" not in least_grants(
+        USER, ["shop"], "shop", "twopc_branch_marker"
+    )

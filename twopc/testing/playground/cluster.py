@@ -332,6 +332,8 @@ class Cluster:
                         coordinator_identities=[COORDINATOR],
                     ),
                     "coordinator_ids": [coordinator_id, TEST_COORDINATOR_ID],
+                    # Lock cycles across regions are broken by the coordinator.
+                    "report_lock_waits": True,
                     **(agent_settings or {}),
                 },
             )
@@ -554,7 +556,8 @@ class Cluster:
         with self.mysql(component.region, database="") as conn, conn.cursor() as cursor:
             cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
             agent = self.components[f"agent-{component.region}"]
-            create_agent_user(conn, agent.env[AGENT_PASSWORD_ENV], DATABASE)
+            # The agents report lock waits (report_lock_waits): their user holds PROCESS.
+            create_agent_user(conn, agent.env[AGENT_PASSWORD_ENV], DATABASE, lock_waits=True)
 
     def restart(
         self,

@@ -632,20 +632,21 @@ def create_agent_user(
     user: str = AGENT_USER,
     host: str = LOOPBACK,
     marker_table: str = DEFAULT_MARKER_TABLE,
+    lock_waits: bool = False,
 ) -> str:
     """Creates (or re-creates, with this password) the database user an agent runs as, with the
     least privileges it needs on ``database`` and nothing else: rows of ``database``'s tables,
     and CREATE on its marker table (``participants.grants.least_grants``). No FILE, no SUPER,
     nothing on ``mysql.*`` or on any other schema. ``conn`` is a root connection. Returns the
-    account as written in SQL (```twopc_agent`@`127.0.0.1```)."""
+    account as written in SQL (```twopc_agent`@`127.0.0.1```). ``lock_waits``: PROCESS too,
+    for an agent that reports lock waits (``report_lock_waits``)."""
     account = f"{quote_name(user)}@{quote_name(host)}"
     with conn.cursor() as cursor:
         # The account may hold a host pattern's '%': doubled, since the password is a parameter.
         cursor.execute(
             f"CREATE OR REPLACE USER {account.replace('%', '%%')} IDENTIFIED BY %s", [password]
         )
-        # PROCESS too: the agents report lock waits (report_lock_waits, on by default).
-        grants = least_grants(account, [database], database, marker_table, lock_waits=True)
+        grants = least_grants(account, [database], database, marker_table, lock_waits=lock_waits)
         for statement in grants:
             cursor.execute(statement)
     return account

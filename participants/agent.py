@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -389,6 +389,11 @@ class Agent:
         (``lock_waits``); no SQL when there is none. ``min_wait_ms`` is at least the agent's
         ``lock_wait_report_ms``."""
         return await self._lock_waits.report(max(min_wait_ms, self.config.lock_wait_report_ms))
+
+    def observe_lock_hold(self, callback: Callable[[float], None]) -> None:
+        """``callback(seconds)`` for each committed branch: from its first statement to its
+        XA COMMIT, how long it held its locks."""
+        self._steps.on_lock_hold = callback
 
     def counts(self) -> tuple[int, int]:
         return self._registry.counts()

@@ -114,6 +114,7 @@ async def serve(
     health = Health(PARTICIPANT_SERVICE)
     probe = _DatabaseProbe()
     if metrics is not None:
+        agent.observe_lock_hold(metrics.branch_lock_hold)
         metrics.watch(
             agent, agent.pool, database_up=lambda: probe.up, serving=lambda: health.serving
         )

@@ -97,6 +97,7 @@ class OneTripPrepare:
         if writes:
             points[len(work) + 3] = "agent.after_end"
         branch.running_since = self._steps.now()
+        branch.first_statement_at = branch.first_statement_at or branch.running_since
         branch.running_statement = True
         try:
             outputs = await session.batch(statements, self._steps.pauses(branch, points))

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from twopc.client import Client, ConflictRetry, TransactionConflict
 from twopc.errors import TwopcError
-from twopc.testing.playground.cluster import Cluster
+from twopc.testing.playground.cluster import Cluster, wait_until
 from twopc.testing.playground.invariants import prepared_branches
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,9 +67,35 @@ def cycle_of_transfers(client: Client) -> list[tuple[Any, float]]:
         return [f.result() for f in futures]
 
 
+def metric(cluster: Cluster, component: str, name: str) -> float:
+    """One unlabelled sample of a daemon's metrics (0 when it is not served)."""
+    url = cluster.components[component].metrics_url
+    assert url.startswith("http://127.0.0.1:"), url
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (a loopback http URL)
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return 0.0
+
+
+DEADLOCK_METRICS = (
+    "twopc_deadlock_cycles_total",
+    "twopc_deadlock_victims_total",
+    "twopc_deadlock_break_seconds_count",
+)
+
+
 def test_a_one_shot_cycle_across_regions_is_broken_at_once(
     live_cluster: Cluster, bank: int
 ) -> None:
+    before = {name: metric(live_cluster, "coordinator", name) for name in DEADLOCK_METRICS}
+    edges = "twopc_agent_lock_wait_edges_reported_total"
+    holds = "twopc_agent_branch_lock_hold_seconds_count"
+    agents_before = {
+        (a, n): metric(live_cluster, a, n) for a in ("agent-eu", "agent-us") for n in (edges, holds)
+    }
     with live_cluster.client() as client:
         (r1, s1), (r2, s2) = cycle_of_transfers(client)
     outcomes = [r1, r2]
@@ -87,6 +115,28 @@ def test_a_one_shot_cycle_across_regions_is_broken_at_once(
     else:
         assert (balance(live_cluster, "eu", 1), balance(live_cluster, "us", 2)) == (995, 1005)
     assert not any(prepared_branches(live_cluster).values())
+    # One cycle, one victim, its break time measured; edges reported where the victim waited.
+    after = {name: metric(live_cluster, "coordinator", name) for name in DEADLOCK_METRICS}
+    assert {name: after[name] - before[name] for name in DEADLOCK_METRICS} == dict.fromkeys(
+        DEADLOCK_METRICS, 1.0
+    )
+    grew = {
+        key: metric(live_cluster, key[0], key[1]) - value for key, value in agents_before.items()
+    }
+    assert grew[("agent-eu", edges)] + grew[("agent-us", edges)] >= 1
+    # The winner's two branches committed, each with its lock hold measured (phase 2 runs after
+    # the answer: wait for it).
+    wait_until(
+        lambda: (
+            sum(
+                metric(live_cluster, a, holds) - agents_before[(a, holds)]
+                for a in ("agent-eu", "agent-us")
+            )
+            >= 2
+        ),
+        5,
+        "both branches of the winner committed",
+    )
 
 
 def test_with_conflict_retries_both_transfers_commit(live_cluster: Cluster, bank: int) -> None:

@@ -136,7 +136,8 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
             manager.waiting,
             manager.break_deadlock,
             threshold_s=config.deadlock_detect_ms / 1000,
-            rpc_timeout_s=config.rpc_timeout_s,
+            # An agent out of reach must not hold up the detection of cycles elsewhere for long.
+            rpc_timeout_s=min(config.rpc_timeout_s, 1.0),
             metrics=manager.metrics,
         )
         tasks.append(asyncio.create_task(_detect_forever(detector, config.deadlock_poll_ms)))

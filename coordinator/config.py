@@ -76,7 +76,7 @@ class CoordinatorConfig:
     # waits on whom once a call of a transaction has run deadlock_detect_ms, every
     # deadlock_poll_ms while one has; 0 turns detection off.
     deadlock_detect_ms: int = 5
-    deadlock_poll_ms: int = 2
+    deadlock_poll_ms: int = 10
     phase2_attempts: int = 8
     finished_memory: int = 100_000
     log_max_bytes: int = 64 * 1024 * 1024

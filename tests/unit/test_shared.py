@@ -669,8 +669,8 @@ def test_a_lost_lock_conflict_without_the_class_name_is_still_retryable() -> Non
     """An ABORTED status that names no class (a proxy dropped the metadata) with MySQL's deadlock
     or lock wait timeout error number maps back to TransactionConflict; without one, to
     TransactionAborted."""
-    for errno in (1213, 1205):
-        assert error_for_code("ABORTED", mysql_errno=errno) is TransactionConflict
+    for number in (1213, 1205):
+        assert error_for_code("ABORTED", mysql_errno=number) is TransactionConflict
     assert error_for_code("ABORTED", mysql_errno=1062, statement_failed=True) is StatementFailed
     assert error_for_code("ABORTED") is TransactionAborted
     assert issubclass(TransactionConflict, TransactionAborted)

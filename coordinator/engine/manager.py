@@ -136,6 +136,7 @@ class Transaction:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     counted: bool = False  # its outcome went to the metrics
     preparing_since: float = 0.0  # monotonic, when it moved to PREPARING
+    executing_on: str = ""  # the participant of its Execute in flight ("" when none)
     # Its votes were counted (no await since): too late to make it a deadlock victim.
     tallied: bool = False
     # Chosen as the victim of a lock cycle (coordinator.engine.deadlocks): the abort reason the
@@ -233,6 +234,9 @@ class TransactionManager:
         # (owner, request id) -> txid, for a request id that another identity held first (its
         # txid is then not the request id's own: see _txid_of_request).
         self._request_aliases: OrderedDict[tuple[str | None, str], str] = OrderedDict()
+        # Transactions with a call on the agents in flight (an Execute, or the prepares): the
+        # only ones that can wait for a lock, so the only ones the deadlock detector looks at.
+        self._in_flight: dict[str, Transaction] = {}
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -492,9 +496,13 @@ class TransactionManager:
             raise InvalidArgument("Execute needs at least one statement", txid=txid)
         async with tx.lock:
             tx.last_call = self._clock.monotonic()
+            self._in_flight[tx.txid] = tx
+            tx.executing_on = participant
             try:
                 return await self._execute_locked(tx, participant, statements, sequence, digest)
             finally:
+                tx.executing_on = ""
+                self._in_flight.pop(tx.txid, None)
                 tx.last_call = self._clock.monotonic()
 
     async def _execute_locked(
@@ -714,9 +722,13 @@ class TransactionManager:
         if len(tx.participants) == 1:
             await self._commit_one_phase(tx, (work or {}).get(tx.participants[0], ()))
             return
-        ballots = await asyncio.gather(
-            *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
-        )
+        self._in_flight[tx.txid] = tx
+        try:
+            ballots = await asyncio.gather(
+                *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
+            )
+        finally:
+            self._in_flight.pop(tx.txid, None)
         # From here on no deadlock victim is chosen among the votes' owner (break_deadlock): a
         # victim chosen before was marked with no await in between, and is aborted below.
         tx.tallied = True
@@ -1031,18 +1043,20 @@ class TransactionManager:
         """For the deadlock detector: the participants of the transactions whose call (an
         Execute, or the prepares) has run ``threshold_s`` or longer; when each transaction
         that may be a victim began (ACTIVE, or PREPARING with several participants and votes
-        not yet counted); and the victims still being aborted."""
+        not yet counted) among those with a call in flight; and the victims still being
+        aborted."""
         now = self._clock.monotonic()
         participants: set[str] = set()
         begun: dict[str, float] = {}
         breaking: set[str] = set()
-        for tx in self._live.values():
+        # Only a transaction with a call in flight can wait, so only those can be in a cycle.
+        for tx in self._in_flight.values():
             if tx.victim_of is not None:
                 breaking.add(tx.txid)
             elif tx.state is TxState.ACTIVE:
                 begun[tx.txid] = tx.begun
-                if tx.lock.locked() and now - tx.last_call >= threshold_s:
-                    participants.update(tx.participants)
+                if tx.executing_on and now - tx.last_call >= threshold_s:
+                    participants.add(tx.executing_on)
             elif self._may_be_victim(tx):
                 begun[tx.txid] = tx.begun
                 if now - tx.preparing_since >= threshold_s:

@@ -84,7 +84,7 @@ async def test_a_preparing_victim_is_aborted_even_when_every_branch_prepared() -
     env.clock.now += 0.05
     participants, begun, breaking = env.manager.waiting(0.005)
     assert participants == {"eu", "us"}
-    assert set(begun) == {old.txid, young.txid}
+    assert set(begun) == {young.txid}  # old has no call in flight: it waits for nothing
     assert breaking == set()
     assert env.manager.break_deadlock(young.txid, "the cycle", 0.01)
     assert not env.manager.break_deadlock(young.txid, "again", 0.01)  # once only
@@ -126,6 +126,25 @@ async def test_an_active_victim_mid_statement_is_aborted_with_the_cycle_named() 
         await executing
     await env.drain()
     assert tx.state is TxState.ABORTED
+
+
+@scenario
+async def test_an_execute_in_flight_is_looked_for_where_it_runs() -> None:
+    """An Execute on a participant the transaction has not used yet: the detector asks that
+    participant (the transaction's own list does not have it before the answer)."""
+    env = make_env(["eu", "us"])
+    tx = await env.open([("eu", WRITE)])
+    hold = env.ports.hold("execute", "us")
+    executing = asyncio.create_task(env.manager.execute(tx.txid, "us", [WRITE], 2))
+    await hold.entered.wait()
+    assert env.manager.waiting(0.005)[0] == set()  # not for long enough yet
+    env.clock.now += 0.01
+    participants, begun, _ = env.manager.waiting(0.005)
+    assert participants == {"us"}
+    assert set(begun) == {tx.txid}
+    hold.release()
+    await executing
+    assert env.manager.waiting(0.005) == (set(), {}, set())
 
 
 @scenario

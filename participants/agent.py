@@ -92,6 +92,7 @@ class Agent:
         clock: Clock = time.monotonic,
         failpoints: Failpoints | None = None,
         instance_id: str | None = None,
+        lock_waits_pool: SessionPool | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -132,11 +133,14 @@ class Agent:
             failpoints=failpoints,
             log=self._log,
         )
+        # Lock waits are read as lock_waits_user (PROCESS only) when it is set, else as the
+        # agent's own user; always on an admin session, never a branch's.
+        self._lock_waits_pool = lock_waits_pool
         self._lock_waits = LockWaits(
             participant=self.name,
             enabled=config.report_lock_waits,
             registry=self._registry,
-            admin=self._admin,
+            admin=AdminSessions(lock_waits_pool, self.name) if lock_waits_pool else self._admin,
             clock=clock,
             log=self._log,
         )
@@ -189,6 +193,8 @@ class Agent:
             finally:
                 branch.lock.release()
         self._pool.dispose()
+        if self._lock_waits_pool is not None:
+            self._lock_waits_pool.dispose()
 
     # --- RPCs -------------------------------------------------------------------------------------
 

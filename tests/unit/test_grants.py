@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from participants.config import AgentConfig
 from participants.grants import (
     GrantLevel,
     UnreadableGrant,
@@ -196,3 +197,11 @@ def test_process_is_allowed_and_granted_only_for_lock_wait_reports() -> None:
     assert f"GRANT PROCESS ON *.* TO {USER}" not in least_grants(
         USER, ["shop"], "shop", "twopc_branch_marker"
     )
+
+
+def test_the_agents_user_needs_process_only_when_it_reads_the_lock_waits_itself() -> None:
+    assert not AgentConfig().process_for_lock_waits  # off by default
+    assert AgentConfig(report_lock_waits=True).process_for_lock_waits
+    reader = AgentConfig(report_lock_waits=True, lock_waits_user="twopc_lockwait")
+    assert not reader.process_for_lock_waits
+    assert reader.lock_waits_password({"TWOPC_LOCK_WAITS_PASSWORD": "s3"}) == "s3"

@@ -24,6 +24,7 @@ from coordinator.engine.ports import (
     Statements,
     Vote,
     VoteReply,
+    WaitEdge,
 )
 from coordinator.phase2 import CommitBatcher, Send
 from coordinator.pipeline import AgentPipeline, PipelineUnsupported
@@ -185,6 +186,13 @@ class AgentClients:
         request = pb.InspectRequest(txids=list(txids))
         reply = await self._call(self._stubs[participant].Inspect, request, timeout)
         return {b.txid: _PRESENCE.get(b.state, Presence.UNKNOWN) for b in reply.branches}
+
+    async def waits_for(self, participant: str, min_wait_ms: int, timeout: float) -> list[WaitEdge]:
+        request = pb.WaitsForRequest(min_wait_ms=min_wait_ms)
+        reply = await self._call(self._stubs[participant].WaitsFor, request, timeout)
+        return [
+            WaitEdge(e.waiter_txid, e.holder_txid, participant, e.waited_ms) for e in reply.edges
+        ]
 
     @staticmethod
     async def _call(method: Any, request: Any, timeout: float, *, wait: bool = False) -> Any:

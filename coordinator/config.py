@@ -72,6 +72,11 @@ class CoordinatorConfig:
     rpc_timeout_s: float = 10.0
     recovery_interval_s: float = 2.0
     reaper_interval_s: float = 0.2
+    # Lock cycles across participants (coordinator.engine.deadlocks): the agents are asked who
+    # waits on whom once a call of a transaction has run deadlock_detect_ms, every
+    # deadlock_poll_ms while one has; 0 turns detection off.
+    deadlock_detect_ms: int = 5
+    deadlock_poll_ms: int = 10
     phase2_attempts: int = 8
     finished_memory: int = 100_000
     log_max_bytes: int = 64 * 1024 * 1024

@@ -16,6 +16,7 @@ from coordinator.config import CoordinatorConfig, load_coordinator_config
 from coordinator.decision_log import DecisionLogCorrupted
 from coordinator.decision_log.file_log import FileDecisionLog
 from coordinator.engine.admin import Operator
+from coordinator.engine.deadlocks import DeadlockDetector
 from coordinator.engine.manager import TransactionManager
 from coordinator.engine.recovery import Recovery
 from coordinator.metrics import CoordinatorMetrics
@@ -129,6 +130,17 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
         asyncio.create_task(_reap_forever(manager, config.reaper_interval_s)),
         asyncio.create_task(_keep_health(manager, recovery, health)),
     ]
+    if config.deadlock_detect_ms > 0:
+        detector = DeadlockDetector(
+            agents,
+            manager.waiting,
+            manager.break_deadlock,
+            threshold_s=config.deadlock_detect_ms / 1000,
+            # An agent out of reach must not hold up the detection of cycles elsewhere for long.
+            rpc_timeout_s=min(config.rpc_timeout_s, 1.0),
+            metrics=manager.metrics,
+        )
+        tasks.append(asyncio.create_task(_detect_forever(detector, config.deadlock_poll_ms)))
     try:
         sig = await wait_for_stop_signal()
         log.info("coordinator_stopping", signal=sig.name)
@@ -185,6 +197,15 @@ def _log_identity_rules(config: CoordinatorConfig, tls: bool) -> None:
             identities={k: list(v) for k, v in config.identities.items()},
             **quotas,
         )
+
+
+async def _detect_forever(detector: DeadlockDetector, interval_ms: int) -> None:
+    while True:
+        await asyncio.sleep(interval_ms / 1000)
+        try:
+            await detector.look()
+        except Exception:
+            log.exception("deadlock_detector_failed")
 
 
 async def _reap_forever(manager: TransactionManager, interval: float) -> None:

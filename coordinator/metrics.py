@@ -18,6 +18,10 @@ global one. No label carries a txid: outcomes, results and participant names onl
 ``twopc_coordinator_serving``               gauge: 1 while its health is SERVING
 ``twopc_decision_log_fsync_seconds``        histogram: each forced write's fsync
 ``twopc_decision_log_batch_commits``        histogram: COMMIT records per fsync (group commit)
+``twopc_deadlock_cycles_total``             lock cycles across participants found
+``twopc_deadlock_victims_total``            transactions aborted to break one
+``twopc_deadlock_break_seconds``            histogram: the most recent wait of a cycle began ->
+                                            its victim's abort sent
 ==========================================  =====================================================
 """
 
@@ -111,7 +115,27 @@ class CoordinatorMetrics:
             registry=r,
         )
 
+        self._cycles = Counter(
+            "twopc_deadlock_cycles", "Lock cycles across participants found", registry=r
+        )
+        self._victims = Counter(
+            "twopc_deadlock_victims", "Transactions aborted to break a lock cycle", registry=r
+        )
+        self._break = Histogram(
+            "twopc_deadlock_break_seconds",
+            "From the start of a lock cycle's most recent wait to its victim's abort",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
     # --- EngineMetrics -----------------------------------------------------------------------
+
+    def deadlock_found(self) -> None:
+        self._cycles.inc()
+
+    def deadlock_victim(self, seconds: float) -> None:
+        self._victims.inc()
+        self._break.observe(seconds)
 
     def transaction_finished(self, outcome: str) -> None:
         counter = self._by_outcome.get(outcome)

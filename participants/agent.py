@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -54,6 +54,7 @@ from participants.calls import (
     checked_work,
 )
 from participants.config import AgentConfig
+from participants.lock_waits import LockWaits, WaitReport
 from participants.one_trip import OneTripPrepare
 from participants.safety import DatabaseChecks
 from participants.steps import BranchSteps
@@ -91,6 +92,7 @@ class Agent:
         clock: Clock = time.monotonic,
         failpoints: Failpoints | None = None,
         instance_id: str | None = None,
+        lock_waits_pool: SessionPool | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -129,6 +131,17 @@ class Agent:
             registry=self._registry,
             steps=self._steps,
             failpoints=failpoints,
+            log=self._log,
+        )
+        # Lock waits are read as lock_waits_user (PROCESS only) when it is set, else as the
+        # agent's own user; always on an admin session, never a branch's.
+        self._lock_waits_pool = lock_waits_pool
+        self._lock_waits = LockWaits(
+            participant=self.name,
+            enabled=config.report_lock_waits,
+            registry=self._registry,
+            admin=AdminSessions(lock_waits_pool, self.name) if lock_waits_pool else self._admin,
+            clock=clock,
             log=self._log,
         )
         self._checks = DatabaseChecks(config, self._log)
@@ -180,6 +193,8 @@ class Agent:
             finally:
                 branch.lock.release()
         self._pool.dispose()
+        if self._lock_waits_pool is not None:
+            self._lock_waits_pool.dispose()
 
     # --- RPCs -------------------------------------------------------------------------------------
 
@@ -374,6 +389,17 @@ class Agent:
                 else:
                     result[txid] = Presence.UNKNOWN
         return result
+
+    async def waits_for(self, min_wait_ms: int) -> list[WaitReport]:
+        """Lock waits of this agent's branches whose statement has run ``min_wait_ms`` at least
+        (``lock_waits``); no SQL when there is none. ``min_wait_ms`` is at least the agent's
+        ``lock_wait_report_ms``."""
+        return await self._lock_waits.report(max(min_wait_ms, self.config.lock_wait_report_ms))
+
+    def observe_lock_hold(self, callback: Callable[[float], None]) -> None:
+        """``callback(seconds)`` for each committed branch: from its first statement to its
+        XA COMMIT, how long it held its locks."""
+        self._steps.on_lock_hold = callback
 
     def counts(self) -> tuple[int, int]:
         return self._registry.counts()

@@ -74,6 +74,8 @@ class Branch:
     last_outputs: list[StatementOutput] = field(default_factory=list)
     last_digest: bytes = b""  # of the statements that ran under last_sequence (work_digest)
     running_statement: bool = False
+    running_since: float = 0.0  # the clock's time when the running statement (or trip) began
+    first_statement_at: float = 0.0  # when its first statement began (its locks from then on)
     severed: bool = False  # the reaper shut its session's socket (a statement lost on a dead link)
     forgotten: bool = False
     reason: str = ""

@@ -83,6 +83,20 @@ class AgentConfig:
     max_branches: int = 2000
     default_timeout_ms: int = 30_000
     lock_wait_timeout_s: int = 10
+    # Lock waits reported to the coordinator (WaitsFor), which breaks lock cycles across
+    # participants: a statement running longer than lock_wait_report_ms makes the agent read
+    # information_schema.INNODB_LOCK_WAITS (its user then needs PROCESS, which the privilege
+    # check allows only with this on). Off (the default: least privilege): WaitsFor answers
+    # nothing, PROCESS is refused, and a cycle across participants lasts until a lock wait
+    # timeout or the transaction's deadline.
+    report_lock_waits: bool = False
+    lock_wait_report_ms: int = 5
+    # The database user that reads the lock waits: one holding PROCESS and nothing else, so that
+    # mysql_user keeps the least privileges. "" reads them as mysql_user, which then needs
+    # PROCESS (allowed by the privilege check only so). Its password comes from the variable
+    # that lock_waits_password_env names; one connection of it is kept.
+    lock_waits_user: str = ""
+    lock_waits_password_env: str = "TWOPC_LOCK_WAITS_PASSWORD"  # noqa: S105 (a variable name)
     session_idle_timeout_s: int = 600
     max_result_rows: int = 10_000
     # Bounds on one request (twopc.limits), each refused with InvalidArgument before any work.
@@ -220,6 +234,14 @@ class AgentConfig:
 
     def mysql_password(self, environ: Mapping[str, str]) -> str:
         return environ.get(self.mysql_password_env, "")
+
+    def lock_waits_password(self, environ: Mapping[str, str]) -> str:
+        return environ.get(self.lock_waits_password_env, "")
+
+    @property
+    def process_for_lock_waits(self) -> bool:
+        """Whether mysql_user itself needs PROCESS: lock waits reported, no user of their own."""
+        return self.report_lock_waits and not self.lock_waits_user
 
 
 def load_agent_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> AgentConfig:

@@ -44,19 +44,48 @@ FAILPOINTS_SERVICE = chaos_pb2.DESCRIPTOR.services_by_name["Failpoints"].full_na
 
 
 def build_agent(config: AgentConfig, environ: Mapping[str, str], failpoints: Failpoints) -> Agent:
-    return Agent(config, build_pool(config, environ), failpoints=failpoints)
+    return Agent(
+        config,
+        build_pool(config, environ),
+        failpoints=failpoints,
+        lock_waits_pool=build_lock_waits_pool(config, environ),
+    )
 
 
-def build_pool(config: AgentConfig, environ: Mapping[str, str]) -> SessionPool:
-    """The agent's pool of database sessions, as ``config`` sets it up."""
+def build_lock_waits_pool(config: AgentConfig, environ: Mapping[str, str]) -> SessionPool | None:
+    """One session of ``lock_waits_user`` (PROCESS only), for reading lock waits; None when the
+    agent reads them as ``mysql_user`` or not at all."""
+    if not (config.report_lock_waits and config.lock_waits_user):
+        return None
+    return build_pool(
+        config,
+        environ,
+        user=config.lock_waits_user,
+        password=config.lock_waits_password(environ),
+        size=1,
+        own_database=False,  # it holds no right on any schema
+    )
+
+
+def build_pool(
+    config: AgentConfig,
+    environ: Mapping[str, str],
+    *,
+    user: str = "",
+    password: str | None = None,
+    size: int = 0,
+    own_database: bool = True,
+) -> SessionPool:
+    """The agent's pool of database sessions, as ``config`` sets it up (as another ``user``,
+    with ``size`` sessions and no overflow, for the lock waits' reader)."""
     return SessionPool(
         host=config.mysql_host,
         port=config.mysql_port,
-        user=config.mysql_user,
-        password=config.mysql_password(environ),
-        database=config.mysql_database,
-        pool_size=config.pool_size,
-        overflow=config.pool_overflow,
+        user=user or config.mysql_user,
+        password=config.mysql_password(environ) if password is None else password,
+        database=config.mysql_database if own_database else None,
+        pool_size=size or config.pool_size,
+        overflow=0 if size else config.pool_overflow,
         checkout_timeout=config.pool_checkout_timeout_s,
         connect_timeout=config.mysql_connect_timeout_s,
         read_timeout=config.mysql_read_timeout_s,
@@ -114,6 +143,7 @@ async def serve(
     health = Health(PARTICIPANT_SERVICE)
     probe = _DatabaseProbe()
     if metrics is not None:
+        agent.observe_lock_hold(metrics.branch_lock_hold)
         metrics.watch(
             agent, agent.pool, database_up=lambda: probe.up, serving=lambda: health.serving
         )

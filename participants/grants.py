@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 ALLOWED_GLOBAL = frozenset({"USAGE", "XA_RECOVER_ADMIN"})
+# What reading information_schema.INNODB_LOCK_WAITS and INNODB_TRX needs (the agent's lock wait
+# reports, ``report_lock_waits``): allowed, and granted, only with that setting on.
+LOCK_WAITS_PRIVILEGE = "PROCESS"
 ALLOWED_ON_SCHEMA = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "EXECUTE"})
 NEEDED_ON_SCHEMA = ("SELECT", "INSERT", "UPDATE", "DELETE")
 SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema", "sys"})
@@ -276,7 +279,12 @@ def quote_name(name: str) -> str:
 
 
 def grant_findings(
-    lines: Iterable[str], *, schemas: Sequence[str], database: str, marker_table: str
+    lines: Iterable[str],
+    *,
+    schemas: Sequence[str],
+    database: str,
+    marker_table: str,
+    lock_waits: bool = False,
 ) -> list[Finding]:
     """What the grants give beyond the agent's needs, one finding per right to take away.
 
@@ -295,11 +303,13 @@ def grant_findings(
             findings.append(Finding(f"a grant the agent cannot read: {line}", "check it by hand"))
             continue
         if grant is not None:
-            findings.extend(_judge(grant, set(schemas), database, marker_table))
+            findings.extend(_judge(grant, set(schemas), database, marker_table, lock_waits))
     return findings
 
 
-def _judge(grant: Grant, schemas: set[str], database: str, marker_table: str) -> list[Finding]:
+def _judge(
+    grant: Grant, schemas: set[str], database: str, marker_table: str, lock_waits: bool
+) -> list[Finding]:
     findings = []
     revoke_all = f"REVOKE {', '.join(grant.privileges)} ON {grant.target} FROM {grant.grantee}"
     if grant.level is GrantLevel.ROLE:
@@ -324,7 +334,7 @@ def _judge(grant: Grant, schemas: set[str], database: str, marker_table: str) ->
         )
     if grant.level is GrantLevel.GLOBAL:
         for privilege, name in zip(grant.privileges, grant.names, strict=True):
-            if name in ALLOWED_GLOBAL:
+            if name in ALLOWED_GLOBAL or (lock_waits and name == LOCK_WAITS_PRIVILEGE):
                 continue
             why = _GLOBAL_WHY.get(name, "a server-wide right the agent does not need")
             findings.append(
@@ -396,9 +406,17 @@ def reach_findings(visible: Iterable[str], schemas: Sequence[str]) -> list[Findi
     ]
 
 
-def least_grants(user: str, schemas: Sequence[str], database: str, marker_table: str) -> list[str]:
+def least_grants(
+    user: str,
+    schemas: Sequence[str],
+    database: str,
+    marker_table: str,
+    *,
+    lock_waits: bool = False,
+) -> list[str]:
     """The GRANT statements that give ``user`` (written ```name`@`host```) what the agent needs
-    on MariaDB, and no more (MySQL 8 also needs ``GRANT XA_RECOVER_ADMIN ON *.*``)."""
+    on MariaDB, and no more (MySQL 8 also needs ``GRANT XA_RECOVER_ADMIN ON *.*``).
+    ``lock_waits``: also PROCESS, to read who waits on whom (``report_lock_waits``)."""
     statements = [
         f"GRANT {', '.join(NEEDED_ON_SCHEMA)} ON {quote_name(schema)}.* TO {user}"
         for schema in schemas
@@ -406,4 +424,6 @@ def least_grants(user: str, schemas: Sequence[str], database: str, marker_table:
     statements.append(
         f"GRANT CREATE ON {quote_name(database)}.{quote_name(marker_table)} TO {user}"
     )
+    if lock_waits:
+        statements.append(f"GRANT {LOCK_WAITS_PRIVILEGE} ON *.* TO {user}")
     return statements

@@ -6,6 +6,9 @@ label carries a txid: RPC methods, status codes and branch states only.
                                        CommitMany, Rollback, Recover, Inspect), pipelined calls
                                        included
 ``twopc_agent_call_errors_total``      calls answered with an error, by ``method`` and ``code``
+``twopc_agent_lock_wait_edges_reported_total``  wait-for edges answered to WaitsFor
+``twopc_agent_branch_lock_hold_seconds``  histogram: a committed branch's first statement to its
+                                       XA COMMIT (how long it held its row locks)
 ``twopc_agent_pool_in_use``            gauge: pooled sessions lent out (and being reset)
 ``twopc_agent_pool_waiters``           gauge: checkouts waiting for a free session
 ``twopc_agent_pool_idle``              gauge: connections kept idle
@@ -46,7 +49,16 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
-METHODS = ("Execute", "Prepare", "Commit", "CommitMany", "Rollback", "Recover", "Inspect")
+METHODS = (
+    "Execute",
+    "Prepare",
+    "Commit",
+    "CommitMany",
+    "Rollback",
+    "Recover",
+    "Inspect",
+    "WaitsFor",
+)
 
 
 class AgentMetrics:
@@ -65,7 +77,24 @@ class AgentMetrics:
             ["method", "code"],
             registry=self.registry,
         )
+        self._edges = Counter(
+            "twopc_agent_lock_wait_edges_reported",
+            "Wait-for edges (a branch waiting on a lock holder) answered to the coordinator",
+            registry=self.registry,
+        )
+        self._lock_hold = Histogram(
+            "twopc_agent_branch_lock_hold_seconds",
+            "Committed branches, from their first statement to their XA COMMIT",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._by_method = {m: self._seconds.labels(m) for m in METHODS}
+
+    def branch_lock_hold(self, seconds: float) -> None:
+        self._lock_hold.observe(seconds)
+
+    def lock_wait_edges_reported(self, count: int) -> None:
+        self._edges.inc(count)
 
     def call(self, method: str, seconds: float, error_code: str = "") -> None:
         child = self._by_method.get(method)

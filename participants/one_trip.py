@@ -96,6 +96,8 @@ class OneTripPrepare:
         points = dict.fromkeys(range(1, len(work) + 1), "agent.mid_statement")
         if writes:
             points[len(work) + 3] = "agent.after_end"
+        branch.running_since = self._steps.now()
+        branch.first_statement_at = branch.first_statement_at or branch.running_since
         branch.running_statement = True
         try:
             outputs = await session.batch(statements, self._steps.pauses(branch, points))

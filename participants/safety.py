@@ -102,6 +102,7 @@ class DatabaseChecks:
             schemas=self._schemas,
             database=self._config.mysql_database,
             marker_table=self._config.marker_table,
+            lock_waits=self._config.process_for_lock_waits,
         )
         privileges += reach_findings((str(row[0]) for row in visible.rows), self._schemas)
         marks = ", ".join(["%s"] * len(self._schemas))
@@ -138,7 +139,11 @@ class DatabaseChecks:
 
     def _privileges_text(self, findings: Sequence[Finding]) -> str:
         needs = least_grants(
-            self._user, self._schemas, self._config.mysql_database, self._config.marker_table
+            self._user,
+            self._schemas,
+            self._config.mysql_database,
+            self._config.marker_table,
+            lock_waits=self._config.process_for_lock_waits,
         )
         return (
             f"its database user {self._user} holds rights the agent does not need: "

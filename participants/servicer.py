@@ -324,6 +324,26 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
         return await self._call(context, "", run, "Inspect")
 
+    async def WaitsFor(self, request: pb.WaitsForRequest, context: Context) -> pb.WaitsForResponse:
+        async def run() -> pb.WaitsForResponse:
+            reports = await self._agent.waits_for(request.min_wait_ms)
+            if reports and self._metrics is not None:
+                self._metrics.lock_wait_edges_reported(len(reports))
+            return pb.WaitsForResponse(
+                edges=[
+                    pb.WaitEdge(
+                        waiter_txid=r.waiter_txid,
+                        holder_txid=r.holder_txid,
+                        holder_thread_id=r.holder_thread_id,
+                        holder_state=r.holder_state,
+                        waited_ms=r.waited_ms,
+                    )
+                    for r in reports
+                ]
+            )
+
+        return await self._call(context, "", run, "WaitsFor")
+
     async def GetInfo(self, request: pb.GetInfoRequest, context: Context) -> pb.AgentInfo:
         active, prepared = self._agent.counts()
         return pb.AgentInfo(

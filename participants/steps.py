@@ -14,7 +14,7 @@ the statements sent nor their order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from structlog.typing import FilteringBoundLogger
 
@@ -92,6 +92,13 @@ class BranchSteps:
         self._failpoints = failpoints
         self._log = log
 
+    # Told how long each committed branch held its locks (the agent's metrics), when set.
+    on_lock_hold: Callable[[float], None] | None = None
+
+    def now(self) -> float:
+        """The agent's clock (monotonic seconds)."""
+        return self._clock()
+
     # --- starting and running statements ----------------------------------------------------------
 
     async def ensure_started(self, branch: Branch) -> None:
@@ -153,6 +160,8 @@ class BranchSteps:
                     txid=branch.txid,
                 )
             await self._failpoints.ahit("agent.mid_statement")
+            branch.running_since = self._clock()
+            branch.first_statement_at = branch.first_statement_at or branch.running_since
             branch.running_statement = True
             try:
                 output = await session.execute(
@@ -417,6 +426,9 @@ class BranchSteps:
         """Records the branch's final state; the session it still holds goes back to the pool."""
         branch.move_to(state, reason)
         self._registry.finish(branch)
+        if state is BranchState.COMMITTED and branch.first_statement_at and self.on_lock_hold:
+            # From its first statement to its XA COMMIT: how long it held its row locks.
+            self.on_lock_hold(self._clock() - branch.first_statement_at)
 
     # --- interrupting a branch that another call holds ------------------------------------------
 

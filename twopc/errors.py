@@ -10,7 +10,10 @@ same class::
     ├── PermissionDenied            PERMISSION_DENIED    the caller's identity may not do this
     ├── FailedPrecondition          FAILED_PRECONDITION  wrong state (execute after commit, ...)
     ├── TransactionAborted          ABORTED              rolled back; the message says why
-    │   └── StatementFailed         ABORTED              a statement failed (carries mysql_errno)
+    │   ├── StatementFailed         ABORTED              a statement failed (carries mysql_errno)
+    │   └── TransactionConflict     ABORTED              retryable: a lock cycle across regions
+    │                                                    (deadlock victim), a local deadlock (1213)
+    │                                                    or a lock wait timeout (1205)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED
     ├── ResourceExhausted           RESOURCE_EXHAUSTED   too many transactions, decision log full
     ├── Unavailable                 UNAVAILABLE          a component or database cannot be reached
@@ -34,6 +37,7 @@ __all__ = [
     "ResourceExhausted",
     "StatementFailed",
     "TransactionAborted",
+    "TransactionConflict",
     "TwopcError",
     "Unavailable",
     "error_class_named",
@@ -86,6 +90,19 @@ class StatementFailed(TransactionAborted):
     """A statement failed on a participant; the transaction was rolled back everywhere."""
 
 
+class TransactionConflict(TransactionAborted):
+    """The transaction lost a lock conflict and was rolled back everywhere: retrying it (a new
+    transaction) is expected to succeed. A victim of a lock cycle across regions (the
+    coordinator's deadlock detector), a local deadlock (MySQL 1213, ``mysql_errno`` says) or a
+    lock wait timeout (1205). The SDK retries it only when asked (``conflict_retries``)."""
+
+
+# MySQL error numbers of a lost lock conflict: a deadlock, a lock wait timeout.
+ER_LOCK_DEADLOCK = 1213
+ER_LOCK_WAIT_TIMEOUT = 1205
+CONFLICT_ERRNOS = frozenset({ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT})
+
+
 class DeadlineExceeded(TwopcError):
     code = "DEADLINE_EXCEEDED"
 
@@ -132,8 +149,12 @@ _BY_CODE: dict[str, type[TwopcError]] = {
 }
 
 
-def error_for_code(code: str, *, statement_failed: bool = False) -> type[TwopcError]:
+def error_for_code(
+    code: str, *, statement_failed: bool = False, mysql_errno: int = 0
+) -> type[TwopcError]:
     """The error class a status code maps back to (``TwopcError`` for codes twopc does not use)."""
+    if code == "ABORTED" and mysql_errno in CONFLICT_ERRNOS:
+        return TransactionConflict
     if code == "ABORTED" and statement_failed:
         return StatementFailed
     return _BY_CODE.get(code, TwopcError)

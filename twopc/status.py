@@ -84,7 +84,7 @@ def error_from_rpc(err: grpc.RpcError) -> TwopcError:
         ):
             cls = Unavailable
         else:
-            cls = error_for_code(code.name)
+            cls = error_for_code(code.name, mysql_errno=mysql_errno)
     return cls(message, txid=txid, mysql_errno=mysql_errno)
 
 

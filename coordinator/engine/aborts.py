@@ -12,9 +12,11 @@ import enum
 from dataclasses import dataclass
 
 from twopc.errors import (
+    CONFLICT_ERRNOS,
     InvalidArgument,
     StatementFailed,
     TransactionAborted,
+    TransactionConflict,
     TwopcError,
     Unavailable,
     is_transport_failure,
@@ -39,6 +41,9 @@ class AbortCause(enum.Enum):
     # of the request (before a restart of this coordinator) may have committed there.
     MAYBE_COMMITTED_EARLIER = "maybe_committed_earlier"
     OPERATOR = "operator"  # an operator's ``twopc admin resolve --abort``
+    # The victim of a lock cycle across participants (coordinator.engine.deadlocks): no database
+    # sees it, so the coordinator breaks it. Retryable, as a local deadlock is.
+    DEADLOCK = "deadlock"
 
 
 # The client's error for each cause: the one place where an abort becomes an error class.
@@ -54,6 +59,7 @@ CLIENT_ERRORS: dict[AbortCause, type[TwopcError]] = {
     AbortCause.LOG_WRITE_FAILED: TransactionAborted,
     AbortCause.MAYBE_COMMITTED_EARLIER: Unavailable,
     AbortCause.OPERATOR: TransactionAborted,
+    AbortCause.DEADLOCK: TransactionConflict,
 }
 
 
@@ -141,6 +147,16 @@ class AbortReason:
         return cls(AbortCause.OPERATOR, f"aborted by {who}: {reason}")
 
     @classmethod
+    def deadlock(cls, cycle: str) -> AbortReason:
+        """The victim of a lock cycle across participants; ``cycle`` names it (txids, where
+        each waits)."""
+        return cls(
+            AbortCause.DEADLOCK,
+            f"deadlock across participants, this transaction chosen as the victim: {cycle}; "
+            "retry it",
+        )
+
+    @classmethod
     def log_write_failed(cls, what: str) -> AbortReason:
         return cls(AbortCause.LOG_WRITE_FAILED, what)
 
@@ -174,4 +190,7 @@ class AbortReason:
                 "which only those participants can tell: retry the request (the same request id) "
                 "or look it up later"
             )
-        return CLIENT_ERRORS[self.cause](text, txid=txid, mysql_errno=self.mysql_errno)
+        cls = CLIENT_ERRORS[self.cause]
+        if self.cause is AbortCause.STATEMENT_FAILED and self.mysql_errno in CONFLICT_ERRNOS:
+            cls = TransactionConflict  # a local deadlock or lock wait timeout: retryable
+        return cls(text, txid=txid, mysql_errno=self.mysql_errno)

@@ -135,6 +135,13 @@ class Transaction:
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     counted: bool = False  # its outcome went to the metrics
+    preparing_since: float = 0.0  # monotonic, when it moved to PREPARING
+    executing_on: str = ""  # the participant of its Execute in flight ("" when none)
+    # Its votes were counted (no await since): too late to make it a deadlock victim.
+    tallied: bool = False
+    # Chosen as the victim of a lock cycle (coordinator.engine.deadlocks): the abort reason the
+    # client gets, whatever error the interrupted statement or prepare came back with.
+    victim_of: AbortReason | None = None
 
     def move_to(self, target: TxState) -> None:
         check_transition(self.txid, self.state, target)
@@ -227,6 +234,9 @@ class TransactionManager:
         # (owner, request id) -> txid, for a request id that another identity held first (its
         # txid is then not the request id's own: see _txid_of_request).
         self._request_aliases: OrderedDict[tuple[str | None, str], str] = OrderedDict()
+        # Transactions with a call on the agents in flight (an Execute, or the prepares): the
+        # only ones that can wait for a lock, so the only ones the deadlock detector looks at.
+        self._in_flight: dict[str, Transaction] = {}
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -486,9 +496,13 @@ class TransactionManager:
             raise InvalidArgument("Execute needs at least one statement", txid=txid)
         async with tx.lock:
             tx.last_call = self._clock.monotonic()
+            self._in_flight[tx.txid] = tx
+            tx.executing_on = participant
             try:
                 return await self._execute_locked(tx, participant, statements, sequence, digest)
             finally:
+                tx.executing_on = ""
+                self._in_flight.pop(tx.txid, None)
                 tx.last_call = self._clock.monotonic()
 
     async def _execute_locked(
@@ -704,16 +718,24 @@ class TransactionManager:
             await self._abort(tx, AbortReason.deadline(" before commit"))
             return
         tx.move_to(TxState.PREPARING)
+        tx.preparing_since = self._clock.monotonic()
         if len(tx.participants) == 1:
             await self._commit_one_phase(tx, (work or {}).get(tx.participants[0], ()))
             return
-        ballots = await asyncio.gather(
-            *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
-        )
+        self._in_flight[tx.txid] = tx
+        try:
+            ballots = await asyncio.gather(
+                *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
+            )
+        finally:
+            self._in_flight.pop(tx.txid, None)
+        # From here on no deadlock victim is chosen among the votes' owner (break_deadlock): a
+        # victim chosen before was marked with no await in between, and is aborted below.
+        tx.tallied = True
         # A fault injected here is handled below as a failed write of the COMMIT record.
         fault = await self._fault_at("coordinator.before_commit_record")
         prepared, committed_earlier, refusal = self._tally(tx, ballots)
-        reason = refusal or tx.abort_request
+        reason = tx.victim_of or refusal or tx.abort_request
         if committed_earlier:
             await self._seal_committed_earlier(tx)
         elif reason is not None:
@@ -970,6 +992,8 @@ class TransactionManager:
             return False
         if tx.txid in self._open_commits:
             raise AssertionError(f"refusing to roll back {tx.txid}: it has a COMMIT record")
+        # A deadlock victim's statement came back interrupted: the client learns of the cycle.
+        reason = tx.victim_of or reason
         tx.decide_abort(reason)
         log.info(
             "transaction_aborted",
@@ -1012,6 +1036,81 @@ class TransactionManager:
             # Left to the agent's deadline reaper (active branch) or to recovery (prepared).
             log.warning("rollback_failed", txid=txid, participant=participant, error=err.message)
         return False
+
+    # --- lock cycles across participants (coordinator.engine.deadlocks) -------------------------
+
+    def waiting(self, threshold_s: float) -> tuple[set[str], dict[str, float], set[str]]:
+        """For the deadlock detector: the participants of the transactions whose call (an
+        Execute, or the prepares) has run ``threshold_s`` or longer; when each transaction
+        that may be a victim began (ACTIVE, or PREPARING with several participants and votes
+        not yet counted) among those with a call in flight; and the victims still being
+        aborted."""
+        now = self._clock.monotonic()
+        participants: set[str] = set()
+        begun: dict[str, float] = {}
+        breaking: set[str] = set()
+        # Only a transaction with a call in flight can wait, so only those can be in a cycle.
+        for tx in self._in_flight.values():
+            if tx.victim_of is not None:
+                breaking.add(tx.txid)
+            elif tx.state is TxState.ACTIVE:
+                begun[tx.txid] = tx.begun
+                if tx.executing_on and now - tx.last_call >= threshold_s:
+                    participants.add(tx.executing_on)
+            elif self._may_be_victim(tx):
+                begun[tx.txid] = tx.begun
+                if now - tx.preparing_since >= threshold_s:
+                    participants.update(tx.participants)
+        return participants, begun, breaking
+
+    def _may_be_victim(self, tx: Transaction) -> bool:
+        """A PREPARING transaction the detector may still abort: its votes are not counted, and
+        it has several participants (a one-phase commit may have committed already)."""
+        return (
+            tx.state is TxState.PREPARING
+            and not tx.tallied
+            and tx.victim_of is None
+            and len(tx.participants) > 1
+            and tx.txid not in self._open_commits
+        )
+
+    def break_deadlock(
+        self, txid: str, cycle: str, waited_s: float, waits_on: Sequence[str] = ()
+    ) -> bool:
+        """Aborts ``txid``, the victim of a lock cycle (described by ``cycle``), and rolls its
+        branches back at once: an agent interrupts a statement of it blocked in a lock wait
+        (KILL QUERY) before XA ROLLBACK, which frees its locks for the others of the cycle.
+
+        Never awaits before the victim is marked, so nothing decides it otherwise in between:
+        an ACTIVE victim is decided ABORT here; a PREPARING one is marked (``victim_of``) before
+        its votes are counted, and its decider aborts it whatever the votes (the rollbacks sent
+        here may reach branches that voted PREPARED: that is safe, as no COMMIT record can be
+        written for it). A decided transaction (COMMIT record, or votes counted) is never
+        touched. ``waits_on``: the participants where the victim waits, rolled back too (an
+        Execute in flight has not added its participant yet). False when ``txid`` could not be
+        aborted (decided or gone meanwhile)."""
+        tx = self._live.get(txid)
+        if tx is None:
+            return False
+        reason = AbortReason.deadlock(cycle)
+        if tx.state is TxState.ACTIVE:
+            tx.victim_of = reason
+            if not self._abort_now(tx, reason):
+                return False
+            self._spawn(self._roll_back(tx))
+            for participant in waits_on:
+                if participant not in tx.participants:
+                    self._spawn(self._rollback_quietly(participant, txid))
+        elif self._may_be_victim(tx):
+            tx.victim_of = reason
+            log.info("deadlock_victim_marked", txid=txid, cycle=cycle)
+            for participant in tx.participants:
+                if participant not in tx.settled_branches:
+                    self._spawn(self._rollback_quietly(participant, txid))
+        else:
+            return False
+        self.metrics.deadlock_victim(waited_s)
+        return True
 
     async def reap_expired(self) -> int:
         """Aborts ACTIVE transactions past their deadline, and those that no call used for

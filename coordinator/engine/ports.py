@@ -23,6 +23,7 @@ __all__ = [
     "Statements",
     "Vote",
     "VoteReply",
+    "WaitEdge",
 ]
 
 Statements = Sequence[object]
@@ -41,6 +42,17 @@ class VoteReply:
 class CommitReply:
     results: Results = ()
     already_committed: bool = False
+
+
+@dataclass(frozen=True)
+class WaitEdge:
+    """On ``participant``, transaction ``waiter`` has waited ``waited_ms`` for a lock that
+    ``holder`` holds ("" when the holder is no branch the agent knows)."""
+
+    waiter: str
+    holder: str
+    participant: str
+    waited_ms: int = 0
 
 
 class ParticipantPort(Protocol):
@@ -89,6 +101,11 @@ class ParticipantPort(Protocol):
         self, participant: str, txids: Sequence[str], timeout: float
     ) -> dict[str, Presence]: ...
 
+    async def waits_for(self, participant: str, min_wait_ms: int, timeout: float) -> list[WaitEdge]:
+        """The lock waits on that participant of branches whose statement has run
+        ``min_wait_ms`` at least."""
+        ...
+
 
 class EngineMetrics(Protocol):
     """What the engine measures, for an adapter to export (``coordinator.metrics``). Each call
@@ -112,6 +129,15 @@ class EngineMetrics(Protocol):
         """A recovery pass ended; ``clean``: nothing was left in doubt or unreachable."""
         ...
 
+    def deadlock_found(self) -> None:
+        """The detector found a lock cycle across participants."""
+        ...
+
+    def deadlock_victim(self, seconds: float) -> None:
+        """A victim's abort was sent, ``seconds`` after the most recent wait of its cycle
+        began."""
+        ...
+
 
 class NoMetrics:
     """An ``EngineMetrics`` that records nothing (tests, tools)."""
@@ -126,4 +152,10 @@ class NoMetrics:
         pass
 
     def recovery_pass(self, *, clean: bool, committed: int, rolled_back: int) -> None:
+        pass
+
+    def deadlock_found(self) -> None:
+        pass
+
+    def deadlock_victim(self, seconds: float) -> None:
         pass

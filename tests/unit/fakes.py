@@ -29,7 +29,15 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 
 from coordinator.decision_log import AuditRecord, CommitRecord, Replay
-from coordinator.engine.ports import CommitReply, Presence, Results, Statements, Vote, VoteReply
+from coordinator.engine.ports import (
+    CommitReply,
+    Presence,
+    Results,
+    Statements,
+    Vote,
+    VoteReply,
+    WaitEdge,
+)
 from participants.branches import BranchState
 from twopc.errors import (
     FailedPrecondition,
@@ -108,6 +116,8 @@ class FakeParticipants:
         # Commit markers: the txids whose writing branch committed on that participant. They
         # outlive the branch, as the agent's marker rows outlive its bounded memory.
         self.markers: dict[str, set[str]] = {n: set() for n in self._names}
+        # What waits_for answers, per participant (the deadlock detector's tests set it).
+        self.waits: dict[str, list[WaitEdge]] = {}
         self.calls: list[Call] = []
         self.down: set[str] = set()
         self._faults: dict[tuple[str, str], deque[Fault]] = defaultdict(deque)
@@ -256,6 +266,12 @@ class FakeParticipants:
         answer = {txid: self._presence(participant, txid) for txid in txids}
         _leave(fault)
         return answer
+
+    async def waits_for(self, participant: str, min_wait_ms: int, timeout: float) -> list[WaitEdge]:
+        """The edges a test put in ``waits[participant]``."""
+        self.calls.append(Call("waits_for", participant, ""))
+        await asyncio.sleep(0)
+        return list(self.waits.get(participant, ()))
 
     # --- the agent's behaviour -----------------------------------------------------------------
 

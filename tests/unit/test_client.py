@@ -30,7 +30,9 @@ from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import (
     AsyncClient,
+    AsyncTransaction,
     Client,
+    ConflictRetry,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -42,12 +44,14 @@ from twopc.client import (
     StatementFailed,
     Transaction,
     TransactionAborted,
+    TransactionConflict,
     TransactionInfo,
     TransactionState,
     TwopcError,
     Unavailable,
     _common,
 )
+from twopc.client._common import retry_request_id
 from twopc.status import abort_with
 from twopc.values import to_values
 
@@ -374,6 +378,7 @@ def test_public_names_are_pinned() -> None:
         "AsyncClient",
         "AsyncTransaction",
         "Client",
+        "ConflictRetry",
         "DeadlineExceeded",
         "FailedPrecondition",
         "Internal",
@@ -390,6 +395,7 @@ def test_public_names_are_pinned() -> None:
         "TlsConfig",
         "Transaction",
         "TransactionAborted",
+        "TransactionConflict",
         "TransactionInfo",
         "TransactionState",
         "TwopcError",
@@ -1250,3 +1256,177 @@ def test_async_errors_keep_their_class(
         run_async(target, fake_time, body)
     assert raised.value.txid == "c1.nope"
     assert fake.count("GetTransaction") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Retries of a transaction that lost a lock conflict (TransactionConflict): off by default, only
+# that class, a new request id per try, exponential backoff with full jitter, within the attempts
+# and the deadline.
+# --------------------------------------------------------------------------------------------------
+
+CONFLICT_WORK = {"eu": ["UPDATE t SET x = 1"], "us": ["UPDATE t SET x = 2"]}
+
+
+class Dice:
+    """``random`` for the jitter: the values given, in turn."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+
+    def __call__(self) -> float:
+        return self.values.pop(0)
+
+
+def conflict() -> TransactionConflict:
+    return TransactionConflict("deadlock across participants, chosen as the victim")
+
+
+def make_client(
+    target: str, fake_time: FakeTime, policy: ConflictRetry | None, dice: Dice
+) -> Client:
+    return Client(
+        target,
+        insecure=True,
+        sleep=fake_time.sleep,
+        clock=fake_time.clock,
+        rpc_timeout=RPC_TIMEOUT,
+        conflict_retries=policy,
+        random=dice,
+    )
+
+
+@pytest.fixture
+def dice() -> Dice:
+    return Dice(0.5, 1.0, 0.0, 0.25, 0.999)
+
+
+@pytest.fixture
+def retrying(
+    target: str, fake: FakeCoordinator, fake_time: FakeTime, dice: Dice
+) -> Iterator[Client]:
+    policy = ConflictRetry(attempts=4, initial_backoff=0.1, max_backoff=0.3, deadline=10)
+    with make_client(target, fake_time, policy, dice) as c:
+        yield c
+
+
+def test_the_bounds_grow_exponentially_up_to_the_max() -> None:
+    policy = ConflictRetry(initial_backoff=0.01, max_backoff=0.05, multiplier=2)
+    assert [policy.bound(n) for n in range(1, 6)] == [0.01, 0.02, 0.04, 0.05, 0.05]
+
+
+def test_full_jitter_spans_zero_to_the_bound() -> None:
+    policy = ConflictRetry(attempts=10, initial_backoff=0.1, max_backoff=1.0, deadline=100)
+    for roll in (0.0, 0.3, 0.999):
+        delay = policy.delay_after(conflict(), 3, 0.0, lambda roll=roll: roll)
+        assert delay == pytest.approx(roll * 0.4)
+    # Only the retryable class, within the attempts and the deadline.
+    assert policy.delay_after(StatementFailed("dup", mysql_errno=1062), 1, 0.0, lambda: 0.5) is None
+    assert policy.delay_after(TransactionAborted("no"), 1, 0.0, lambda: 0.5) is None
+    assert policy.delay_after(conflict(), 10, 0.0, lambda: 0.5) is None
+    assert policy.delay_after(conflict(), 1, 99.99, lambda: 0.5) is None
+
+
+def test_bad_policies_are_refused() -> None:
+    for bad in ({"attempts": 0}, {"initial_backoff": -1}, {"multiplier": 0.5}, {"deadline": 0}):
+        with pytest.raises(ValueError, match="must"):
+            ConflictRetry(**bad)  # type: ignore[arg-type]
+
+
+def test_retry_request_ids_are_new_valid_and_derived() -> None:
+    assert retry_request_id("transfer-7", 2) == "transfer-7-r2"
+    long = "x" * 40
+    assert len(retry_request_id(long, 12)) == 40
+    assert retry_request_id(long, 12).endswith("-r12")
+
+
+def test_off_by_default(client: Client, fake: FakeCoordinator, fake_time: FakeTime) -> None:
+    fake.add_error("RunTransaction", conflict())
+    with pytest.raises(TransactionConflict):
+        client.run(CONFLICT_WORK)
+    assert fake.count("RunTransaction") == 1
+    assert fake_time.sleeps == []
+
+
+def test_run_retries_a_conflict_with_jittered_backoff_and_new_request_ids(
+    retrying: Client, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    fake.add_error("RunTransaction", conflict(), times=2)
+    result = retrying.run(CONFLICT_WORK, request_id="transfer-9")
+    assert result.txid
+    assert fake.count("RunTransaction") == 3
+    # Dice 0.5 then 1.0, bounds 0.1 then 0.2.
+    assert fake_time.sleeps == pytest.approx([0.05, 0.2])
+    ids = [r.request_id for r in fake.requests["RunTransaction"]]
+    assert ids == ["transfer-9", "transfer-9-r1", "transfer-9-r2"]
+
+
+def test_run_gives_up_after_the_attempts(
+    retrying: Client, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    fake.add_error("RunTransaction", conflict(), times=10)
+    with pytest.raises(TransactionConflict):
+        retrying.run(CONFLICT_WORK)
+    assert fake.count("RunTransaction") == 4
+    assert len(fake_time.sleeps) == 3
+
+
+def test_other_aborts_are_not_retried(
+    retrying: Client, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    fake.add_error("RunTransaction", StatementFailed("Duplicate entry", mysql_errno=1062))
+    with pytest.raises(StatementFailed):
+        retrying.run(CONFLICT_WORK)
+    fake.add_error("RunTransaction", TransactionAborted("rolled back"))
+    with pytest.raises(TransactionAborted):
+        retrying.run(CONFLICT_WORK)
+    assert fake.count("RunTransaction") == 2
+    assert fake_time.sleeps == []
+
+
+def test_run_in_transaction_runs_the_work_again_in_a_new_transaction(
+    retrying: Client, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    fake.add_error("Execute", conflict())
+    seen: list[str] = []
+
+    def work(tx: Transaction) -> int:
+        seen.append(tx.txid)
+        tx.execute("eu", "UPDATE t SET x = 1")
+        return 7
+
+    assert retrying.run_in_transaction(work) == 7
+    assert len(set(seen)) == 2  # two transactions
+    assert fake.count("Begin") == 2
+    assert fake.count("Commit") == 1
+    assert fake_time.sleeps == pytest.approx([0.05])
+
+
+def test_async_run_and_run_in_transaction_retry_too(
+    target: str, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    fake.add_error("RunTransaction", conflict())
+    fake.add_error("Execute", conflict())
+    dice = Dice(0.5, 0.5)
+
+    async def body(_: AsyncClient) -> None:
+        policy = ConflictRetry(attempts=3, initial_backoff=0.1)
+        async with AsyncClient(
+            target,
+            insecure=True,
+            sleep=fake_time.async_sleep,
+            clock=fake_time.clock,
+            rpc_timeout=RPC_TIMEOUT,
+            conflict_retries=policy,
+            random=dice,
+        ) as retrying:
+            await retrying.run(CONFLICT_WORK)
+
+            async def work(tx: AsyncTransaction) -> None:
+                await tx.execute("eu", "UPDATE t SET x = 1")
+
+            await retrying.run_in_transaction(work)
+
+    run_async(target, fake_time, body)
+    assert fake.count("RunTransaction") == 2
+    assert fake.count("Begin") == 2
+    assert fake_time.sleeps == pytest.approx([0.05, 0.05])

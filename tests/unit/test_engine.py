@@ -42,6 +42,7 @@ from twopc.errors import (
     ResourceExhausted,
     StatementFailed,
     TransactionAborted,
+    TransactionConflict,
     TwopcError,
     Unavailable,
 )
@@ -376,7 +377,10 @@ async def test_run_commits_in_one_shot_and_returns_the_results() -> None:
     env.assert_decision_first(outcome.txid)
 
 
-@pytest.mark.parametrize(("errno", "error"), [(1213, StatementFailed), (0, TransactionAborted)])
+@pytest.mark.parametrize(
+    ("errno", "error"),
+    [(1213, TransactionConflict), (1062, StatementFailed), (0, TransactionAborted)],
+)
 @scenario
 async def test_a_no_vote_aborts_and_rolls_the_others_back(
     errno: int, error: type[TransactionAborted]
@@ -463,8 +467,18 @@ async def test_run_on_one_participant_sends_the_statements_with_the_one_phase_co
 async def test_one_phase_statement_failure_is_a_statement_failed() -> None:
     env = make_env()
     with pytest.raises(StatementFailed) as caught:
-        await env.manager.run([("us", ["FAIL 1205"])], timeout_ms=5_000)
-    assert caught.value.mysql_errno == 1205
+        await env.manager.run([("us", ["FAIL 1062"])], timeout_ms=5_000)
+    assert caught.value.mysql_errno == 1062
+    assert env.ports.calls_of("rollback") == []  # the agent rolled its branch back itself
+
+
+@scenario
+async def test_a_lock_wait_timeout_or_local_deadlock_is_a_retryable_conflict() -> None:
+    env = make_env()
+    for errno in (1205, 1213):
+        with pytest.raises(TransactionConflict) as caught:
+            await env.manager.run([("us", [f"FAIL {errno}"])], timeout_ms=5_000)
+        assert caught.value.mysql_errno == errno
     assert env.ports.calls_of("rollback") == []  # the agent rolled its branch back itself
 
 
@@ -600,7 +614,13 @@ ABORT_ERRORS: list[tuple[AbortReason, type[TwopcError], str]] = [
         "participant us: LOCK TABLES is refused; the transaction was rolled back",
     ),
     (AbortReason.voted_no("us", "gone", 0), TransactionAborted, "participant us voted no: gone"),
-    (AbortReason.voted_no("us", "lock wait", 1205), StatementFailed, "us voted no: lock wait"),
+    (AbortReason.voted_no("us", "lock wait", 1205), TransactionConflict, "us voted no: lock wait"),
+    (AbortReason.voted_no("us", "dup key", 1062), StatementFailed, "us voted no: dup key"),
+    (
+        AbortReason.deadlock("c1.a waits on c1.b in eu, c1.b waits on c1.a in us"),
+        TransactionConflict,
+        "victim: c1.a waits on c1.b in eu",
+    ),
     (AbortReason.log_write_failed("no space"), TransactionAborted, "no space"),
     (
         AbortReason.by_operator("admin", "OPS-12: holds locks"),
@@ -629,7 +649,10 @@ def test_the_client_error_of_each_abort_reason(
     assert message in err.message
     assert err.txid == "c1.r-t"
     assert err.mysql_errno == reason.mysql_errno
-    assert (err.mysql_errno != 0) == (error is StatementFailed)
+    if error is StatementFailed:
+        assert err.mysql_errno != 0
+    if err.mysql_errno:
+        assert error in (StatementFailed, TransactionConflict)
     assert reason.conclusive == (error is not Unavailable)
     context = reason.client_error("c1.r-t", "transaction c1.r-t was aborted: why")
     assert type(context) is error
@@ -821,7 +844,7 @@ async def test_run_twice_with_the_same_request_id_answers_the_first_outcome() ->
 @scenario
 async def test_run_twice_after_an_abort_answers_aborted_again() -> None:
     env = make_env()
-    work = [("eu", [WRITE]), ("us", ["FAIL 1213"])]
+    work = [("eu", [WRITE]), ("us", ["FAIL 1062"])]
     with pytest.raises(StatementFailed):
         await env.manager.run(work, timeout_ms=5_000, request_id="req-3")
     calls = len(env.ports.calls)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from participants.config import AgentConfig
 from participants.grants import (
     GrantLevel,
     UnreadableGrant,
@@ -168,3 +169,39 @@ def test_schemas_the_server_shows_beyond_the_configured_ones_are_a_finding() -> 
     assert reach_findings(["information_schema", "shop"], ["shop"]) == []
     (finding,) = reach_findings(["information_schema", "shop", "mysql", "billing"], ["shop"])
     assert "`billing`, `mysql`" in finding.what
+
+
+def test_process_is_allowed_and_granted_only_for_lock_wait_reports() -> None:
+    process = f"GRANT PROCESS ON *.* TO {USER}"
+    assert [f for f in findings(process) if "PROCESS on *.*" in f]
+    allowed = grant_findings(
+        [*LEAST, process],
+        schemas=("shop",),
+        database="shop",
+        marker_table="twopc_branch_marker",
+        lock_waits=True,
+    )
+    assert allowed == []
+    # Only PROCESS: anything else server-wide is still refused.
+    more = grant_findings(
+        [*LEAST, f"GRANT PROCESS, FILE ON *.* TO {USER}"],
+        schemas=("shop",),
+        database="shop",
+        marker_table="twopc_branch_marker",
+        lock_waits=True,
+    )
+    assert [str(f) for f in more] == [s for s in map(str, more) if "FILE on *.*" in s]
+    assert len(more) == 1
+    grants = least_grants(USER, ["shop"], "shop", "twopc_branch_marker", lock_waits=True)
+    assert grants[-1] == f"GRANT PROCESS ON *.* TO {USER}"
+    assert f"GRANT PROCESS ON *.* TO {USER}" not in least_grants(
+        USER, ["shop"], "shop", "twopc_branch_marker"
+    )
+
+
+def test_the_agents_user_needs_process_only_when_it_reads_the_lock_waits_itself() -> None:
+    assert not AgentConfig().process_for_lock_waits  # off by default
+    assert AgentConfig(report_lock_waits=True).process_for_lock_waits
+    reader = AgentConfig(report_lock_waits=True, lock_waits_user="twopc_lockwait")
+    assert not reader.process_for_lock_waits
+    assert reader.lock_waits_password({"TWOPC_LOCK_WAITS_PASSWORD": "s3"}) == "s3"

@@ -33,8 +33,10 @@ from twopc.errors import (
     ResourceExhausted,
     StatementFailed,
     TransactionAborted,
+    TransactionConflict,
     TwopcError,
     Unavailable,
+    error_for_code,
 )
 from twopc.failpoints import ENV_VAR, Failpoints
 from twopc.settings import load_settings
@@ -645,6 +647,7 @@ SERVER_ERRORS: list[type[TwopcError]] = [
     FailedPrecondition,
     TransactionAborted,
     StatementFailed,
+    TransactionConflict,
     DeadlineExceeded,
     ResourceExhausted,
     Unavailable,
@@ -660,6 +663,18 @@ def test_status_round_trip(cls: type[TwopcError], txid: str, mysql_errno: int) -
     back = error_from_rpc(over_the_wire(error))
     assert type(back) is cls
     assert (back.message, back.txid, back.mysql_errno) == (error.message, txid, mysql_errno)
+
+
+def test_a_lost_lock_conflict_without_the_class_name_is_still_retryable() -> None:
+    """An ABORTED status that names no class (a proxy dropped the metadata) with MySQL's deadlock
+    or lock wait timeout error number maps back to TransactionConflict; without one, to
+    TransactionAborted."""
+    for number in (1213, 1205):
+        assert error_for_code("ABORTED", mysql_errno=number) is TransactionConflict
+    assert error_for_code("ABORTED", mysql_errno=1062, statement_failed=True) is StatementFailed
+    assert error_for_code("ABORTED") is TransactionAborted
+    assert issubclass(TransactionConflict, TransactionAborted)
+    assert TransactionConflict.code == "ABORTED"
 
 
 def test_status_metadata_as_bytes() -> None:

@@ -1271,6 +1271,81 @@ class InspectResponse(_message.Message):
 Global___InspectResponse: _TypeAlias = InspectResponse  # noqa: Y015
 
 @_typing.final
+class WaitsForRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_WAIT_MS_FIELD_NUMBER: _builtins.int
+    min_wait_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        min_wait_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_wait_ms", b"min_wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitsForRequest: _TypeAlias = WaitsForRequest  # noqa: Y015
+
+@_typing.final
+class WaitEdge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAITER_TXID_FIELD_NUMBER: _builtins.int
+    HOLDER_TXID_FIELD_NUMBER: _builtins.int
+    HOLDER_THREAD_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_STATE_FIELD_NUMBER: _builtins.int
+    WAITED_MS_FIELD_NUMBER: _builtins.int
+    waiter_txid: _builtins.str
+    """a branch of this agent, whose statement waits for a lock"""
+    holder_txid: _builtins.str
+    """the branch holding it; "" when it is no branch of this agent"""
+    holder_thread_id: _builtins.int
+    """the holder's server session (0: a detached prepared branch)"""
+    holder_state: _builtins.str
+    """INNODB_TRX.trx_state of the holder"""
+    waited_ms: _builtins.int
+    """how long the waiter's statement has run"""
+    def __init__(
+        self,
+        *,
+        waiter_txid: _builtins.str = ...,
+        holder_txid: _builtins.str = ...,
+        holder_thread_id: _builtins.int = ...,
+        holder_state: _builtins.str = ...,
+        waited_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder_state", b"holder_state", "holder_thread_id", b"holder_thread_id", "holder_txid", b"holder_txid", "waited_ms", b"waited_ms", "waiter_txid", b"waiter_txid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitEdge: _TypeAlias = WaitEdge  # noqa: Y015
+
+@_typing.final
+class WaitsForResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EDGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedCompositeFieldContainer[Global___WaitEdge]: ...
+    def __init__(
+        self,
+        *,
+        edges: _abc.Iterable[Global___WaitEdge] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edges", b"edges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitsForResponse: _TypeAlias = WaitsForResponse  # noqa: Y015
+
+@_typing.final
 class GetInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

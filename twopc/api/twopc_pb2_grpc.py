@@ -370,6 +370,11 @@ class ParticipantStub:
                 request_serializer=twopc_dot_v1_dot_twopc__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=twopc_dot_v1_dot_twopc__pb2.AgentInfo.FromString,
                 _registered_method=True)
+        self.WaitsFor = channel.unary_unary(
+                '/twopc.v1.Participant/WaitsFor',
+                request_serializer=twopc_dot_v1_dot_twopc__pb2.WaitsForRequest.SerializeToString,
+                response_deserializer=twopc_dot_v1_dot_twopc__pb2.WaitsForResponse.FromString,
+                _registered_method=True)
         self.Pipeline = channel.stream_stream(
                 '/twopc.v1.Participant/Pipeline',
                 request_serializer=twopc_dot_v1_dot_twopc__pb2.PipelineRequest.SerializeToString,
@@ -435,6 +440,16 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitsFor(self, request, context):
+        """Who waits on whom here: for each branch whose statement has run at least min_wait_ms, the
+        transactions holding the locks it waits for (INNODB_LOCK_WAITS). Cheap when nothing waits
+        that long: no SQL at all. The coordinator polls it while a transaction of its own has a
+        call in flight that long, joins the edges of every agent and breaks lock cycles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Pipeline(self, request_iterator, context):
         """Prepare and CommitMany multiplexed on one long-lived stream per coordinator. A message on an
         open stream costs about a third of the CPU of a unary call, and each message carries every
@@ -488,6 +503,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=twopc_dot_v1_dot_twopc__pb2.GetInfoRequest.FromString,
                     response_serializer=twopc_dot_v1_dot_twopc__pb2.AgentInfo.SerializeToString,
+            ),
+            'WaitsFor': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitsFor,
+                    request_deserializer=twopc_dot_v1_dot_twopc__pb2.WaitsForRequest.FromString,
+                    response_serializer=twopc_dot_v1_dot_twopc__pb2.WaitsForResponse.SerializeToString,
             ),
             'Pipeline': grpc.stream_stream_rpc_method_handler(
                     servicer.Pipeline,
@@ -711,6 +731,33 @@ class Participant:
             '/twopc.v1.Participant/GetInfo',
             twopc_dot_v1_dot_twopc__pb2.GetInfoRequest.SerializeToString,
             twopc_dot_v1_dot_twopc__pb2.AgentInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitsFor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twopc.v1.Participant/WaitsFor',
+            twopc_dot_v1_dot_twopc__pb2.WaitsForRequest.SerializeToString,
+            twopc_dot_v1_dot_twopc__pb2.WaitsForResponse.FromString,
             options,
             channel_credentials,
             insecure,

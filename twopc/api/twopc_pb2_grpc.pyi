@@ -156,6 +156,12 @@ class ParticipantStub:
     Inspect: _grpc.UnaryUnaryMultiCallable[_twopc_pb2.InspectRequest, _twopc_pb2.InspectResponse]
     """What this server knows of the given branches (marker rows, XA RECOVER, live branches)."""
     GetInfo: _grpc.UnaryUnaryMultiCallable[_twopc_pb2.GetInfoRequest, _twopc_pb2.AgentInfo]
+    WaitsFor: _grpc.UnaryUnaryMultiCallable[_twopc_pb2.WaitsForRequest, _twopc_pb2.WaitsForResponse]
+    """Who waits on whom here: for each branch whose statement has run at least min_wait_ms, the
+    transactions holding the locks it waits for (INNODB_LOCK_WAITS). Cheap when nothing waits
+    that long: no SQL at all. The coordinator polls it while a transaction of its own has a
+    call in flight that long, joins the edges of every agent and breaks lock cycles.
+    """
     Pipeline: _grpc.StreamStreamMultiCallable[_twopc_pb2.PipelineRequest, _twopc_pb2.PipelineResponse]
     """Prepare and CommitMany multiplexed on one long-lived stream per coordinator. A message on an
     open stream costs about a third of the CPU of a unary call, and each message carries every
@@ -183,6 +189,12 @@ class ParticipantAsyncStub(ParticipantStub):
     Inspect: _aio.UnaryUnaryMultiCallable[_twopc_pb2.InspectRequest, _twopc_pb2.InspectResponse]  # type: ignore[assignment]
     """What this server knows of the given branches (marker rows, XA RECOVER, live branches)."""
     GetInfo: _aio.UnaryUnaryMultiCallable[_twopc_pb2.GetInfoRequest, _twopc_pb2.AgentInfo]  # type: ignore[assignment]
+    WaitsFor: _aio.UnaryUnaryMultiCallable[_twopc_pb2.WaitsForRequest, _twopc_pb2.WaitsForResponse]  # type: ignore[assignment]
+    """Who waits on whom here: for each branch whose statement has run at least min_wait_ms, the
+    transactions holding the locks it waits for (INNODB_LOCK_WAITS). Cheap when nothing waits
+    that long: no SQL at all. The coordinator polls it while a transaction of its own has a
+    call in flight that long, joins the edges of every agent and breaks lock cycles.
+    """
     Pipeline: _aio.StreamStreamMultiCallable[_twopc_pb2.PipelineRequest, _twopc_pb2.PipelineResponse]  # type: ignore[assignment]
     """Prepare and CommitMany multiplexed on one long-lived stream per coordinator. A message on an
     open stream costs about a third of the CPU of a unary call, and each message carries every
@@ -255,6 +267,18 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         request: _twopc_pb2.GetInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_twopc_pb2.AgentInfo, _abc.Awaitable[_twopc_pb2.AgentInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def WaitsFor(
+        self,
+        request: _twopc_pb2.WaitsForRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_twopc_pb2.WaitsForResponse, _abc.Awaitable[_twopc_pb2.WaitsForResponse]]:
+        """Who waits on whom here: for each branch whose statement has run at least min_wait_ms, the
+        transactions holding the locks it waits for (INNODB_LOCK_WAITS). Cheap when nothing waits
+        that long: no SQL at all. The coordinator polls it while a transaction of its own has a
+        call in flight that long, joins the edges of every agent and breaks lock cycles.
+        """
 
     @_abc_1.abstractmethod
     def Pipeline(

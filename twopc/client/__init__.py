@@ -16,8 +16,11 @@ Blocking::
 asyncio: ``AsyncClient``, the same API with ``await`` / ``async with``.
 
 Requests whose answer is lost (UNAVAILABLE, DEADLINE_EXCEEDED) are retried unchanged, as the
-``RetryPolicy`` allows; nothing else is retried. A commit whose answer never comes raises
-``OutcomeUnknown``: look its outcome up with ``get_transaction``. Every error is a ``TwopcError``.
+``RetryPolicy`` allows. A transaction that lost a lock conflict (``TransactionConflict``) is run
+again as a new transaction only when the client is given ``conflict_retries=ConflictRetry(...)``
+(exponential backoff, full jitter): ``run`` and ``run_in_transaction`` do it. A commit whose
+answer never comes raises ``OutcomeUnknown``: look its outcome up with ``get_transaction``.
+Every error is a ``TwopcError``.
 
 With OpenTelemetry installed (``pip install 'twopc[tracing]'``), every request carries the
 caller's current trace context (``twopc.tracing``); without it, nothing is sent.
@@ -25,6 +28,7 @@ caller's current trace context (``twopc.tracing``); without it, nothing is sent.
 
 from twopc.client._async import AsyncClient, AsyncTransaction
 from twopc.client._common import (
+    ConflictRetry,
     Outcome,
     Result,
     RetryPolicy,
@@ -44,6 +48,7 @@ from twopc.errors import (
     ResourceExhausted,
     StatementFailed,
     TransactionAborted,
+    TransactionConflict,
     TwopcError,
     Unavailable,
 )
@@ -53,6 +58,7 @@ __all__ = [
     "AsyncClient",
     "AsyncTransaction",
     "Client",
+    "ConflictRetry",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",
@@ -69,6 +75,7 @@ __all__ = [
     "TlsConfig",
     "Transaction",
     "TransactionAborted",
+    "TransactionConflict",
     "TransactionInfo",
     "TransactionState",
     "TwopcError",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
@@ -19,6 +20,7 @@ from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client._common import (
     DEFAULT_RPC_TIMEOUT,
     ChannelOption,
+    ConflictRetry,
     ExitAction,
     Result,
     RetryPolicy,
@@ -35,6 +37,7 @@ from twopc.client._common import (
     info_from_pb,
     logger,
     request_id_or_new,
+    retry_request_id,
     run_outcome_unknown,
     run_request,
     run_result_from_pb,
@@ -45,6 +48,7 @@ from twopc.status import error_from_rpc, is_transport_failure
 from twopc.tls import TlsConfig, client_transport
 from twopc.tracing import outgoing_metadata
 
+T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -68,8 +72,10 @@ class AsyncClient:
         channel_options: Iterable[ChannelOption] = (),
         retry_policy: RetryPolicy | None = None,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+        conflict_retries: ConflictRetry | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = random.random,
     ) -> None:
         secure, tls_options = client_transport(
             tls=tls, credentials=credentials, insecure=insecure, what=f"AsyncClient({target!r})"
@@ -89,8 +95,10 @@ class AsyncClient:
         self._target = target
         self._retry = retry_policy or RetryPolicy()
         self._rpc_timeout = rpc_timeout
+        self._conflict_retries = conflict_retries
         self._sleep = sleep
         self._clock = clock
+        self._random = random
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -145,15 +153,53 @@ class AsyncClient:
         wait_for_phase2: bool = False,
     ) -> RunResult:
         """Runs a one-shot transaction (see ``Client.run``)."""
-        rid = request_id_or_new(request_id)
-        request = run_request(work, timeout, rid, wait_for_phase2)
-        try:
-            response = await self._call("RunTransaction", self._stub.RunTransaction, request)
-        except TwopcError as error:
-            if is_transport_failure(error):
-                raise run_outcome_unknown(error, rid) from error
-            raise
-        return run_result_from_pb(request, response)
+        first = request_id_or_new(request_id)
+        started = self._clock()
+        failures = 0
+        while True:
+            rid = retry_request_id(first, failures) if failures else first
+            request = run_request(work, timeout, rid, wait_for_phase2)
+            try:
+                response = await self._call("RunTransaction", self._stub.RunTransaction, request)
+            except TwopcError as error:
+                if is_transport_failure(error):
+                    raise run_outcome_unknown(error, rid) from error
+                failures += 1
+                delay = self._conflict_delay(error, failures, started)
+                if delay is None:
+                    raise
+                await self._sleep(delay)
+                continue
+            return run_result_from_pb(request, response)
+
+    async def run_in_transaction(
+        self,
+        work: Callable[[AsyncTransaction], Awaitable[T]],
+        *,
+        timeout: float | None = None,
+        wait_for_phase2: bool = False,
+    ) -> T:
+        """Runs ``await work(tx)`` in an interactive transaction and commits it, again in a new
+        transaction after a lost lock conflict as ``conflict_retries`` allows (see
+        ``Client.run_in_transaction``)."""
+        started = self._clock()
+        failures = 0
+        while True:
+            try:
+                async with self.transaction(timeout=timeout, wait_for_phase2=wait_for_phase2) as tx:
+                    return await work(tx)
+            except TwopcError as error:
+                failures += 1
+                delay = self._conflict_delay(error, failures, started)
+                if delay is None:
+                    raise
+            await self._sleep(delay)
+
+    def _conflict_delay(self, error: TwopcError, failures: int, started: float) -> float | None:
+        if self._conflict_retries is None:
+            return None
+        elapsed = self._clock() - started
+        return self._conflict_retries.delay_after(error, failures, elapsed, self._random)
 
     async def get_transaction(
         self, txid: str | None = None, *, request_id: str | None = None

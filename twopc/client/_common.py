@@ -20,6 +20,7 @@ from twopc.errors import (
     InvalidArgument,
     OutcomeUnknown,
     TransactionAborted,
+    TransactionConflict,
     TwopcError,
 )
 from twopc.status import is_transport_failure
@@ -221,6 +222,65 @@ class RetryPolicy:
         return delay
 
 
+@dataclasses.dataclass(frozen=True)
+class ConflictRetry:
+    """How the SDK runs a transaction again after it lost a lock conflict (``TransactionConflict``:
+    a deadlock victim, a local deadlock, a lock wait timeout). Off unless given to the client.
+
+    Each new try is a new transaction (a new request id). Waits use exponential backoff with full
+    jitter: before try n+1, a uniformly random wait in ``[0, min(max_backoff, initial_backoff *
+    multiplier ** (n - 1))]``, so that the transactions of a cycle do not collide again in step.
+
+    Attributes:
+        attempts: tries in all, the first one included.
+        initial_backoff: the bound of the first wait, in seconds.
+        max_backoff: the largest bound of a wait.
+        multiplier: growth of the bound from one retry to the next.
+        deadline: seconds after the first try past which no try is started.
+    """
+
+    attempts: int = 5
+    initial_backoff: float = 0.01
+    max_backoff: float = 0.5
+    multiplier: float = 2.0
+    deadline: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ValueError("backoffs must not be negative")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be at least 1, not {self.multiplier}")
+        if self.deadline <= 0:
+            raise ValueError(f"deadline must be positive, not {self.deadline}")
+
+    def bound(self, retry: int) -> float:
+        """The largest wait before retry number ``retry`` (1 for the first retry)."""
+        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+
+    def delay_after(
+        self, error: TwopcError, failures: int, elapsed: float, random: Callable[[], float]
+    ) -> float | None:
+        """The wait before the next try after ``failures`` tries failed (the last with
+        ``error``) and ``elapsed`` seconds since the first began; None to give up and raise.
+        ``random`` gives a float in [0, 1)."""
+        if not isinstance(error, TransactionConflict) or failures >= self.attempts:
+            return None
+        delay = random() * self.bound(failures)
+        if elapsed + delay > self.deadline:
+            return None
+        logger.info(
+            "transaction lost a lock conflict (try %d of %d, txid=%s): %s; retrying in %.3f s",
+            failures,
+            self.attempts,
+            error.txid or "-",
+            error.message,
+            delay,
+        )
+        return delay
+
+
 class RetryTracker:
     """The retry bookkeeping of one call: counts failures and says how long to wait, or to stop."""
 
@@ -273,6 +333,14 @@ def with_txid(error: TwopcError, txid: str) -> TwopcError:
 # --------------------------------------------------------------------------------------------------
 # Requests and responses
 # --------------------------------------------------------------------------------------------------
+
+
+def retry_request_id(request_id: str, retry: int) -> str:
+    """The request id of retry number ``retry`` of a transaction that lost a lock conflict: a
+    new transaction, so a new id (the first one's answer is its abort), derived from the first
+    so that each retry is idempotent in turn."""
+    suffix = f"-r{retry}"
+    return request_id[: 40 - len(suffix)] + suffix
 
 
 def new_request_id() -> str:

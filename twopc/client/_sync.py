@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -14,6 +15,7 @@ from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client._common import (
     DEFAULT_RPC_TIMEOUT,
     ChannelOption,
+    ConflictRetry,
     ExitAction,
     Result,
     RetryPolicy,
@@ -30,6 +32,7 @@ from twopc.client._common import (
     info_from_pb,
     logger,
     request_id_or_new,
+    retry_request_id,
     run_outcome_unknown,
     run_request,
     run_result_from_pb,
@@ -40,6 +43,7 @@ from twopc.status import error_from_rpc, is_transport_failure
 from twopc.tls import TlsConfig, client_transport
 from twopc.tracing import outgoing_metadata
 
+T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -65,8 +69,11 @@ class Client:
         channel_options: gRPC channel options added to (and overriding) the defaults.
         retry_policy: how requests whose answer was lost are retried.
         rpc_timeout: the gRPC deadline of each request, in seconds.
+        conflict_retries: runs a transaction again (``run``, ``run_in_transaction``) when it
+            lost a lock conflict (``TransactionConflict``); None (the default): never.
         sleep: waits between retries (replaceable in tests).
         clock: a monotonic clock in seconds, for the retry deadline (replaceable in tests).
+        random: a float in [0, 1) for the jitter of conflict retries (replaceable in tests).
     """
 
     def __init__(
@@ -79,8 +86,10 @@ class Client:
         channel_options: Iterable[ChannelOption] = (),
         retry_policy: RetryPolicy | None = None,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+        conflict_retries: ConflictRetry | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = random.random,
     ) -> None:
         secure, tls_options = client_transport(
             tls=tls, credentials=credentials, insecure=insecure, what=f"Client({target!r})"
@@ -100,8 +109,10 @@ class Client:
         self._target = target
         self._retry = retry_policy or RetryPolicy()
         self._rpc_timeout = rpc_timeout
+        self._conflict_retries = conflict_retries
         self._sleep = sleep
         self._clock = clock
+        self._random = random
         self._closed = False
 
     def __enter__(self) -> Client:
@@ -182,15 +193,59 @@ class Client:
                 carries ``mysql_errno``).
             OutcomeUnknown: no answer after retries; it carries ``request_id``.
         """
-        rid = request_id_or_new(request_id)
-        request = run_request(work, timeout, rid, wait_for_phase2)
-        try:
-            response = self._call("RunTransaction", self._stub.RunTransaction, request)
-        except TwopcError as error:
-            if is_transport_failure(error):
-                raise run_outcome_unknown(error, rid) from error
-            raise
-        return run_result_from_pb(request, response)
+        first = request_id_or_new(request_id)
+        started = self._clock()
+        failures = 0
+        while True:
+            rid = retry_request_id(first, failures) if failures else first
+            request = run_request(work, timeout, rid, wait_for_phase2)
+            try:
+                response = self._call("RunTransaction", self._stub.RunTransaction, request)
+            except TwopcError as error:
+                if is_transport_failure(error):
+                    raise run_outcome_unknown(error, rid) from error
+                failures += 1
+                delay = self._conflict_delay(error, failures, started)
+                if delay is None:
+                    raise
+                self._sleep(delay)
+                continue
+            return run_result_from_pb(request, response)
+
+    def run_in_transaction(
+        self,
+        work: Callable[[Transaction], T],
+        *,
+        timeout: float | None = None,
+        wait_for_phase2: bool = False,
+    ) -> T:
+        """Runs ``work`` in an interactive transaction and commits it; with ``conflict_retries``,
+        runs it again in a new transaction when the transaction lost a lock conflict
+        (``TransactionConflict``, from a statement or from the commit). ``work`` must be safe to
+        run again: it sees only its own transaction's effects. Returns what ``work`` returned.
+
+        Raises:
+            TransactionConflict: the last try lost a conflict too.
+            TwopcError: as ``begin``, ``execute`` and ``commit`` raise.
+        """
+        started = self._clock()
+        failures = 0
+        while True:
+            try:
+                with self.transaction(timeout=timeout, wait_for_phase2=wait_for_phase2) as tx:
+                    return work(tx)
+            except TwopcError as error:
+                failures += 1
+                delay = self._conflict_delay(error, failures, started)
+                if delay is None:
+                    raise
+            self._sleep(delay)
+
+    def _conflict_delay(self, error: TwopcError, failures: int, started: float) -> float | None:
+        if self._conflict_retries is None:
+            return None
+        elapsed = self._clock() - started
+        return self._conflict_retries.delay_after(error, failures, elapsed, self._random)
 
     def get_transaction(
         self, txid: str | None = None, *, request_id: str | None = None

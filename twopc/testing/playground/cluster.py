@@ -61,9 +61,12 @@ from twopc.client import AsyncClient, Client
 from twopc.testing.playground.mariadb import (
     AGENT_PASSWORD_ENV,
     AGENT_USER,
+    LOCK_WAITS_PASSWORD_ENV,
+    LOCK_WAITS_USER,
     MariaDBInstance,
     PlaygroundError,
     create_agent_user,
+    create_lock_waits_user,
 )
 from twopc.testing.playground.ports import (
     AGENT_PORT,
@@ -278,6 +281,7 @@ class Cluster:
         agents: dict[str, str] = {}
         links: list[LinkPlan] = []
         agent_password = secrets.token_hex(16)  # the agents' database user's (least privileges)
+        lock_waits_password = secrets.token_hex(16)  # the lock waits' reader's (PROCESS only)
 
         def port(fixed: int) -> int:
             return port_or_free(fixed if fixed_ports else None)
@@ -334,6 +338,11 @@ class Cluster:
                         coordinator_identities=[COORDINATOR],
                     ),
                     "coordinator_ids": [coordinator_id, TEST_COORDINATOR_ID],
+                    # Lock cycles across regions are broken by the coordinator: the agents
+                    # report lock waits, read as a user of PROCESS only.
+                    "report_lock_waits": True,
+                    "lock_waits_user": LOCK_WAITS_USER,
+                    "lock_waits_password_env": LOCK_WAITS_PASSWORD_ENV,
                     **(agent_settings or {}),
                 },
             )
@@ -346,7 +355,11 @@ class Cluster:
                 command=[python, "-m", "twopc.cli", "agent", "--config", str(config)],
                 cwd=str(base),
                 log=str(base / "agent.log"),
-                env={**env, AGENT_PASSWORD_ENV: agent_password},
+                env={
+                    **env,
+                    AGENT_PASSWORD_ENV: agent_password,
+                    LOCK_WAITS_PASSWORD_ENV: lock_waits_password,
+                },
                 metrics_address=agent_metrics,
             )
         coordinator_dir = directory / "coordinator"
@@ -594,6 +607,8 @@ class Cluster:
             cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
             agent = self.components[f"agent-{component.region}"]
             create_agent_user(conn, agent.env[AGENT_PASSWORD_ENV], DATABASE)
+            # The agents report lock waits (report_lock_waits) as a user of PROCESS only.
+            create_lock_waits_user(conn, agent.env[LOCK_WAITS_PASSWORD_ENV])
 
     def restart(
         self,

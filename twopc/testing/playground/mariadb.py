@@ -57,6 +57,8 @@ from twopc.testing.playground.ports import LOOPBACK, free_port
 __all__ = [
     "AGENT_PASSWORD_ENV",
     "AGENT_USER",
+    "LOCK_WAITS_PASSWORD_ENV",
+    "LOCK_WAITS_USER",
     "SEARCH_DIRS",
     "MariaDBBinaries",
     "MariaDBInitFailed",
@@ -66,6 +68,7 @@ __all__ = [
     "MariaDBStartFailed",
     "PlaygroundError",
     "create_agent_user",
+    "create_lock_waits_user",
     "find_binaries",
     "start_all",
 ]
@@ -74,6 +77,9 @@ __all__ = [
 #: that hands them its password (the agent's default ``mysql_password_env``).
 AGENT_USER = "twopc_agent"
 AGENT_PASSWORD_ENV = "TWOPC_MYSQL_PASSWORD"  # noqa: S105 (a variable name)
+#: The user the playground's agents read lock waits as (PROCESS only), and its password's variable.
+LOCK_WAITS_USER = "twopc_lockwait"
+LOCK_WAITS_PASSWORD_ENV = "TWOPC_LOCK_WAITS_PASSWORD"  # noqa: S105 (a variable name)
 
 #: Where ``find_binaries`` looks after PATH (Debian puts mariadbd in /usr/sbin, often not on PATH).
 SEARCH_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/mysql/bin", "/usr/local/mysql/scripts")
@@ -624,6 +630,25 @@ def start_all(instances: Sequence[MariaDBInstance], timeout: float = 30.0) -> li
     return [future.result() for future in futures]
 
 
+def create_lock_waits_user(
+    conn: pymysql.Connection,
+    password: str,
+    *,
+    user: str = LOCK_WAITS_USER,
+    host: str = LOOPBACK,
+) -> str:
+    """Creates (or re-creates) the user an agent reads lock waits as (``lock_waits_user``):
+    PROCESS, which shows INNODB_LOCK_WAITS and INNODB_TRX, and nothing else (no right on any
+    schema), so that the agent's own user keeps its least privileges. Returns the account."""
+    account = f"{quote_name(user)}@{quote_name(host)}"
+    with conn.cursor() as cursor:
+        cursor.execute(
+            f"CREATE OR REPLACE USER {account.replace('%', '%%')} IDENTIFIED BY %s", [password]
+        )
+        cursor.execute(f"GRANT PROCESS ON *.* TO {account}")
+    return account
+
+
 def create_agent_user(
     conn: pymysql.Connection,
     password: str,
@@ -632,19 +657,22 @@ def create_agent_user(
     user: str = AGENT_USER,
     host: str = LOOPBACK,
     marker_table: str = DEFAULT_MARKER_TABLE,
+    lock_waits: bool = False,
 ) -> str:
     """Creates (or re-creates, with this password) the database user an agent runs as, with the
     least privileges it needs on ``database`` and nothing else: rows of ``database``'s tables,
     and CREATE on its marker table (``participants.grants.least_grants``). No FILE, no SUPER,
     nothing on ``mysql.*`` or on any other schema. ``conn`` is a root connection. Returns the
-    account as written in SQL (```twopc_agent`@`127.0.0.1```)."""
+    account as written in SQL (```twopc_agent`@`127.0.0.1```). ``lock_waits``: PROCESS too,
+    for an agent that reports lock waits (``report_lock_waits``)."""
     account = f"{quote_name(user)}@{quote_name(host)}"
     with conn.cursor() as cursor:
         # The account may hold a host pattern's '%': doubled, since the password is a parameter.
         cursor.execute(
             f"CREATE OR REPLACE USER {account.replace('%', '%%')} IDENTIFIED BY %s", [password]
         )
-        for statement in least_grants(account, [database], database, marker_table):
+        grants = least_grants(account, [database], database, marker_table, lock_waits=lock_waits)
+        for statement in grants:
             cursor.execute(statement)
     return account
 

@@ -14,11 +14,16 @@ import threading
 import pytest
 
 from twopc.client import RetryPolicy
-from twopc.testing.playground.bank import TransferWorkload, create_accounts, total_balance
+from twopc.testing.playground.bank import (
+    Transfer,
+    TransferWorkload,
+    create_accounts,
+    total_balance,
+)
 from twopc.testing.playground.cluster import Cluster, wait_until
 from twopc.testing.playground.invariants import check_bank, prepared_branches, resolve_unknown
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 
 ACCOUNTS = 4
 WORKERS = 8
@@ -46,7 +51,13 @@ def test_cycles_while_a_component_is_killed_keep_every_invariant(
         )
         runner.start()
         try:
-            wait_until(lambda: len(workload.transfers) >= BATCH, 30, "transfers before the kill")
+            # Cycles form often but not on a schedule: the kill waits for the first victim, so
+            # that it lands while the detector is at work.
+            wait_until(
+                lambda: len(workload.transfers) >= BATCH and bool(_victims(workload.transfers)),
+                40,
+                "transfers and a broken cycle before the kill",
+            )
             live_cluster.kill(killed)
             live_cluster.restart(killed)
             after = len(workload.transfers) + BATCH
@@ -71,6 +82,10 @@ def test_cycles_while_a_component_is_killed_keep_every_invariant(
     )
     broken = [str(v) for v in verdicts if not v.holds]
     assert not broken, broken
-    victims = [t for t in transfers if "deadlock across participants" in (t.detail or "")]
+    victims = _victims(transfers)
     print(f"{len(transfers)} transfers, {len(victims)} deadlock victims, killed {killed}")
     assert victims, "no cycle was broken: the test did not exercise the detector"
+
+
+def _victims(transfers: list[Transfer]) -> list[Transfer]:
+    return [t for t in list(transfers) if "deadlock across participants" in (t.detail or "")]

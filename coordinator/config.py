@@ -77,6 +77,10 @@ class CoordinatorConfig:
     # deadlock_poll_ms while one has; 0 turns detection off.
     deadlock_detect_ms: int = 5
     deadlock_poll_ms: int = 10
+    # "parallel" (default) or "ordered": how a one-shot transaction's branches are prepared
+    # (EngineSettings.one_shot_order). Ordered prevents lock cycles of one-shot transactions on
+    # hot rows, at one more round trip per participant.
+    one_shot_order: str = "parallel"
     phase2_attempts: int = 8
     finished_memory: int = 100_000
     log_max_bytes: int = 64 * 1024 * 1024
@@ -110,6 +114,10 @@ class CoordinatorConfig:
         self.identity_rules()  # checks them
         if self.max_active_per_identity < 1 or self.max_sessions_per_identity < 1:
             raise ValueError("max_active_per_identity and max_sessions_per_identity must be >= 1")
+        if self.one_shot_order not in ("parallel", "ordered"):
+            raise ValueError(
+                f"one_shot_order must be 'parallel' or 'ordered', got {self.one_shot_order!r}"
+            )
         if self.max_idle_ms < 0:
             raise ValueError(f"max_idle_ms ({self.max_idle_ms}) must be 0 (no limit) or more")
         self.request_limits()  # checks them
@@ -163,6 +171,7 @@ class CoordinatorConfig:
             max_active_per_identity=self.max_active_per_identity,
             max_sessions_per_identity=self.max_sessions_per_identity,
             max_idle_ms=self.max_idle_ms,
+            one_shot_order=self.one_shot_order,
         )
 
 

@@ -95,6 +95,12 @@ class EngineSettings:
     max_active_per_identity: int = 1000
     max_sessions_per_identity: int = 48  # open branches on one participant
     max_idle_ms: int = 30_000  # an ACTIVE transaction with no call for this long is rolled back
+    # How a one-shot transaction's branches are prepared: "parallel" (all at once: one round
+    # trip) or "ordered" (one after another in participant-name order, each only once the one
+    # before voted PREPARED). Ordered, one-shot transactions take their locks in the same order
+    # everywhere, so they cannot form a lock cycle across participants, at one more round trip
+    # per participant.
+    one_shot_order: str = "parallel"
 
 
 @dataclass
@@ -724,9 +730,12 @@ class TransactionManager:
             return
         self._in_flight[tx.txid] = tx
         try:
-            ballots = await asyncio.gather(
-                *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
-            )
+            if work is not None and self.settings.one_shot_order == "ordered":
+                ballots = await self._prepare_in_order(tx, work)
+            else:
+                ballots = await asyncio.gather(
+                    *(self._prepare_one(tx, p, (work or {}).get(p, ())) for p in tx.participants)
+                )
         finally:
             self._in_flight.pop(tx.txid, None)
         # From here on no deadlock victim is chosen among the votes' owner (break_deadlock): a
@@ -811,6 +820,28 @@ class TransactionManager:
         finally:  # decided: phase 2 runs even when the failpoint raises (a lost answer)
             self._phase2_running.add(tx.txid)
             self._spawn(self._phase2(tx, record))
+
+    async def _prepare_in_order(
+        self, tx: Transaction, work: dict[str, Statements]
+    ) -> list[_Ballot]:
+        """Prepares a one-shot transaction's branches one after another, in participant-name
+        order, each once the one before voted PREPARED (or READ_ONLY). After a no, a chosen
+        deadlock victim or an abort request, the rest are not started: their ballot is an ABORT
+        with no reason of its own, and no branch exists there to roll back. Returns the ballots
+        in ``tx.participants`` order, as ``_tally`` reads them."""
+        ballots: dict[str, _Ballot] = {}
+        for participant in sorted(tx.participants):
+            if (
+                tx.victim_of is not None
+                or tx.abort_request is not None
+                or any(b.vote not in (Vote.PREPARED, Vote.READ_ONLY) for b in ballots.values())
+            ):
+                ballots[participant] = _Ballot(Vote.ABORT)
+                continue
+            ballots[participant] = await self._prepare_one(
+                tx, participant, work.get(participant, ())
+            )
+        return [ballots[p] for p in tx.participants]
 
     async def _prepare_one(
         self, tx: Transaction, participant: str, statements: Statements

@@ -1364,3 +1364,60 @@ async def test_concurrent_commit_during_an_in_doubt_one_phase_commit_raises_unav
         await first
     [answer] = await asyncio.gather(second, return_exceptions=True)
     assert isinstance(answer, Unavailable), f"Commit answered {answer!r} for an unknown outcome"
+
+
+# --- one-shot branches prepared in order (one_shot_order = "ordered") ----------------------------
+
+
+@scenario
+async def test_ordered_one_shot_prepares_one_branch_after_another_in_name_order() -> None:
+    env = make_env(one_shot_order="ordered")
+    gate = env.ports.hold("prepare", "eu")
+    run = asyncio.create_task(
+        env.manager.run(
+            [("us", [WRITE]), ("eu", [WRITE]), ("ap", [WRITE])],
+            timeout_ms=5_000,
+            wait_for_phase2=True,
+        )
+    )
+    await gate.entered.wait()
+    # ap prepared first; us has not been asked while eu's vote is outstanding.
+    assert [c.participant for c in env.ports.calls_of("prepare")] == ["ap", "eu"]
+    gate.release()
+    outcome = await run
+    assert outcome.state is TxState.COMMITTED
+    assert [c.participant for c in env.ports.calls_of("prepare")] == ["ap", "eu", "us"]
+    env.assert_decision_first(outcome.txid)
+
+
+@scenario
+async def test_ordered_one_shot_starts_no_branch_after_a_no() -> None:
+    env = make_env(one_shot_order="ordered")
+    env.ports.script("prepare", "eu", VoteReply(Vote.ABORT, "deadlock found", 1213))
+    with pytest.raises(TransactionConflict):
+        await env.manager.run([("eu", [WRITE]), ("us", [WRITE]), ("ap", [WRITE])], timeout_ms=5_000)
+    await env.drain()
+    # ap prepared and was rolled back; us was never started, so there is nothing to roll back.
+    assert [c.participant for c in env.ports.calls_of("prepare")] == ["ap", "eu"]
+    assert {c.participant for c in env.ports.calls_of("rollback")} == {"ap"}
+    assert env.ports.state("us", _only_txid(env)) is None
+    assert env.log.attempts == []
+
+
+@scenario
+async def test_parallel_one_shot_asks_every_branch_at_once() -> None:
+    env = make_env()  # the default
+    gate = env.ports.hold("prepare", "eu")
+    run = asyncio.create_task(
+        env.manager.run([("us", [WRITE]), ("eu", [WRITE]), ("ap", [WRITE])], timeout_ms=5_000)
+    )
+    await gate.entered.wait()
+    await asyncio.sleep(0)  # the other prepares are already out, in the same loop turn
+    assert {c.participant for c in env.ports.calls_of("prepare")} == {"ap", "eu", "us"}
+    gate.release()
+    assert (await run).state in (TxState.COMMITTING, TxState.COMMITTED)
+
+
+def _only_txid(env: Env) -> str:
+    (txid,) = {c.txid for c in env.ports.calls if c.txid}
+    return txid

@@ -225,3 +225,23 @@ def _waiting(cluster: Cluster, region: str) -> bool:
         )
         row = cursor.fetchone()
         return bool(row and row[0])
+
+
+def test_ordered_one_shot_transactions_form_no_cycle(live_cluster: Cluster, bank: int) -> None:
+    """With ``one_shot_order = "ordered"`` the same two transfers take their locks in the same
+    order (eu, then us): the second waits for the first in eu and both commit, no victim."""
+    coordinator = live_cluster.component("coordinator")
+    coordinator.env["TWOPC_COORDINATOR_ONE_SHOT_ORDER"] = "ordered"
+    live_cluster.restart("coordinator")
+    try:
+        victims = metric(live_cluster, "coordinator", "twopc_deadlock_victims_total")
+        with live_cluster.client() as client:
+            outcomes = cycle_of_transfers(client)
+        for result, _ in outcomes:
+            assert not isinstance(result, TwopcError), result
+        assert (balance(live_cluster, "eu", 1), balance(live_cluster, "us", 2)) == (1002, 998)
+        assert metric(live_cluster, "coordinator", "twopc_deadlock_victims_total") == victims
+        assert not any(prepared_branches(live_cluster).values())
+    finally:
+        coordinator.env.pop("TWOPC_COORDINATOR_ONE_SHOT_ORDER", None)
+        live_cluster.restart("coordinator")

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import message_factory
 
 from tests.support import balance, markers, prepared, transfer_sql
 from twopc.api import chaos_pb2 as chaos_pb
@@ -180,6 +181,38 @@ def test_only_the_coordinator_can_finish_an_active_branch(
         "Recover",
         "Rollback",
     ]
+
+
+PARTICIPANT = pb.DESCRIPTOR.services_by_name["Participant"]
+
+
+def status_of_empty_call(channel: grpc.Channel, method: Any) -> grpc.StatusCode:
+    """Calls ``method`` (a method descriptor) with an empty request; the status it fails with."""
+    path = f"/{PARTICIPANT.full_name}/{method.name}"
+    request = message_factory.GetMessageClass(method.input_type)()
+    kwargs: dict[str, Any] = {
+        "request_serializer": type(request).SerializeToString,
+        "response_deserializer": message_factory.GetMessageClass(method.output_type).FromString,
+    }
+    if method.client_streaming:
+        stream = channel.stream_stream(path, **kwargs)
+        return refused(lambda: list(stream(iter([request]), timeout=5)))
+    unary = channel.unary_unary(path, **kwargs)
+    return refused(lambda: unary(request, timeout=5))
+
+
+@pytest.mark.parametrize("identity", [OTHER_APP, CLIENT, ADMIN])
+def test_every_participant_method_refuses_every_identity_but_the_coordinators(
+    live_cluster: Cluster, identity: str
+) -> None:
+    """Each method of the Participant API, read from its descriptor (so that a method added
+    later, such as WaitsFor for the deadlock detector, is covered the day it is added), called
+    by an identity that is not the agent's coordinator: PERMISSION_DENIED, before any handler."""
+    with live_cluster.channel("agent-eu", identity=identity) as channel:
+        for method in PARTICIPANT.methods:
+            code = status_of_empty_call(channel, method)
+            assert code is grpc.StatusCode.PERMISSION_DENIED, (method.name, code)
+    assert "WaitsFor" in [m.name for m in PARTICIPANT.methods]
 
 
 @pytest.fixture

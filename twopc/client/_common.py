@@ -11,7 +11,7 @@ import enum
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from twopc.api import twopc_pb2 as pb
 from twopc.errors import (
@@ -175,6 +175,37 @@ class TransactionInfo:
 # --------------------------------------------------------------------------------------------------
 
 
+class _Backoff(Protocol):
+    """What RetryPolicy and ConflictRetry share: tries, exponential waits and a deadline."""
+
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def initial_backoff(self) -> float: ...
+    @property
+    def max_backoff(self) -> float: ...
+    @property
+    def multiplier(self) -> float: ...
+    @property
+    def deadline(self) -> float: ...
+
+
+def _check_backoff(policy: _Backoff) -> None:
+    if policy.attempts < 1:
+        raise ValueError(f"attempts must be at least 1, not {policy.attempts}")
+    if policy.initial_backoff < 0 or policy.max_backoff < 0:
+        raise ValueError("backoffs must not be negative")
+    if policy.multiplier < 1:
+        raise ValueError(f"multiplier must be at least 1, not {policy.multiplier}")
+    if policy.deadline <= 0:
+        raise ValueError(f"deadline must be positive, not {policy.deadline}")
+
+
+def _exponential(policy: _Backoff, retry: int) -> float:
+    """``min(max_backoff, initial_backoff * multiplier ** (retry - 1))``; retry 1 is the first."""
+    return min(policy.max_backoff, policy.initial_backoff * policy.multiplier ** (retry - 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """How the SDK retries a request whose answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED).
@@ -198,18 +229,11 @@ class RetryPolicy:
     deadline: float = 15.0
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
-        if self.initial_backoff < 0 or self.max_backoff < 0:
-            raise ValueError("backoffs must not be negative")
-        if self.multiplier < 1:
-            raise ValueError(f"multiplier must be at least 1, not {self.multiplier}")
-        if self.deadline <= 0:
-            raise ValueError(f"deadline must be positive, not {self.deadline}")
+        _check_backoff(self)
 
     def backoff(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
-        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+        return _exponential(self, retry)
 
     def delay_after(self, failures: int, elapsed: float) -> float | None:
         """The wait before the next try, after ``failures`` failed ones and ``elapsed`` seconds
@@ -246,18 +270,11 @@ class ConflictRetry:
     deadline: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
-        if self.initial_backoff < 0 or self.max_backoff < 0:
-            raise ValueError("backoffs must not be negative")
-        if self.multiplier < 1:
-            raise ValueError(f"multiplier must be at least 1, not {self.multiplier}")
-        if self.deadline <= 0:
-            raise ValueError(f"deadline must be positive, not {self.deadline}")
+        _check_backoff(self)
 
     def bound(self, retry: int) -> float:
         """The largest wait before retry number ``retry`` (1 for the first retry)."""
-        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+        return _exponential(self, retry)
 
     def delay_after(
         self, error: TwopcError, failures: int, elapsed: float, random: Callable[[], float]

@@ -34,26 +34,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from coordinator.engine.manager import TransactionManager
+from twopc.observability import LATENCY_BUCKETS
 
-__all__ = ["LATENCY_BUCKETS", "CoordinatorMetrics"]
+__all__ = ["CoordinatorMetrics"]
 
-#: Seconds, from a fast loopback round trip to a slow cross-region one.
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OUTCOMES = ("committed", "aborted", "unknown")
 

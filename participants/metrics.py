@@ -30,25 +30,10 @@ from prometheus_client.registry import Collector
 
 from participants.agent import Agent
 from participants.xa import SessionPool
+from twopc.observability import LATENCY_BUCKETS
 
 __all__ = ["AgentMetrics"]
 
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 METHODS = (
     "Execute",
     "Prepare",

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.testing.playground.cluster import Cluster
 from twopc.testing.playground.invariants import committed_markers, prepared_branches
 from twopc.testing.playground.mariadb import AGENT_PASSWORD_ENV
 from twopc.testing.playground.tls import COORDINATOR
+from twopc.tls import TlsConfig
 from twopc.values import to_values
 
 # The environment that gives an agent built in a test the password of a scratch server's agent
@@ -67,3 +73,34 @@ def prepare_on_agent(cluster: Cluster, region: str, txid: str, amount: int, acco
         )
         vote = agent.Prepare(pb.PrepareRequest(txid=txid, participant=region))
     assert vote.vote == pb.VOTE_PREPARED
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_twopc(
+    *arguments: str, cwd: Path, coordinator: str | None = None, tls: TlsConfig | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``twopc ARGUMENTS`` (this checkout's, as ``-m twopc.cli``) in ``cwd``, with
+    ``TWOPC_COORDINATOR`` and the ``TWOPC_TLS_*`` variables set from ``coordinator`` and
+    ``tls`` only (none of them inherited)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "TWOPC_COORDINATOR" and not k.startswith("TWOPC_TLS_")
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    if coordinator is not None:
+        env["TWOPC_COORDINATOR"] = coordinator
+    if tls is not None:
+        env |= {"TWOPC_TLS_CERT": str(tls.cert), "TWOPC_TLS_KEY": str(tls.key)}
+        env["TWOPC_TLS_CA"] = str(tls.ca)
+    return subprocess.run(
+        [sys.executable, "-m", "twopc.cli", *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

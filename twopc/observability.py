@@ -39,6 +39,7 @@ from twopc.tls import TlsConfig
 
 __all__ = [
     "HEALTH_SERVICE",
+    "LATENCY_BUCKETS",
     "OPEN_RULES",
     "REFLECTION_SERVICE",
     "Health",
@@ -49,6 +50,24 @@ __all__ = [
     "split_metrics_listen",
 ]
 
+#: Histogram buckets of both daemons' latencies, in seconds: from a fast loopback round trip to
+#: a slow cross-region one.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REFLECTION_SERVICE = reflection.SERVICE_NAME
 #: AccessControl rules: every identity the CA vouches for may ask for health and reflection.

@@ -5,12 +5,10 @@ stray branch concluded, drain and undrain, and the refusals (no reason, another 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.support import prepare_on_agent, prepared
+from tests.support import prepare_on_agent, prepared, run_twopc
 from twopc.client import Client
 from twopc.testing.playground.cluster import TEST_COORDINATOR_ID as RETIRED
 from twopc.testing.playground.cluster import Cluster
@@ -25,26 +23,7 @@ def twopc_admin(
 ) -> subprocess.CompletedProcess[str]:
     """``twopc admin ARGUMENTS`` in ``cwd``, with the ``TWOPC_TLS_*`` variables from ``tls``
     only (none: the playground's state file under ``cwd``, if any)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "TWOPC_COORDINATOR" and not k.startswith("TWOPC_TLS_")
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    if coordinator is not None:
-        env["TWOPC_COORDINATOR"] = coordinator
-    if tls is not None:
-        env |= {"TWOPC_TLS_CERT": str(tls.cert), "TWOPC_TLS_KEY": str(tls.key)}
-        env["TWOPC_TLS_CA"] = str(tls.ca)
-    return subprocess.run(
-        [sys.executable, "-m", "twopc.cli", "admin", *arguments],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_twopc("admin", *arguments, cwd=cwd, coordinator=coordinator, tls=tls)
 
 
 def as_admin(cluster: Cluster, cwd: Path, *arguments: str) -> subprocess.CompletedProcess[str]:

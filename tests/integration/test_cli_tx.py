@@ -4,14 +4,12 @@ id, and an exit status of its own when no record of the transaction exists anywh
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import transfer_sql
+from tests.support import run_twopc, transfer_sql
 from twopc.client import Client, TlsConfig, TransactionAborted
 from twopc.testing.playground.cluster import STATE_FILE, Cluster
 
@@ -26,26 +24,7 @@ def twopc_tx(
 ) -> subprocess.CompletedProcess[str]:
     """``twopc tx`` in ``cwd``, with ``TWOPC_COORDINATOR`` and the ``TWOPC_TLS_*`` variables
     set from ``coordinator_env`` and ``tls`` only."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "TWOPC_COORDINATOR" and not k.startswith("TWOPC_TLS_")
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    if coordinator_env is not None:
-        env["TWOPC_COORDINATOR"] = coordinator_env
-    if tls is not None:
-        env |= {"TWOPC_TLS_CERT": str(tls.cert), "TWOPC_TLS_KEY": str(tls.key)}
-        env["TWOPC_TLS_CA"] = str(tls.ca)
-    return subprocess.run(
-        [sys.executable, "-m", "twopc.cli", "tx", *arguments],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_twopc("tx", *arguments, cwd=cwd, coordinator=coordinator_env, tls=tls)
 
 
 def fields(stdout: str) -> dict[str, str]:

@@ -122,6 +122,8 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
         admin_api=tls is not None or config.admin_plaintext,
         metrics_address=exporter.address if exporter is not None else None,
         metrics_https=exporter.https if exporter is not None else None,
+        one_shot_order=config.one_shot_order,
+        deadlock_detect_ms=config.deadlock_detect_ms,
     )
     _log_identity_rules(config, tls is not None)
     recovery = Recovery(manager, rpc_timeout=config.rpc_timeout_s, failpoints=failpoints)

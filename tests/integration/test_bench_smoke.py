@@ -119,7 +119,7 @@ def _assert_paths(cell: dict[str, Any], where: str) -> None:
     assert all(n > 1000 for n in mine.values()), f"{where}: {hop}* carried nothing: {moved}"
 
 
-HOT_SYSTEMS = ("twopc", "direct-xa", "sqla-twophase")
+HOT_SYSTEMS = ("twopc", "twopc-ordered", "direct-xa", "sqla-twophase")
 
 
 @pytest.mark.timeout(240)
@@ -174,12 +174,16 @@ def test_contended_workloads_run_end_and_conserve(tmp_path: Path) -> None:
             assert cell["check"]["paid"] == 7 * cell["check"]["sold"] > 0, where
         for figure in ("deadlocks", "lock_wait_timeouts", "waited_out", "stuck_at_end"):
             assert cell[figure] >= 0, where
-        if system == "twopc":  # read when served, None ("n/a") when not: never missing
+        if system.startswith("twopc"):  # read when served, None ("n/a") when not: never missing
             assert set(cell["contention"]) == {
                 "deadlock_cycles", "deadlock_victims", "deadlock_break", "agent_lock_hold",
             }, where  # fmt: skip
         else:
             assert cell["contention"] == {}, where
+        if system == "twopc-ordered":  # branches in one order: no lock cycle can form
+            assert cell["contention"]["deadlock_cycles"] == 0, where
+            assert cell["committed"] > 0, where
+            assert cell["aborted"] == 0, where
     # The direct paths at 0 ms are the components' own addresses, as the state file has them.
     state = json.loads((directory / "state.json").read_text())
     own = {name: c["address"] for name, c in state["components"].items()}
@@ -189,6 +193,15 @@ def test_contended_workloads_run_end_and_conserve(tmp_path: Path) -> None:
         assert f"{region} {own[f'mariadb-{region}']}" in direct["baselines"]
     summary = (out / "bench-summary.md").read_text()
     assert summary.split("## Contention", 1)[1].count("| transfer2-hot") == 2 * len(HOT_SYSTEMS)
+    orders = summary.split("prepared in parallel and in order", 1)[1].split("## Contention")[0]
+    assert orders.count("| transfer2-hot") == 2  # one row per round trip
+    # Each twopc system ran on a coordinator started with its one-shot order.
+    started = [
+        json.loads(line)
+        for line in (directory / "coordinator" / "coordinator.log").read_text().splitlines()
+        if '"coordinator_listening"' in line
+    ]
+    assert {entry["one_shot_order"] for entry in started} == {"parallel", "ordered"}
 
 
 def test_agent_io_micro_benchmark_runs_both_models_and_commits_every_branch(

@@ -3,6 +3,7 @@ and the table, on captured samples (no processes, no databases)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from twopc.testing.bench.metrics import (
     LogSyncs,
     Tally,
     count_time_wait,
+    format_order_summary,
     format_summary,
     format_table,
     format_tls_summary,
     in_time_wait,
+    order_rows,
     parse_proc_net_tcp,
     parse_stat_ticks,
     parse_vm_hwm_kb,
@@ -31,7 +34,7 @@ from twopc.testing.bench.metrics import (
     time_wait_by_name,
     tls_rows,
 )
-from twopc.testing.bench.runner import _with_tls_modes, add_ratios, apply_round_trip
+from twopc.testing.bench.runner import _names, _with_tls_modes, add_ratios, apply_round_trip
 from twopc.testing.playground.cluster import LinkPlan
 
 # Captured from this kind of machine: a listener, two loopback sockets in TIME_WAIT (06) and an
@@ -342,6 +345,27 @@ def test_twopc_runs_once_per_tls_mode_and_tls_is_priced_against_plaintext() -> N
     alone = _cell("twopc-plaintext", 200, [9.0] * 10)
     add_ratios([alone, _cell("direct-xa", 400, [4.5] * 10)], Floor(1.0, 2.0, 1.5))
     assert alone.floor_ratio["p50"] == pytest.approx(2.0)  # the plaintext run, run alone
+
+
+def test_ordered_twopc_is_asked_for_by_name_and_set_beside_parallel_twopc() -> None:
+    known = ("twopc", "direct-xa")
+    assert _names("all", known, "system", ("twopc-ordered",)) == ["twopc", "direct-xa"]
+    assert _names("twopc,twopc-ordered", known, "system", ("twopc-ordered",)) == [
+        "twopc",
+        "twopc-ordered",
+    ]
+    with pytest.raises(argparse.ArgumentTypeError, match="choose from twopc, direct-xa, twopc-or"):
+        _names("twopc-sorted", known, "system", ("twopc-ordered",))
+    parallel = _cell("twopc", 100, [20.0] * 10)
+    ordered = _cell("twopc-ordered", 150, [10.0, 30.0] * 5)
+    ordered.tally.attempts = 200  # 50 did not commit
+    direct = _cell("direct-xa", 600, [4.0] * 10)
+    (row,) = order_rows([c.as_json() for c in (parallel, ordered, direct)])
+    assert row == [
+        "transfer2", "0", "8", "50", "75", "300", "0.17", "0.25",
+        "20.0 / 20.0", "20.0 / 30.0", "0.0 / 25.0",
+    ]  # fmt: skip
+    assert format_order_summary([parallel.as_json(), direct.as_json()]) == ""
 
 
 class _FakeProxy:

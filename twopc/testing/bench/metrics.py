@@ -863,6 +863,64 @@ def format_tls_summary(cells: Sequence[Mapping[str, Any]]) -> str:
     return _markdown(list(_TLS_COLUMNS), rows, text_columns={0}) if rows else ""
 
 
+# --- one-shot order: twopc parallel and ordered, per (workload, round trip, concurrency) --------
+
+_ORDER_COLUMNS = (
+    "workload",
+    "rtt ms",
+    "clients",
+    "parallel tps",
+    "ordered tps",
+    "direct-xa tps",
+    "parallel÷direct",
+    "ordered÷direct",
+    "parallel p50 / p99 ms",
+    "ordered p50 / p99 ms",
+    "not committed % parallel / ordered",
+)
+
+
+def order_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """One row per (workload, round trip, concurrency) that has both a ``twopc`` (one-shot
+    branches prepared in parallel) and a ``twopc-ordered`` cell, from cells' JSON."""
+    groups: dict[tuple[str, int, int], dict[str, Mapping[str, Any]]] = {}
+    for cell in cells:
+        key = (cell["workload"], cell["rtt_ms"], cell["concurrency"])
+        groups.setdefault(key, {})[cell["system"]] = cell
+    rows = []
+    for (workload, rtt, clients), by_system in groups.items():
+        parallel, ordered = by_system.get("twopc"), by_system.get("twopc-ordered")
+        if parallel is None or ordered is None:
+            continue
+        direct_tps = by_system.get("direct-xa", {}).get("tps")
+
+        def latency(cell: Mapping[str, Any]) -> str:
+            return f"{_fmt(cell['latency_ms']['p50'], 1)} / {_fmt(cell['latency_ms']['p99'], 1)}"
+
+        rows.append(
+            [
+                workload,
+                str(rtt),
+                str(clients),
+                _fmt(parallel["tps"], 0),
+                _fmt(ordered["tps"], 0),
+                _fmt(direct_tps, 0),
+                _fmt(ratio(parallel["tps"], direct_tps), 2),
+                _fmt(ratio(ordered["tps"], direct_tps), 2),
+                latency(parallel),
+                latency(ordered),
+                f"{_fmt(parallel['abort_rate'] * 100, 1)} / {_fmt(ordered['abort_rate'] * 100, 1)}",
+            ]
+        )
+    return rows
+
+
+def format_order_summary(cells: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of ``order_rows``; empty when no cell ran twopc both ways."""
+    rows = order_rows(cells)
+    return _markdown(list(_ORDER_COLUMNS), rows, text_columns={0}) if rows else ""
+
+
 # --- contention: aborts, waits and deadlocks, one row per cell ---------------------------------
 
 _CONTENTION_COLUMNS = (

@@ -15,6 +15,7 @@ __all__ = ["plot_cells", "series"]
 
 _COLOURS = {
     "twopc": "#d62728",
+    "twopc-ordered": "#ff7f0e",
     "direct-xa": "#1f77b4",
     "sqla-twophase": "#2ca02c",
     "local": "#7f7f7f",

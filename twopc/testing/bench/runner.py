@@ -50,6 +50,7 @@ from twopc.testing.bench.metrics import (
     contention_figures,
     cpu_seconds,
     format_contention,
+    format_order_summary,
     format_summary,
     format_table,
     format_tls_summary,
@@ -65,10 +66,12 @@ from twopc.testing.bench.paths import Paths, choose_paths
 from twopc.testing.bench.systems import (
     BENCH_FORMAT_ID,
     SYSTEMS,
+    VARIANTS,
     Endpoints,
     Local,
     System,
     Twopc,
+    TwopcOrdered,
     TwopcPlaintext,
     TxFailed,
     Worker,
@@ -106,14 +109,19 @@ SETTLE_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 120.0  # for every worker to open its connections
 
 
-def _names(text: str, known: Sequence[str], what: str) -> list[str]:
+def _names(
+    text: str, known: Sequence[str], what: str, by_name_only: Sequence[str] = ()
+) -> list[str]:
+    """The names of a comma-separated list; "all" is every name of ``known`` (not those of
+    ``by_name_only``, which must be named)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
         return list(known)
-    unknown = [n for n in names if n not in known]
+    choices = (*known, *by_name_only)
+    unknown = [n for n in names if n not in choices]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown {what} {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}"
+            f"unknown {what} {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}"
         )
     return names
 
@@ -140,8 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--systems",
         default="all",
-        type=lambda t: _names(t, SYSTEMS, "system"),
-        help=f"comma-separated, or all (default): {', '.join(SYSTEMS)}",
+        type=lambda t: _names(t, SYSTEMS, "system", VARIANTS),
+        help=f"comma-separated, or all (default): {', '.join(SYSTEMS)}; also "
+        f"{', '.join(VARIANTS)} (twopc with one_shot_order = ordered), by name only",
     )
     parser.add_argument(
         "--concurrency", default=[1, 8, 32], type=_ints, help="clients per cell (default 1,8,32)"
@@ -512,10 +521,12 @@ class Bench:
     def _system(self, name: str, concurrency: int, paths: Paths) -> System:
         """The system ``name``, connected the way ``paths`` says; twopc's daemons first
         (re)started with TLS, or in plaintext for ``twopc-plaintext``, and the coordinator with
-        the agents' addresses of ``paths``, when they do not run so already."""
-        if name in (Twopc.name, TwopcPlaintext.name):
+        the agents' addresses of ``paths`` and the one-shot order of the system (``ordered``
+        for ``twopc-ordered``), when they do not run so already."""
+        if name in (Twopc.name, TwopcPlaintext.name, TwopcOrdered.name):
             self.cluster.use_agent_addresses(None if paths.proxied else paths.agents)
             self.cluster.use_plaintext(name == TwopcPlaintext.name)
+            self.cluster.use_one_shot_order("ordered" if name == TwopcOrdered.name else "parallel")
         endpoints = replace(
             self._endpoints,
             databases=dict(paths.databases),
@@ -807,9 +818,14 @@ def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, Path | No
     tls_summary = format_tls_summary(data["cells"])
     if tls_summary:
         tls_summary = "\n\n## twopc with and without mutual TLS\n\n" + tls_summary
+    order_summary = format_order_summary(data["cells"])
+    if order_summary:
+        order_summary = (
+            "\n\n## twopc's one-shot branches prepared in parallel and in order\n\n" + order_summary
+        )
     contention = "\n\n## Contention\n\n" + CONTENTION_NOTE + format_contention(data["cells"])
     (out / SUMMARY_NAME).write_text(
-        header + format_summary(data["cells"]) + tls_summary + contention + "\n"
+        header + format_summary(data["cells"]) + tls_summary + order_summary + contention + "\n"
     )
     title = f"twopc bench ({'wait for phase 2' if settings['wait_phase2'] else 'early answer'})"
     drawn = plot_cells(data["cells"], paths[2], title=title)
@@ -866,6 +882,8 @@ def run(args: argparse.Namespace) -> int:
     say("\n" + format_contention(data["cells"]))
     if tls_summary := format_tls_summary(data["cells"]):
         say("\ntwopc with and without mutual TLS:\n" + tls_summary)
+    if order_summary := format_order_summary(data["cells"]):
+        say("\ntwopc's one-shot branches in parallel and in order:\n" + order_summary)
     say(f"\nreport: {json_path}\ntable: {table_path}")
     if plot_path is None:
         say("warning: no plot drawn: matplotlib is not installed (pip install 'twopc[bench]')")

@@ -13,7 +13,8 @@ The systems:
 - ``Twopc``: the SDK, through the coordinator (one ``Client``, thread-safe, shared by all
   workers: its one gRPC channel is the persistent connection), over mutual TLS.
   ``TwopcPlaintext`` is the same with every gRPC hop in plaintext (the daemons restarted with
-  ``insecure_plaintext``): the two side by side give what TLS costs.
+  ``insecure_plaintext``): the two side by side give what TLS costs. ``TwopcOrdered`` is the
+  same with the coordinator's ``one_shot_order = "ordered"`` (asked for by name only).
 - ``DirectXA``: XA driven from the benchmark process over one pymysql connection per region:
   XA START, the statements, XA END and XA PREPARE on each branch in turn, then XA COMMIT on each.
   A branch that only read is finished by ``XA COMMIT ... ONE PHASE`` when it ends (as twopc's
@@ -49,6 +50,7 @@ from twopc.txid import FORMAT_ID
 __all__ = [
     "BENCH_FORMAT_ID",
     "SYSTEMS",
+    "VARIANTS",
     "DirectXA",
     "Endpoints",
     "Local",
@@ -56,6 +58,7 @@ __all__ = [
     "SqlaTwoPhase",
     "System",
     "Twopc",
+    "TwopcOrdered",
     "TwopcPlaintext",
     "Tx",
     "TxFailed",
@@ -237,6 +240,13 @@ class TwopcPlaintext(Twopc):
     with ``insecure_plaintext``)."""
 
     name = "twopc-plaintext"
+
+
+class TwopcOrdered(Twopc):
+    """``Twopc`` with the coordinator restarted with ``one_shot_order = "ordered"``: one-shot
+    transactions prepare one participant after another, in name order, as the baselines do."""
+
+    name = "twopc-ordered"
 
 
 def _twopc_failure(err: TwopcError) -> TxFailed:
@@ -679,6 +689,8 @@ class _LocalTx(Tx):
 # --- by name -------------------------------------------------------------------------------------
 
 SYSTEMS = (Twopc.name, DirectXA.name, SqlaTwoPhase.name, Local.name)
+# Asked for by name only (not part of "all"): twopc in another configuration.
+VARIANTS = (TwopcOrdered.name,)
 
 
 def make_system(
@@ -693,10 +705,13 @@ def make_system(
         return Twopc(endpoints, wait_for_phase2=wait_for_phase2)
     if name == TwopcPlaintext.name:
         return TwopcPlaintext(endpoints, wait_for_phase2=wait_for_phase2)
+    if name == TwopcOrdered.name:
+        return TwopcOrdered(endpoints, wait_for_phase2=wait_for_phase2)
     if name == DirectXA.name:
         return DirectXA(endpoints)
     if name == SqlaTwoPhase.name:
         return SqlaTwoPhase(endpoints, concurrency)
     if name == Local.name:
         return Local(endpoints)
-    raise ValueError(f"unknown system {name!r}; the systems are {', '.join(SYSTEMS)}")
+    known = ", ".join((*SYSTEMS, *VARIANTS))
+    raise ValueError(f"unknown system {name!r}; the systems are {known}")

@@ -97,6 +97,7 @@ DEFAULT_IDENTITIES: Mapping[str, Sequence[str]] = {CLIENT: ["*"], OTHER_APP: ["*
 CLIENT_LINK = "client-coordinator"
 # Overrides the coordinator's participants table (its agents' addresses).
 PARTICIPANTS_ENV = "TWOPC_COORDINATOR_PARTICIPANTS"
+ONE_SHOT_ORDER_ENV = "TWOPC_COORDINATOR_ONE_SHOT_ORDER"
 STOP_TIMEOUT_S = 10.0  # a graceful stop's bound: SIGKILL after it
 # The directory that holds the ``twopc`` package (this file is twopc/testing/playground/cluster.py):
 # the daemons get it first on PYTHONPATH, so that they run this checkout's code.
@@ -531,6 +532,26 @@ class Cluster:
         self.save()
         for name in daemons:
             self.restart(name, timeout=timeout)
+
+    def use_one_shot_order(self, order: str, timeout: float = 60.0) -> bool:
+        """Restarts the coordinator with ``one_shot_order = order`` (``parallel`` or
+        ``ordered``, through ``TWOPC_COORDINATOR_ONE_SHOT_ORDER`` over its configuration file)
+        when it does not run so already; ``parallel`` is the configuration file's.
+
+        Returns:
+            Whether the coordinator was restarted.
+        """
+        component = self.components["coordinator"]
+        wanted = None if order == "parallel" else order
+        if component.env.get(ONE_SHOT_ORDER_ENV) == wanted:
+            return False
+        if wanted is None:
+            component.env.pop(ONE_SHOT_ORDER_ENV, None)
+        else:
+            component.env[ONE_SHOT_ORDER_ENV] = wanted
+        self.save()
+        self.restart("coordinator", timeout=timeout)
+        return True
 
     def use_agent_addresses(
         self, addresses: Mapping[str, str] | None, timeout: float = 60.0

@@ -18,6 +18,7 @@ from twopc.tls import TlsConfig, daemon_tls
 from twopc.txid import check_coordinator_id, check_participant_name
 
 ENV_PREFIX = "TWOPC_COORDINATOR_"
+ONE_SHOT_ORDERS = ("parallel", "ordered", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,13 @@ class CoordinatorConfig:
     # deadlock_poll_ms while one has; 0 turns detection off.
     deadlock_detect_ms: int = 5
     deadlock_poll_ms: int = 10
-    # "parallel" (default) or "ordered": how a one-shot transaction's branches are prepared
-    # (EngineSettings.one_shot_order). Ordered prevents lock cycles of one-shot transactions on
-    # hot rows, at one more round trip per participant.
+    # "parallel" (default), "ordered" or "adaptive": how a one-shot transaction's branches are
+    # prepared (EngineSettings.one_shot_order). Ordered prevents lock cycles of one-shot
+    # transactions on hot rows, at one more round trip per participant; adaptive is parallel,
+    # and ordered for one_shot_order_hold_ms after the detector last saw branches wait on each
+    # other (it needs deadlock_detect_ms > 0 and agents with report_lock_waits).
     one_shot_order: str = "parallel"
+    one_shot_order_hold_ms: int = 10_000
     phase2_attempts: int = 8
     finished_memory: int = 100_000
     log_max_bytes: int = 64 * 1024 * 1024
@@ -114,9 +118,19 @@ class CoordinatorConfig:
         self.identity_rules()  # checks them
         if self.max_active_per_identity < 1 or self.max_sessions_per_identity < 1:
             raise ValueError("max_active_per_identity and max_sessions_per_identity must be >= 1")
-        if self.one_shot_order not in ("parallel", "ordered"):
+        if self.one_shot_order not in ONE_SHOT_ORDERS:
             raise ValueError(
-                f"one_shot_order must be 'parallel' or 'ordered', got {self.one_shot_order!r}"
+                f"one_shot_order must be one of {', '.join(ONE_SHOT_ORDERS)}, got "
+                f"{self.one_shot_order!r}"
+            )
+        if self.one_shot_order == "adaptive" and self.deadlock_detect_ms <= 0:
+            raise ValueError(
+                "one_shot_order = 'adaptive' follows the lock waits the deadlock detector sees: "
+                "set deadlock_detect_ms above 0, or choose 'parallel' or 'ordered'"
+            )
+        if self.one_shot_order_hold_ms < 1:
+            raise ValueError(
+                f"one_shot_order_hold_ms ({self.one_shot_order_hold_ms}) must be at least 1"
             )
         if self.max_idle_ms < 0:
             raise ValueError(f"max_idle_ms ({self.max_idle_ms}) must be 0 (no limit) or more")
@@ -172,6 +186,7 @@ class CoordinatorConfig:
             max_sessions_per_identity=self.max_sessions_per_identity,
             max_idle_ms=self.max_idle_ms,
             one_shot_order=self.one_shot_order,
+            contended_hold_s=self.one_shot_order_hold_ms / 1000,
         )
 
 

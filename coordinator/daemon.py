@@ -141,6 +141,7 @@ async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfi
             # An agent out of reach must not hold up the detection of cycles elsewhere for long.
             rpc_timeout_s=min(config.rpc_timeout_s, 1.0),
             metrics=manager.metrics,
+            lock_waits_seen=manager.lock_waits_seen,
         )
         tasks.append(asyncio.create_task(_detect_forever(detector, config.deadlock_poll_ms)))
     try:

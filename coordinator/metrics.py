@@ -22,6 +22,9 @@ global one. No label carries a txid: outcomes, results and participant names onl
 ``twopc_deadlock_victims_total``            transactions aborted to break one
 ``twopc_deadlock_break_seconds``            histogram: the most recent wait of a cycle began ->
                                             its victim's abort sent
+``twopc_one_shot_prepares_total``           one_shot_order = adaptive: one-shot transactions
+                                            with several participants, by ``order`` (parallel,
+                                            ordered while rows are contended)
 ==========================================  =====================================================
 """
 
@@ -111,8 +114,22 @@ class CoordinatorMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        one_shot = Counter(
+            "twopc_one_shot_prepares",
+            "One-shot transactions with several participants under one_shot_order = adaptive, "
+            "by how their branches were prepared",
+            ["order"],
+            registry=r,
+        )
+        self._one_shot = {
+            ordered: one_shot.labels("ordered" if ordered else "parallel")
+            for ordered in (False, True)
+        }
 
     # --- EngineMetrics -----------------------------------------------------------------------
+
+    def one_shot_prepared(self, *, ordered: bool) -> None:
+        self._one_shot[ordered].inc()
 
     def deadlock_found(self) -> None:
         self._cycles.inc()

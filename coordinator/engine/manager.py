@@ -99,8 +99,12 @@ class EngineSettings:
     # trip) or "ordered" (one after another in participant-name order, each only once the one
     # before voted PREPARED). Ordered, one-shot transactions take their locks in the same order
     # everywhere, so they cannot form a lock cycle across participants, at one more round trip
-    # per participant.
+    # per participant. "adaptive": parallel, and ordered for ``contended_hold_s`` after the
+    # deadlock detector last saw a branch wait for a lock that another branch holds
+    # (``lock_waits_seen``): the round trip is saved while rows are not contended, and no
+    # cycle forms while they are.
     one_shot_order: str = "parallel"
+    contended_hold_s: float = 10.0
 
 
 @dataclass
@@ -243,6 +247,10 @@ class TransactionManager:
         # Transactions with a call on the agents in flight (an Execute, or the prepares): the
         # only ones that can wait for a lock, so the only ones the deadlock detector looks at.
         self._in_flight: dict[str, Transaction] = {}
+        # one_shot_order = "adaptive": one-shot transactions prepare in order until then
+        # (monotonic), set by lock_waits_seen.
+        self._contended_until = -1.0
+        self._ordered_for_contention = False  # the last choice, to log each change once
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -730,7 +738,7 @@ class TransactionManager:
             return
         self._in_flight[tx.txid] = tx
         try:
-            if work is not None and self.settings.one_shot_order == "ordered":
+            if work is not None and self._prepares_in_order():
                 ballots = await self._prepare_in_order(tx, work)
             else:
                 ballots = await asyncio.gather(
@@ -1069,6 +1077,33 @@ class TransactionManager:
         return False
 
     # --- lock cycles across participants (coordinator.engine.deadlocks) -------------------------
+
+    def lock_waits_seen(self) -> None:
+        """The deadlock detector saw a branch wait for a lock held by another branch: under
+        ``one_shot_order = "adaptive"``, one-shot transactions prepare in order for the next
+        ``contended_hold_s``."""
+        if self.settings.one_shot_order != "adaptive":
+            return
+        self._contended_until = self._clock.monotonic() + self.settings.contended_hold_s
+        if not self._ordered_for_contention:
+            self._ordered_for_contention = True
+            log.info(
+                "one_shot_prepares_ordered",
+                reason="branches wait for each other's locks",
+                for_s=self.settings.contended_hold_s,
+            )
+
+    def _prepares_in_order(self) -> bool:
+        """Whether a one-shot transaction's branches are prepared one after another now."""
+        order = self.settings.one_shot_order
+        if order != "adaptive":
+            return order == "ordered"
+        ordered = self._clock.monotonic() < self._contended_until
+        if self._ordered_for_contention and not ordered:
+            self._ordered_for_contention = False
+            log.info("one_shot_prepares_parallel", reason="no lock wait seen for a while")
+        self.metrics.one_shot_prepared(ordered=ordered)
+        return ordered
 
     def waiting(self, threshold_s: float) -> tuple[set[str], dict[str, float], set[str]]:
         """For the deadlock detector: the participants of the transactions whose call (an

@@ -138,6 +138,11 @@ class EngineMetrics(Protocol):
         began."""
         ...
 
+    def one_shot_prepared(self, *, ordered: bool) -> None:
+        """Under ``one_shot_order = "adaptive"``, a one-shot transaction with several
+        participants was prepared in order (contended rows) or in parallel."""
+        ...
+
 
 class NoMetrics:
     """An ``EngineMetrics`` that records nothing (tests, tools)."""
@@ -158,4 +163,7 @@ class NoMetrics:
         pass
 
     def deadlock_victim(self, seconds: float) -> None:
+        pass
+
+    def one_shot_prepared(self, *, ordered: bool) -> None:
         pass

@@ -119,7 +119,7 @@ def _assert_paths(cell: dict[str, Any], where: str) -> None:
     assert all(n > 1000 for n in mine.values()), f"{where}: {hop}* carried nothing: {moved}"
 
 
-HOT_SYSTEMS = ("twopc", "twopc-ordered", "direct-xa", "sqla-twophase")
+HOT_SYSTEMS = ("twopc", "twopc-ordered", "twopc-adaptive", "direct-xa", "sqla-twophase")
 
 
 @pytest.mark.timeout(240)
@@ -201,7 +201,7 @@ def test_contended_workloads_run_end_and_conserve(tmp_path: Path) -> None:
         for line in (directory / "coordinator" / "coordinator.log").read_text().splitlines()
         if '"coordinator_listening"' in line
     ]
-    assert {entry["one_shot_order"] for entry in started} == {"parallel", "ordered"}
+    assert {entry["one_shot_order"] for entry in started} == {"parallel", "ordered", "adaptive"}
 
 
 def test_agent_io_micro_benchmark_runs_both_models_and_commits_every_branch(

@@ -245,3 +245,45 @@ def test_ordered_one_shot_transactions_form_no_cycle(live_cluster: Cluster, bank
     finally:
         coordinator.env.pop("TWOPC_COORDINATOR_ONE_SHOT_ORDER", None)
         live_cluster.restart("coordinator")
+
+
+def labelled_metric(cluster: Cluster, component: str, name: str, **labels: str) -> float:
+    url = cluster.components[component].metrics_url
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (a loopback http URL)
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def test_adaptive_order_turns_ordered_once_branches_wait_on_each_other(
+    live_cluster: Cluster, bank: int
+) -> None:
+    """``one_shot_order = "adaptive"``: the first crossing pair is prepared in parallel, forms
+    the cycle and loses a victim; the detector saw branches wait on each other, so the next
+    pair is prepared in order and both commit."""
+    coordinator = live_cluster.component("coordinator")
+    coordinator.env["TWOPC_COORDINATOR_ONE_SHOT_ORDER"] = "adaptive"
+    live_cluster.restart("coordinator")
+    prepares = "twopc_one_shot_prepares_total"
+    try:
+        victims = metric(live_cluster, "coordinator", "twopc_deadlock_victims_total")
+        with live_cluster.client() as client:
+            first = cycle_of_transfers(client)
+            second = cycle_of_transfers(client)
+        assert len([r for r, _ in first if isinstance(r, TwopcError)]) == 1, first
+        assert not [r for r, _ in second if isinstance(r, TwopcError)], second
+        assert metric(live_cluster, "coordinator", "twopc_deadlock_victims_total") == victims + 1
+        assert labelled_metric(live_cluster, "coordinator", prepares, order="parallel") == 2
+        assert labelled_metric(live_cluster, "coordinator", prepares, order="ordered") == 2
+        # One transfer of the first pair, both of the second (+2 in eu, -2 in us).
+        assert (balance(live_cluster, "eu", 1), balance(live_cluster, "us", 2)) in (
+            (997, 1003),
+            (1009, 991),
+        )
+        assert not any(prepared_branches(live_cluster).values())
+    finally:
+        coordinator.env.pop("TWOPC_COORDINATOR_ONE_SHOT_ORDER", None)
+        live_cluster.restart("coordinator")

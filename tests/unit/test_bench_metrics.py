@@ -362,9 +362,12 @@ def test_ordered_twopc_is_asked_for_by_name_and_set_beside_parallel_twopc() -> N
     direct = _cell("direct-xa", 600, [4.0] * 10)
     (row,) = order_rows([c.as_json() for c in (parallel, ordered, direct)])
     assert row == [
-        "transfer2", "0", "8", "50", "75", "300", "0.17", "0.25",
-        "20.0 / 20.0", "20.0 / 30.0", "0.0 / 25.0",
+        "transfer2", "0", "8", "300", "50", "75", "-", "0.17", "0.25", "-",
+        "20.0 / 20.0", "20.0 / 30.0", "-", "0.0 / 25.0 / -",
     ]  # fmt: skip
+    adaptive = _cell("twopc-adaptive", 120, [15.0] * 10)
+    (row,) = order_rows([c.as_json() for c in (parallel, adaptive, direct)])
+    assert row[4:7] == ["50", "-", "60"]
     assert format_order_summary([parallel.as_json(), direct.as_json()]) == ""
 
 

@@ -183,3 +183,31 @@ async def test_the_detector_asks_only_when_something_waits_and_breaks_the_cycle(
     await env.drain()
     assert t2.state is TxState.ABORTED
     assert t1.state is TxState.ACTIVE
+
+
+@scenario
+async def test_the_detector_tells_of_waits_between_branches_and_only_of_those() -> None:
+    env = make_env(["eu", "us"])
+    seen: list[None] = []
+    detector = DeadlockDetector(
+        env.ports,
+        env.manager.waiting,
+        env.manager.break_deadlock,
+        threshold_s=0.005,
+        rpc_timeout_s=1.0,
+        metrics=NoMetrics(),
+        lock_waits_seen=lambda: seen.append(None),
+    )
+    t1 = await env.open([("eu", WRITE)])
+    hold = env.ports.hold("execute", "us")
+    executing = asyncio.create_task(env.manager.execute(t1.txid, "us", [WRITE], 2))
+    await hold.entered.wait()
+    env.clock.now += 0.02
+    env.ports.waits = {"us": [WaitEdge(t1.txid, "", "us", 20)]}  # on another client's session
+    await detector.look()
+    assert seen == []
+    env.ports.waits = {"us": [WaitEdge(t1.txid, "c1-someone-else", "us", 20)]}  # on a branch
+    assert await detector.look() == 0  # no cycle: no victim
+    assert seen == [None]
+    hold.release()
+    await executing

@@ -1404,6 +1404,47 @@ async def test_ordered_one_shot_starts_no_branch_after_a_no() -> None:
     assert env.log.attempts == []
 
 
+async def _first_prepares(env: Env) -> list[str]:
+    """The participants asked to prepare while eu's prepare is held, for one 3-way one-shot."""
+    before = len(env.ports.calls_of("prepare"))
+    gate = env.ports.hold("prepare", "eu")
+    run = asyncio.create_task(
+        env.manager.run(
+            [("us", [WRITE]), ("eu", [WRITE]), ("ap", [WRITE])],
+            timeout_ms=5_000,
+            wait_for_phase2=True,
+        )
+    )
+    await gate.entered.wait()
+    await asyncio.sleep(0)  # parallel prepares are all out in this loop turn
+    asked = [c.participant for c in env.ports.calls_of("prepare")[before:]]
+    gate.release()
+    assert (await run).state is TxState.COMMITTED
+    return sorted(asked)
+
+
+@scenario
+async def test_adaptive_one_shot_is_ordered_while_branches_wait_on_each_other() -> None:
+    env = make_env(one_shot_order="adaptive", contended_hold_s=10.0)
+    assert await _first_prepares(env) == ["ap", "eu", "us"]  # nothing contended: parallel
+    env.manager.lock_waits_seen()
+    assert await _first_prepares(env) == ["ap", "eu"]  # in name order, us not asked yet
+    env.clock.advance(9.0)
+    assert await _first_prepares(env) == ["ap", "eu"]
+    env.manager.lock_waits_seen()  # waits go on: ordered for 10 s more
+    env.clock.advance(9.0)
+    assert await _first_prepares(env) == ["ap", "eu"]
+    env.clock.advance(1.5)  # 10.5 s without a wait: parallel again
+    assert await _first_prepares(env) == ["ap", "eu", "us"]
+
+
+@scenario
+async def test_lock_waits_change_nothing_unless_adaptive() -> None:
+    env = make_env()  # parallel
+    env.manager.lock_waits_seen()
+    assert await _first_prepares(env) == ["ap", "eu", "us"]
+
+
 @scenario
 async def test_parallel_one_shot_asks_every_branch_at_once() -> None:
     env = make_env()  # the default

@@ -99,3 +99,22 @@ def test_agent_limits_that_would_break_the_protocol_are_refused(
 def test_coordinator_limits_out_of_range_are_refused(settings: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="at least"):
         CoordinatorConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"one_shot_order": "random"}, "one_shot_order must be one of parallel, ordered, adaptive"),
+        ({"one_shot_order": "adaptive", "deadlock_detect_ms": 0}, "set deadlock_detect_ms above"),
+        ({"one_shot_order_hold_ms": 0}, "one_shot_order_hold_ms"),
+    ],
+)
+def test_one_shot_order_settings_are_checked(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CoordinatorConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_the_adaptive_order_reaches_the_engine_with_its_hold() -> None:
+    engine = CoordinatorConfig(one_shot_order="adaptive", one_shot_order_hold_ms=2500)
+    assert engine.engine_settings().one_shot_order == "adaptive"
+    assert engine.engine_settings().contended_hold_s == 2.5

@@ -865,36 +865,37 @@ def format_tls_summary(cells: Sequence[Mapping[str, Any]]) -> str:
 
 # --- one-shot order: twopc parallel and ordered, per (workload, round trip, concurrency) --------
 
+_ORDERS = (("parallel", "twopc"), ("ordered", "twopc-ordered"), ("adaptive", "twopc-adaptive"))
 _ORDER_COLUMNS = (
     "workload",
     "rtt ms",
     "clients",
-    "parallel tps",
-    "ordered tps",
     "direct-xa tps",
-    "parallel÷direct",
-    "ordered÷direct",
-    "parallel p50 / p99 ms",
-    "ordered p50 / p99 ms",
-    "not committed % parallel / ordered",
+    *(f"{order} tps" for order, _ in _ORDERS),
+    *(f"{order}÷direct" for order, _ in _ORDERS),
+    *(f"{order} p50 / p99 ms" for order, _ in _ORDERS),
+    "not committed %, " + " / ".join(order for order, _ in _ORDERS),
 )
 
 
 def order_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    """One row per (workload, round trip, concurrency) that has both a ``twopc`` (one-shot
-    branches prepared in parallel) and a ``twopc-ordered`` cell, from cells' JSON."""
+    """One row per (workload, round trip, concurrency) that has a ``twopc`` cell (one-shot
+    branches prepared in parallel) and a ``twopc-ordered`` or ``twopc-adaptive`` one, from
+    cells' JSON; "-" for an order not run."""
     groups: dict[tuple[str, int, int], dict[str, Mapping[str, Any]]] = {}
     for cell in cells:
         key = (cell["workload"], cell["rtt_ms"], cell["concurrency"])
         groups.setdefault(key, {})[cell["system"]] = cell
     rows = []
     for (workload, rtt, clients), by_system in groups.items():
-        parallel, ordered = by_system.get("twopc"), by_system.get("twopc-ordered")
-        if parallel is None or ordered is None:
+        runs = [by_system.get(system) for _, system in _ORDERS]
+        if runs[0] is None or not any(runs[1:]):
             continue
         direct_tps = by_system.get("direct-xa", {}).get("tps")
 
-        def latency(cell: Mapping[str, Any]) -> str:
+        def latency(cell: Mapping[str, Any] | None) -> str:
+            if cell is None:
+                return "-"
             return f"{_fmt(cell['latency_ms']['p50'], 1)} / {_fmt(cell['latency_ms']['p99'], 1)}"
 
         rows.append(
@@ -902,21 +903,18 @@ def order_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
                 workload,
                 str(rtt),
                 str(clients),
-                _fmt(parallel["tps"], 0),
-                _fmt(ordered["tps"], 0),
                 _fmt(direct_tps, 0),
-                _fmt(ratio(parallel["tps"], direct_tps), 2),
-                _fmt(ratio(ordered["tps"], direct_tps), 2),
-                latency(parallel),
-                latency(ordered),
-                f"{_fmt(parallel['abort_rate'] * 100, 1)} / {_fmt(ordered['abort_rate'] * 100, 1)}",
+                *(_fmt(run["tps"] if run else None, 0) for run in runs),
+                *(_fmt(ratio(run["tps"], direct_tps) if run else None, 2) for run in runs),
+                *(latency(run) for run in runs),
+                " / ".join(_fmt(run["abort_rate"] * 100 if run else None, 1) for run in runs),
             ]
         )
     return rows
 
 
 def format_order_summary(cells: Sequence[Mapping[str, Any]]) -> str:
-    """A Markdown table of ``order_rows``; empty when no cell ran twopc both ways."""
+    """A Markdown table of ``order_rows``; empty when no cell ran twopc in another order."""
     rows = order_rows(cells)
     return _markdown(list(_ORDER_COLUMNS), rows, text_columns={0}) if rows else ""
 

@@ -16,6 +16,7 @@ __all__ = ["plot_cells", "series"]
 _COLOURS = {
     "twopc": "#d62728",
     "twopc-ordered": "#ff7f0e",
+    "twopc-adaptive": "#9467bd",
     "direct-xa": "#1f77b4",
     "sqla-twophase": "#2ca02c",
     "local": "#7f7f7f",

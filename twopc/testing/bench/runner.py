@@ -65,13 +65,13 @@ from twopc.testing.bench.metrics import (
 from twopc.testing.bench.paths import Paths, choose_paths
 from twopc.testing.bench.systems import (
     BENCH_FORMAT_ID,
+    ONE_SHOT_ORDER,
     SYSTEMS,
     VARIANTS,
     Endpoints,
     Local,
     System,
     Twopc,
-    TwopcOrdered,
     TwopcPlaintext,
     TxFailed,
     Worker,
@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         type=lambda t: _names(t, SYSTEMS, "system", VARIANTS),
         help=f"comma-separated, or all (default): {', '.join(SYSTEMS)}; also "
-        f"{', '.join(VARIANTS)} (twopc with one_shot_order = ordered), by name only",
+        f"{', '.join(VARIANTS)} (twopc with one_shot_order = ordered, adaptive), by name only",
     )
     parser.add_argument(
         "--concurrency", default=[1, 8, 32], type=_ints, help="clients per cell (default 1,8,32)"
@@ -521,12 +521,12 @@ class Bench:
     def _system(self, name: str, concurrency: int, paths: Paths) -> System:
         """The system ``name``, connected the way ``paths`` says; twopc's daemons first
         (re)started with TLS, or in plaintext for ``twopc-plaintext``, and the coordinator with
-        the agents' addresses of ``paths`` and the one-shot order of the system (``ordered``
-        for ``twopc-ordered``), when they do not run so already."""
-        if name in (Twopc.name, TwopcPlaintext.name, TwopcOrdered.name):
+        the agents' addresses of ``paths`` and the one-shot order of the system
+        (``ONE_SHOT_ORDER``), when they do not run so already."""
+        if name in (Twopc.name, TwopcPlaintext.name, *VARIANTS):
             self.cluster.use_agent_addresses(None if paths.proxied else paths.agents)
             self.cluster.use_plaintext(name == TwopcPlaintext.name)
-            self.cluster.use_one_shot_order("ordered" if name == TwopcOrdered.name else "parallel")
+            self.cluster.use_one_shot_order(ONE_SHOT_ORDER.get(name, "parallel"))
         endpoints = replace(
             self._endpoints,
             databases=dict(paths.databases),

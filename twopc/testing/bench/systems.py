@@ -14,7 +14,8 @@ The systems:
   workers: its one gRPC channel is the persistent connection), over mutual TLS.
   ``TwopcPlaintext`` is the same with every gRPC hop in plaintext (the daemons restarted with
   ``insecure_plaintext``): the two side by side give what TLS costs. ``TwopcOrdered`` is the
-  same with the coordinator's ``one_shot_order = "ordered"`` (asked for by name only).
+  same with the coordinator's ``one_shot_order = "ordered"``, ``TwopcAdaptive`` with
+  ``"adaptive"`` (both asked for by name only).
 - ``DirectXA``: XA driven from the benchmark process over one pymysql connection per region:
   XA START, the statements, XA END and XA PREPARE on each branch in turn, then XA COMMIT on each.
   A branch that only read is finished by ``XA COMMIT ... ONE PHASE`` when it ends (as twopc's
@@ -49,6 +50,7 @@ from twopc.txid import FORMAT_ID
 
 __all__ = [
     "BENCH_FORMAT_ID",
+    "ONE_SHOT_ORDER",
     "SYSTEMS",
     "VARIANTS",
     "DirectXA",
@@ -58,6 +60,7 @@ __all__ = [
     "SqlaTwoPhase",
     "System",
     "Twopc",
+    "TwopcAdaptive",
     "TwopcOrdered",
     "TwopcPlaintext",
     "Tx",
@@ -247,6 +250,13 @@ class TwopcOrdered(Twopc):
     transactions prepare one participant after another, in name order, as the baselines do."""
 
     name = "twopc-ordered"
+
+
+class TwopcAdaptive(Twopc):
+    """``Twopc`` with the coordinator restarted with ``one_shot_order = "adaptive"``: parallel
+    prepares, in order while the detector sees branches wait on each other."""
+
+    name = "twopc-adaptive"
 
 
 def _twopc_failure(err: TwopcError) -> TxFailed:
@@ -690,7 +700,10 @@ class _LocalTx(Tx):
 
 SYSTEMS = (Twopc.name, DirectXA.name, SqlaTwoPhase.name, Local.name)
 # Asked for by name only (not part of "all"): twopc in another configuration.
-VARIANTS = (TwopcOrdered.name,)
+VARIANTS = (TwopcOrdered.name, TwopcAdaptive.name)
+# The coordinator's one_shot_order for each twopc system (the configuration file's for the
+# others: parallel).
+ONE_SHOT_ORDER = {TwopcOrdered.name: "ordered", TwopcAdaptive.name: "adaptive"}
 
 
 def make_system(
@@ -707,6 +720,8 @@ def make_system(
         return TwopcPlaintext(endpoints, wait_for_phase2=wait_for_phase2)
     if name == TwopcOrdered.name:
         return TwopcOrdered(endpoints, wait_for_phase2=wait_for_phase2)
+    if name == TwopcAdaptive.name:
+        return TwopcAdaptive(endpoints, wait_for_phase2=wait_for_phase2)
     if name == DirectXA.name:
         return DirectXA(endpoints)
     if name == SqlaTwoPhase.name:

@@ -534,8 +534,8 @@ class Cluster:
             self.restart(name, timeout=timeout)
 
     def use_one_shot_order(self, order: str, timeout: float = 60.0) -> bool:
-        """Restarts the coordinator with ``one_shot_order = order`` (``parallel`` or
-        ``ordered``, through ``TWOPC_COORDINATOR_ONE_SHOT_ORDER`` over its configuration file)
+        """Restarts the coordinator with ``one_shot_order = order`` (``parallel``, ``ordered``
+        or ``adaptive``, through ``TWOPC_COORDINATOR_ONE_SHOT_ORDER`` over its configuration file)
         when it does not run so already; ``parallel`` is the configuration file's.
 
         Returns:

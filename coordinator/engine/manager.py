@@ -16,6 +16,7 @@ The rules that make it correct (proto/PROTOCOL.md):
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -241,6 +242,10 @@ class TransactionManager:
         # Quotas per identity: live transactions, and open branches per participant.
         self._active_by_owner: Counter[str] = Counter()
         self._sessions_by_owner: Counter[tuple[str, str]] = Counter()
+        # One-shot transactions waiting for their owner's phase 2 to free sessions, and the
+        # future that the next freed session of each owner resolves.
+        self._session_waiters: Counter[str] = Counter()
+        self._sessions_released: dict[str, asyncio.Future[None]] = {}
         # (owner, request id) -> txid, for a request id that another identity held first (its
         # txid is then not the request id's own: see _txid_of_request).
         self._request_aliases: OrderedDict[tuple[str | None, str], str] = OrderedDict()
@@ -473,6 +478,70 @@ class TransactionManager:
             self._sessions_by_owner[key] -= 1
             if self._sessions_by_owner[key] <= 0:
                 del self._sessions_by_owner[key]
+            released = self._sessions_released.pop(tx.owner, None)
+            if released is not None and not released.done():
+                released.set_result(None)
+
+    async def _sessions_for_one_shot(
+        self, owner: str, participants: Sequence[str], timeout_ms: int
+    ) -> int:
+        """Checks ``owner``'s max_sessions_per_identity for a one-shot transaction on
+        ``participants`` before it begins. When the quota is full only because of ``owner``'s
+        transactions in phase 2 (decided: their branches end without the client doing
+        anything), waits for them, within the transaction's timeout, rather than refusing:
+        after early answers a busy client runs ahead of phase 2, and the backlog is the
+        coordinator's to clear. Branches held by open transactions are refused at once, as
+        they would be for an Execute. The timeout left for the transaction once admitted.
+
+        Raises:
+            ResourceExhausted: the quota stayed full (nothing begun).
+        """
+        timeout_ms = timeout_ms or self.settings.default_timeout_ms
+        deadline = self._clock.monotonic() + timeout_ms / 1000
+        while True:
+            probe = Transaction(txid="", deadline=0.0, timeout_ms=0, owner=owner)
+            try:
+                self._reserve_sessions(probe, participants)
+            except ResourceExhausted:
+                left = deadline - self._clock.monotonic()
+                if left <= 0 or not self._phase2_frees_sessions(owner, participants):
+                    raise
+                await self._session_released(owner, left)
+                continue
+            for participant in participants:
+                self._release_session(probe, participant)
+            left_ms = math.ceil((deadline - self._clock.monotonic()) * 1000)
+            return max(1, min(timeout_ms, left_ms))
+
+    def _phase2_frees_sessions(self, owner: str, participants: Sequence[str]) -> bool:
+        """Whether, on every participant where ``owner`` is at its quota, one of its branches
+        belongs to a transaction in phase 2 (and so is bound to end), and ``owner`` does not
+        already have a quota's worth of one-shot transactions waiting."""
+        limit = self.settings.max_sessions_per_identity
+        if self._session_waiters[owner] >= limit:
+            return False
+        full = {p for p in participants if self._sessions_by_owner[(owner, p)] >= limit}
+        for tx in self._live.values():
+            if tx.owner == owner and tx.state in (TxState.COMMITTING, TxState.ABORTING):
+                full -= tx.sessions
+                if not full:
+                    return True
+        return not full
+
+    async def _session_released(self, owner: str, timeout_s: float) -> None:
+        """Returns when a branch of ``owner`` ends, or after ``timeout_s``."""
+        released = self._sessions_released.get(owner)
+        if released is None or released.done():
+            released = self._sessions_released[owner] = asyncio.get_running_loop().create_future()
+        self._session_waiters[owner] += 1
+        timer = asyncio.ensure_future(self._clock.sleep(timeout_s))
+        try:
+            await asyncio.wait((released, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            self._session_waiters[owner] -= 1
+            if self._session_waiters[owner] <= 0:
+                del self._session_waiters[owner]
 
     def _unlist(self, tx: Transaction) -> None:
         """Takes ``tx`` out of the live table and its owner's quotas."""
@@ -646,10 +715,7 @@ class TransactionManager:
                     raise TransactionAborted(view.abort_reason or "aborted", txid=known)
                 return RunOutcome(known, view.state, {})
         if owner is not None:  # checked before anything is begun
-            probe = Transaction(txid="", deadline=0.0, timeout_ms=0, owner=owner)
-            self._reserve_sessions(probe, names)
-            for participant in names:
-                self._release_session(probe, participant)
+            timeout_ms = await self._sessions_for_one_shot(owner, names, timeout_ms)
         tx = self.begin(timeout_ms, request_id, owner=owner)
         self._reserve_sessions(tx, names)  # no await since the check: it cannot fail now
         async with tx.lock:

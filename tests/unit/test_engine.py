@@ -112,12 +112,13 @@ def make_env(
     *,
     replay: Replay | None = None,
     failpoints: dict[str, str] | None = None,
+    clock: FakeClock | None = None,
     **overrides: Any,
 ) -> Env:
     """An engine over fakes; ``failpoints`` arms coordinator points (short name -> spec)."""
     ports = FakeParticipants(names)
     log = InMemoryDecisionLog(ports.calls, replay)
-    clock = FakeClock()
+    clock = clock or FakeClock()
     fatal: list[BaseException] = []
     points = Failpoints({f"coordinator.{k}": v for k, v in (failpoints or {}).items()})
     manager = TransactionManager(

@@ -9,10 +9,13 @@ per identity.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from coordinator.engine.states import TxState
-from tests.unit.test_engine import READ, UNKNOWN_TXID, WRITE, make_env, scenario
+from tests.unit.fakes import FakeClock
+from tests.unit.test_engine import READ, UNKNOWN_TXID, WRITE, make_env, scenario, until
 from twopc.errors import NotFound, ResourceExhausted, TransactionAborted
 
 
@@ -115,3 +118,84 @@ async def test_an_idle_transaction_is_rolled_back() -> None:
     assert busy.state is TxState.ACTIVE
     with pytest.raises(TransactionAborted):
         await env.manager.execute(idle.txid, "eu", [WRITE], 2)
+
+
+class ManualClock(FakeClock):
+    """A clock whose sleeps end only when the test moves time past them."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        until = self.now + seconds
+        for _ in range(100_000):  # bounded: a test that forgets to advance fails, not hangs
+            if self.now >= until:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"a {seconds} s sleep was never let through")
+
+
+ONE_SHOT = [("eu", [WRITE]), ("us", [WRITE])]
+
+
+async def _behind_on_phase_2(clock: FakeClock, owner: str = "a") -> tuple[object, list[object]]:
+    """An engine whose ``owner`` holds its 2 sessions on eu in two transactions whose phase 2
+    on eu is held: decided, answered (early), not finished."""
+    env = make_env(max_sessions_per_identity=2, clock=clock)
+    gates = [env.ports.hold("commit", "eu") for _ in range(2)]
+    for _ in range(2):
+        outcome = await env.manager.run(ONE_SHOT, timeout_ms=5_000, owner=owner)
+        assert outcome.state is TxState.COMMITTING
+    return env, gates
+
+
+@scenario
+async def test_a_one_shot_waits_for_its_owners_phase_2_rather_than_fail() -> None:
+    clock = ManualClock()
+    env, gates = await _behind_on_phase_2(clock)
+    third = asyncio.create_task(env.manager.run(ONE_SHOT, timeout_ms=5_000, owner="a"))
+    await until(lambda: bool(clock.sleeps), "the third one-shot waits")
+    prepares = len(env.ports.calls_of("prepare"))
+    assert not third.done()
+    gates[0].release()  # one branch on eu ends: the third is admitted
+    outcome = await third
+    assert outcome.state in (TxState.COMMITTING, TxState.COMMITTED)
+    assert len(env.ports.calls_of("prepare")) == prepares + 2
+    gates[1].release()
+    await env.drain()
+
+
+@scenario
+async def test_a_one_shot_waits_no_longer_than_its_timeout() -> None:
+    clock = ManualClock()
+    env, gates = await _behind_on_phase_2(clock)
+    third = asyncio.create_task(env.manager.run(ONE_SHOT, timeout_ms=1_000, owner="a"))
+    await until(lambda: bool(clock.sleeps), "the third one-shot waits")
+    assert clock.sleeps == [1.0]
+    clock.advance(1.0)
+    with pytest.raises(ResourceExhausted, match="max_sessions_per_identity = 2"):
+        await third
+    prepares = len(env.ports.calls_of("prepare"))
+    for gate in gates:
+        gate.release()
+    await env.drain()
+    assert len(env.ports.calls_of("prepare")) == prepares  # nothing of it ran
+
+
+@scenario
+async def test_open_branches_are_refused_at_once_and_only_the_owners_backlog_waits() -> None:
+    clock = ManualClock()
+    env, gates = await _behind_on_phase_2(clock)
+    # Another identity is not held up by a's backlog.
+    assert (await env.manager.run(ONE_SHOT, timeout_ms=5_000, owner="b")).state in (
+        TxState.COMMITTING,
+        TxState.COMMITTED,
+    )
+    for gate in gates:
+        gate.release()
+    await env.drain()
+    # b now holds its two eu sessions in open transactions: no phase 2 will free them.
+    for _ in range(2):
+        tx = env.manager.begin(5_000, owner="b")
+        await env.manager.execute(tx.txid, "eu", [WRITE], 1, owner="b")
+    with pytest.raises(ResourceExhausted):
+        await env.manager.run(ONE_SHOT, timeout_ms=5_000, owner="b")
+    assert clock.sleeps == []  # refused without waiting

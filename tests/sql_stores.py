@@ -86,8 +86,9 @@ def peek_engine(url: str) -> sqlalchemy.Engine:
 def rows(url: str, query: str, **params: object) -> list[tuple[object, ...]]:
     engine = peek_engine(url)
     try:
-        with engine.connect() as conn:
-            return [tuple(row) for row in conn.execute(sqlalchemy.text(query), params)]
+        with engine.begin() as conn:
+            result = conn.execute(sqlalchemy.text(query), params)
+            return [tuple(row) for row in result] if result.returns_rows else []
     finally:
         engine.dispose()
 

@@ -13,7 +13,7 @@ import structlog
 from coordinator.admin import AdminServicer
 from coordinator.agents import AgentClients
 from coordinator.config import CoordinatorConfig, load_coordinator_config
-from coordinator.decision_log import DecisionLog, DecisionLogCorrupted
+from coordinator.decision_log import DecisionLog, DecisionLogCorrupted, DecisionLogFailed
 from coordinator.decision_log.file_log import FileDecisionLog
 from coordinator.engine.admin import Operator
 from coordinator.engine.deadlocks import DeadlockDetector
@@ -279,6 +279,9 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
         run_daemon(serve(config, failpoints, tls, environ))
     except DecisionLogCorrupted as err:
         log.critical("decision_log_corrupted", error=err.message)
+        return 3
+    except DecisionLogFailed as err:  # at start: e.g. the SQL store out of reach
+        log.critical("decision_log_unavailable", error=err.message)
         return 3
     except OSError as err:
         log.critical("coordinator_cannot_start", error=str(err))

@@ -71,6 +71,35 @@ def test_a_store_out_of_reach_fails_the_batch_and_the_log_recovers(
     assert run(replay_commits(url)) == [commit(1).txid, commit(5).txid]
 
 
+def test_a_connection_the_store_dropped_while_idle_is_replaced_at_once(url: str, kind: str) -> None:
+    """A store restart or an idle timeout ends the writer's connection between batches: the
+    next batch finds it dead at its first statement and is written on a new one, no abort."""
+
+    async def scenario() -> None:
+        log = SqlDecisionLog(url, coordinator_id="c1")
+        await log.open()
+        await log.record_commit(commit(1))
+        if kind == "postgresql":
+            killed = rows(
+                url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+        else:
+            ids = rows(
+                url,
+                "SELECT id FROM information_schema.processlist "
+                "WHERE db = database() AND id <> connection_id()",
+            )
+            killed = [rows(url, f"KILL CONNECTION {connection_id}") for (connection_id,) in ids]
+        assert len(killed) == 1
+        await log.record_commit(commit(2))
+        await log.close()
+
+    run(scenario())
+    assert run(replay_commits(url)) == [commit(1).txid, commit(2).txid]
+
+
 def test_a_connection_lost_during_commit_fails_the_log(url: str, proxy: CutProxy) -> None:
     async def scenario() -> None:
         log = SqlDecisionLog(via(url, proxy.port), coordinator_id="c1", timeout_s=2)

@@ -149,16 +149,20 @@ class PostgresInstance:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
+        """Waits until ``SELECT 1`` answers, at most ``timeout`` seconds (the server is stopped
+        then); between probes it waits on the process, so that an exit ends the wait at once."""
         deadline = time.monotonic() + timeout
         while not self._answers():
-            if self._proc is not None and self._proc.poll() is not None:
-                raise PostgresStartFailed(
-                    f"postgres exited with {self._proc.returncode}; {self._tail()}"
-                )
-            if time.monotonic() > deadline:
+            proc = self._proc
+            if proc is not None and proc.poll() is not None:
+                raise PostgresStartFailed(f"postgres exited with {proc.returncode}; {self._tail()}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 self.stop()
                 raise PostgresStartFailed(f"no answer within {timeout} s; {self._tail()}")
-            time.sleep(_POLL_INTERVAL)
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=min(_POLL_INTERVAL, remaining))
 
     def _answers(self) -> bool:
         import psycopg  # noqa: PLC0415  # only the SQL log's tests and benchmark need it

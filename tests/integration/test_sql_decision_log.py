@@ -71,6 +71,22 @@ def test_a_store_out_of_reach_fails_the_batch_and_the_log_recovers(
     assert run(replay_commits(url)) == [commit(1).txid, commit(5).txid]
 
 
+def test_a_write_the_store_refuses_fails_the_batch_and_the_log_stays_usable(url: str) -> None:
+    async def scenario() -> None:
+        log = SqlDecisionLog(url, coordinator_id="c1")
+        await log.open()
+        rows(url, "ALTER TABLE twopc_commits ADD CONSTRAINT refuse_all CHECK (seq < 0)")
+        with pytest.raises(DecisionLogFull, match="could not write 1 commit decision") as caught:
+            await log.record_commit(commit(1))
+        assert caught.value.txid == commit(1).txid
+        rows(url, "ALTER TABLE twopc_commits DROP CONSTRAINT refuse_all")
+        await log.record_commit(commit(2))
+        await log.close()
+
+    run(scenario())
+    assert run(replay_commits(url)) == [commit(2).txid]
+
+
 def test_a_connection_the_store_dropped_while_idle_is_replaced_at_once(url: str, kind: str) -> None:
     """A store restart or an idle timeout ends the writer's connection between batches: the
     next batch finds it dead at its first statement and is written on a new one, no abort."""

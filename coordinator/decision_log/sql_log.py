@@ -156,7 +156,8 @@ class SqlDecisionLog:
         audit_keep: how many of the last AUDIT records are kept (older rows are deleted in the
             batch that writes a newer one), and ``Replay.audits`` holds at most.
         timeout_s: connect timeout, and how long a statement or the COMMIT may wait for the
-            store's answer (pymysql's read/write timeouts, libpq's ``tcp_user_timeout``).
+            store's answer on MariaDB/MySQL (pymysql's read/write timeouts). On PostgreSQL it
+            bounds unacknowledged writes and keepalives (a dead peer), not a stalled server.
         on_sync: called from the writer thread after each forced store transaction, with the
             number of COMMIT records it carried and the seconds its COMMIT took (the metrics);
             it must be quick and must not raise.
@@ -349,7 +350,16 @@ class SqlDecisionLog:
     def _connect_args(self) -> dict[str, Any]:
         seconds = max(1, round(self._timeout_s))
         if self._postgres:
-            return {"connect_timeout": seconds, "tcp_user_timeout": seconds * 1000}
+            # libpq has no read timeout: unacknowledged data (tcp_user_timeout) and keepalives
+            # find a dead peer; a live server that stalls holds a statement until it resumes.
+            return {
+                "connect_timeout": seconds,
+                "tcp_user_timeout": seconds * 1000,
+                "keepalives": 1,
+                "keepalives_idle": seconds,
+                "keepalives_interval": 1,
+                "keepalives_count": 3,
+            }
         return {
             "connect_timeout": seconds,
             "read_timeout": seconds,
@@ -473,7 +483,7 @@ class SqlDecisionLog:
                 stale = isinstance(err, DBAPIError) and err.connection_invalidated
                 if attempt == 1 and stale:
                     continue  # a dead connection, nothing sent in it: once more on a new one
-                return self._not_written(batch, err)
+                return self._not_written(batch, err, last=last)
         started = self._clock()
         try:
             conn.commit()
@@ -541,8 +551,8 @@ class SqlDecisionLog:
         with contextlib.suppress(SQLAlchemyError):
             conn.close()
 
-    def _not_written(self, batch: _Batch, err: SQLAlchemyError) -> _Failure | None:
-        self._requeue_ends(batch.ends, err, last=False)
+    def _not_written(self, batch: _Batch, err: SQLAlchemyError, *, last: bool) -> _Failure | None:
+        self._requeue_ends(batch.ends, err, last=last)
         if not (batch.commits or batch.audits):
             return None
         what = f"{len(batch.commits)} commit decision(s)"

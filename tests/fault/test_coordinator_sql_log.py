@@ -1,4 +1,4 @@
-"""The coordinator on the SQL decision log (PostgreSQL here): a crash right after the COMMIT
+"""The coordinator on the SQL decision log (MariaDB and PostgreSQL): a crash right after the COMMIT
 decision was written leaves the decision in the store, and the restarted coordinator replays it
 from there and commits every branch; a store out of reach at start stops the daemon with a clear
 error (exit 3), its password never shown."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fault.test_crash_recovery import arm, disarm_and_restart, wait_dead, wait_recovered
-from tests.sql_stores import Stores, rows
+from tests.sql_stores import KINDS, Stores, rows
 from tests.support import ROOT, markers, prepared, transfer_sql
 from twopc.client import Client, OutcomeUnknown, RetryPolicy
 from twopc.testing.playground.bank import create_accounts
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.fault
 REGIONS = ("eu", "us")
 
 
-@pytest.fixture(scope="module")
-def store_url(sql_stores: Stores) -> str:
-    return sql_stores.new_database("postgresql")
+@pytest.fixture(scope="module", params=KINDS)
+def store_url(request: pytest.FixtureRequest, sql_stores: Stores) -> str:
+    return sql_stores.new_database(request.param)
 
 
 @pytest.fixture(scope="module")

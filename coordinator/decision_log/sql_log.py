@@ -403,7 +403,10 @@ class SqlDecisionLog:
         conn.commit()
         replay = Replay()
         for txid, participants, _ in commits:
-            names = json.loads(participants)
+            try:
+                names = json.loads(participants)
+            except ValueError:
+                names = None
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise DecisionLogCorrupted(
                     f"the decision log in {self._name} holds a COMMIT row for {txid} whose "

@@ -171,6 +171,20 @@ def test_a_log_of_an_unknown_schema_version_is_refused(url: str) -> None:
     assert rows(url, "SELECT version FROM twopc_log_schema") == [(2,)]
 
 
+@pytest.mark.parametrize("participants", ["not json", '{"a": 1}', '["a", 2]'])
+def test_a_commit_row_with_bad_participants_is_refused(url: str, participants: str) -> None:
+    async def write() -> None:
+        log = SqlDecisionLog(url, coordinator_id="c1")
+        await log.open()
+        await log.record_commit(commit(1))
+        await log.close()
+
+    run(write())
+    rows(url, "UPDATE twopc_commits SET participants = :p", p=participants)
+    with pytest.raises(DecisionLogCorrupted, match="not a JSON list of names"):
+        run(replay_commits(url))
+
+
 def test_the_tables_are_created_once_with_a_version_row(url: str) -> None:
     run(replay_commits(url))
     run(replay_commits(url))

@@ -99,7 +99,8 @@ class CutProxy:
     ``cut()`` closes every connection through it and refuses (closes at once) new ones until
     ``heal()``. With ``cut_on_commit`` set, a connection that sends a COMMIT statement is closed
     before the statement reaches the store: the client's COMMIT fails with its outcome unknown to
-    it (the store rolls the transaction back).
+    it (the store rolls the transaction back). With ``stall_on_commit``, the COMMIT and all that
+    follows on that connection are taken and never delivered: a store that stopped answering.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -111,6 +112,8 @@ class CutProxy:
         self._cut = False
         self.cut_on_commit = False
         self.commits_cut = 0
+        self.stall_on_commit = False
+        self.commits_stalled = 0
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -153,12 +156,17 @@ class CutProxy:
             threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
+        stalled = False
         try:
             while data := source.recv(65536):
                 if upstream and self.cut_on_commit and b"COMMIT" in data:
                     self.commits_cut += 1
                     break
-                sink.sendall(data)
+                if upstream and self.stall_on_commit and b"COMMIT" in data:
+                    self.commits_stalled += 1
+                    stalled = True
+                if not stalled:  # a stalled link takes the client's bytes and answers nothing
+                    sink.sendall(data)
         except OSError:
             pass
         _close(source)

@@ -61,6 +61,8 @@ import contextlib
 import dataclasses
 import enum
 import json
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -155,9 +157,9 @@ class SqlDecisionLog:
             after this many seconds at the latest.
         audit_keep: how many of the last AUDIT records are kept (older rows are deleted in the
             batch that writes a newer one), and ``Replay.audits`` holds at most.
-        timeout_s: connect timeout, and how long a statement or the COMMIT may wait for the
-            store's answer on MariaDB/MySQL (pymysql's read/write timeouts). On PostgreSQL it
-            bounds unacknowledged writes and keepalives (a dead peer), not a stalled server.
+        timeout_s: connect timeout, and how long the statements of a batch, then its COMMIT,
+            may wait for the store's answer (pymysql's read/write timeouts; on PostgreSQL a
+            watchdog thread that shuts the socket down, and ``tcp_user_timeout``).
         on_sync: called from the writer thread after each forced store transaction, with the
             number of COMMIT records it carried and the seconds its COMMIT took (the metrics);
             it must be quick and must not raise.
@@ -208,6 +210,8 @@ class SqlDecisionLog:
         self._conn: Connection | None = None
         self._seq = 0
         self._audit_seqs: deque[int] = deque()
+        # libpq has no read timeout: on PostgreSQL a watchdog ends a batch that waits too long.
+        self._watchdog = _Watchdog(timeout_s) if self._postgres else _NoWatchdog()
 
     @property
     def name(self) -> str:
@@ -351,7 +355,7 @@ class SqlDecisionLog:
         seconds = max(1, round(self._timeout_s))
         if self._postgres:
             # libpq has no read timeout: unacknowledged data (tcp_user_timeout) and keepalives
-            # find a dead peer; a live server that stalls holds a statement until it resumes.
+            # find a dead peer; the writer's watchdog, a server that stalls.
             return {
                 "connect_timeout": seconds,
                 "tcp_user_timeout": seconds * 1000,
@@ -453,6 +457,7 @@ class SqlDecisionLog:
                     self._loop.call_soon_threadsafe(_settle, waiting, failure)
             if stop:
                 self._drop_connection()
+                self._watchdog.stop()
                 if self._engine is not None:
                     self._engine.dispose()
                 return
@@ -475,6 +480,7 @@ class SqlDecisionLog:
         for attempt in (1, 2):
             try:
                 conn = self._connection()
+                self._watchdog.arm(_socket_of(conn))
                 self._fence(conn)
                 if not forced and self._postgres:
                     # ENDs are not forced: the next forced COMMIT's WAL flush covers this one.
@@ -488,6 +494,7 @@ class SqlDecisionLog:
                     continue  # a dead connection, nothing sent in it: once more on a new one
                 return self._not_written(batch, err, last=last)
         started = self._clock()
+        self._watchdog.arm(_socket_of(conn))  # the COMMIT gets a timeout of its own
         try:
             conn.commit()
         except SQLAlchemyError as err:
@@ -500,6 +507,7 @@ class SqlDecisionLog:
                 f"failed ({_reason(err)}), so whether they are durable is unknown",
                 err,
             )
+        self._watchdog.disarm()
         if forced and self._on_sync is not None:
             self._on_sync(len(batch.commits), self._clock() - started)
         self._seq = seq
@@ -546,6 +554,7 @@ class SqlDecisionLog:
     def _drop_connection(self) -> None:
         """Forgets the connection after an error (or at the end): its transaction, if any, is
         rolled back by the store when the connection closes."""
+        self._watchdog.disarm()  # before the socket can close: the watchdog must not touch its fd
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -602,6 +611,84 @@ class SqlDecisionLog:
         self._state = _State.FAILED
         log.critical("decision_log_failed", store=self._name, error=self._failure)
         return _Failure(DecisionLogFailed, self._failure, err)
+
+
+def _socket_of(conn: Connection) -> int:
+    """The file descriptor of a psycopg connection's socket; -1 for other drivers."""
+    dbapi: Any = conn.connection.dbapi_connection
+    pgconn = getattr(dbapi, "pgconn", None)
+    return int(pgconn.socket) if pgconn is not None else -1
+
+
+class _NoWatchdog:
+    """pymysql bounds every wait itself (read and write timeouts)."""
+
+    def arm(self, fd: int) -> None:
+        pass
+
+    def disarm(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class _Watchdog(_NoWatchdog):
+    """Shuts a connection's socket down when the writer waits on it longer than ``timeout_s``
+    (a store that stalls, SIGSTOPped or overloaded, with its TCP stack still answering): the
+    driver's wait then fails, and the batch with it (``DecisionLogFull`` before the COMMIT was
+    sent, ``DecisionLogFailed`` during it). Only ``shutdown`` on a duplicate of the descriptor:
+    the driver keeps its own, and the writer disarms before it closes the connection, so the
+    watchdog never touches a descriptor that was reused."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._wakeup = threading.Condition(threading.Lock())
+        self._armed: tuple[float, int] | None = None
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def arm(self, fd: int) -> None:
+        if fd < 0:
+            return
+        with self._wakeup:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="decision-log watchdog", daemon=True
+                )
+                self._thread.start()
+            self._armed = (time.monotonic() + self._timeout_s, fd)
+            self._wakeup.notify()
+
+    def disarm(self) -> None:
+        with self._wakeup:
+            self._armed = None
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopped = True
+            self._armed = None
+            self._wakeup.notify()
+
+    def _run(self) -> None:
+        with self._wakeup:
+            while not self._stopped:
+                if self._armed is None:
+                    self._wakeup.wait()
+                    continue
+                deadline, fd = self._armed
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._wakeup.wait(remaining)
+                    continue
+                self._armed = None
+                log.warning("decision_log_store_stalled", seconds=self._timeout_s)
+                with contextlib.suppress(OSError):
+                    duplicate = socket.socket(fileno=os.dup(fd))
+                    try:
+                        duplicate.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        duplicate.close()
 
 
 def _check_txid(txid: str) -> None:

@@ -142,6 +142,25 @@ def test_a_connection_lost_during_commit_fails_the_log(url: str, proxy: CutProxy
     assert run(replay_commits(url)) == [commit(1).txid]  # the store rolled the cut one back
 
 
+def test_a_store_that_stops_answering_during_commit_fails_the_log_in_time(
+    url: str, proxy: CutProxy
+) -> None:
+    async def scenario() -> None:
+        log = SqlDecisionLog(via(url, proxy.port), coordinator_id="c1", timeout_s=1)
+        await log.open()
+        await log.record_commit(commit(1))
+        proxy.stall_on_commit = True
+        started = time.monotonic()
+        with pytest.raises(DecisionLogFailed, match="whether they are durable is unknown"):
+            await log.record_commit(commit(2))
+        assert proxy.commits_stalled == 1
+        assert time.monotonic() - started < 5, "the COMMIT's wait was not bounded"
+        await log.close()
+
+    run(scenario())
+    assert run(replay_commits(url)) == [commit(1).txid]
+
+
 def test_a_lost_end_only_batch_is_written_with_the_next_one(url: str, proxy: CutProxy) -> None:
     async def scenario() -> None:
         log = SqlDecisionLog(via(url, proxy.port), coordinator_id="c1", end_flush_delay=0.01)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from coordinator.engine.manager import EngineSettings
 from coordinator.identities import IdentityRules
@@ -17,8 +19,12 @@ from twopc.settings import load_settings
 from twopc.tls import TlsConfig, daemon_tls
 from twopc.txid import check_coordinator_id, check_participant_name
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
 ENV_PREFIX = "TWOPC_COORDINATOR_"
 ONE_SHOT_ORDERS = ("parallel", "ordered", "adaptive")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,11 @@ class CoordinatorConfig:
     phase2_attempts: int = 8
     finished_memory: int = 100_000
     log_max_bytes: int = 64 * 1024 * 1024
+    # Where decisions are logged: "file" (in data_dir) or a SQLAlchemy URL of a MariaDB/MySQL or
+    # PostgreSQL database without a password (coordinator.decision_log.sql_log); the password is
+    # read from the environment variable named by decision_log_password_env ("": none).
+    decision_log: str = "file"
+    decision_log_password_env: str = ""
     log_level: str = "info"
     admin_failpoints: bool = False
     tls_cert: Path | None = None
@@ -141,6 +152,57 @@ class CoordinatorConfig:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1 MiB")
         if self.metrics_listen:
             split_metrics_listen(self.metrics_listen)
+        self.decision_log_url()  # checks it
+
+    def decision_log_url(self) -> URL | None:
+        """The SQL store of the decision log, its driver filled in; None for the file log.
+
+        Raises:
+            ValueError: not ``file`` nor a MariaDB/MySQL or PostgreSQL URL, a password in the
+                URL, or a bad ``decision_log_password_env``.
+        """
+        env = self.decision_log_password_env
+        if env and not _ENV_NAME.fullmatch(env):
+            raise ValueError(
+                f"decision_log_password_env must name an environment variable (A-Z, 0-9, _), "
+                f"got {env!r}"
+            )
+        if self.decision_log == "file":
+            return None
+        try:
+            from coordinator.decision_log.sql_log import store_url  # noqa: PLC0415
+        except ImportError as err:
+            raise ValueError(
+                "decision_log is a URL, but SQLAlchemy is not installed: pip install "
+                f"'twopc[coordinator,sql-log]' ({err})"
+            ) from err
+        try:
+            url = store_url(self.decision_log)
+        except ValueError as err:
+            raise ValueError(f"decision_log must be 'file' or a store URL: {err}") from None
+        if url.password is not None:
+            raise ValueError(
+                "decision_log must not carry a password (the configuration is no place for it): "
+                "remove it from the URL and name the environment variable that holds it in "
+                "decision_log_password_env"
+            )
+        return url
+
+    def decision_log_password(self, environ: Mapping[str, str]) -> str | None:
+        """The SQL store's password from the environment; None when none is configured.
+
+        Raises:
+            InvalidArgument: ``decision_log_password_env`` names a variable that is not set.
+        """
+        env = self.decision_log_password_env
+        if not env or self.decision_log == "file":
+            return None
+        if env not in environ:
+            raise InvalidArgument(
+                f"decision_log_password_env is {env}, but the environment has no {env}: set it "
+                "to the store user's password"
+            )
+        return environ[env]
 
     def identity_rules(self) -> IdentityRules:
         """Raises InvalidArgument when ``identities`` names an unknown participant."""
@@ -193,4 +255,6 @@ class CoordinatorConfig:
 def load_coordinator_config(
     path: Path | None, environ: Mapping[str, str] = os.environ
 ) -> CoordinatorConfig:
-    return load_settings(CoordinatorConfig, path, environ, ENV_PREFIX)
+    config = load_settings(CoordinatorConfig, path, environ, ENV_PREFIX)
+    config.decision_log_password(environ)  # checks that the variable is set
+    return config

@@ -13,7 +13,7 @@ import structlog
 from coordinator.admin import AdminServicer
 from coordinator.agents import AgentClients
 from coordinator.config import CoordinatorConfig, load_coordinator_config
-from coordinator.decision_log import DecisionLogCorrupted
+from coordinator.decision_log import DecisionLog, DecisionLogCorrupted, DecisionLogFailed
 from coordinator.decision_log.file_log import FileDecisionLog
 from coordinator.engine.admin import Operator
 from coordinator.engine.deadlocks import DeadlockDetector
@@ -68,18 +68,48 @@ def access_control(config: CoordinatorConfig) -> AccessControl:
     )
 
 
-async def serve(config: CoordinatorConfig, failpoints: Failpoints, tls: TlsConfig | None) -> None:
+def build_decision_log(
+    config: CoordinatorConfig, environ: Mapping[str, str], metrics: CoordinatorMetrics | None
+) -> DecisionLog:
+    """The file log in ``data_dir``, or the SQL log that ``decision_log`` names (its password
+    from the environment; the store is named in logs without it)."""
+    on_sync = metrics.log_synced if metrics is not None else None
+    url = config.decision_log_url()
+    if url is None:
+        return FileDecisionLog(
+            config.data_dir,
+            max_bytes=config.log_max_bytes,
+            audit_keep=config.audit_keep,
+            on_sync=on_sync,
+        )
+    from coordinator.decision_log.sql_log import SqlDecisionLog  # noqa: PLC0415  # optional extra
+
+    log.info(
+        "decision_log_store",
+        store=url.render_as_string(hide_password=True),
+        password_env=config.decision_log_password_env or None,
+    )
+    return SqlDecisionLog(
+        url,
+        coordinator_id=config.coordinator_id,
+        password=config.decision_log_password(environ),
+        audit_keep=config.audit_keep,
+        on_sync=on_sync,
+    )
+
+
+async def serve(
+    config: CoordinatorConfig,
+    failpoints: Failpoints,
+    tls: TlsConfig | None,
+    environ: Mapping[str, str] = os.environ,
+) -> None:
     # Without metrics_listen nothing is measured (the engine's metrics port records nothing).
     metrics = CoordinatorMetrics() if config.metrics_listen else None
     health = Health(COORDINATOR_SERVICE)
     await health.set(False)  # until the first recovery pass has finished
     agents = AgentClients(config.participants, tls)
-    decision_log = FileDecisionLog(
-        config.data_dir,
-        max_bytes=config.log_max_bytes,
-        audit_keep=config.audit_keep,
-        on_sync=metrics.log_synced if metrics is not None else None,
-    )
+    decision_log = build_decision_log(config, environ, metrics)
     manager = TransactionManager(
         config.engine_settings(),
         agents,
@@ -249,9 +279,12 @@ def main(config_path: Path | None, environ: Mapping[str, str] = os.environ) -> i
             log.critical("coordinator_cannot_start", error=f"trace_file: {err}")
             return 2
     try:
-        run_daemon(serve(config, failpoints, tls))
+        run_daemon(serve(config, failpoints, tls, environ))
     except DecisionLogCorrupted as err:
         log.critical("decision_log_corrupted", error=err.message)
+        return 3
+    except DecisionLogFailed as err:  # at start: e.g. the SQL store out of reach
+        log.critical("decision_log_unavailable", error=err.message)
         return 3
     except OSError as err:
         log.critical("coordinator_cannot_start", error=str(err))

@@ -3,6 +3,9 @@
 # missing:
 #   - the MariaDB server binaries (mariadbd, mariadb-install-db), from apt. The system service is
 #     left stopped and disabled: the tests start throwaway servers of their own;
+#   - the PostgreSQL server binaries (initdb, postgres in /usr/lib/postgresql/<version>/bin, and
+#     the postgres user the tests run them as), from apt (postgresql), its service likewise left
+#     stopped and disabled: the SQL decision log's tests start throwaway servers too;
 #   - Python >= 3.11 with venv support (python3-venv);
 #   - .venv in the repository root, with pip upgraded and `pip install -e '.[dev]'`.
 # Safe to run again: a second run finds everything in place and changes nothing. The editable
@@ -67,6 +70,17 @@ have_mariadb() {
     find_binary mariadbd >/dev/null && find_binary mariadb-install-db >/dev/null
 }
 
+have_postgres() {
+    local dir
+    for dir in /usr/lib/postgresql/*/bin; do
+        if [ -x "$dir/initdb" ] && [ -x "$dir/postgres" ]; then
+            printf '%s\n' "$dir"
+            return 0
+        fi
+    done
+    return 1
+}
+
 restore_policy() {
     if [ -e "$policy_backup" ]; then
         as_root mv -f "$policy_backup" "$policy"
@@ -75,7 +89,9 @@ restore_policy() {
     fi
 }
 
-install_mariadb() {
+# apt-get install "$@" with no service started, then each service in $SERVICES disabled and
+# stopped (systemd machines).
+install_without_services() {
     # Package scripts start services through invoke-rc.d / deb-systemd-invoke, which ask
     # policy-rc.d first: exit code 101 means "do not start anything". Keep whatever policy the
     # machine had and put it back afterwards.
@@ -87,15 +103,18 @@ install_mariadb() {
         as_root tee "$policy" >/dev/null
     as_root chmod 755 "$policy"
 
-    apt_install mariadb-server
+    apt_install "$@"
 
     restore_policy
     trap - EXIT
     # policy-rc.d stops the start but not the enabling; on a systemd machine undo that too (the
     # service was not running before: there was no server to run).
+    local service
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-        say "systemctl disable --now mariadb.service (the tests run their own servers)"
-        as_root systemctl disable --now mariadb.service >/dev/null 2>&1 || true
+        for service in $SERVICES; do
+            say "systemctl disable --now $service (the tests run their own servers)"
+            as_root systemctl disable --now "$service" >/dev/null 2>&1 || true
+        done
     fi
 }
 
@@ -119,10 +138,28 @@ if have_mariadb; then
     say "MariaDB: found $(find_binary mariadbd) and $(find_binary mariadb-install-db)"
 else
     say "MariaDB: mariadbd or mariadb-install-db missing; installing mariadb-server"
-    install_mariadb
+    SERVICES="mariadb.service" install_without_services mariadb-server
     have_mariadb || die "mariadb-server installed, yet mariadbd or mariadb-install-db is missing"
     say "MariaDB: installed $(find_binary mariadbd) and $(find_binary mariadb-install-db)"
 fi
+
+# --- PostgreSQL (the SQL decision log's tests and benchmark) -----------------------------------
+if pg_bin="$(have_postgres)"; then
+    say "PostgreSQL: found $pg_bin"
+else
+    say "PostgreSQL: initdb or postgres missing; installing postgresql"
+    SERVICES="postgresql.service" install_without_services postgresql
+    pg_bin="$(have_postgres)" || die "postgresql installed, yet initdb or postgres is missing"
+    # The package also creates a cluster "main" with a unit of its own: never started here
+    # (policy-rc.d), and not to be started at boot either.
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        pg_unit="postgresql@$(basename "$(dirname "$pg_bin")")-main.service"
+        say "systemctl disable --now $pg_unit"
+        as_root systemctl disable --now "$pg_unit" >/dev/null 2>&1 || true
+    fi
+    say "PostgreSQL: installed $pg_bin"
+fi
+id postgres >/dev/null 2>&1 || die "no postgres user (the postgresql package creates it)"
 
 # --- Python -------------------------------------------------------------------------------------
 if ! python="$(find_python)"; then

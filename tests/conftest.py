@@ -9,11 +9,13 @@ prepared branch must be gone: a test that leaves one behind fails.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.sql_stores import Stores, reachable_tmp_dir
 from twopc.client import Client, RetryPolicy
 from twopc.testing.playground.bank import create_accounts
 from twopc.testing.playground.cluster import Cluster, wait_until
@@ -40,6 +42,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.down(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def sql_stores() -> Iterator[Stores]:
+    """The SQL decision log's stores: a MariaDB and a PostgreSQL, each started on first use and
+    stopped at the end of the session."""
+    base = reachable_tmp_dir("twopc-sql-stores-")
+    stores = Stores(base)
+    try:
+        yield stores
+    finally:
+        stores.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

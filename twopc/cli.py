@@ -17,6 +17,8 @@ twopc bench [--workloads ...] [--concurrency ...] twopc against direct XA, SQLAl
                                                 sessions and plain local commits, side by side
 twopc bench-recovery [--in-doubt N]             time to resolve N in-doubt transactions after
                                                 a coordinator SIGKILL and restart
+twopc bench-log [--writers 1,8,64]              the decision log on a file, MariaDB and
+                                                PostgreSQL, side by side
 twopc tx TXID | --request-id ID                 a transaction's state and outcome
 twopc admin list | show TXID | audit            the operator's view: live and in-doubt
                                                 transactions, one in full, the audit records
@@ -100,6 +102,11 @@ _COMMANDS = {
         "time to resolve in-doubt transactions after a coordinator crash",
         "bench",
         "twopc.testing.bench.recovery",
+    ),
+    "bench-log": _Command(
+        "the decision log on a file, MariaDB and PostgreSQL, side by side",
+        "bench",
+        "twopc.testing.bench.log_stores",
     ),
     "tx": _Command("look a transaction up", None),
     "admin": _Command(
@@ -297,6 +304,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from twopc.testing.bench.recovery import run as run_bench_recovery
 
         return run_bench_recovery
+    if command == "bench-log":
+        from twopc.testing.bench.log_stores import run as run_bench_log
+
+        return run_bench_log
     if command == "proxy":
         from twopc.testing.chaos.proxy_service import run as run_proxy
 

@@ -30,13 +30,14 @@ ACKS_BEFORE_KILL = 400
 DEADLINE = 30.0
 
 
-def run_until_killed(directory: Path, prefix: str) -> list[str]:
-    """Starts the child, kills it after ACKS_BEFORE_KILL acknowledgements, returns every txid it
+def run_until_killed(log: Path | str, prefix: str, child_script: Path = CHILD) -> list[str]:
+    """Starts the child (``child_script LOG PREFIX 64 10000000``: LOG is the file log's directory
+    or a store's URL), kills it after ACKS_BEFORE_KILL acknowledgements, returns every txid it
     acknowledged (including those printed between the count and the kill)."""
     paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), str(directory), prefix, "64", "10000000"],
+        [sys.executable, str(child_script), str(log), prefix, "64", "10000000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

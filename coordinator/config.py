@@ -87,8 +87,8 @@ class CoordinatorConfig:
     # "parallel" (default), "ordered" or "adaptive": how a one-shot transaction's branches are
     # prepared (EngineSettings.one_shot_order). Ordered prevents lock cycles of one-shot
     # transactions on hot rows, at one more round trip per participant; adaptive is parallel,
-    # and ordered for one_shot_order_hold_ms after the detector last saw branches wait on each
-    # other (it needs deadlock_detect_ms > 0 and agents with report_lock_waits).
+    # and ordered for one_shot_order_hold_ms after the detector last found a lock cycle across
+    # participants (it needs deadlock_detect_ms > 0 and agents with report_lock_waits).
     one_shot_order: str = "parallel"
     one_shot_order_hold_ms: int = 10_000
     phase2_attempts: int = 8
@@ -136,7 +136,7 @@ class CoordinatorConfig:
             )
         if self.one_shot_order == "adaptive" and self.deadlock_detect_ms <= 0:
             raise ValueError(
-                "one_shot_order = 'adaptive' follows the lock waits the deadlock detector sees: "
+                "one_shot_order = 'adaptive' follows the lock cycles the deadlock detector finds: "
                 "set deadlock_detect_ms above 0, or choose 'parallel' or 'ordered'"
             )
         if self.one_shot_order_hold_ms < 1:

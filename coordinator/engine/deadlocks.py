@@ -143,8 +143,7 @@ class DeadlockDetector:
         break_deadlock: aborts a victim (txid, its cycle described, how long the cycle has
             existed in seconds, the participants where it waits), without awaiting; False when
             it could not (decided meanwhile).
-        lock_waits_seen: told when a pass found a branch waiting for a lock that another
-            branch holds (``TransactionManager.lock_waits_seen``).
+        cycle_seen: told when a pass found a lock cycle (``TransactionManager.cycle_seen``).
         threshold_s: how long a call runs before its transaction counts as waiting.
         interval_s: the pause between two looks while nothing waits that long.
     """
@@ -158,7 +157,7 @@ class DeadlockDetector:
         threshold_s: float,
         rpc_timeout_s: float,
         metrics: EngineMetrics,
-        lock_waits_seen: Callable[[], None] = lambda: None,
+        cycle_seen: Callable[[], None] = lambda: None,
     ) -> None:
         self._ports = ports
         self._waiting = waiting
@@ -166,7 +165,7 @@ class DeadlockDetector:
         self._threshold_s = threshold_s
         self._rpc_timeout_s = rpc_timeout_s
         self._metrics = metrics
-        self._lock_waits_seen = lock_waits_seen
+        self._cycle_seen = cycle_seen
 
     async def look(self) -> int:
         """One pass: asks the agents where transactions wait, and breaks every cycle; the
@@ -188,10 +187,11 @@ class DeadlockDetector:
                 log.warning("waits_for_failed", participant=participant, error=str(answer))
                 continue
             edges.extend(answer)
-        if any(edge.holder and edge.holder != edge.waiter for edge in edges):
-            self._lock_waits_seen()
         victims = 0
-        for cycle, victim in find_victims(edges, begun, breaking):
+        found = find_victims(edges, begun, breaking)
+        if found:
+            self._cycle_seen()
+        for cycle, victim in found:
             self._metrics.deadlock_found()
             if not victim:
                 log.warning("deadlock_without_victim", cycle=cycle.describe())

@@ -101,9 +101,10 @@ class EngineSettings:
     # before voted PREPARED). Ordered, one-shot transactions take their locks in the same order
     # everywhere, so they cannot form a lock cycle across participants, at one more round trip
     # per participant. "adaptive": parallel, and ordered for ``contended_hold_s`` after the
-    # deadlock detector last saw a branch wait for a lock that another branch holds
-    # (``lock_waits_seen``): the round trip is saved while rows are not contended, and no
-    # cycle forms while they are.
+    # deadlock detector last found a lock cycle across participants (``cycle_seen``): the
+    # round trip is saved while transactions do not cross each other's locks, and no cycle
+    # forms while they do. (Plain lock waits do not count: a hot row that everyone waits for
+    # in turn, a flash sale's stock, forms no cycle, and ordering would only add a round trip.)
     one_shot_order: str = "parallel"
     contended_hold_s: float = 10.0
 
@@ -253,7 +254,7 @@ class TransactionManager:
         # only ones that can wait for a lock, so the only ones the deadlock detector looks at.
         self._in_flight: dict[str, Transaction] = {}
         # one_shot_order = "adaptive": one-shot transactions prepare in order until then
-        # (monotonic), set by lock_waits_seen.
+        # (monotonic), set by cycle_seen.
         self._contended_until = -1.0
         self._ordered_for_contention = False  # the last choice, to log each change once
 
@@ -1144,8 +1145,8 @@ class TransactionManager:
 
     # --- lock cycles across participants (coordinator.engine.deadlocks) -------------------------
 
-    def lock_waits_seen(self) -> None:
-        """The deadlock detector saw a branch wait for a lock held by another branch: under
+    def cycle_seen(self) -> None:
+        """The deadlock detector found a lock cycle across participants: under
         ``one_shot_order = "adaptive"``, one-shot transactions prepare in order for the next
         ``contended_hold_s``."""
         if self.settings.one_shot_order != "adaptive":
@@ -1155,7 +1156,7 @@ class TransactionManager:
             self._ordered_for_contention = True
             log.info(
                 "one_shot_prepares_ordered",
-                reason="branches wait for each other's locks",
+                reason="lock cycles across participants",
                 for_s=self.settings.contended_hold_s,
             )
 
@@ -1167,7 +1168,7 @@ class TransactionManager:
         ordered = self._clock.monotonic() < self._contended_until
         if self._ordered_for_contention and not ordered:
             self._ordered_for_contention = False
-            log.info("one_shot_prepares_parallel", reason="no lock wait seen for a while")
+            log.info("one_shot_prepares_parallel", reason="no lock cycle for a while")
         self.metrics.one_shot_prepared(ordered=ordered)
         return ordered
 

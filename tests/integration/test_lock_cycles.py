@@ -258,12 +258,10 @@ def labelled_metric(cluster: Cluster, component: str, name: str, **labels: str) 
     return 0.0
 
 
-def test_adaptive_order_turns_ordered_once_branches_wait_on_each_other(
-    live_cluster: Cluster, bank: int
-) -> None:
+def test_adaptive_order_turns_ordered_once_a_cycle_formed(live_cluster: Cluster, bank: int) -> None:
     """``one_shot_order = "adaptive"``: the first crossing pair is prepared in parallel, forms
-    the cycle and loses a victim; the detector saw branches wait on each other, so the next
-    pair is prepared in order and both commit."""
+    the cycle and loses a victim; the detector found a cycle, so the next pair is prepared in
+    order and both commit."""
     coordinator = live_cluster.component("coordinator")
     coordinator.env["TWOPC_COORDINATOR_ONE_SHOT_ORDER"] = "adaptive"
     live_cluster.restart("coordinator")

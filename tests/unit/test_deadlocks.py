@@ -186,7 +186,7 @@ async def test_the_detector_asks_only_when_something_waits_and_breaks_the_cycle(
 
 
 @scenario
-async def test_the_detector_tells_of_waits_between_branches_and_only_of_those() -> None:
+async def test_the_detector_tells_of_cycles_and_not_of_mere_waits() -> None:
     env = make_env(["eu", "us"])
     seen: list[None] = []
     detector = DeadlockDetector(
@@ -196,18 +196,30 @@ async def test_the_detector_tells_of_waits_between_branches_and_only_of_those() 
         threshold_s=0.005,
         rpc_timeout_s=1.0,
         metrics=NoMetrics(),
-        lock_waits_seen=lambda: seen.append(None),
+        cycle_seen=lambda: seen.append(None),
     )
     t1 = await env.open([("eu", WRITE)])
-    hold = env.ports.hold("execute", "us")
-    executing = asyncio.create_task(env.manager.execute(t1.txid, "us", [WRITE], 2))
-    await hold.entered.wait()
+    env.clock.now += 1
+    t2 = await env.open([("us", WRITE)])
+    holds = [env.ports.hold("execute", "us"), env.ports.hold("execute", "eu")]
+    e1 = asyncio.create_task(env.manager.execute(t1.txid, "us", [WRITE], 2))
+    e2 = asyncio.create_task(env.manager.execute(t2.txid, "eu", [WRITE], 2))
+    for hold in holds:
+        await hold.entered.wait()
     env.clock.now += 0.02
-    env.ports.waits = {"us": [WaitEdge(t1.txid, "", "us", 20)]}  # on another client's session
-    await detector.look()
+    # t1 waits on t2 in us, and on another client's session in eu: waits, no cycle.
+    env.ports.waits = {
+        "us": [WaitEdge(t1.txid, t2.txid, "us", 20)],
+        "eu": [WaitEdge(t2.txid, "", "eu", 10)],
+    }
+    assert await detector.look() == 0
     assert seen == []
-    env.ports.waits = {"us": [WaitEdge(t1.txid, "c1-someone-else", "us", 20)]}  # on a branch
-    assert await detector.look() == 0  # no cycle: no victim
+    env.ports.waits["eu"] = [WaitEdge(t2.txid, t1.txid, "eu", 10)]  # now a cycle
+    assert await detector.look() == 1
     assert seen == [None]
-    hold.release()
-    await executing
+    for hold in holds:
+        hold.release()
+    await e1
+    with pytest.raises(TransactionConflict):
+        await e2
+    await env.drain()

@@ -1425,24 +1425,24 @@ async def _first_prepares(env: Env) -> list[str]:
 
 
 @scenario
-async def test_adaptive_one_shot_is_ordered_while_branches_wait_on_each_other() -> None:
+async def test_adaptive_one_shot_is_ordered_while_lock_cycles_form() -> None:
     env = make_env(one_shot_order="adaptive", contended_hold_s=10.0)
     assert await _first_prepares(env) == ["ap", "eu", "us"]  # nothing contended: parallel
-    env.manager.lock_waits_seen()
+    env.manager.cycle_seen()
     assert await _first_prepares(env) == ["ap", "eu"]  # in name order, us not asked yet
     env.clock.advance(9.0)
     assert await _first_prepares(env) == ["ap", "eu"]
-    env.manager.lock_waits_seen()  # waits go on: ordered for 10 s more
+    env.manager.cycle_seen()  # cycles go on: ordered for 10 s more
     env.clock.advance(9.0)
     assert await _first_prepares(env) == ["ap", "eu"]
-    env.clock.advance(1.5)  # 10.5 s without a wait: parallel again
+    env.clock.advance(1.5)  # 10.5 s without a cycle: parallel again
     assert await _first_prepares(env) == ["ap", "eu", "us"]
 
 
 @scenario
-async def test_lock_waits_change_nothing_unless_adaptive() -> None:
+async def test_cycles_change_nothing_unless_adaptive() -> None:
     env = make_env()  # parallel
-    env.manager.lock_waits_seen()
+    env.manager.cycle_seen()
     assert await _first_prepares(env) == ["ap", "eu", "us"]
 
 

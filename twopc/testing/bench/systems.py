@@ -254,7 +254,7 @@ class TwopcOrdered(Twopc):
 
 class TwopcAdaptive(Twopc):
     """``Twopc`` with the coordinator restarted with ``one_shot_order = "adaptive"``: parallel
-    prepares, in order while the detector sees branches wait on each other."""
+    prepares, in order while the detector finds lock cycles."""
 
     name = "twopc-adaptive"
 

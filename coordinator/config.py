@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from coordinator.engine.manager import EngineSettings
+from coordinator.engine.one_shot_order import ONE_SHOT_ORDERS
 from coordinator.identities import IdentityRules
 from twopc.errors import InvalidArgument
 from twopc.limits import RequestLimits
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
 ENV_PREFIX = "TWOPC_COORDINATOR_"
-ONE_SHOT_ORDERS = ("parallel", "ordered", "adaptive")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -87,10 +87,12 @@ class CoordinatorConfig:
     # "parallel" (default), "ordered" or "adaptive": how a one-shot transaction's branches are
     # prepared (EngineSettings.one_shot_order). Ordered prevents lock cycles of one-shot
     # transactions on hot rows, at one more round trip per participant; adaptive is parallel,
-    # and ordered for one_shot_order_hold_ms after the detector last found a lock cycle across
-    # participants (it needs deadlock_detect_ms > 0 and agents with report_lock_waits).
+    # and ordered for one_shot_order_hold_ms once deadlock victims reach
+    # one_shot_order_victim_pct of the one-shot transactions (it needs deadlock_detect_ms > 0
+    # and agents with report_lock_waits).
     one_shot_order: str = "parallel"
     one_shot_order_hold_ms: int = 10_000
+    one_shot_order_victim_pct: float = 5.0
     phase2_attempts: int = 8
     finished_memory: int = 100_000
     log_max_bytes: int = 64 * 1024 * 1024
@@ -136,8 +138,13 @@ class CoordinatorConfig:
             )
         if self.one_shot_order == "adaptive" and self.deadlock_detect_ms <= 0:
             raise ValueError(
-                "one_shot_order = 'adaptive' follows the lock cycles the deadlock detector finds: "
+                "one_shot_order = 'adaptive' follows the victims of the deadlock detector: "
                 "set deadlock_detect_ms above 0, or choose 'parallel' or 'ordered'"
+            )
+        if not 0 < self.one_shot_order_victim_pct <= 100:
+            raise ValueError(
+                f"one_shot_order_victim_pct ({self.one_shot_order_victim_pct}) must be above 0 "
+                "and at most 100"
             )
         if self.one_shot_order_hold_ms < 1:
             raise ValueError(
@@ -249,6 +256,7 @@ class CoordinatorConfig:
             max_idle_ms=self.max_idle_ms,
             one_shot_order=self.one_shot_order,
             contended_hold_s=self.one_shot_order_hold_ms / 1000,
+            one_shot_victim_share=self.one_shot_order_victim_pct / 100,
         )
 
 

@@ -171,7 +171,6 @@ async def serve(
             # An agent out of reach must not hold up the detection of cycles elsewhere for long.
             rpc_timeout_s=min(config.rpc_timeout_s, 1.0),
             metrics=manager.metrics,
-            cycle_seen=manager.cycle_seen,
         )
         tasks.append(asyncio.create_task(_detect_forever(detector, config.deadlock_poll_ms)))
     try:

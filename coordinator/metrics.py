@@ -24,7 +24,7 @@ global one. No label carries a txid: outcomes, results and participant names onl
                                             its victim's abort sent
 ``twopc_one_shot_prepares_total``           one_shot_order = adaptive: one-shot transactions
                                             with several participants, by ``order`` (parallel,
-                                            ordered while lock cycles form)
+                                            ordered while victims are many)
 ==========================================  =====================================================
 """
 

@@ -143,7 +143,6 @@ class DeadlockDetector:
         break_deadlock: aborts a victim (txid, its cycle described, how long the cycle has
             existed in seconds, the participants where it waits), without awaiting; False when
             it could not (decided meanwhile).
-        cycle_seen: told when a pass found a lock cycle (``TransactionManager.cycle_seen``).
         threshold_s: how long a call runs before its transaction counts as waiting.
         interval_s: the pause between two looks while nothing waits that long.
     """
@@ -157,7 +156,6 @@ class DeadlockDetector:
         threshold_s: float,
         rpc_timeout_s: float,
         metrics: EngineMetrics,
-        cycle_seen: Callable[[], None] = lambda: None,
     ) -> None:
         self._ports = ports
         self._waiting = waiting
@@ -165,7 +163,6 @@ class DeadlockDetector:
         self._threshold_s = threshold_s
         self._rpc_timeout_s = rpc_timeout_s
         self._metrics = metrics
-        self._cycle_seen = cycle_seen
 
     async def look(self) -> int:
         """One pass: asks the agents where transactions wait, and breaks every cycle; the
@@ -188,10 +185,7 @@ class DeadlockDetector:
                 continue
             edges.extend(answer)
         victims = 0
-        found = find_victims(edges, begun, breaking)
-        if found:
-            self._cycle_seen()
-        for cycle, victim in found:
+        for cycle, victim in find_victims(edges, begun, breaking):
             self._metrics.deadlock_found()
             if not victim:
                 log.warning("deadlock_without_victim", cycle=cycle.describe())

@@ -33,6 +33,7 @@ from coordinator.decision_log import (
     DecisionLogFull,
 )
 from coordinator.engine.aborts import AbortReason
+from coordinator.engine.one_shot_order import OneShotOrder
 from coordinator.engine.ports import (
     CommitReply,
     EngineMetrics,
@@ -100,13 +101,12 @@ class EngineSettings:
     # trip) or "ordered" (one after another in participant-name order, each only once the one
     # before voted PREPARED). Ordered, one-shot transactions take their locks in the same order
     # everywhere, so they cannot form a lock cycle across participants, at one more round trip
-    # per participant. "adaptive": parallel, and ordered for ``contended_hold_s`` after the
-    # deadlock detector last found a lock cycle across participants (``cycle_seen``): the
-    # round trip is saved while transactions do not cross each other's locks, and no cycle
-    # forms while they do. (Plain lock waits do not count: a hot row that everyone waits for
-    # in turn, a flash sale's stock, forms no cycle, and ordering would only add a round trip.)
+    # per participant. "adaptive": parallel, and ordered for ``contended_hold_s`` once deadlock
+    # victims reach ``one_shot_victim_share`` of the one-shot transactions prepared in parallel
+    # (``coordinator.engine.one_shot_order``).
     one_shot_order: str = "parallel"
     contended_hold_s: float = 10.0
+    one_shot_victim_share: float = 0.05
 
 
 @dataclass
@@ -151,6 +151,7 @@ class Transaction:
     executing_on: str = ""  # the participant of its Execute in flight ("" when none)
     # Its votes were counted (no await since): too late to make it a deadlock victim.
     tallied: bool = False
+    one_shot: bool = False  # begun by RunTransaction
     # Chosen as the victim of a lock cycle (coordinator.engine.deadlocks): the abort reason the
     # client gets, whatever error the interrupted statement or prepare came back with.
     victim_of: AbortReason | None = None
@@ -253,10 +254,11 @@ class TransactionManager:
         # Transactions with a call on the agents in flight (an Execute, or the prepares): the
         # only ones that can wait for a lock, so the only ones the deadlock detector looks at.
         self._in_flight: dict[str, Transaction] = {}
-        # one_shot_order = "adaptive": one-shot transactions prepare in order until then
-        # (monotonic), set by cycle_seen.
-        self._contended_until = -1.0
-        self._ordered_for_contention = False  # the last choice, to log each change once
+        self._one_shot_order = OneShotOrder(
+            settings.one_shot_order,
+            hold_s=settings.contended_hold_s,
+            victim_share=settings.one_shot_victim_share,
+        )
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -719,6 +721,7 @@ class TransactionManager:
             timeout_ms = await self._sessions_for_one_shot(owner, names, timeout_ms)
         tx = self.begin(timeout_ms, request_id, owner=owner)
         self._reserve_sessions(tx, names)  # no await since the check: it cannot fail now
+        tx.one_shot = True
         async with tx.lock:
             if tx.state is TxState.ACTIVE:
                 for participant in names:
@@ -1145,31 +1148,21 @@ class TransactionManager:
 
     # --- lock cycles across participants (coordinator.engine.deadlocks) -------------------------
 
-    def cycle_seen(self) -> None:
-        """The deadlock detector found a lock cycle across participants: under
-        ``one_shot_order = "adaptive"``, one-shot transactions prepare in order for the next
-        ``contended_hold_s``."""
-        if self.settings.one_shot_order != "adaptive":
-            return
-        self._contended_until = self._clock.monotonic() + self.settings.contended_hold_s
-        if not self._ordered_for_contention:
-            self._ordered_for_contention = True
-            log.info(
-                "one_shot_prepares_ordered",
-                reason="lock cycles across participants",
-                for_s=self.settings.contended_hold_s,
-            )
-
     def _prepares_in_order(self) -> bool:
         """Whether a one-shot transaction's branches are prepared one after another now."""
-        order = self.settings.one_shot_order
-        if order != "adaptive":
-            return order == "ordered"
-        ordered = self._clock.monotonic() < self._contended_until
-        if self._ordered_for_contention and not ordered:
-            self._ordered_for_contention = False
-            log.info("one_shot_prepares_parallel", reason="no lock cycle for a while")
-        self.metrics.one_shot_prepared(ordered=ordered)
+        ordered, switch = self._one_shot_order.choose(self._clock.monotonic())
+        if switch is not None and switch.ordered:
+            log.info(
+                "one_shot_prepares_ordered",
+                reason="deadlock victims across participants",
+                victims=switch.victims,
+                of_transactions=switch.transactions,
+                for_s=self.settings.contended_hold_s,
+            )
+        elif switch is not None:
+            log.info("one_shot_prepares_parallel", after_s=self.settings.contended_hold_s)
+        if self._one_shot_order.mode == "adaptive":
+            self.metrics.one_shot_prepared(ordered=ordered)
         return ordered
 
     def waiting(self, threshold_s: float) -> tuple[set[str], dict[str, float], set[str]]:
@@ -1226,6 +1219,8 @@ class TransactionManager:
         if tx is None:
             return False
         reason = AbortReason.deadlock(cycle)
+        if tx.one_shot:
+            self._one_shot_order.victim()
         if tx.state is TxState.ACTIVE:
             tx.victim_of = reason
             if not self._abort_now(tx, reason):

@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from twopc.client import Client, ConflictRetry, TransactionConflict
+from twopc.client import Client, ConflictRetry, RetryPolicy, TransactionConflict
 from twopc.errors import TwopcError
+from twopc.testing.playground.bank import TransferWorkload, create_accounts, total_balance
 from twopc.testing.playground.cluster import Cluster, wait_until
-from twopc.testing.playground.invariants import prepared_branches
+from twopc.testing.playground.invariants import check_bank, prepared_branches, resolve_unknown
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -258,30 +259,80 @@ def labelled_metric(cluster: Cluster, component: str, name: str, **labels: str) 
     return 0.0
 
 
-def test_adaptive_order_turns_ordered_once_a_cycle_formed(live_cluster: Cluster, bank: int) -> None:
-    """``one_shot_order = "adaptive"``: the first crossing pair is prepared in parallel, forms
-    the cycle and loses a victim; the detector found a cycle, so the next pair is prepared in
-    order and both commit."""
+def test_adaptive_order_turns_ordered_when_victims_are_many(live_cluster: Cluster) -> None:
+    """``one_shot_order = "adaptive"``: hot transfers between 2 accounts per region from 16
+    clients, prepared in parallel, lose many victims to cycles; once victims reach 5 % the
+    coordinator prepares them in order, and from then on no cycle forms and nobody is a
+    victim. Money is conserved and nothing is left prepared."""
     coordinator = live_cluster.component("coordinator")
-    coordinator.env["TWOPC_COORDINATOR_ONE_SHOT_ORDER"] = "adaptive"
+    settings = {
+        "TWOPC_COORDINATOR_ONE_SHOT_ORDER": "adaptive",
+        "TWOPC_COORDINATOR_ONE_SHOT_ORDER_HOLD_MS": "120000",  # ordered for the whole test
+    }
+    coordinator.env.update(settings)
     live_cluster.restart("coordinator")
     prepares = "twopc_one_shot_prepares_total"
+
+    def victims() -> float:
+        return metric(live_cluster, "coordinator", "twopc_deadlock_victims_total")
+
+    def ordered() -> float:
+        return labelled_metric(live_cluster, "coordinator", prepares, order="ordered")
+
     try:
-        victims = metric(live_cluster, "coordinator", "twopc_deadlock_victims_total")
-        with live_cluster.client() as client:
-            first = cycle_of_transfers(client)
-            second = cycle_of_transfers(client)
-        assert len([r for r, _ in first if isinstance(r, TwopcError)]) == 1, first
-        assert not [r for r, _ in second if isinstance(r, TwopcError)], second
-        assert metric(live_cluster, "coordinator", "twopc_deadlock_victims_total") == victims + 1
-        assert labelled_metric(live_cluster, "coordinator", prepares, order="parallel") == 2
-        assert labelled_metric(live_cluster, "coordinator", prepares, order="ordered") == 2
-        # One transfer of the first pair, both of the second (+2 in eu, -2 in us).
-        assert (balance(live_cluster, "eu", 1), balance(live_cluster, "us", 2)) in (
-            (997, 1003),
-            (1009, 991),
+        total = create_accounts(live_cluster, 2)
+        policy = RetryPolicy(attempts=10, initial_backoff=0.05, max_backoff=0.5, deadline=20.0)
+        with live_cluster.client(retry_policy=policy) as client:
+            workload = TransferWorkload(
+                client,
+                coordinator_id=live_cluster.coordinator_id,
+                regions=("eu", "us"),
+                accounts=2,
+                seed=7,
+                run_id="adaptive",
+            )
+            stop = threading.Event()
+            runner = threading.Thread(
+                target=workload.run, args=(10**6, 16), kwargs={"stop": stop}, daemon=True
+            )
+            runner.start()
+            try:
+                wait_until(lambda: ordered() >= 20, 40, "one-shot transfers prepared in order")
+                before = victims()
+                wait_until(lambda: ordered() >= 300, 40, "300 transfers prepared in order")
+                after = victims()
+            finally:
+                stop.set()
+                runner.join(timeout=30)
+            wait_until(
+                lambda: not any(prepared_branches(live_cluster).values()),
+                20,
+                "every prepared branch resolved",
+                interval=0.05,
+            )
+            transfers = list(workload.transfers)
+            resolved = resolve_unknown(client, transfers)
+        assert before > 0, "no victim before the switch: parallel formed no cycle?"
+        assert after == before, f"{after - before} victims while prepared in order"
+        parallel = labelled_metric(live_cluster, "coordinator", prepares, order="parallel")
+        assert before >= 0.05 * parallel
+        switched = [
+            line
+            for line in (live_cluster.directory / "coordinator" / "coordinator.log")
+            .read_text()
+            .splitlines()
+            if '"one_shot_prepares_ordered"' in line
+        ]
+        assert len(switched) == 1, switched
+        verdicts = check_bank(
+            live_cluster,
+            transfers,
+            expected_total=total,
+            actual_total=total_balance(live_cluster),
+            resolved=resolved,
         )
-        assert not any(prepared_branches(live_cluster).values())
+        assert not [str(v) for v in verdicts if not v.holds]
     finally:
-        coordinator.env.pop("TWOPC_COORDINATOR_ONE_SHOT_ORDER", None)
+        for name in settings:
+            coordinator.env.pop(name, None)
         live_cluster.restart("coordinator")

@@ -1424,25 +1424,49 @@ async def _first_prepares(env: Env) -> list[str]:
     return sorted(asked)
 
 
+async def _victim_of_a_cycle(env: Env) -> None:
+    """One 2-region one-shot transaction, aborted by the deadlock detector while it prepares."""
+    gate = env.ports.hold("prepare", "us")
+    running = asyncio.create_task(
+        env.manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=5_000)
+    )
+    await gate.entered.wait()
+    [tx] = [tx for tx in env.manager.live_transactions() if tx.state is TxState.PREPARING]
+    assert env.manager.break_deadlock(tx.txid, "a cycle", 0.01)
+    gate.release()
+    with pytest.raises(TransactionConflict):
+        await running
+
+
 @scenario
-async def test_adaptive_one_shot_is_ordered_while_lock_cycles_form() -> None:
-    env = make_env(one_shot_order="adaptive", contended_hold_s=10.0)
+async def test_adaptive_one_shot_is_ordered_while_victims_are_many() -> None:
+    env = make_env(one_shot_order="adaptive", contended_hold_s=10.0, one_shot_victim_share=0.1)
     assert await _first_prepares(env) == ["ap", "eu", "us"]  # nothing contended: parallel
-    env.manager.cycle_seen()
+    for _ in range(18):
+        await env.manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=5_000)
+    await _victim_of_a_cycle(env)
+    await _victim_of_a_cycle(env)  # 2 victims of 21 one-shot transactions: 9.5 %
+    env.clock.advance(1.1)
+    assert await _first_prepares(env) == ["ap", "eu", "us"]  # below 10 %: still parallel
+    for _ in range(16):
+        await env.manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=5_000)
+    for _ in range(3):
+        await _victim_of_a_cycle(env)  # 3 of 20 since
+    env.clock.advance(1.1)
     assert await _first_prepares(env) == ["ap", "eu"]  # in name order, us not asked yet
     env.clock.advance(9.0)
     assert await _first_prepares(env) == ["ap", "eu"]
-    env.manager.cycle_seen()  # cycles go on: ordered for 10 s more
-    env.clock.advance(9.0)
-    assert await _first_prepares(env) == ["ap", "eu"]
-    env.clock.advance(1.5)  # 10.5 s without a cycle: parallel again
+    env.clock.advance(1.0)  # the hold is over: parallel again
     assert await _first_prepares(env) == ["ap", "eu", "us"]
+    await env.drain()
 
 
 @scenario
-async def test_cycles_change_nothing_unless_adaptive() -> None:
+async def test_victims_change_nothing_unless_adaptive() -> None:
     env = make_env()  # parallel
-    env.manager.cycle_seen()
+    for _ in range(20):
+        await _victim_of_a_cycle(env)
+    env.clock.advance(1.1)
     assert await _first_prepares(env) == ["ap", "eu", "us"]
 
 

@@ -107,6 +107,8 @@ def test_coordinator_limits_out_of_range_are_refused(settings: dict[str, int]) -
         ({"one_shot_order": "random"}, "one_shot_order must be one of parallel, ordered, adaptive"),
         ({"one_shot_order": "adaptive", "deadlock_detect_ms": 0}, "set deadlock_detect_ms above"),
         ({"one_shot_order_hold_ms": 0}, "one_shot_order_hold_ms"),
+        ({"one_shot_order_victim_pct": 0}, "one_shot_order_victim_pct"),
+        ({"one_shot_order_victim_pct": 101}, "one_shot_order_victim_pct"),
     ],
 )
 def test_one_shot_order_settings_are_checked(settings: dict[str, object], message: str) -> None:
@@ -115,6 +117,9 @@ def test_one_shot_order_settings_are_checked(settings: dict[str, object], messag
 
 
 def test_the_adaptive_order_reaches_the_engine_with_its_hold() -> None:
-    engine = CoordinatorConfig(one_shot_order="adaptive", one_shot_order_hold_ms=2500)
-    assert engine.engine_settings().one_shot_order == "adaptive"
-    assert engine.engine_settings().contended_hold_s == 2.5
+    engine = CoordinatorConfig(
+        one_shot_order="adaptive", one_shot_order_hold_ms=2500, one_shot_order_victim_pct=12.5
+    ).engine_settings()
+    assert engine.one_shot_order == "adaptive"
+    assert engine.contended_hold_s == 2.5
+    assert engine.one_shot_victim_share == 0.125

@@ -58,7 +58,7 @@ __all__ = [
 
 log = structlog.get_logger("twopc.coordinator.leases")
 
-_ATTEMPTS = 3  # deadlocks and serialization failures between concurrent acquires are retried
+_ATTEMPTS = 5  # deadlocks and serialization failures between concurrent acquires are retried
 
 
 class LeaseError(FailedPrecondition):

@@ -109,6 +109,34 @@ def test_acquiring_a_free_id_gives_epoch_1_and_a_local_deadline_from_the_send(ur
     ]
 
 
+def test_the_local_deadline_counts_from_the_send_not_from_the_answer(
+    url: str, proxy: CutProxy
+) -> None:
+    """The acquire's COMMIT is held on its way to the store: the answer comes late, and the
+    local deadline must still count from before the request was sent."""
+
+    async def scenario() -> None:
+        leases = SqlLeases(via(url, proxy.port), margin=0.2)
+        await leases.held()  # the schema check's COMMIT is not the one held
+        before = time.monotonic()
+        proxy.hold_commits = True
+        acquiring = asyncio.create_task(leases.acquire("c1", "member-a", LONG_MS))
+
+        async def held() -> bool:
+            return proxy.commits_held == 1
+
+        await until(held, "the acquire's COMMIT to reach the proxy")
+        sent_by = time.monotonic()
+        await asyncio.sleep(0.2)  # the answer comes late (a delay, not synchronization)
+        proxy.release_commits()
+        lease = await acquiring
+        length = LONG_MS * 0.8 / 1000
+        assert before + length <= lease.deadline <= sent_by + length
+        leases.close()
+
+    run(scenario())
+
+
 def test_an_id_held_by_another_member_is_refused_naming_the_holder(url: str) -> None:
     async def scenario() -> None:
         leases = SqlLeases(url)

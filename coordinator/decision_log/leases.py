@@ -17,6 +17,15 @@ MariaDB/MySQL, ``clock_timestamp()`` on PostgreSQL), never with a member's clock
 
 Each operation is one store transaction, on a connection of its own.
 
+Errors (``twopc.errors``)::
+
+    FailedPrecondition
+     └── LeaseError                the store's rows decided
+          ├── LeaseHeld            another member holds a live lease (acquire)
+          └── LeaseLost            not this holder's any more, or past its deadline (renew)
+    Unavailable
+     └── LeaseStoreUnavailable     no answer from the store: outcome unknown
+
 The member never trusts its own clock to extend a lease: a ``Lease`` carries a local deadline,
 the monotonic time at which the successful acquire or renew was SENT plus ``lease_ms`` times
 (1 - ``margin``); the store's expiry, computed later by the store, is never earlier (unless the
@@ -259,14 +268,14 @@ class SqlLeases:
                 f"{_utc(expires_at).isoformat()} by the store's clock ({remaining_ms} ms from "
                 f"now); {member} cannot acquire it before then"
             )
-        expires = conn.execute(
+        taken = conn.execute(
             text(
                 f"UPDATE twopc_leases SET holder = :member, epoch = :epoch, "
                 f"expires_at = {self._later} WHERE coordinator_id = :id"
             ),
             {**key, "member": member, "epoch": epoch + 1, "ms": lease_ms},
         )
-        assert expires.rowcount == 1
+        assert taken.rowcount == 1  # the row is locked (FOR UPDATE) by this transaction
         new_expiry = conn.execute(
             text("SELECT expires_at FROM twopc_leases WHERE coordinator_id = :id"), key
         ).scalar_one()

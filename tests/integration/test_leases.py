@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from structlog.testing import capture_logs
 
 from coordinator.decision_log import (
     AuditRecord,
@@ -17,7 +18,13 @@ from coordinator.decision_log import (
     DecisionLogFenced,
     DecisionLogFull,
 )
-from coordinator.decision_log.leases import Lease, LeaseHeld, LeaseLost, SqlLeases
+from coordinator.decision_log.leases import (
+    Lease,
+    LeaseHeld,
+    LeaseLost,
+    LeaseStoreUnavailable,
+    SqlLeases,
+)
 from coordinator.decision_log.sql_log import SqlDecisionLog
 from tests.sql_stores import KINDS, CutProxy, Stores, lock_waits, proxy_to, rows, via
 
@@ -336,6 +343,25 @@ def test_a_slow_member_clock_does_not_keep_a_lease_past_the_store_expiry(url: st
         assert await replay_of(url, taken) == [commit("c1", 1).txid]
         a.close()
         b.close()
+
+    run(scenario())
+
+
+def test_a_store_out_of_reach_is_unavailable_and_the_password_is_in_no_message(
+    url: str, proxy: CutProxy
+) -> None:
+    secret = "not-in-any-message-9"
+
+    async def scenario() -> None:
+        leases = SqlLeases(via(url, proxy.port), password=secret, timeout_s=1)
+        proxy.cut()
+        with capture_logs() as logs, pytest.raises(LeaseStoreUnavailable) as caught:
+            await leases.acquire("c1", "member-a", LONG_MS)
+        assert "outcome is unknown" in caught.value.message
+        assert secret not in caught.value.message
+        assert secret not in repr(logs)
+        assert any(entry["event"] == "lease_store_unavailable" for entry in logs)
+        leases.close()
 
     run(scenario())
 

@@ -241,7 +241,9 @@ class SqlLeases:
     ) -> Lease:
         key = {"id": coordinator_id}
         # A free row first (epoch 0, long expired), so that the locking read below always finds
-        # one: concurrent acquirers then queue on its row lock instead of racing to INSERT.
+        # one: concurrent acquirers then queue on its row lock instead of racing to INSERT. (On
+        # MariaDB, INSERT IGNORE's duplicate check takes a shared lock, so two acquirers can
+        # deadlock upgrading it to FOR UPDATE's: the victim is retried, ``_ATTEMPTS``.)
         if self._postgres:
             insert = (
                 "INSERT INTO twopc_leases (coordinator_id, holder, epoch, expires_at) "

@@ -129,9 +129,10 @@ LEASES = Table(
 
 
 def ensure_schema(conn: Connection, name: str) -> None:
-    """CREATE TABLE IF NOT EXISTS each table, then the version row if missing, or moves a
-    version this one extends (``_UPGRADABLE``) to ``SCHEMA_VERSION``. Concurrent first opens may
-    race on the version row: the loser finds the winner's.
+    """Nothing when the version row says ``SCHEMA_VERSION``; else CREATE TABLE IF NOT EXISTS
+    each table, then the version row if missing, or moves a version this one extends
+    (``_UPGRADABLE``) to ``SCHEMA_VERSION``. Concurrent first opens may race on the version
+    row: the loser finds the winner's.
 
     Raises:
         DecisionLogCorrupted: the tables are of another schema version (left untouched).
@@ -141,10 +142,13 @@ def ensure_schema(conn: Connection, name: str) -> None:
         version = conn.execute(select(SCHEMA.c.version).where(SCHEMA.c.id == 1)).scalar()
     except ProgrammingError:  # no table yet: created below
         conn.rollback()
-    if version is not None and version != SCHEMA_VERSION and version not in _UPGRADABLE:
-        conn.rollback()
-        raise _unknown(name, version)
     conn.rollback()
+    if version == SCHEMA_VERSION:
+        # No DDL on a store in use: on PostgreSQL, CREATE INDEX IF NOT EXISTS takes a SHARE lock
+        # on its table, which waits for every batch in flight and holds up the next ones.
+        return
+    if version is not None and version not in _UPGRADABLE:
+        raise _unknown(name, version)
     for table in METADATA.sorted_tables:
         conn.execute(CreateTable(table, if_not_exists=True))
         for index in table.indexes:

@@ -83,6 +83,28 @@ def peek_engine(url: str) -> sqlalchemy.Engine:
     return sqlalchemy.create_engine(store_url(url), poolclass=sqlalchemy.NullPool)
 
 
+def lock_waits(url: str, kind: str) -> int:
+    """How many transactions of the store wait for a row lock now.
+
+    On MariaDB, a locking read by primary key waits in the optimizer (state "Statistics"), and
+    ``innodb_trx`` may not show it as LOCK WAIT: a locking read running for over 200 ms (a
+    primary-key lookup takes well under 1 ms here) counts as waiting too."""
+    if kind == "mariadb":
+        query = (
+            "SELECT (SELECT count(*) FROM information_schema.innodb_trx "
+            "WHERE trx_state = 'LOCK WAIT') + (SELECT count(*) FROM "
+            "information_schema.processlist WHERE id <> connection_id() AND command = 'Query' "
+            "AND time_ms > 200 AND (info LIKE '%FOR UPDATE' OR info LIKE '%LOCK IN SHARE MODE'))"
+        )
+    else:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+    ((count,),) = rows(url, query)
+    return int(str(count))
+
+
 def rows(url: str, query: str, **params: object) -> list[tuple[object, ...]]:
     engine = peek_engine(url)
     try:
@@ -101,6 +123,8 @@ class CutProxy:
     before the statement reaches the store: the client's COMMIT fails with its outcome unknown to
     it (the store rolls the transaction back). With ``stall_on_commit``, the COMMIT and all that
     follows on that connection are taken and never delivered: a store that stopped answering.
+    With ``hold_commits``, a COMMIT is held (its transaction open, its locks kept) until
+    ``release_commits()``, then delivered; ``commits_held`` counts them.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -114,6 +138,9 @@ class CutProxy:
         self.commits_cut = 0
         self.stall_on_commit = False
         self.commits_stalled = 0
+        self.hold_commits = False
+        self.commits_held = 0
+        self._released = threading.Event()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -123,6 +150,10 @@ class CutProxy:
             sockets, self._sockets = self._sockets, set()
         for sock in sockets:
             _close(sock)
+
+    def release_commits(self) -> None:
+        self.hold_commits = False
+        self._released.set()
 
     def heal(self) -> None:
         with self._lock:
@@ -162,6 +193,9 @@ class CutProxy:
                 if upstream and self.cut_on_commit and b"COMMIT" in data:
                     self.commits_cut += 1
                     break
+                if upstream and self.hold_commits and _is_commit(data):
+                    self.commits_held += 1
+                    self._released.wait(30)
                 if upstream and self.stall_on_commit and b"COMMIT" in data:
                     self.commits_stalled += 1
                     stalled = True
@@ -171,6 +205,11 @@ class CutProxy:
             pass
         _close(source)
         _close(sink)
+
+
+def _is_commit(data: bytes) -> bool:
+    """A COMMIT statement (not the driver's SET AUTOCOMMIT at connect)."""
+    return b"COMMIT" in data and b"AUTOCOMMIT" not in data.upper()
 
 
 def _close(sock: socket.socket) -> None:
@@ -193,6 +232,7 @@ __all__ = [
     "KINDS",
     "CutProxy",
     "Stores",
+    "lock_waits",
     "peek_engine",
     "proxy_to",
     "reachable_tmp_dir",

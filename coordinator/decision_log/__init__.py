@@ -20,6 +20,7 @@ __all__ = [
     "DecisionLog",
     "DecisionLogCorrupted",
     "DecisionLogFailed",
+    "DecisionLogFenced",
     "DecisionLogFull",
     "Replay",
 ]
@@ -73,6 +74,15 @@ class Replay:
 
 class DecisionLogFull(ResourceExhausted):
     """A decision could not be written (no space, write error); nothing of it is in the log."""
+
+
+class DecisionLogFenced(DecisionLogFull):
+    """The store says another member now holds this log's coordinator id (a newer epoch, or
+    another holder): the batch was rolled back, so nothing of it is in the log, and the log
+    refuses every later record. A ``DecisionLogFull``, because that is what it is for the
+    transaction: certainly not written, so it must abort, and the new holder, whose replay
+    cannot hold the record, presumes abort too. Not a ``DecisionLogFailed``: nothing is unknown,
+    and the fix is not a restart but that this member stops acting for the id (steps down)."""
 
 
 class DecisionLogFailed(Internal):

@@ -11,9 +11,16 @@
 ``twopc_audits``
     The operator's actions, keyed by (``coordinator_id``, ``seq``); the last ``audit_keep`` of a
     coordinator are kept, older ones deleted.
+``twopc_leases`` (since version 2)
+    One row per coordinator id: the member (``holder``) that may act for it, the ``epoch`` of
+    that holding (one more at every acquisition), and ``expires_at`` in the STORE's clock
+    (UTC). See ``leases``; the log's writes are fenced on (holder, epoch).
 
-Every row carries the coordinator id, so that several coordinators can share a store (one per
-id at a time: a lease per id is issue 12's next step).
+Every row carries the coordinator id, so that several coordinators can share a store, one member
+per id at a time (the lease).
+
+Versions: 1 had no ``twopc_leases``; opening a version-1 log creates that table and moves the
+version to 2 (nothing else changed). Any other version is refused.
 
 Key columns are ASCII with a binary collation on MariaDB/MySQL, so that txids compare byte for
 byte there as on PostgreSQL (txids and coordinator ids are ASCII, ``twopc.txid``).
@@ -24,18 +31,38 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
+    DateTime,
     Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    select,
+    update,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-__all__ = ["AUDITS", "COMMITS", "METADATA", "SCHEMA", "SCHEMA_VERSION", "TXID_LENGTH"]
+from coordinator.decision_log import DecisionLogCorrupted
 
-SCHEMA_VERSION = 1
+__all__ = [
+    "AUDITS",
+    "COMMITS",
+    "LEASES",
+    "MEMBER_LENGTH",
+    "METADATA",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "TXID_LENGTH",
+    "ensure_schema",
+]
+
+SCHEMA_VERSION = 2
+_UPGRADABLE = {1}  # versions whose tables are a subset of this one's: CREATE IF NOT EXISTS does it
+MEMBER_LENGTH = 255
 TXID_LENGTH = 128  # twopc's txids have at most 63 characters (twopc.txid.MAX_TXID)
 _ID_LENGTH = 64
 
@@ -84,3 +111,72 @@ AUDITS = Table(
     Column("reason", _text(), nullable=False),
     mysql_engine="InnoDB",
 )
+
+LEASES = Table(
+    "twopc_leases",
+    METADATA,
+    Column("coordinator_id", _key(_ID_LENGTH), primary_key=True),
+    Column("holder", String(MEMBER_LENGTH), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    # The store's clock, UTC: microseconds on both stores (DATETIME(6) / timestamptz).
+    Column(
+        "expires_at",
+        DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+        nullable=False,
+    ),
+    mysql_engine="InnoDB",
+)
+
+
+def ensure_schema(conn: Connection, name: str) -> None:
+    """Nothing when the version row says ``SCHEMA_VERSION``; else CREATE TABLE IF NOT EXISTS
+    each table, then the version row if missing, or moves a version this one extends
+    (``_UPGRADABLE``) to ``SCHEMA_VERSION``. Concurrent first opens may race on the version
+    row: the loser finds the winner's.
+
+    Raises:
+        DecisionLogCorrupted: the tables are of another schema version (left untouched).
+    """
+    version = None
+    try:
+        version = conn.execute(select(SCHEMA.c.version).where(SCHEMA.c.id == 1)).scalar()
+    except ProgrammingError:  # no table yet: created below
+        conn.rollback()
+    conn.rollback()
+    if version == SCHEMA_VERSION:
+        # No DDL on a store in use: on PostgreSQL, CREATE INDEX IF NOT EXISTS takes a SHARE lock
+        # on its table, which waits for every batch in flight and holds up the next ones.
+        return
+    if version is not None and version not in _UPGRADABLE:
+        raise _unknown(name, version)
+    for table in METADATA.sorted_tables:
+        conn.execute(CreateTable(table, if_not_exists=True))
+        for index in table.indexes:
+            conn.execute(CreateIndex(index, if_not_exists=True))
+    conn.commit()
+    version = conn.execute(select(SCHEMA.c.version).where(SCHEMA.c.id == 1)).scalar()
+    if version is None:
+        try:
+            conn.execute(SCHEMA.insert().values(id=1, version=SCHEMA_VERSION))
+            conn.commit()
+        except IntegrityError:
+            conn.rollback()
+        version = conn.execute(select(SCHEMA.c.version).where(SCHEMA.c.id == 1)).scalar()
+    elif version in _UPGRADABLE:
+        conn.execute(
+            update(SCHEMA).where(SCHEMA.c.id == 1, SCHEMA.c.version == version),
+            {"version": SCHEMA_VERSION},
+        )
+        conn.commit()
+        version = conn.execute(select(SCHEMA.c.version).where(SCHEMA.c.id == 1)).scalar()
+    conn.commit()
+    if version != SCHEMA_VERSION:
+        raise _unknown(name, version)
+
+
+def _unknown(name: str, version: object) -> DecisionLogCorrupted:
+    return DecisionLogCorrupted(
+        f"the decision log in {name} has schema version {version}, and this twopc reads "
+        f"version {SCHEMA_VERSION} (and upgrades {sorted(_UPGRADABLE)}) only (a newer twopc "
+        "wrote it?). It was left untouched; run a twopc that knows that version"
+    )

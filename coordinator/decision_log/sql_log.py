@@ -36,22 +36,31 @@ Errors, and why they split the way they do:
   the queue and ride with the next batch; meanwhile their commits merely stay open (re-driven
   idempotently after a restart).
 
-Fencing (issue 12): every row carries the coordinator id, and every store transaction starts with
-``_fence(connection)``, today a no-op; the coordinator group will make it one conditional
-statement on the writer's epoch in the same store transaction, which then fails the batch when a
-newer owner took the id over.
+Fencing (issue 12): a log given a ``lease`` (``leases.Lease``: coordinator id, holder, epoch)
+starts every store transaction, the replay of ``open()`` included, with ``_fence``: a locking
+read (``LOCK IN SHARE MODE`` / ``FOR SHARE``) of that id's row in ``twopc_leases``. When the row
+shows another holder or epoch, the transaction is rolled back, every record of the batch fails
+with ``DecisionLogFenced`` (nothing of it is in the store) and the log refuses every later record
+(state FENCED); ENDs are dropped (the new holder re-drives those commits, idempotently). The
+locking read is what makes a takeover safe: an ``acquire`` (an UPDATE of the same row) and a
+batch are serialized on that row lock, so either the batch commits first, and the new holder's
+replay, read after its acquire, holds its rows, or the acquire does, and the batch's read waits
+for it, then sees the new epoch and fails. A record is never acknowledged to the old holder and
+missed by the new one's replay. (On a Galera cluster, row locks are not shared between nodes:
+there the lease row and the log must be written through one node.) The fence checks holder and
+epoch, not expiry: a holder whose lease expired but was not taken over has written nothing
+anyone replayed. Renewing, and stopping at the local deadline, is the caller's (``leases``).
 
-One coordinator per (store, coordinator id) at a time: nothing here enforces it yet (issue 12's
-leases will). Two coordinators with the same id on one store would replay, and end, each other's
-decisions: configure distinct ids.
+A log without a lease is not fenced (a single coordinator): two coordinators with the same id on
+one store would then replay, and end, each other's decisions.
 
 Why a writer thread rather than SQLAlchemy's asyncio extension: it is the file log's design
 (measured there to be the fastest with one caller and even at high concurrency), it keeps the
 plain synchronous drivers, and the one connection and its transaction belong to one thread, so
 that "was the COMMIT sent?" is decided in one place, not across awaits that can be cancelled.
 
-States: NEW --open()--> OPEN --close()--> CLOSED, and OPEN --COMMIT of unknown outcome--> FAILED
---close()--> CLOSED. Only OPEN takes records.
+States: NEW --open()--> OPEN --close()--> CLOSED, OPEN --COMMIT of unknown outcome--> FAILED
+--close()--> CLOSED, and OPEN --fenced--> FENCED --close()--> CLOSED. Only OPEN takes records.
 """
 
 from __future__ import annotations
@@ -67,33 +76,35 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import Connection, Engine, create_engine, select
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
-from sqlalchemy.schema import CreateIndex, CreateTable
 
 from coordinator.decision_log import (
     AuditRecord,
     CommitRecord,
     DecisionLogCorrupted,
     DecisionLogFailed,
+    DecisionLogFenced,
     DecisionLogFull,
     Replay,
 )
 from coordinator.decision_log._sql_schema import (
     AUDITS,
     COMMITS,
-    METADATA,
-    SCHEMA,
-    SCHEMA_VERSION,
+    LEASES,
     TXID_LENGTH,
+    ensure_schema,
 )
 
-__all__ = ["SqlDecisionLog", "store_url"]
+if TYPE_CHECKING:
+    from coordinator.decision_log.leases import Lease
+
+__all__ = ["SqlDecisionLog", "connect_args", "shown", "store_url"]
 
 log = structlog.get_logger("twopc.coordinator.decision_log")
 
@@ -126,18 +137,42 @@ def store_url(text: str | URL) -> URL:
             f"the decision log talks to {backend} through {_DRIVERS[backend]}, not {driver}"
         )
     if not url.database:
-        raise ValueError(f"the store URL names no database: {_shown(url)}")
+        raise ValueError(f"the store URL names no database: {shown(url)}")
     return url.set(drivername=f"{backend}+{_DRIVERS[backend]}")
 
 
-def _shown(url: URL) -> str:
+def shown(url: URL) -> str:
+    """The URL for messages: its password hidden."""
     return url.render_as_string(hide_password=True)
+
+
+def connect_args(*, postgres: bool, timeout_s: float) -> dict[str, Any]:
+    """The driver's connect arguments that bound each wait on the store by ``timeout_s``."""
+    seconds = max(1, round(timeout_s))
+    if postgres:
+        # libpq has no read timeout: unacknowledged data (tcp_user_timeout) and keepalives
+        # find a dead peer; the writer's watchdog, a server that stalls.
+        return {
+            "connect_timeout": seconds,
+            "tcp_user_timeout": seconds * 1000,
+            "keepalives": 1,
+            "keepalives_idle": seconds,
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+        }
+    return {
+        "connect_timeout": seconds,
+        "read_timeout": seconds,
+        "write_timeout": seconds,
+        "charset": "utf8mb4",
+    }
 
 
 class _State(enum.Enum):
     NEW = "new"
     OPEN = "open"
     FAILED = "failed"
+    FENCED = "fenced"
     CLOSED = "closed"
 
 
@@ -165,6 +200,8 @@ class SqlDecisionLog:
             it must be quick and must not raise.
         clock: monotonic seconds, for ``on_sync``.
         engine_options: more keyword arguments for ``sqlalchemy.create_engine``.
+        lease: the lease this log writes under (``leases.Lease``, of ``coordinator_id``): every
+            store transaction is fenced on its holder and epoch. None: not fenced.
     """
 
     def __init__(
@@ -179,13 +216,20 @@ class SqlDecisionLog:
         on_sync: Callable[[int, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         engine_options: Mapping[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         if audit_keep < 1:
             raise ValueError(f"audit_keep must be at least 1, got {audit_keep}")
         self._url = store_url(url)
         if password is not None:
             self._url = self._url.set(password=password)
-        self._name = f"{_shown(self._url)} (coordinator {coordinator_id})"
+        self._name = f"{shown(self._url)} (coordinator {coordinator_id})"
+        if lease is not None and lease.coordinator_id != coordinator_id:
+            raise ValueError(
+                f"the lease is on coordinator id {lease.coordinator_id}, not {coordinator_id}"
+            )
+        # (holder, epoch) of the fence, or None
+        self._fenced_on = None if lease is None else (lease.holder, lease.epoch)
         self._coordinator_id = coordinator_id
         self._end_flush_delay = end_flush_delay
         self._audit_keep = audit_keep
@@ -224,6 +268,7 @@ class SqlDecisionLog:
         Raises:
             DecisionLogCorrupted: the tables are of another schema version.
             DecisionLogFailed: the store could not be reached or read.
+            DecisionLogFenced: the log's lease is not (or no longer) the one in the store.
         """
         if self._state is not _State.NEW:
             raise RuntimeError(f"decision log {self._name} was already opened")
@@ -236,7 +281,7 @@ class SqlDecisionLog:
         self._writer.start()
         log.info(
             "decision_log_opened",
-            store=_shown(self._url),
+            store=shown(self._url),
             coordinator_id=self._coordinator_id,
             open_commits=len(replay.open_commits),
             audits=len(replay.audits),
@@ -249,6 +294,8 @@ class SqlDecisionLog:
 
         Raises:
             DecisionLogFull: the record is not in the log; the transaction must abort.
+            DecisionLogFenced: (a DecisionLogFull) the same, and the lease is lost: the member
+                must stop acting for this coordinator id.
             DecisionLogFailed: durability unknown; the caller must stop the process.
             ValueError: the txid is longer than the column (128 characters) or not ASCII.
         """
@@ -284,11 +331,14 @@ class SqlDecisionLog:
     async def record_end(self, txid: str) -> None:
         """Queues the deletion of ``txid``'s row: done with the next batch, or within
         ``end_flush_delay`` seconds. Not forced, so nothing is raised when it fails: the commit
-        stays open in the store and is re-driven (idempotently) after a restart.
+        stays open in the store and is re-driven (idempotently) after a restart. On a fenced
+        log, nothing is done: the id's new holder re-drives the commit.
 
         Raises:
             DecisionLogFailed: the log failed earlier.
         """
+        if self._state is _State.FENCED:
+            return
         loop = self._check_open()
         self._open.pop(txid, None)
         with self._wakeup:
@@ -318,6 +368,8 @@ class SqlDecisionLog:
     def _check_open(self) -> asyncio.AbstractEventLoop:
         if self._state is _State.FAILED:
             raise DecisionLogFailed(self._failure)
+        if self._state is _State.FENCED:
+            raise DecisionLogFenced(self._failure)
         if self._state is not _State.OPEN or self._loop is None:
             raise RuntimeError(f"decision log {self._name} is {self._state.value}, not open")
         return self._loop
@@ -339,9 +391,16 @@ class SqlDecisionLog:
         )
         try:
             with self._engine.connect() as conn:
-                self._create_schema(conn)
+                ensure_schema(conn, self._name)
+                try:
+                    self._fence(conn)
+                except _Fenced as fenced:
+                    conn.rollback()
+                    raise DecisionLogFenced(
+                        f"cannot open the decision log in {self._name}: {fenced}"
+                    ) from None
                 replay = self._read(conn)
-        except DecisionLogCorrupted:
+        except (DecisionLogCorrupted, DecisionLogFenced):
             self._engine.dispose()
             raise
         except SQLAlchemyError as err:
@@ -352,47 +411,7 @@ class SqlDecisionLog:
         return replay
 
     def _connect_args(self) -> dict[str, Any]:
-        seconds = max(1, round(self._timeout_s))
-        if self._postgres:
-            # libpq has no read timeout: unacknowledged data (tcp_user_timeout) and keepalives
-            # find a dead peer; the writer's watchdog, a server that stalls.
-            return {
-                "connect_timeout": seconds,
-                "tcp_user_timeout": seconds * 1000,
-                "keepalives": 1,
-                "keepalives_idle": seconds,
-                "keepalives_interval": 1,
-                "keepalives_count": 3,
-            }
-        return {
-            "connect_timeout": seconds,
-            "read_timeout": seconds,
-            "write_timeout": seconds,
-            "charset": "utf8mb4",
-        }
-
-    def _create_schema(self, conn: Connection) -> None:
-        """CREATE TABLE IF NOT EXISTS each table, then the version row if missing. Concurrent
-        first opens may race on the version row: the loser finds the winner's."""
-        for table in METADATA.sorted_tables:
-            conn.execute(CreateTable(table, if_not_exists=True))
-            for index in table.indexes:
-                conn.execute(CreateIndex(index, if_not_exists=True))
-        conn.commit()
-        version = conn.execute(select(SCHEMA.c.version).where(SCHEMA.c.id == 1)).scalar()
-        if version is None:
-            try:
-                conn.execute(SCHEMA.insert().values(id=1, version=SCHEMA_VERSION))
-                conn.commit()
-            except IntegrityError:
-                conn.rollback()
-            version = conn.execute(select(SCHEMA.c.version).where(SCHEMA.c.id == 1)).scalar()
-        if version != SCHEMA_VERSION:
-            raise DecisionLogCorrupted(
-                f"the decision log in {self._name} has schema version {version}, and this twopc "
-                f"reads version {SCHEMA_VERSION} only (a newer twopc wrote it?). It was left "
-                "untouched; run a twopc that knows that version"
-            )
+        return connect_args(postgres=self._postgres, timeout_s=self._timeout_s)
 
     def _read(self, conn: Connection) -> Replay:
         mine = self._coordinator_id
@@ -465,6 +484,8 @@ class SqlDecisionLog:
     def _write_batch(self, batch: _Batch, *, last: bool = False) -> _Failure | None:
         if self._state is _State.FAILED:
             return _Failure(DecisionLogFailed, self._failure, None)
+        if self._state is _State.FENCED:
+            return _Failure(DecisionLogFenced, self._failure, None)
         forced = bool(batch.commits or batch.audits)
         seq = self._seq
         commit_rows = []
@@ -487,6 +508,9 @@ class SqlDecisionLog:
                     conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 self._write_rows(conn, batch.ends, commit_rows, audit_rows, trim_to)
                 break
+            except _Fenced as fenced:
+                self._drop_connection()  # the store rolls the transaction back
+                return self._fence_failed(batch, str(fenced))
             except SQLAlchemyError as err:
                 self._drop_connection()
                 stale = isinstance(err, DBAPIError) and err.connection_invalidated
@@ -518,9 +542,43 @@ class SqlDecisionLog:
         return None
 
     def _fence(self, conn: Connection) -> None:
-        """The first statement of every store transaction: the place for issue 12's check that
-        this writer still owns its coordinator id (a conditional statement on its epoch that
-        fails the batch when a newer owner took over). Nothing yet."""
+        """The first statement of every store transaction (with a lease): a locking read of the
+        lease row, held until the transaction ends, so that no takeover can commit between this
+        check and the batch's COMMIT (see the module's docstring).
+
+        Raises:
+            _Fenced: the row shows another holder or epoch, or is gone.
+        """
+        if self._fenced_on is None:
+            return
+        row = conn.execute(
+            select(LEASES.c.holder, LEASES.c.epoch)
+            .where(LEASES.c.coordinator_id == self._coordinator_id)
+            .with_for_update(read=True)
+        ).one_or_none()
+        holder, epoch = self._fenced_on
+        if row is None or (row.holder, row.epoch) != (holder, epoch):
+            now = "no lease row" if row is None else f"{row.holder} at epoch {row.epoch}"
+            raise _Fenced(
+                f"{holder} no longer holds coordinator id {self._coordinator_id} at epoch "
+                f"{epoch}: the store shows {now}"
+            )
+
+    def _fence_failed(self, batch: _Batch, why: str) -> _Failure:
+        self._failure = (
+            f"{why}; the batch was rolled back: nothing of it is in the log, and this log takes "
+            "no more records. This member must stop acting for the id"
+        )
+        self._state = _State.FENCED
+        log.error(
+            "decision_log_fenced",
+            store=self._name,
+            commits=len(batch.commits),
+            audits=len(batch.audits),
+            ends_dropped=len(batch.ends),
+            error=self._failure,
+        )
+        return _Failure(DecisionLogFenced, self._failure, None)
 
     def _write_rows(
         self,
@@ -723,11 +781,15 @@ class _Batch:
         return not (self.commits or self.audits or self.ends)
 
 
+class _Fenced(Exception):
+    """The fence found another holder or epoch (internal: becomes DecisionLogFenced)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Failure:
     """Why a batch failed; each waiter gets its own exception, naming its transaction."""
 
-    kind: type[DecisionLogFull | DecisionLogFailed]
+    kind: type[DecisionLogFull | DecisionLogFailed]  # DecisionLogFenced is a DecisionLogFull
     message: str
     cause: BaseException | None
 

@@ -18,7 +18,13 @@ from typing import Any, ParamSpec
 import pytest
 import structlog.testing
 
-from coordinator.decision_log import CommitRecord, DecisionLogFailed, DecisionLogFull, Replay
+from coordinator.decision_log import (
+    CommitRecord,
+    DecisionLogFailed,
+    DecisionLogFenced,
+    DecisionLogFull,
+    Replay,
+)
 from coordinator.engine.aborts import CLIENT_ERRORS, AbortCause, AbortReason
 from coordinator.engine.manager import EngineSettings, Transaction, TransactionManager
 from coordinator.engine.ports import CommitReply, Vote, VoteReply
@@ -899,6 +905,22 @@ async def test_decision_log_full_aborts_and_commits_nothing() -> None:
     assert env.ports.calls_of("commit") == []
     assert env.ports.state("eu", tx.txid) is BranchState.ROLLED_BACK
     assert env.ports.state("us", tx.txid) is BranchState.ROLLED_BACK
+    assert env.fatal == []
+
+
+@scenario
+async def test_a_fenced_decision_log_aborts_as_a_full_one_and_is_not_fatal() -> None:
+    """DecisionLogFenced (another member took the coordinator id over): nothing was written,
+    so the transaction aborts, as the new holder's replay presumes; the process goes on (the
+    group, not built yet, makes the member step down)."""
+    env = make_env()
+    tx = await env.open([("eu", WRITE), ("us", WRITE)])
+    env.log.fail_next_commit(DecisionLogFenced("member-b now holds c1 at epoch 2"))
+    with pytest.raises(TransactionAborted, match="decision log"):
+        await env.manager.commit(tx.txid, wait_for_phase2=True)
+    assert env.log.commits == []
+    assert env.ports.calls_of("commit") == []
+    assert env.ports.state("eu", tx.txid) is BranchState.ROLLED_BACK
     assert env.fatal == []
 
 

@@ -8,6 +8,10 @@ decisions per run, each a ``record_commit`` then a ``record_end`` as in steady s
 p50/p99 latency of ``record_commit`` and the COMMIT records per durable write (fsync or store
 transaction: group commit's yield), as a Markdown table; ``--output`` writes it to a file too.
 
+``--fenced`` writes the SQL logs under a lease on their coordinator id (``leases``): every
+store transaction then starts with the fence's locking read of the lease row, and the table
+shows what that costs (run once with, once without).
+
 ``--mariadb-url`` / ``--postgres-url`` measure existing stores instead (the database must exist;
 the password, if any, from ``TWOPC_BENCH_STORE_PASSWORD``).
 """
@@ -32,6 +36,7 @@ import structlog
 
 from coordinator.decision_log import CommitRecord, DecisionLog
 from coordinator.decision_log.file_log import FileDecisionLog
+from coordinator.decision_log.leases import Lease, SqlLeases
 from coordinator.decision_log.sql_log import SqlDecisionLog
 from twopc.testing.playground.mariadb import MariaDBInstance
 from twopc.testing.playground.postgres import PostgresInstance
@@ -129,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mariadb-url", default="", help="an existing MariaDB/MySQL store")
     parser.add_argument("--postgres-url", default="", help="an existing PostgreSQL store")
     parser.add_argument("--output", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--fenced", action="store_true", help="SQL logs under a lease: the fence on every batch"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         f"twopc bench-log: {args.count} decisions per run (bound {args.max_seconds:g} s), "
         f"{platform.node()}, {os.cpu_count()} CPUs, {when}",
         f"file log and servers in {base}",
+        *(["SQL logs fenced on a lease (a locking read of its row in every batch)"] * args.fenced),
         "",
         HEADER,
     ]
@@ -162,7 +171,11 @@ def run(args: argparse.Namespace) -> int:
             urls["postgresql"] = args.postgres_url or _start_postgres(base, servers)
         for level in levels:
             for store in stores:
-                make = _maker(store, base / f"file-{level}", urls.get(store, ""), password, level)
+                url = urls.get(store, "")
+                lease = None
+                if args.fenced and store != "file":
+                    lease = asyncio.run(_acquire(url, password, f"bench{level}"))
+                make = _maker(store, base / f"file-{level}", url, password, level, lease=lease)
                 result = asyncio.run(measure(store, make, level, args.count, args.max_seconds))
                 lines.append(result.row())
                 print(lines[-1], flush=True)
@@ -176,14 +189,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _acquire(url: str, password: str | None, coordinator_id: str) -> Lease:
+    leases = SqlLeases(url, password=password)
+    try:
+        return await leases.acquire(coordinator_id, "twopc-bench-log", 3_600_000)
+    finally:
+        leases.close()
+
+
 def _maker(
-    store: str, directory: Path, url: str, password: str | None, level: int
+    store: str,
+    directory: Path,
+    url: str,
+    password: str | None,
+    level: int,
+    *,
+    lease: Lease | None,
 ) -> Callable[[Callable[[int, float], None]], DecisionLog]:
     def make(on_sync: Callable[[int, float], None]) -> DecisionLog:
         if store == "file":
             return FileDecisionLog(directory, on_sync=on_sync)
         return SqlDecisionLog(
-            url, coordinator_id=f"bench{level}", password=password, on_sync=on_sync
+            url, coordinator_id=f"bench{level}", password=password, on_sync=on_sync, lease=lease
         )
 
     return make

@@ -767,15 +767,22 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def summary_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    """One row per (workload, round trip, concurrency), the systems side by side, from cells'
-    JSON; groups without a twopc cell are left out."""
+def _by_cell_key(
+    cells: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, int, int], dict[str, Mapping[str, Any]]]:
+    """Cells' JSON by (workload, round trip, concurrency), then by system, in run order."""
     groups: dict[tuple[str, int, int], dict[str, Mapping[str, Any]]] = {}
     for cell in cells:
         key = (cell["workload"], cell["rtt_ms"], cell["concurrency"])
         groups.setdefault(key, {})[cell["system"]] = cell
+    return groups
+
+
+def summary_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """One row per (workload, round trip, concurrency), the systems side by side, from cells'
+    JSON; groups without a twopc cell are left out."""
     rows = []
-    for (workload, rtt, clients), by_system in groups.items():
+    for (workload, rtt, clients), by_system in _by_cell_key(cells).items():
         twopc = by_system.get("twopc")
         if twopc is None:
             continue
@@ -830,12 +837,8 @@ _TLS_COLUMNS = (
 def tls_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     """One row per (workload, round trip, concurrency) that has both a ``twopc`` (mutual TLS)
     and a ``twopc-plaintext`` cell, from cells' JSON."""
-    groups: dict[tuple[str, int, int], dict[str, Mapping[str, Any]]] = {}
-    for cell in cells:
-        key = (cell["workload"], cell["rtt_ms"], cell["concurrency"])
-        groups.setdefault(key, {})[cell["system"]] = cell
     rows = []
-    for (workload, rtt, clients), by_system in groups.items():
+    for (workload, rtt, clients), by_system in _by_cell_key(cells).items():
         tls, plain = by_system.get("twopc"), by_system.get("twopc-plaintext")
         if tls is None or plain is None:
             continue
@@ -882,12 +885,8 @@ def order_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     """One row per (workload, round trip, concurrency) that has a ``twopc`` cell (one-shot
     branches prepared in parallel) and a ``twopc-ordered`` or ``twopc-adaptive`` one, from
     cells' JSON; "-" for an order not run."""
-    groups: dict[tuple[str, int, int], dict[str, Mapping[str, Any]]] = {}
-    for cell in cells:
-        key = (cell["workload"], cell["rtt_ms"], cell["concurrency"])
-        groups.setdefault(key, {})[cell["system"]] = cell
     rows = []
-    for (workload, rtt, clients), by_system in groups.items():
+    for (workload, rtt, clients), by_system in _by_cell_key(cells).items():
         runs = [by_system.get(system) for _, system in _ORDERS]
         if runs[0] is None or not any(runs[1:]):
             continue

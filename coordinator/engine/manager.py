@@ -374,10 +374,7 @@ class TransactionManager:
                 f"coordinator {self.coordinator_id} is draining: it admits no new transaction; "
                 "use another coordinator (transactions begun here run to their end)"
             )
-        if timeout_ms < 0 or timeout_ms > self.settings.max_timeout_ms:
-            raise InvalidArgument(
-                f"timeout_ms must be between 0 and {self.settings.max_timeout_ms}, got {timeout_ms}"
-            )
+        self._check_timeout(timeout_ms)
         if len(self._live) >= self.settings.max_active:
             raise ResourceExhausted(
                 f"the coordinator runs {len(self._live)} transactions, its max_active; retry later"
@@ -485,6 +482,12 @@ class TransactionManager:
             if released is not None and not released.done():
                 released.set_result(None)
 
+    def _check_timeout(self, timeout_ms: int) -> None:
+        if timeout_ms < 0 or timeout_ms > self.settings.max_timeout_ms:
+            raise InvalidArgument(
+                f"timeout_ms must be between 0 and {self.settings.max_timeout_ms}, got {timeout_ms}"
+            )
+
     async def _sessions_for_one_shot(
         self, owner: str, participants: Sequence[str], timeout_ms: int
     ) -> int:
@@ -499,6 +502,7 @@ class TransactionManager:
         Raises:
             ResourceExhausted: the quota stayed full (nothing begun).
         """
+        self._check_timeout(timeout_ms)
         timeout_ms = timeout_ms or self.settings.default_timeout_ms
         deadline = self._clock.monotonic() + timeout_ms / 1000
         while True:

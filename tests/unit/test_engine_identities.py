@@ -16,7 +16,7 @@ import pytest
 from coordinator.engine.states import TxState
 from tests.unit.fakes import FakeClock
 from tests.unit.test_engine import READ, UNKNOWN_TXID, WRITE, make_env, scenario, until
-from twopc.errors import NotFound, ResourceExhausted, TransactionAborted
+from twopc.errors import InvalidArgument, NotFound, ResourceExhausted, TransactionAborted
 
 
 @scenario
@@ -199,3 +199,12 @@ async def test_open_branches_are_refused_at_once_and_only_the_owners_backlog_wai
     with pytest.raises(ResourceExhausted):
         await env.manager.run(ONE_SHOT, timeout_ms=5_000, owner="b")
     assert clock.sleeps == []  # refused without waiting
+
+
+@scenario
+async def test_a_one_shot_with_a_timeout_out_of_range_is_refused_before_any_wait() -> None:
+    env = make_env(max_timeout_ms=60_000)
+    for timeout_ms in (-1, 60_001):
+        with pytest.raises(InvalidArgument, match="timeout_ms must be between 0 and 60000"):
+            await env.manager.run(ONE_SHOT, timeout_ms=timeout_ms, owner="a")
+    assert env.ports.calls == []

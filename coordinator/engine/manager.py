@@ -246,8 +246,9 @@ class TransactionManager:
         self._sessions_by_owner: Counter[tuple[str, str]] = Counter()
         # One-shot transactions waiting for their owner's phase 2 to free sessions, and the
         # future that the next freed session of each owner resolves.
-        self._session_waiters: Counter[str] = Counter()
-        self._sessions_released: dict[str, asyncio.Future[None]] = {}
+        # One-shot transactions waiting for their owner's phase 2 to free a session, in order:
+        # each freed session wakes the first (not all: each would look through the live table).
+        self._session_waiters: dict[str, deque[asyncio.Future[None]]] = {}
         # (owner, request id) -> txid, for a request id that another identity held first (its
         # txid is then not the request id's own: see _txid_of_request).
         self._request_aliases: OrderedDict[tuple[str | None, str], str] = OrderedDict()
@@ -478,9 +479,10 @@ class TransactionManager:
             self._sessions_by_owner[key] -= 1
             if self._sessions_by_owner[key] <= 0:
                 del self._sessions_by_owner[key]
-            released = self._sessions_released.pop(tx.owner, None)
-            if released is not None and not released.done():
-                released.set_result(None)
+            for waiter in self._session_waiters.get(tx.owner, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
 
     def _check_timeout(self, timeout_ms: int) -> None:
         if timeout_ms < 0 or timeout_ms > self.settings.max_timeout_ms:
@@ -525,7 +527,7 @@ class TransactionManager:
         belongs to a transaction in phase 2 (and so is bound to end), and ``owner`` does not
         already have a quota's worth of one-shot transactions waiting."""
         limit = self.settings.max_sessions_per_identity
-        if self._session_waiters[owner] >= limit:
+        if len(self._session_waiters.get(owner, ())) >= limit:
             return False
         full = {p for p in participants if self._sessions_by_owner[(owner, p)] >= limit}
         for tx in self._live.values():
@@ -536,18 +538,18 @@ class TransactionManager:
         return not full
 
     async def _session_released(self, owner: str, timeout_s: float) -> None:
-        """Returns when a branch of ``owner`` ends, or after ``timeout_s``."""
-        released = self._sessions_released.get(owner)
-        if released is None or released.done():
-            released = self._sessions_released[owner] = asyncio.get_running_loop().create_future()
-        self._session_waiters[owner] += 1
+        """Returns when a branch of ``owner`` ends and wakes this waiter (the first in line),
+        or after ``timeout_s``."""
+        released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._session_waiters.setdefault(owner, deque())
+        waiters.append(released)
         timer = asyncio.ensure_future(self._clock.sleep(timeout_s))
         try:
             await asyncio.wait((released, timer), return_when=asyncio.FIRST_COMPLETED)
         finally:
             timer.cancel()
-            self._session_waiters[owner] -= 1
-            if self._session_waiters[owner] <= 0:
+            waiters.remove(released)
+            if not waiters:
                 del self._session_waiters[owner]
 
     def _unlist(self, tx: Transaction) -> None:

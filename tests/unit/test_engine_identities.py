@@ -208,3 +208,20 @@ async def test_a_one_shot_with_a_timeout_out_of_range_is_refused_before_any_wait
         with pytest.raises(InvalidArgument, match="timeout_ms must be between 0 and 60000"):
             await env.manager.run(ONE_SHOT, timeout_ms=timeout_ms, owner="a")
     assert env.ports.calls == []
+
+
+@scenario
+async def test_waiting_one_shots_are_admitted_first_come_first_served() -> None:
+    clock = ManualClock()
+    env, gates = await _behind_on_phase_2(clock)
+    third = asyncio.create_task(env.manager.run(ONE_SHOT, timeout_ms=5_000, owner="a"))
+    await until(lambda: len(clock.sleeps) == 1, "the third one-shot waits")
+    fourth = asyncio.create_task(env.manager.run(ONE_SHOT, timeout_ms=5_000, owner="a"))
+    await until(lambda: len(clock.sleeps) == 2, "the fourth one-shot waits")
+    gates[0].release()  # one session freed: the first in line takes it
+    first_in = await third
+    gates[1].release()
+    second_in = await fourth
+    order = [c.txid for c in env.ports.calls_of("prepare", "eu")]
+    assert order.index(first_in.txid) < order.index(second_in.txid)
+    await env.drain()

@@ -140,6 +140,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The logs' own lines (opened, ...) would interleave with the table: warnings only while
+    # it runs, and the caller's logging as it was afterwards (run in-process, by the tests).
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    try:
+        return _run(args)
+    finally:
+        structlog.configure(**saved)
+
+
+def _run(args: argparse.Namespace) -> int:
     levels = [int(level) for level in args.writers.split(",")]
     stores = [store.strip() for store in args.stores.split(",") if store.strip()]
     unknown = set(stores) - {"file", "mariadb", "postgresql"}
@@ -150,8 +161,6 @@ def run(args: argparse.Namespace) -> int:
     base = Path(tempfile.mkdtemp(prefix="twopc-bench-log-", dir=args.directory)).absolute()
     base.chmod(0o755)  # the postgres user must reach its directory
     servers: list[MariaDBInstance | PostgresInstance] = []
-    # The logs' own lines (opened, ...) would interleave with the table.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         f"twopc bench-log: {args.count} decisions per run (bound {args.max_seconds:g} s), "

@@ -101,6 +101,11 @@ class CoordinatorConfig:
     # read from the environment variable named by decision_log_password_env ("": none).
     decision_log: str = "file"
     decision_log_password_env: str = ""
+    # On the SQL log, this coordinator acts for coordinator_id only while it holds the id's
+    # lease in the store (coordinator.lease_keeper): ``member`` is its name there ("": the
+    # host's name), ``lease_ms`` how long a lease lasts without renewal (renewed every third).
+    member: str = ""
+    lease_ms: int = 3000
     log_level: str = "info"
     admin_failpoints: bool = False
     tls_cert: Path | None = None
@@ -146,6 +151,8 @@ class CoordinatorConfig:
                 f"one_shot_order_victim_pct ({self.one_shot_order_victim_pct}) must be above 0 "
                 "and at most 100"
             )
+        if not 300 <= self.lease_ms <= 600_000:
+            raise ValueError(f"lease_ms ({self.lease_ms}) must be between 300 and 600000")
         if self.one_shot_order_hold_ms < 1:
             raise ValueError(
                 f"one_shot_order_hold_ms ({self.one_shot_order_hold_ms}) must be at least 1"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -39,6 +41,10 @@ from twopc.observability import (
 from twopc.serving import listen, new_server, run_daemon, wait_for_stop_signal
 from twopc.tls import TlsConfig, plaintext_warning
 
+if TYPE_CHECKING:  # the SQL log's modules are an optional extra, imported when configured
+    from coordinator.decision_log.leases import Lease
+    from coordinator.lease_keeper import LeaseKeeper
+
 log = structlog.get_logger("twopc.coordinator")
 COORDINATOR_SERVICE = twopc_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -69,7 +75,10 @@ def access_control(config: CoordinatorConfig) -> AccessControl:
 
 
 def build_decision_log(
-    config: CoordinatorConfig, environ: Mapping[str, str], metrics: CoordinatorMetrics | None
+    config: CoordinatorConfig,
+    environ: Mapping[str, str],
+    metrics: CoordinatorMetrics | None,
+    lease: Lease | None = None,
 ) -> DecisionLog:
     """The file log in ``data_dir``, or the SQL log that ``decision_log`` names (its password
     from the environment; the store is named in logs without it)."""
@@ -95,7 +104,37 @@ def build_decision_log(
         password=config.decision_log_password(environ),
         audit_keep=config.audit_keep,
         on_sync=on_sync,
+        lease=lease,
     )
+
+
+def _step_down(reason: str) -> None:
+    """This member lost its coordinator id's lease: another member may be acting for the id
+    now, so this one must decide nothing more. Stop at once (the log is fenced: whatever it
+    could still try to write would fail)."""
+    log.critical("lease_lost_stepping_down", reason=reason)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def _keep_lease(config: CoordinatorConfig, environ: Mapping[str, str]) -> LeaseKeeper | None:
+    """On the SQL log: this member's lease on its coordinator id, acquired (waiting while
+    another member holds it); None on the file log."""
+    url = config.decision_log_url()
+    if url is None:
+        return None
+    # The SQL log's modules come with an optional extra: imported only when configured.
+    from coordinator.decision_log.leases import SqlLeases  # noqa: PLC0415
+    from coordinator.lease_keeper import LeaseKeeper  # noqa: PLC0415
+
+    keeper = LeaseKeeper(
+        SqlLeases(url, password=config.decision_log_password(environ)),
+        coordinator_id=config.coordinator_id,
+        member=config.member or socket.gethostname(),
+        lease_ms=config.lease_ms,
+        on_lost=_step_down,
+    )
+    await keeper.acquire()
+    return keeper
 
 
 async def serve(
@@ -109,7 +148,10 @@ async def serve(
     health = Health(COORDINATOR_SERVICE)
     await health.set(False)  # until the first recovery pass has finished
     agents = AgentClients(config.participants, tls)
-    decision_log = build_decision_log(config, environ, metrics)
+    keeper = await _keep_lease(config, environ)
+    decision_log = build_decision_log(
+        config, environ, metrics, lease=keeper.lease if keeper is not None else None
+    )
     manager = TransactionManager(
         config.engine_settings(),
         agents,
@@ -182,6 +224,8 @@ async def serve(
             task.cancel()
         await server.stop(grace=5)
         await manager.close()
+        if keeper is not None:
+            await keeper.release()
         await agents.close()
         if exporter is not None:
             exporter.close()

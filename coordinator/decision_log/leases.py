@@ -75,7 +75,13 @@ class LeaseError(FailedPrecondition):
 
 
 class LeaseHeld(LeaseError):
-    """Another member holds a live lease on the id; the message names it and when it ends."""
+    """Another member holds a live lease on the id; the message names it and when it ends
+    (``holder`` and ``epoch`` too)."""
+
+    def __init__(self, message: str, *, holder: str = "", epoch: int = 0) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.epoch = epoch
 
 
 class LeaseLost(LeaseError):
@@ -216,6 +222,11 @@ class SqlLeases:
         """The leases expired (or released) by the store's clock: ids to take over."""
         return [row for row in await asyncio.to_thread(self._rows) if row.remaining_ms <= 0]
 
+    @property
+    def name(self) -> str:
+        """The store, password hidden, for messages."""
+        return self._name
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -268,7 +279,9 @@ class SqlLeases:
             raise LeaseHeld(
                 f"coordinator id {coordinator_id} is held by {holder} (epoch {epoch}) until "
                 f"{_utc(expires_at).isoformat()} by the store's clock ({remaining_ms} ms from "
-                f"now); {member} cannot acquire it before then"
+                f"now); {member} cannot acquire it before then",
+                holder=str(holder),
+                epoch=int(epoch),
             )
         taken = conn.execute(
             text(

@@ -5,6 +5,9 @@ error (exit 3), its password never shown."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -109,3 +112,56 @@ def test_a_store_out_of_reach_at_start_stops_the_coordinator(tmp_path: Path) -> 
     assert "decision_log_unavailable" in done.stderr
     assert "cannot open the decision log in postgresql+psycopg://twopc:***@127.0.0.1" in done.stderr
     assert "hidden-pw-42" not in done.stderr + done.stdout
+
+
+def test_a_member_that_lost_its_lease_steps_down_and_the_other_takes_over(
+    sql_cluster: Cluster, store_url: str, tmp_path: Path
+) -> None:
+    """Coordinator A holds id c1's lease. B, started with the same id under another member name,
+    waits. A is SIGSTOPped past its lease: B takes the id with the next epoch and serves. A is
+    SIGCONTed: its renewal finds the lease lost and it stops at once (SIGKILL of itself). A
+    restarted with its own member name waits until B stops and releases the id."""
+    a = sql_cluster.component("coordinator")
+    assert a.pid is not None
+    b_log = tmp_path / "b.log"
+    b_env = {
+        **a.env,
+        "TWOPC_COORDINATOR_MEMBER": "member-b",
+        "TWOPC_COORDINATOR_LISTEN": f"127.0.0.1:{free_port()}",
+        "TWOPC_COORDINATOR_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    # B's configuration file is a copy: the cluster finds its coordinator by command line.
+    config = a.command.index("--config") + 1
+    b_config = tmp_path / "b.toml"
+    shutil.copy(a.command[config], b_config)
+    b_command = [*a.command[:config], str(b_config), *a.command[config + 1 :]]
+    with b_log.open("ab") as out:
+        b = subprocess.Popen(
+            b_command, cwd=a.cwd, env=os.environ | b_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until(lambda: "lease_waiting" in b_log.read_text(), 20, "B waits for the lease")
+        epochs_before = {int(e) for (e,) in rows(store_url, "SELECT epoch FROM twopc_leases")}
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: "coordinator_listening" in b_log.read_text(), 20, "B took the id")
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        wait_until(lambda: not a.alive(), 10, "A stepping down")
+        a_log = Path(a.log).read_text()
+        assert "lease_lost_stepping_down" in a_log
+        (holder, epoch) = rows(store_url, "SELECT holder, epoch FROM twopc_leases")[0]
+        assert holder == "member-b"
+        assert int(epoch) == max(epochs_before) + 1
+        # A again, under its own member name: it waits while B holds the id.
+        sql_cluster.restart("coordinator", wait=False)
+        wait_until(
+            lambda: Path(a.log).read_text().count("lease_waiting") > a_log.count("lease_waiting"),
+            20,
+            "A waits for B's lease",
+        )
+    finally:
+        b.send_signal(signal.SIGTERM)
+        b.wait(timeout=20)
+    # B released the id at its clean stop: A takes it at once and serves again.
+    sql_cluster.wait_ready("coordinator", 20)

@@ -106,6 +106,9 @@ class LeaseKeeper:
             except LeaseError as err:
                 self._on_lost(err.message)
                 return
+            except Exception as err:  # a renewal that cannot be judged: the lease is not held
+                self._on_lost(f"renewing the lease failed unexpectedly ({err!r})")
+                return
 
     async def release(self) -> None:
         """Hands the id over at a clean stop (best effort: an unreleased lease expires)."""

@@ -11,8 +11,8 @@ pass).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -30,11 +30,12 @@ from coordinator.phase2 import CommitBatcher, Send
 from coordinator.pipeline import AgentPipeline, PipelineUnsupported
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
-from twopc.errors import InvalidArgument
+from twopc.errors import Fenced, InvalidArgument
 from twopc.serving import channel
 from twopc.status import error_from_rpc
 from twopc.tls import TlsConfig
 from twopc.tracing import outgoing_metadata
+from twopc.txid import txid_prefix
 
 _VOTES = {
     pb.VOTE_PREPARED: Vote.PREPARED,
@@ -50,14 +51,31 @@ _PRESENCE = {
     pb.BRANCH_STATE_ROLLED_BACK: Presence.ROLLED_BACK,
 }
 _MIN_TIMEOUT_S = 0.001
+T = TypeVar("T")
 
 
 class AgentClients:
     """Clients of the agents at ``addresses`` (participant name -> host:port), over mutual TLS
     with ``tls`` (the coordinator's certificate is its identity towards them), or in plaintext
-    when ``tls`` is None."""
+    when ``tls`` is None.
 
-    def __init__(self, addresses: Mapping[str, str], tls: TlsConfig | None) -> None:
+    Every call that changes a branch carries ``epoch``, the lease epoch under which this
+    coordinator acts for ``coordinator_id`` (0 without a lease), and so does a Recover of that
+    id's prefix (the agent then lists only once no older epoch's call runs); a Recover of
+    another prefix (an operator's listing) carries none. An agent that has seen a higher epoch
+    refuses with ``Fenced``: ``on_fenced`` is told (the member steps down) before the error
+    goes on.
+    """
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        tls: TlsConfig | None,
+        *,
+        coordinator_id: str = "",
+        epoch: int = 0,
+        on_fenced: Callable[[str], None] | None = None,
+    ) -> None:
         if not addresses:
             raise InvalidArgument(
                 "no participants configured: set participants = { name = address }"
@@ -67,12 +85,20 @@ class AgentClients:
         self._stubs = {n: pb_grpc.ParticipantStub(c) for n, c in self._channels.items()}
         self._pipelines = {n: AgentPipeline(n, stub) for n, stub in self._stubs.items()}
         self._batchers = {n: CommitBatcher(n, self._sender(n)) for n in self._names}
+        self._epoch = epoch
+        self._own_prefix = txid_prefix(coordinator_id) if coordinator_id else None
+        self._on_fenced = on_fenced
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
 
     def names(self) -> Sequence[str]:
         return self._names
 
     def _sender(self, participant: str) -> Send:
         async def send(request: pb.CommitManyRequest, timeout: float) -> pb.CommitManyResponse:
+            request.epoch = self._epoch
             pipeline = self._pipelines[participant]
             if not pipeline.unsupported:
                 with contextlib.suppress(PipelineUnsupported):
@@ -111,6 +137,7 @@ class AgentClients:
             sequence=sequence,
             timeout_ms=_ms(timeout),
             continues=continues,
+            epoch=self._epoch,
         )
         reply = await self._call(self._stubs[participant].Execute, request, timeout, wait=True)
         return list(reply.results)
@@ -124,8 +151,9 @@ class AgentClients:
             statements=statements,  # type: ignore[arg-type]
             sequence=sequence,
             timeout_ms=_ms(timeout),
+            epoch=self._epoch,
         )
-        reply = await self._prepare(participant, request, timeout)
+        reply = await self._watch(self._prepare(participant, request, timeout))
         return VoteReply(
             _VOTES.get(reply.vote, Vote.ABORT), reply.reason, reply.mysql_errno, list(reply.results)
         )
@@ -158,7 +186,8 @@ class AgentClients:
         timeout: float,
     ) -> CommitReply:
         if not one_phase and not statements:
-            return await self._batchers[participant].commit(txid, timeout)  # phase 2, batched
+            # phase 2, batched
+            return await self._watch(self._batchers[participant].commit(txid, timeout))
         request = pb.BranchCommitRequest(
             txid=txid,
             participant=participant,
@@ -166,17 +195,19 @@ class AgentClients:
             statements=statements,  # type: ignore[arg-type]
             sequence=sequence,
             timeout_ms=_ms(timeout),
+            epoch=self._epoch,
         )
         reply = await self._call(self._stubs[participant].Commit, request, timeout, wait=True)
         return CommitReply(list(reply.results), reply.already_committed)
 
     async def rollback(self, participant: str, txid: str, timeout: float) -> bool:
-        request = pb.BranchRollbackRequest(txid=txid, participant=participant)
+        request = pb.BranchRollbackRequest(txid=txid, participant=participant, epoch=self._epoch)
         reply = await self._call(self._stubs[participant].Rollback, request, timeout)
         return bool(reply.already_rolled_back)
 
     async def recover(self, participant: str, txid_prefix: str, timeout: float) -> list[str]:
-        request = pb.RecoverRequest(txid_prefix=txid_prefix)
+        epoch = self._epoch if txid_prefix == self._own_prefix else 0
+        request = pb.RecoverRequest(txid_prefix=txid_prefix, epoch=epoch)
         reply = await self._call(self._stubs[participant].Recover, request, timeout)
         return [b.txid for b in reply.branches]
 
@@ -194,8 +225,7 @@ class AgentClients:
             WaitEdge(e.waiter_txid, e.holder_txid, participant, e.waited_ms) for e in reply.edges
         ]
 
-    @staticmethod
-    async def _call(method: Any, request: Any, timeout: float, *, wait: bool = False) -> Any:
+    async def _call(self, method: Any, request: Any, timeout: float, *, wait: bool = False) -> Any:
         try:
             return await method(
                 request,
@@ -204,7 +234,21 @@ class AgentClients:
                 metadata=outgoing_metadata(),  # the call's trace context, if any
             )
         except grpc.RpcError as err:
-            raise error_from_rpc(err) from err
+            error = error_from_rpc(err)
+            if isinstance(error, Fenced):
+                self._fenced(error)
+            raise error from err
+
+    async def _watch(self, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except Fenced as err:
+            self._fenced(err)
+            raise
+
+    def _fenced(self, err: Fenced) -> None:
+        if self._on_fenced is not None:
+            self._on_fenced(err.message)
 
 
 def _ms(seconds: float) -> int:

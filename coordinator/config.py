@@ -106,6 +106,10 @@ class CoordinatorConfig:
     # host's name), ``lease_ms`` how long a lease lasts without renewal (renewed every third).
     member: str = ""
     lease_ms: int = 3000
+    # A member of a group (coordinator.group) looks every takeover_interval_ms for peers' ids
+    # whose lease expired, takes them over and resolves what they left in doubt.
+    takeover: bool = True
+    takeover_interval_ms: int = 500
     log_level: str = "info"
     admin_failpoints: bool = False
     tls_cert: Path | None = None
@@ -153,6 +157,10 @@ class CoordinatorConfig:
             )
         if not 300 <= self.lease_ms <= 600_000:
             raise ValueError(f"lease_ms ({self.lease_ms}) must be between 300 and 600000")
+        if not 50 <= self.takeover_interval_ms <= 600_000:
+            raise ValueError(
+                f"takeover_interval_ms ({self.takeover_interval_ms}) must be between 50 and 600000"
+            )
         if self.one_shot_order_hold_ms < 1:
             raise ValueError(
                 f"one_shot_order_hold_ms ({self.one_shot_order_hold_ms}) must be at least 1"

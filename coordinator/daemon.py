@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
+from grpc import aio
 
 from coordinator.admin import AdminServicer
 from coordinator.agents import AgentClients
@@ -42,7 +44,8 @@ from twopc.serving import listen, new_server, run_daemon, wait_for_stop_signal
 from twopc.tls import TlsConfig, plaintext_warning
 
 if TYPE_CHECKING:  # the SQL log's modules are an optional extra, imported when configured
-    from coordinator.decision_log.leases import Lease
+    from coordinator.decision_log.leases import Lease, SqlLeases
+    from coordinator.group import GroupTakeover
     from coordinator.lease_keeper import LeaseKeeper
 
 log = structlog.get_logger("twopc.coordinator")
@@ -79,6 +82,7 @@ def build_decision_log(
     environ: Mapping[str, str],
     metrics: CoordinatorMetrics | None,
     lease: Lease | None = None,
+    on_fenced: Callable[[str], None] | None = None,
 ) -> DecisionLog:
     """The file log in ``data_dir``, or the SQL log that ``decision_log`` names (its password
     from the environment; the store is named in logs without it)."""
@@ -105,20 +109,24 @@ def build_decision_log(
         audit_keep=config.audit_keep,
         on_sync=on_sync,
         lease=lease,
+        on_fenced=on_fenced,
     )
 
 
 def _step_down(reason: str) -> None:
-    """This member lost its coordinator id's lease: another member may be acting for the id
-    now, so this one must decide nothing more. Stop at once (the log is fenced: whatever it
-    could still try to write would fail)."""
+    """This member lost its coordinator id's lease (its renewal failed, the store's fence
+    moved, or an agent refused its epoch): another member may be acting for the id now, so this
+    one must decide nothing more. Stop at once (the log and the agents are fenced: whatever it
+    could still try would be refused)."""
     log.critical("lease_lost_stepping_down", reason=reason)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-async def _keep_lease(config: CoordinatorConfig, environ: Mapping[str, str]) -> LeaseKeeper | None:
-    """On the SQL log: this member's lease on its coordinator id, acquired (waiting while
-    another member holds it); None on the file log."""
+async def _keep_lease(
+    config: CoordinatorConfig, environ: Mapping[str, str]
+) -> tuple[SqlLeases, LeaseKeeper] | None:
+    """On the SQL log: the store's leases, and this member's lease on its coordinator id,
+    acquired (waiting while another member holds it); None on the file log."""
     url = config.decision_log_url()
     if url is None:
         return None
@@ -126,15 +134,62 @@ async def _keep_lease(config: CoordinatorConfig, environ: Mapping[str, str]) -> 
     from coordinator.decision_log.leases import SqlLeases  # noqa: PLC0415
     from coordinator.lease_keeper import LeaseKeeper  # noqa: PLC0415
 
+    leases = SqlLeases(url, password=config.decision_log_password(environ))
     keeper = LeaseKeeper(
-        SqlLeases(url, password=config.decision_log_password(environ)),
+        leases,
         coordinator_id=config.coordinator_id,
-        member=config.member or socket.gethostname(),
+        member=_member(config),
         lease_ms=config.lease_ms,
         on_lost=_step_down,
     )
-    await keeper.acquire()
-    return keeper
+    try:
+        await keeper.acquire()
+    except BaseException:
+        leases.close()
+        raise
+    return leases, keeper
+
+
+def _member(config: CoordinatorConfig) -> str:
+    return config.member or socket.gethostname()
+
+
+def _group_takeover(
+    config: CoordinatorConfig,
+    environ: Mapping[str, str],
+    tls: TlsConfig | None,
+    leases: SqlLeases,
+) -> GroupTakeover:
+    """The takeover of peers' expired ids (``coordinator.group``), with agent clients and
+    decision logs like this member's own."""
+    from coordinator.group import GroupTakeover  # noqa: PLC0415  # the SQL log's extra
+
+    def new_agents(
+        coordinator_id: str, epoch: int, on_fenced: Callable[[str], None]
+    ) -> AgentClients:
+        return AgentClients(
+            config.participants,
+            tls,
+            coordinator_id=coordinator_id,
+            epoch=epoch,
+            on_fenced=on_fenced,
+        )
+
+    def new_log(lease: Lease, on_fenced: Callable[[str], None]) -> DecisionLog:
+        peer = dataclasses.replace(config, coordinator_id=lease.coordinator_id)
+        return build_decision_log(peer, environ, None, lease=lease, on_fenced=on_fenced)
+
+    return GroupTakeover(
+        leases,
+        own_id=config.coordinator_id,
+        member=_member(config),
+        lease_ms=config.lease_ms,
+        settings=config.engine_settings(),
+        new_agents=new_agents,
+        new_log=new_log,
+        rpc_timeout_s=config.rpc_timeout_s,
+        interval_s=config.takeover_interval_ms / 1000,
+    )
 
 
 async def serve(
@@ -147,10 +202,17 @@ async def serve(
     metrics = CoordinatorMetrics() if config.metrics_listen else None
     health = Health(COORDINATOR_SERVICE)
     await health.set(False)  # until the first recovery pass has finished
-    agents = AgentClients(config.participants, tls)
-    keeper = await _keep_lease(config, environ)
+    held = await _keep_lease(config, environ)
+    lease = held[1].lease if held is not None else None
+    agents = AgentClients(
+        config.participants,
+        tls,
+        coordinator_id=config.coordinator_id,
+        epoch=lease.epoch if lease is not None else 0,
+        on_fenced=_step_down,
+    )
     decision_log = build_decision_log(
-        config, environ, metrics, lease=keeper.lease if keeper is not None else None
+        config, environ, metrics, lease=lease, on_fenced=_step_down if lease else None
     )
     manager = TransactionManager(
         config.engine_settings(),
@@ -163,22 +225,7 @@ async def serve(
     if metrics is not None:
         metrics.watch(manager, lambda: health.serving)
     await manager.start()
-    server = new_server(
-        [access_control(config)] if tls is not None else [],
-        max_request_bytes=config.max_request_bytes,
-    )
-    rules = config.identity_rules()
-    servicer = CoordinatorServicer(manager, limits=config.request_limits(), rules=rules)
-    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    services = [COORDINATOR_SERVICE]
-    if tls is not None or config.admin_plaintext:
-        operator = Operator(manager, rpc_timeout=config.rpc_timeout_s)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(operator), server)
-        services.append(ADMIN_SERVICE)
-    if config.admin_failpoints:
-        add_failpoint_admin(server, failpoints)
-        services.append(FAILPOINTS_SERVICE)
-    add_health_and_reflection(server, health, services)
+    server = _grpc_server(config, manager, failpoints, tls, health)
     port = listen(server, config.listen, tls)
     exporter = metrics_server(config.metrics_listen, metrics.registry, tls) if metrics else None
     if exporter is not None and not exporter.https and not is_loopback(exporter.host):
@@ -199,6 +246,65 @@ async def serve(
     )
     _log_identity_rules(config, tls is not None)
     recovery = Recovery(manager, rpc_timeout=config.rpc_timeout_s, failpoints=failpoints)
+    tasks = _background(config, manager, recovery, agents, health)
+    if held is not None and config.takeover:
+        tasks.append(asyncio.create_task(_group_takeover(config, environ, tls, held[0]).run()))
+    try:
+        sig = await wait_for_stop_signal()
+        log.info("coordinator_stopping", signal=sig.name)
+    finally:
+        await health.shutting_down()
+        for task in tasks:
+            task.cancel()
+        await server.stop(grace=5)
+        await manager.close()
+        if held is not None:
+            leases, keeper = held
+            # Released, not freed: a peer takes the id over at once and resolves whatever
+            # this member leaves in doubt (a transaction it was preparing, say).
+            await keeper.release()
+            leases.close()
+        await agents.close()
+        if exporter is not None:
+            exporter.close()
+
+
+def _grpc_server(
+    config: CoordinatorConfig,
+    manager: TransactionManager,
+    failpoints: Failpoints,
+    tls: TlsConfig | None,
+    health: Health,
+) -> aio.Server:
+    """The gRPC server with its services: the client API, Admin (over TLS, or when
+    admin_plaintext is set), Failpoints (when admin_failpoints is set), health, reflection."""
+    server = new_server(
+        [access_control(config)] if tls is not None else [],
+        max_request_bytes=config.max_request_bytes,
+    )
+    rules = config.identity_rules()
+    servicer = CoordinatorServicer(manager, limits=config.request_limits(), rules=rules)
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    services = [COORDINATOR_SERVICE]
+    if tls is not None or config.admin_plaintext:
+        operator = Operator(manager, rpc_timeout=config.rpc_timeout_s)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(operator), server)
+        services.append(ADMIN_SERVICE)
+    if config.admin_failpoints:
+        add_failpoint_admin(server, failpoints)
+        services.append(FAILPOINTS_SERVICE)
+    add_health_and_reflection(server, health, services)
+    return server
+
+
+def _background(
+    config: CoordinatorConfig,
+    manager: TransactionManager,
+    recovery: Recovery,
+    agents: AgentClients,
+    health: Health,
+) -> list[asyncio.Task[None]]:
+    """The daemon's periodic work: recovery, the reaper, health, the deadlock detector."""
     tasks = [
         asyncio.create_task(recovery.run_forever(config.recovery_interval_s)),
         asyncio.create_task(_reap_forever(manager, config.reaper_interval_s)),
@@ -215,20 +321,7 @@ async def serve(
             metrics=manager.metrics,
         )
         tasks.append(asyncio.create_task(_detect_forever(detector, config.deadlock_poll_ms)))
-    try:
-        sig = await wait_for_stop_signal()
-        log.info("coordinator_stopping", signal=sig.name)
-    finally:
-        await health.shutting_down()
-        for task in tasks:
-            task.cancel()
-        await server.stop(grace=5)
-        await manager.close()
-        if keeper is not None:
-            await keeper.release()
-        await agents.close()
-        if exporter is not None:
-            exporter.close()
+    return tasks
 
 
 async def _keep_health(manager: TransactionManager, recovery: Recovery, health: Health) -> None:

@@ -90,8 +90,13 @@ class LeaseKeeper:
                 epoch=self.lease.epoch,
                 lease_ms=self._lease_ms,
             )
-            self._renewing = asyncio.create_task(self._renew_forever())
+            self.keep(self.lease)
             return self.lease
+
+    def keep(self, lease: Lease) -> None:
+        """Renews ``lease`` (acquired by the caller) from now on."""
+        self.lease = lease
+        self._renewing = asyncio.create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
         """Renews every third of the lease; calls ``on_lost`` (which stops the process) when
@@ -110,17 +115,15 @@ class LeaseKeeper:
                 self._on_lost(f"renewing the lease failed unexpectedly ({err!r})")
                 return
 
-    async def release(self) -> None:
-        """Hands the id over at a clean stop (best effort: an unreleased lease expires)."""
+    async def release(self, *, free: bool = False) -> None:
+        """Hands the id over (best effort: an unreleased lease expires). Released, the id is
+        taken over at once by a peer, which resolves what it left in doubt; ``free`` says that
+        nothing is left (a takeover that finished), so no peer needs to look."""
         if self._renewing is not None:
             self._renewing.cancel()
         if self.lease is None:
             return
         try:
-            await self._leases.release(self.lease)
+            await self._leases.release(self.lease, free=free)
         except Exception as err:  # the stop goes on; the lease expires by itself
             log.warning("lease_release_failed", error=str(err))
-        else:
-            log.info("lease_released", coordinator_id=self._coordinator_id, epoch=self.lease.epoch)
-        finally:
-            self._leases.close()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 
 import structlog
 
@@ -54,6 +55,7 @@ from participants.calls import (
     checked_work,
 )
 from participants.config import AgentConfig
+from participants.fences import FENCE_GTRID_PREFIX, Fences
 from participants.lock_waits import LockWaits, WaitReport
 from participants.one_trip import OneTripPrepare
 from participants.safety import DatabaseChecks
@@ -77,10 +79,17 @@ from twopc.errors import (
     Unavailable,
 )
 from twopc.failpoints import Failpoints
-from twopc.txid import Xid, check_participant_name, check_txid_prefix, parse_txid
+from twopc.txid import (
+    Xid,
+    check_coordinator_id,
+    check_participant_name,
+    check_txid_prefix,
+    parse_txid,
+)
 from twopc.votes import Presence, Vote
 
 _LOCK_WAIT_S = 60.0
+_FENCE_PATIENCE_S = 2.0  # how long raising a fence waits for an active branch's lock
 
 
 class Agent:
@@ -145,6 +154,15 @@ class Agent:
             log=self._log,
         )
         self._checks = DatabaseChecks(config, self._log)
+        self._fences = Fences(
+            participant=self.name,
+            marker_table=config.marker_table,
+            admin=self._admin,
+            instance_id=self.instance_id,
+            served=config.coordinator_ids,
+            abort_active=self._abort_active_of,
+            log=self._log,
+        )
         self.server_version = ""
 
     # --- start and stop ---------------------------------------------------------------------------
@@ -162,6 +180,7 @@ class Agent:
             await self._checks.at_start(session)
             await self._warn_of_foreign_branches(session)
             flush = (await session.execute("SELECT @@innodb_flush_log_at_trx_commit")).rows[0][0]
+        await self._fences.load()
         self.server_version = version
         if int(flush) != 1:
             self._log.warning(
@@ -207,6 +226,22 @@ class Agent:
         timeout_ms: int,
         *,
         continues: bool = False,
+        epoch: int = 0,
+    ) -> list[StatementOutput]:
+        async with self._fenced(txid, epoch):
+            return await self._execute(
+                txid, participant, statements, sequence, timeout_ms, continues=continues
+            )
+
+    async def _execute(
+        self,
+        txid: str,
+        participant: str,
+        statements: Sequence[StatementRequest],
+        sequence: int,
+        timeout_ms: int,
+        *,
+        continues: bool,
     ) -> list[StatementOutput]:
         xid = self._xid(txid, participant, starts=True)
         work = self._check(statements)
@@ -232,6 +267,19 @@ class Agent:
             return await self._steps.run_or_abort(found, work, sequence)
 
     async def prepare(
+        self,
+        txid: str,
+        participant: str,
+        statements: Sequence[StatementRequest],
+        sequence: int,
+        timeout_ms: int,
+        *,
+        epoch: int = 0,
+    ) -> VoteResult:
+        async with self._fenced(txid, epoch):
+            return await self._prepare(txid, participant, statements, sequence, timeout_ms)
+
+    async def _prepare(
         self,
         txid: str,
         participant: str,
@@ -278,6 +326,27 @@ class Agent:
         statements: Sequence[StatementRequest] = (),
         sequence: int = 0,
         timeout_ms: int = 0,
+        epoch: int = 0,
+    ) -> CommitResult:
+        async with self._fenced(txid, epoch):
+            return await self._commit(
+                txid,
+                participant,
+                one_phase=one_phase,
+                statements=statements,
+                sequence=sequence,
+                timeout_ms=timeout_ms,
+            )
+
+    async def _commit(
+        self,
+        txid: str,
+        participant: str,
+        *,
+        one_phase: bool,
+        statements: Sequence[StatementRequest],
+        sequence: int,
+        timeout_ms: int,
     ) -> CommitResult:
         xid = self._xid(txid, participant, starts=one_phase)
         work = self._check(statements)
@@ -298,8 +367,12 @@ class Agent:
         async with locked(found, _LOCK_WAIT_S, self.name):
             return await self._steps.commit_prepared(found)
 
-    async def rollback(self, txid: str, participant: str) -> bool:
+    async def rollback(self, txid: str, participant: str, *, epoch: int = 0) -> bool:
         """Rolls the branch back; True when there was nothing left to roll back."""
+        async with self._fenced(txid, epoch):
+            return await self._rollback(txid, participant)
+
+    async def _rollback(self, txid: str, participant: str) -> bool:
         xid = self._xid(txid, participant)
         found = self._registry.tombstone(txid, "rolled back before this agent saw it")
         if found is None:
@@ -341,8 +414,24 @@ class Agent:
                 return False
             return await self._steps.rollback_prepared(found)
 
-    async def recover(self, txid_prefix: str) -> list[RecoveredBranch]:
+    async def recover(self, txid_prefix: str, *, epoch: int = 0) -> list[RecoveredBranch]:
+        """The prepared branches whose txid starts with ``txid_prefix``. With an epoch, the
+        prefix is a coordinator id's (``<id>.``) and the call is fenced as the others are: the
+        id's new holder lists only once no call of an older epoch runs any more."""
         check_txid_prefix(txid_prefix)
+        if not epoch:
+            return await self._recover(txid_prefix)
+        coordinator_id, dot, rest = txid_prefix.partition(".")
+        if not dot or rest:
+            raise InvalidArgument(
+                f"a Recover with an epoch lists one coordinator id's branches: its prefix is "
+                f"'<coordinator id>.', not {txid_prefix!r}"
+            )
+        check_coordinator_id(coordinator_id)
+        async with self._fences.admitted(coordinator_id, epoch):
+            return await self._recover(txid_prefix)
+
+    async def _recover(self, txid_prefix: str) -> list[RecoveredBranch]:
         async with self._admin.session() as session:
             xids = await prepared_xids(session)
         held = {
@@ -400,6 +489,37 @@ class Agent:
         """``callback(seconds)`` for each committed branch: from its first statement to its
         XA COMMIT, how long it held its locks."""
         self._steps.on_lock_hold = callback
+
+    def fence_epochs(self) -> dict[str, int]:
+        """The highest lease epoch seen per coordinator id (``participants.fences``)."""
+        return self._fences.epochs()
+
+    def _fenced(self, txid: str, epoch: int) -> AbstractAsyncContextManager[None]:
+        """The call as one of its coordinator id at ``epoch`` (``participants.fences``)."""
+        try:
+            coordinator_id = parse_txid(txid).coordinator_id
+        except InvalidArgument:
+            return nullcontext()  # the call itself refuses the txid, with the same message
+        return self._fences.admitted(coordinator_id, epoch, txid)
+
+    async def _abort_active_of(self, coordinator_id: str) -> int:
+        """Rolls back the branches of ``coordinator_id`` that are active here (never prepared):
+        the member that ran them was deposed. Returns how many."""
+        prefix = f"{coordinator_id}."
+        aborted = 0
+        for branch in self._registry.live():
+            if not branch.txid.startswith(prefix) or branch.state is not BranchState.ACTIVE:
+                continue
+            await self._steps.interrupt_if_running(branch)
+            if not await take_lock(branch, _FENCE_PATIENCE_S):
+                continue  # its call is still running: the fence waits for it to end
+            try:
+                if branch.state is BranchState.ACTIVE and not branch.forgotten:
+                    await self._steps.abort(branch, "its coordinator was deposed (fenced)")
+                    aborted += 1
+            finally:
+                branch.lock.release()
+        return aborted
 
     def counts(self) -> tuple[int, int]:
         return self._registry.counts()
@@ -478,8 +598,8 @@ class Agent:
         async with self._admin.session() as session:
             output = await session.execute(
                 f"DELETE FROM `{self.config.marker_table}` "
-                "WHERE created_at < NOW(6) - INTERVAL %s SECOND LIMIT %s",
-                [self.config.marker_retention_s, limit],
+                "WHERE created_at < NOW(6) - INTERVAL %s SECOND AND gtrid NOT LIKE %s LIMIT %s",
+                [self.config.marker_retention_s, FENCE_GTRID_PREFIX + b"%", limit],
             )
         return output.affected_rows
 

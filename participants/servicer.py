@@ -107,6 +107,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 request.sequence,
                 request.timeout_ms,
                 continues=request.continues,
+                epoch=request.epoch,
             )
             return pb.BranchExecuteResponse(results=statement_results(outputs))
 
@@ -122,6 +123,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             self._statements(request.statements),
             request.sequence,
             request.timeout_ms,
+            epoch=request.epoch,
         )
         return pb.PrepareResponse(
             vote=_VOTES[result.vote],
@@ -141,6 +143,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                 statements=self._statements(request.statements),
                 sequence=request.sequence,
                 timeout_ms=request.timeout_ms,
+                epoch=request.epoch,
             )
             return pb.BranchCommitResponse(
                 results=statement_results(result.outputs),
@@ -159,7 +162,9 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
         async def commit(txid: str) -> pb.BranchOutcome:
             try:
-                result = await self._agent.commit(txid, request.participant, one_phase=False)
+                result = await self._agent.commit(
+                    txid, request.participant, one_phase=False, epoch=request.epoch
+                )
             except TwopcError as err:
                 return pb.BranchOutcome(
                     txid=txid,
@@ -290,14 +295,16 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         self, request: pb.BranchRollbackRequest, context: Context
     ) -> pb.BranchRollbackResponse:
         async def run() -> pb.BranchRollbackResponse:
-            already = await self._agent.rollback(request.txid, request.participant)
+            already = await self._agent.rollback(
+                request.txid, request.participant, epoch=request.epoch
+            )
             return pb.BranchRollbackResponse(already_rolled_back=already)
 
         return await self._call(context, request.txid, run, "Rollback")
 
     async def Recover(self, request: pb.RecoverRequest, context: Context) -> pb.RecoverResponse:
         async def run() -> pb.RecoverResponse:
-            branches = await self._agent.recover(request.txid_prefix)
+            branches = await self._agent.recover(request.txid_prefix, epoch=request.epoch)
             return pb.RecoverResponse(
                 branches=[
                     pb.PreparedBranch(

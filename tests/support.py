@@ -52,9 +52,12 @@ def transfer_sql(amount: int, account: int) -> list[tuple[str, list[int]]]:
     return [("UPDATE accounts SET balance = balance + %s WHERE id = %s", [amount, account])]
 
 
-def prepare_on_agent(cluster: Cluster, region: str, txid: str, amount: int, account: int) -> None:
+def prepare_on_agent(
+    cluster: Cluster, region: str, txid: str, amount: int, account: int, *, epoch: int = 0
+) -> None:
     """Executes a balance change in a branch on ``region``'s agent and prepares it, straight
-    through the Participant API (as a coordinator would, and then forgets it)."""
+    through the Participant API (as a coordinator would, under lease ``epoch``, and then
+    forgets it)."""
     with cluster.channel(f"agent-{region}", identity=COORDINATOR) as channel:
         agent = pb_grpc.ParticipantStub(channel)
         agent.Execute(
@@ -63,6 +66,7 @@ def prepare_on_agent(cluster: Cluster, region: str, txid: str, amount: int, acco
                 participant=region,
                 sequence=1,
                 timeout_ms=30_000,
+                epoch=epoch,
                 statements=[
                     pb.Statement(
                         sql="UPDATE accounts SET balance = balance + %s WHERE id = %s",
@@ -71,7 +75,7 @@ def prepare_on_agent(cluster: Cluster, region: str, txid: str, amount: int, acco
                 ],
             )
         )
-        vote = agent.Prepare(pb.PrepareRequest(txid=txid, participant=region))
+        vote = agent.Prepare(pb.PrepareRequest(txid=txid, participant=region, epoch=epoch))
     assert vote.vote == pb.VOTE_PREPARED
 
 

@@ -9,6 +9,8 @@ same class::
     ├── NotFound                    NOT_FOUND            unknown transaction or participant
     ├── PermissionDenied            PERMISSION_DENIED    the caller's identity may not do this
     ├── FailedPrecondition          FAILED_PRECONDITION  wrong state (execute after commit, ...)
+    │   └── Fenced                  FAILED_PRECONDITION  a coordinator acting under a lease epoch
+    │                                                    that another member superseded
     ├── TransactionAborted          ABORTED              rolled back; the message says why
     │   ├── StatementFailed         ABORTED              a statement failed (carries mysql_errno)
     │   └── TransactionConflict     ABORTED              retryable: a lock cycle across regions
@@ -29,6 +31,7 @@ from typing import ClassVar
 __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
+    "Fenced",
     "Internal",
     "InvalidArgument",
     "NotFound",
@@ -80,6 +83,13 @@ class PermissionDenied(TwopcError):
 
 class FailedPrecondition(TwopcError):
     code = "FAILED_PRECONDITION"
+
+
+class Fenced(FailedPrecondition):
+    """A participant agent refused a call that changes a branch: it carries a lease epoch
+    below the highest the agent has seen for its coordinator id, so it comes from a group
+    member that lost the id to another. That member must step down; the id's new holder
+    finishes the transaction."""
 
 
 class TransactionAborted(TwopcError):

@@ -12,8 +12,10 @@ MariaDB/MySQL, ``clock_timestamp()`` on PostgreSQL), never with a member's clock
   ``lease``), so a member that lost the id, or an earlier incarnation of the same member, can no
   longer write.
 - ``renew`` extends a live lease, only for its holder at its epoch.
-- ``release`` ends a lease now (a clean hand-over: the next ``acquire`` succeeds at once).
-- ``held`` and ``expired`` list the rows, so that a member finds ids to take over.
+- ``release`` ends a lease now (a clean hand-over: the next ``acquire`` succeeds at once); with
+  ``free`` it also clears the holder, saying that nothing is left in doubt.
+- ``held`` and ``expired`` list the rows, so that a member finds ids to take over: the expired
+  ones that still name a holder.
 
 Each operation is one store transaction, on a connection of its own.
 
@@ -205,22 +207,30 @@ class SqlLeases:
             )
         return await asyncio.to_thread(self._renew, lease)
 
-    async def release(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease, *, free: bool = False) -> bool:
         """Ends the lease now, so that the next ``acquire`` (epoch + 1) succeeds at once.
-        Returns False when the lease was no longer this holder's at this epoch (nothing done).
+        Released, the row keeps its holder: the id is expired, and a peer takes it over to
+        resolve what the holder left (``expired``). ``free`` clears the holder too: nothing is
+        left to resolve, so no peer takes it over. Returns False when the lease was no longer
+        this holder's at this epoch (nothing done).
 
         Raises:
             LeaseStoreUnavailable: the store did not answer.
         """
-        return await asyncio.to_thread(self._release, lease)
+        return await asyncio.to_thread(self._release, lease, free)
 
     async def held(self) -> list[LeaseRow]:
         """The live leases by the store's clock, by coordinator id."""
         return [row for row in await asyncio.to_thread(self._rows) if row.remaining_ms > 0]
 
     async def expired(self) -> list[LeaseRow]:
-        """The leases expired (or released) by the store's clock: ids to take over."""
-        return [row for row in await asyncio.to_thread(self._rows) if row.remaining_ms <= 0]
+        """The leases expired (or released) by the store's clock whose holder may have left
+        something in doubt: ids to take over. Freed ids (no holder) are not among them."""
+        return [
+            row
+            for row in await asyncio.to_thread(self._rows)
+            if row.remaining_ms <= 0 and row.holder
+        ]
 
     @property
     def name(self) -> str:
@@ -350,12 +360,13 @@ class SqlLeases:
             lease, deadline=self._deadline(sent, lease.lease_ms), expires_at=_utc(expires_at)
         )
 
-    def _release(self, lease: Lease) -> bool:
+    def _release(self, lease: Lease, free: bool) -> bool:
+        holder = ", holder = ''" if free else ""
         try:
             with self._engine.begin() as conn:
                 released = conn.execute(
                     text(
-                        f"UPDATE twopc_leases SET expires_at = {self._now} "
+                        f"UPDATE twopc_leases SET expires_at = {self._now}{holder} "
                         "WHERE coordinator_id = :id AND holder = :holder AND epoch = :epoch"
                     ),
                     {"id": lease.coordinator_id, "holder": lease.holder, "epoch": lease.epoch},
@@ -368,6 +379,7 @@ class SqlLeases:
             coordinator_id=lease.coordinator_id,
             holder=lease.holder,
             epoch=lease.epoch,
+            free=free,
         )
         return done
 

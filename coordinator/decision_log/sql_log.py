@@ -202,6 +202,8 @@ class SqlDecisionLog:
         engine_options: more keyword arguments for ``sqlalchemy.create_engine``.
         lease: the lease this log writes under (``leases.Lease``, of ``coordinator_id``): every
             store transaction is fenced on its holder and epoch. None: not fenced.
+        on_fenced: called once, from the writer thread, when a batch finds the fence moved
+            (with the reason), before any record's caller is answered: the member steps down.
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class SqlDecisionLog:
         clock: Callable[[], float] = time.monotonic,
         engine_options: Mapping[str, Any] | None = None,
         lease: Lease | None = None,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         if audit_keep < 1:
             raise ValueError(f"audit_keep must be at least 1, got {audit_keep}")
@@ -230,6 +233,7 @@ class SqlDecisionLog:
             )
         # (holder, epoch) of the fence, or None
         self._fenced_on = None if lease is None else (lease.holder, lease.epoch)
+        self._on_fenced = on_fenced
         self._coordinator_id = coordinator_id
         self._end_flush_delay = end_flush_delay
         self._audit_keep = audit_keep
@@ -578,6 +582,10 @@ class SqlDecisionLog:
             ends_dropped=len(batch.ends),
             error=self._failure,
         )
+        if self._on_fenced is not None:
+            # Called here, in the writer thread, before any caller learns that its record
+            # failed: a member that steps down (stops its process) then acts on nothing more.
+            self._on_fenced(self._failure)
         return _Failure(DecisionLogFenced, self._failure, None)
 
     def _write_rows(

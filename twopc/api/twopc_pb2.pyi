@@ -846,6 +846,7 @@ class BranchExecuteRequest(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     CONTINUES_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     txid: _builtins.str
     participant: _builtins.str
     """the agent's own name; a mismatch is INVALID_ARGUMENT (misrouted call)"""
@@ -859,6 +860,12 @@ class BranchExecuteRequest(_message.Message):
     exist. An agent that lost it (it or its database restarted) refuses with ABORTED instead of
     starting a new branch without them.
     """
+    epoch: _builtins.int
+    """The lease epoch under which the caller acts for the txid's coordinator id (its prefix);
+    0 from a coordinator without a lease (the file log). An agent remembers, durably, the
+    highest epoch seen per coordinator id and refuses a lower one with FAILED_PRECONDITION
+    (error class Fenced): the call comes from a member that lost the id to another.
+    """
     @_builtins.property
     def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]: ...
     def __init__(
@@ -870,10 +877,11 @@ class BranchExecuteRequest(_message.Message):
         sequence: _builtins.int = ...,
         timeout_ms: _builtins.int = ...,
         continues: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continues", b"continues", "participant", b"participant", "sequence", b"sequence", "statements", b"statements", "timeout_ms", b"timeout_ms", "txid", b"txid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continues", b"continues", "epoch", b"epoch", "participant", b"participant", "sequence", b"sequence", "statements", b"statements", "timeout_ms", b"timeout_ms", "txid", b"txid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -908,10 +916,17 @@ class PrepareRequest(_message.Message):
     STATEMENTS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     txid: _builtins.str
     participant: _builtins.str
     sequence: _builtins.int
     timeout_ms: _builtins.int
+    epoch: _builtins.int
+    """The lease epoch under which the caller acts for the txid's coordinator id (its prefix);
+    0 from a coordinator without a lease (the file log). An agent remembers, durably, the
+    highest epoch seen per coordinator id and refuses a lower one with FAILED_PRECONDITION
+    (error class Fenced): the call comes from a member that lost the id to another.
+    """
     @_builtins.property
     def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]: ...
     def __init__(
@@ -922,10 +937,11 @@ class PrepareRequest(_message.Message):
         statements: _abc.Iterable[Global___Statement] | None = ...,
         sequence: _builtins.int = ...,
         timeout_ms: _builtins.int = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "sequence", b"sequence", "statements", b"statements", "timeout_ms", b"timeout_ms", "txid", b"txid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "participant", b"participant", "sequence", b"sequence", "statements", b"statements", "timeout_ms", b"timeout_ms", "txid", b"txid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -970,11 +986,18 @@ class BranchCommitRequest(_message.Message):
     STATEMENTS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     txid: _builtins.str
     participant: _builtins.str
     one_phase: _builtins.bool
     sequence: _builtins.int
     timeout_ms: _builtins.int
+    epoch: _builtins.int
+    """The lease epoch under which the caller acts for the txid's coordinator id (its prefix);
+    0 from a coordinator without a lease (the file log). An agent remembers, durably, the
+    highest epoch seen per coordinator id and refuses a lower one with FAILED_PRECONDITION
+    (error class Fenced): the call comes from a member that lost the id to another.
+    """
     @_builtins.property
     def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]:
         """one_phase only: statements to run first (a one-shot single-participant transaction)."""
@@ -988,10 +1011,11 @@ class BranchCommitRequest(_message.Message):
         statements: _abc.Iterable[Global___Statement] | None = ...,
         sequence: _builtins.int = ...,
         timeout_ms: _builtins.int = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["one_phase", b"one_phase", "participant", b"participant", "sequence", b"sequence", "statements", b"statements", "timeout_ms", b"timeout_ms", "txid", b"txid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "one_phase", b"one_phase", "participant", b"participant", "sequence", b"sequence", "statements", b"statements", "timeout_ms", b"timeout_ms", "txid", b"txid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1027,7 +1051,14 @@ class CommitManyRequest(_message.Message):
 
     PARTICIPANT_FIELD_NUMBER: _builtins.int
     TXIDS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     participant: _builtins.str
+    epoch: _builtins.int
+    """The lease epoch under which the caller acts for the txid's coordinator id (its prefix);
+    0 from a coordinator without a lease (the file log). An agent remembers, durably, the
+    highest epoch seen per coordinator id and refuses a lower one with FAILED_PRECONDITION
+    (error class Fenced): the call comes from a member that lost the id to another.
+    """
     @_builtins.property
     def txids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """at most the agent's max_batch_txids (1024 by default)"""
@@ -1037,10 +1068,11 @@ class CommitManyRequest(_message.Message):
         *,
         participant: _builtins.str = ...,
         txids: _abc.Iterable[_builtins.str] | None = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "txids", b"txids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "participant", b"participant", "txids", b"txids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1109,17 +1141,25 @@ class BranchRollbackRequest(_message.Message):
 
     TXID_FIELD_NUMBER: _builtins.int
     PARTICIPANT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     txid: _builtins.str
     participant: _builtins.str
+    epoch: _builtins.int
+    """The lease epoch under which the caller acts for the txid's coordinator id (its prefix);
+    0 from a coordinator without a lease (the file log). An agent remembers, durably, the
+    highest epoch seen per coordinator id and refuses a lower one with FAILED_PRECONDITION
+    (error class Fenced): the call comes from a member that lost the id to another.
+    """
     def __init__(
         self,
         *,
         txid: _builtins.str = ...,
         participant: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "txid", b"txid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "participant", b"participant", "txid", b"txid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1149,15 +1189,23 @@ class RecoverRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TXID_PREFIX_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     txid_prefix: _builtins.str
+    epoch: _builtins.int
+    """The lease epoch under which the caller acts for the txid's coordinator id (its prefix);
+    0 from a coordinator without a lease (the file log). An agent remembers, durably, the
+    highest epoch seen per coordinator id and refuses a lower one with FAILED_PRECONDITION
+    (error class Fenced): the call comes from a member that lost the id to another.
+    """
     def __init__(
         self,
         *,
         txid_prefix: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["txid_prefix", b"txid_prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "txid_prefix", b"txid_prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

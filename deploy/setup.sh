@@ -3,6 +3,9 @@
 # missing:
 #   - the MariaDB server binaries (mariadbd, mariadb-install-db), from apt. The system service is
 #     left stopped and disabled: the tests start throwaway servers of their own;
+#   - the Galera 4 provider (/usr/lib/galera/libgalera_smm.so, package galera-4) and rsync, which
+#     its state transfer runs: the replicated decision-log store's tests start a throwaway
+#     3-node cluster (twopc/testing/playground/galera.py). rsync's service is left disabled;
 #   - the PostgreSQL server binaries (initdb, postgres in /usr/lib/postgresql/<version>/bin, and
 #     the postgres user the tests run them as), from apt (postgresql), its service likewise left
 #     stopped and disabled: the SQL decision log's tests start throwaway servers too;
@@ -68,6 +71,14 @@ find_binary() {
 
 have_mariadb() {
     find_binary mariadbd >/dev/null && find_binary mariadb-install-db >/dev/null
+}
+
+galera_provider=/usr/lib/galera/libgalera_smm.so
+
+# The Debian packages of what the Galera tests need and this machine lacks, one a line.
+missing_galera_packages() {
+    [ -f "$galera_provider" ] || echo galera-4
+    command -v rsync >/dev/null 2>&1 || echo rsync
 }
 
 have_postgres() {
@@ -141,6 +152,20 @@ else
     SERVICES="mariadb.service" install_without_services mariadb-server
     have_mariadb || die "mariadb-server installed, yet mariadbd or mariadb-install-db is missing"
     say "MariaDB: installed $(find_binary mariadbd) and $(find_binary mariadb-install-db)"
+fi
+
+# --- Galera (the replicated decision-log store's tests) -----------------------------------------
+galera_missing="$(missing_galera_packages)"
+if [ -z "$galera_missing" ]; then
+    say "Galera: found $galera_provider and $(command -v rsync)"
+else
+    # shellcheck disable=SC2086  # one package name a word
+    say "Galera: installing" $galera_missing
+    # shellcheck disable=SC2086
+    SERVICES="rsync.service" install_without_services $galera_missing
+    [ -z "$(missing_galera_packages)" ] ||
+        die "galera-4 and rsync installed, yet $galera_provider or rsync is missing"
+    say "Galera: installed $galera_provider and $(command -v rsync)"
 fi
 
 # --- PostgreSQL (the SQL decision log's tests and benchmark) -----------------------------------

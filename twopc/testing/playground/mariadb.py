@@ -70,6 +70,7 @@ __all__ = [
     "create_agent_user",
     "create_lock_waits_user",
     "find_binaries",
+    "log_tail",
     "start_all",
 ]
 
@@ -187,7 +188,11 @@ class MariaDBInstance:
             that is measured.
         binaries: where the server is; ``find_binaries()`` when None (looked up at first use).
         extra_args: more server options, appended after the defaults (so they win), e.g.
-            ``["--log-bin", "--sync-binlog=1"]``.
+            ``["--log-bin", "--sync-binlog=1"]``; a public attribute, read at each start.
+        user: the system user the server runs as when this process is root (``--user``), who
+            is then made owner of ``base_dir``; root when None. Ignored for anyone else (the
+            server runs as this process's user). Galera nodes need ``"mysql"``: as root, the
+            rsync state transfer drops to ``nobody`` and cannot write the data directory.
     """
 
     def __init__(
@@ -199,6 +204,7 @@ class MariaDBInstance:
         buffer_pool: str = "32M",
         binaries: MariaDBBinaries | None = None,
         extra_args: Sequence[str] = (),
+        user: str | None = None,
     ) -> None:
         self.name = name
         self.base_dir = Path(base_dir).absolute()
@@ -208,6 +214,7 @@ class MariaDBInstance:
         self._port = port or free_port()
         self._binaries = binaries
         self._as_root = os.geteuid() == 0
+        self._user = user
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -293,7 +300,7 @@ class MariaDBInstance:
             return
         binaries = self.binaries
         binaries.check()
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
         if self.data_dir.exists():
             shutil.rmtree(self.data_dir)
         argv = [
@@ -321,12 +328,12 @@ class MariaDBInstance:
             except subprocess.TimeoutExpired as err:
                 raise MariaDBInitFailed(
                     f"{self.name}: mariadb-install-db did not finish within {timeout} s; "
-                    f"last lines of {self.install_log}:\n{_tail(self.install_log)}"
+                    f"last lines of {self.install_log}:\n{log_tail(self.install_log)}"
                 ) from err
         if result.returncode != 0:
             raise MariaDBInitFailed(
                 f"{self.name}: mariadb-install-db exited with {result.returncode}; "
-                f"last lines of {self.install_log}:\n{_tail(self.install_log)}"
+                f"last lines of {self.install_log}:\n{log_tail(self.install_log)}"
             )
         self._initialized_marker.touch()
 
@@ -411,7 +418,7 @@ class MariaDBInstance:
             if remaining <= 0:
                 raise TimeoutError(
                     f"{self.name}: no answer to SELECT 1 on {self.address} within {timeout} s; "
-                    f"last lines of {self.error_log}:\n{_tail(self.error_log)}"
+                    f"last lines of {self.error_log}:\n{log_tail(self.error_log)}"
                 )
             time.sleep(min(_POLL_INTERVAL, remaining))
 
@@ -494,14 +501,22 @@ class MariaDBInstance:
 
     def _user_args(self) -> list[str]:
         # mariadbd refuses to run as root unless told to; as anyone else --user would fail.
-        return ["--user=root"] if self._as_root else []
+        return [f"--user={self._user or 'root'}"] if self._as_root else []
+
+    def _make_dirs(self) -> None:
+        """``base_dir`` and ``tmp_dir``, owned by ``user`` when the server drops to it (it
+        writes its pid file, socket and error log there)."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        if self._as_root and self._user not in (None, "root"):
+            for path in (self.base_dir, self.tmp_dir):
+                shutil.chown(path, self._user)
 
     def _basedir_args(self) -> list[str]:
         basedir = self.binaries.basedir
         return [f"--basedir={basedir}"] if basedir is not None else []
 
     def _start_once(self, deadline: float, timeout: float) -> int:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
         offsets = (_size(self.error_log), _size(self.output_log))
         with self.output_log.open("ab") as output:  # the child keeps its own descriptor
             proc = subprocess.Popen(
@@ -551,8 +566,8 @@ class MariaDBInstance:
 
     def _logs_since(self, offsets: tuple[int, int]) -> str:
         """What this start wrote to the error log (and to stdout/stderr, if anything)."""
-        text = f"last lines of {self.error_log}:\n{_tail(self.error_log, offsets[0])}"
-        output = _tail(self.output_log, offsets[1])
+        text = f"last lines of {self.error_log}:\n{log_tail(self.error_log, offsets[0])}"
+        output = log_tail(self.output_log, offsets[1])
         if output != _EMPTY:
             text += f"\nlast lines of {self.output_log}:\n{output}"
         return text
@@ -733,7 +748,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _tail(path: Path, offset: int = 0, lines: int = _TAIL_LINES) -> str:
+def log_tail(path: Path, offset: int = 0, lines: int = _TAIL_LINES) -> str:
     """The last ``lines`` lines of ``path`` from byte ``offset`` on (a placeholder if empty)."""
     try:
         with path.open("rb") as file:

@@ -54,7 +54,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from coordinator.decision_log._sql_schema import MEMBER_LENGTH, ensure_schema
-from coordinator.decision_log.sql_log import connect_args, shown, store_url
+from coordinator.decision_log.sql_log import connect_args, is_deadlock, shown, store_url
 from twopc.errors import FailedPrecondition, Unavailable
 
 __all__ = [
@@ -250,7 +250,7 @@ class SqlLeases:
                     sent = self._clock()
                     return self._acquire_in(conn, coordinator_id, member, lease_ms, sent)
             except DBAPIError as err:
-                if attempt < _ATTEMPTS and _retryable(err):
+                if attempt < _ATTEMPTS and is_deadlock(err):
                     continue
                 raise self._unavailable("acquire", coordinator_id, err) from err
             except SQLAlchemyError as err:
@@ -448,16 +448,6 @@ def _lost(lease: Lease, row: Any) -> str:
     if holder != lease.holder or epoch != lease.epoch:
         return f"{what} was taken over: the store shows {holder} at epoch {epoch}"
     return f"{what} expired by the store's clock {-remaining_ms} ms ago"
-
-
-def _retryable(err: DBAPIError) -> bool:
-    """A deadlock (MySQL 1213) or a serialization failure (PostgreSQL 40001, 40P01)."""
-    orig: Any = err.orig
-    code = getattr(orig, "sqlstate", None)
-    if code in ("40001", "40P01"):
-        return True
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    return bool(args) and args[0] == 1213
 
 
 def _utc(value: datetime.datetime) -> datetime.datetime:

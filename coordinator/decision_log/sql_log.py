@@ -37,17 +37,25 @@ Errors, and why they split the way they do:
   idempotently after a restart).
 
 Fencing (issue 12): a log given a ``lease`` (``leases.Lease``: coordinator id, holder, epoch)
-starts every store transaction, the replay of ``open()`` included, with ``_fence``: a locking
-read (``LOCK IN SHARE MODE`` / ``FOR SHARE``) of that id's row in ``twopc_leases``. When the row
-shows another holder or epoch, the transaction is rolled back, every record of the batch fails
-with ``DecisionLogFenced`` (nothing of it is in the store) and the log refuses every later record
-(state FENCED); ENDs are dropped (the new holder re-drives those commits, idempotently). The
-locking read is what makes a takeover safe: an ``acquire`` (an UPDATE of the same row) and a
-batch are serialized on that row lock, so either the batch commits first, and the new holder's
-replay, read after its acquire, holds its rows, or the acquire does, and the batch's read waits
-for it, then sees the new epoch and fails. A record is never acknowledged to the old holder and
-missed by the new one's replay. (On a Galera cluster, row locks are not shared between nodes:
-there the lease row and the log must be written through one node.) The fence checks holder and
+starts every store transaction, the replay of ``open()`` included, with ``_fence``: an UPDATE of
+that id's row in ``twopc_leases`` that matches only the log's holder and epoch and moves the
+row's expiry on by one microsecond (a real change: see Galera below). When it matches no row,
+the transaction is rolled back, every record of the batch fails with ``DecisionLogFenced``
+(nothing of it is in the store) and the log refuses every later record (state FENCED); ENDs are
+dropped (the new holder re-drives those commits, idempotently). The write is what makes a
+takeover safe: an ``acquire`` (an UPDATE of the same row) and a batch are serialized on that
+row, so either the batch commits first, and the new holder's replay, read after its acquire,
+holds its rows, or the acquire does, and the batch's UPDATE waits for it, then matches nothing
+and fails. A record is never acknowledged to the old holder and missed by the new one's replay.
+On a Galera cluster the batch and the acquire may run on different nodes, where row locks do
+not wait for each other; the conflict is settled at COMMIT instead: the two writes to the lease
+row fail certification for whichever is ordered second, and an acquire applied on the batch's
+node aborts the batch if it still holds the row (a brute-force abort). Either way the server
+answers 1213 and has rolled the loser back: an acquire is retried, and so is a batch, whose
+fence then sees the new epoch (tested on a 3-node cluster, ``tests/integration/test_galera.py``).
+Galera commits in certification order on every node, so a replay read after the acquire
+committed holds every batch certified before it.
+The fence checks holder and
 epoch, not expiry: a holder whose lease expired but was not taken over has written nothing
 anyone replayed. Renewing, and stopping at the local deadline, is the caller's (``leases``).
 
@@ -79,7 +87,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, select
+from sqlalchemy import Connection, Engine, create_engine, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -104,7 +112,7 @@ from coordinator.decision_log._sql_schema import (
 if TYPE_CHECKING:
     from coordinator.decision_log.leases import Lease
 
-__all__ = ["SqlDecisionLog", "connect_args", "shown", "store_url"]
+__all__ = ["SqlDecisionLog", "connect_args", "is_deadlock", "shown", "store_url"]
 
 log = structlog.get_logger("twopc.coordinator.decision_log")
 
@@ -167,6 +175,8 @@ def connect_args(*, postgres: bool, timeout_s: float) -> dict[str, Any]:
         "charset": "utf8mb4",
     }
 
+
+_ATTEMPTS = 5  # a batch chosen as a deadlock victim (against a lease acquire) is retried
 
 class _State(enum.Enum):
     NEW = "new"
@@ -502,7 +512,7 @@ class SqlDecisionLog:
             audit_rows.append({**row, "seq": seq})
         audit_seqs = [*self._audit_seqs, *(row["seq"] for row in audit_rows)]
         trim_to = audit_seqs[-self._audit_keep - 1] if len(audit_seqs) > self._audit_keep else None
-        for attempt in (1, 2):
+        for attempt in range(1, _ATTEMPTS + 1):
             try:
                 conn = self._connection()
                 self._watchdog.arm(_socket_of(conn))
@@ -511,7 +521,6 @@ class SqlDecisionLog:
                     # ENDs are not forced: the next forced COMMIT's WAL flush covers this one.
                     conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 self._write_rows(conn, batch.ends, commit_rows, audit_rows, trim_to)
-                break
             except _Fenced as fenced:
                 self._drop_connection()  # the store rolls the transaction back
                 return self._fence_failed(batch, str(fenced))
@@ -520,21 +529,31 @@ class SqlDecisionLog:
                 stale = isinstance(err, DBAPIError) and err.connection_invalidated
                 if attempt == 1 and stale:
                     continue  # a dead connection, nothing sent in it: once more on a new one
+                if attempt < _ATTEMPTS and isinstance(err, DBAPIError) and is_deadlock(err):
+                    # Chosen as a deadlock victim against a lease acquire: rolled back, so the
+                    # batch is tried again (its fence then sees the acquire's outcome).
+                    continue
                 return self._not_written(batch, err, last=last)
-        started = self._clock()
-        self._watchdog.arm(_socket_of(conn))  # the COMMIT gets a timeout of its own
-        try:
-            conn.commit()
-        except SQLAlchemyError as err:
-            self._drop_connection()
-            if not forced:
-                self._requeue_ends(batch.ends, err, last=last)
-                return None
-            return self._fail(
-                f"the COMMIT of a batch of {len(batch.commits)} decision(s) to {self._name} "
-                f"failed ({_reason(err)}), so whether they are durable is unknown",
-                err,
-            )
+            started = self._clock()
+            self._watchdog.arm(_socket_of(conn))  # the COMMIT gets a timeout of its own
+            try:
+                conn.commit()
+            except SQLAlchemyError as err:
+                self._drop_connection()
+                if attempt < _ATTEMPTS and isinstance(err, DBAPIError) and is_deadlock(err):
+                    # The COMMIT was refused, not lost: a Galera node that certified a
+                    # conflicting write first (a lease acquire on another node) rolls this
+                    # transaction back and says so. Nothing is durable: try again.
+                    continue
+                if not forced:
+                    self._requeue_ends(batch.ends, err, last=last)
+                    return None
+                return self._fail(
+                    f"the COMMIT of a batch of {len(batch.commits)} decision(s) to {self._name} "
+                    f"failed ({_reason(err)}), so whether they are durable is unknown",
+                    err,
+                )
+            break
         self._watchdog.disarm()
         if forced and self._on_sync is not None:
             self._on_sync(len(batch.commits), self._clock() - started)
@@ -546,27 +565,41 @@ class SqlDecisionLog:
         return None
 
     def _fence(self, conn: Connection) -> None:
-        """The first statement of every store transaction (with a lease): a locking read of the
-        lease row, held until the transaction ends, so that no takeover can commit between this
-        check and the batch's COMMIT (see the module's docstring).
+        """The first statement of every store transaction (with a lease): an UPDATE of the lease
+        row that only this holder at this epoch matches, held until the transaction ends, so
+        that no takeover can commit between this check and the batch's COMMIT (see the module's
+        docstring). It moves the expiry on by 1 µs, so that Galera certifies it.
 
         Raises:
             _Fenced: the row shows another holder or epoch, or is gone.
         """
         if self._fenced_on is None:
             return
-        row = conn.execute(
-            select(LEASES.c.holder, LEASES.c.epoch)
-            .where(LEASES.c.coordinator_id == self._coordinator_id)
-            .with_for_update(read=True)
-        ).one_or_none()
         holder, epoch = self._fenced_on
-        if row is None or (row.holder, row.epoch) != (holder, epoch):
-            now = "no lease row" if row is None else f"{row.holder} at epoch {row.epoch}"
-            raise _Fenced(
-                f"{holder} no longer holds coordinator id {self._coordinator_id} at epoch "
-                f"{epoch}: the store shows {now}"
+        later = (
+            "expires_at + interval '1 microsecond'"
+            if self._postgres
+            else "expires_at + INTERVAL 1 MICROSECOND"
+        )
+        touched = conn.execute(
+            text(
+                f"UPDATE twopc_leases SET expires_at = {later} "
+                "WHERE coordinator_id = :id AND holder = :holder AND epoch = :epoch"
+            ),
+            {"id": self._coordinator_id, "holder": holder, "epoch": epoch},
+        )
+        if touched.rowcount == 1:
+            return
+        row = conn.execute(
+            select(LEASES.c.holder, LEASES.c.epoch).where(
+                LEASES.c.coordinator_id == self._coordinator_id
             )
+        ).one_or_none()
+        now = "no lease row" if row is None else f"{row.holder} at epoch {row.epoch}"
+        raise _Fenced(
+            f"{holder} no longer holds coordinator id {self._coordinator_id} at epoch "
+            f"{epoch}: the store shows {now}"
+        )
 
     def _fence_failed(self, batch: _Batch, why: str) -> _Failure:
         self._failure = (
@@ -677,6 +710,15 @@ class SqlDecisionLog:
         self._state = _State.FAILED
         log.critical("decision_log_failed", store=self._name, error=self._failure)
         return _Failure(DecisionLogFailed, self._failure, err)
+
+
+def is_deadlock(err: DBAPIError) -> bool:
+    """A deadlock (MySQL 1213) or a serialization failure (PostgreSQL 40001, 40P01)."""
+    orig: Any = err.orig
+    if getattr(orig, "sqlstate", None) in ("40001", "40P01"):
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and args[0] == 1213
 
 
 def _socket_of(conn: Connection) -> int:

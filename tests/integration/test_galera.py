@@ -7,6 +7,7 @@ asynchronously)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Iterator
@@ -174,3 +175,118 @@ def test_a_paused_node_is_stopped_and_catches_up_when_resumed(cluster: GaleraClu
         cursor.execute("INSERT INTO across_pause VALUES (1)")
     cluster.wait_synced(timeout=30)
     assert ids(cluster, 3, "across_pause") == [1]
+
+
+# --- the decision log's fence on Galera: the log on one node, a takeover on another -----------
+
+
+def test_a_takeover_on_another_node_fences_the_old_holders_log(cluster: GaleraCluster) -> None:
+    """The old holder writes its decision log through node 1 with 16 tasks without pause; a peer
+    acquires the id through node 2. Row locks are not shared between Galera nodes, but the
+    fence's write to the lease row makes the two conflict in certification: every commit
+    acknowledged to the old holder is in the new holder's replay (read through node 2), every
+    one refused is not, and none that started after the acquire returned is acknowledged."""
+    from coordinator.decision_log import DecisionLogFenced  # noqa: PLC0415
+    from coordinator.decision_log.leases import LeaseHeld, SqlLeases  # noqa: PLC0415
+    from coordinator.decision_log.sql_log import SqlDecisionLog  # noqa: PLC0415
+    from tests.integration.test_leases import LONG_MS, commit, replay_of, run, until  # noqa: PLC0415
+
+    node1, node2 = cluster.url(1, DATABASE), cluster.url(2, DATABASE)
+    cid = "galera-race"
+
+    async def scenario() -> None:
+        a, b = SqlLeases(node1), SqlLeases(node2)
+        lease = await a.acquire(cid, "member-a", 1000)
+        log = SqlDecisionLog(node1, coordinator_id=cid, lease=lease, timeout_s=10)
+        await log.open()
+        acked: list[tuple[str, bool]] = []
+        fenced: list[str] = []
+        taken_over = asyncio.Event()
+
+        async def writer(w: int) -> None:
+            for i in range(100_000):
+                record = commit(cid, w * 100_000 + i)
+                after_takeover = taken_over.is_set()
+                try:
+                    await log.record_commit(record)
+                except DecisionLogFenced:
+                    fenced.append(record.txid)
+                    return
+                acked.append((record.txid, after_takeover))
+                if after_takeover:
+                    return  # acknowledged after the takeover: the test fails below
+
+        writers = [asyncio.create_task(writer(w)) for w in range(16)]
+
+        async def some_acked() -> bool:
+            return len(acked) >= 32
+
+        await until(some_acked, "32 commits acknowledged before the takeover", within=30)
+        while True:
+            try:
+                taken = await b.acquire(cid, "member-b", LONG_MS)
+                break
+            except LeaseHeld:
+                await asyncio.sleep(0.005)
+        taken_over.set()
+        await asyncio.gather(*writers)
+        await log.close()
+        replay = await replay_of(node2, taken)
+        assert [txid for txid, after in acked if after] == []
+        assert len(fenced) == 16
+        assert set(replay) == {txid for txid, _ in acked}
+        a.close()
+        b.close()
+
+    run(scenario(), deadline=90)
+
+
+def test_a_batch_in_flight_on_one_node_loses_to_a_takeover_on_another(
+    cluster: GaleraCluster,
+) -> None:
+    """The old holder's batch (through node 1) has passed its fence and its COMMIT is held on
+    the way; a peer acquires the id through node 2 meanwhile, which no row lock stops, and reads
+    its replay. Released, the batch's COMMIT fails certification against the acquire: the
+    record is refused (fenced), never acknowledged, and so never missing from the replay."""
+    from coordinator.decision_log import DecisionLogFenced  # noqa: PLC0415
+    from coordinator.decision_log.leases import SqlLeases  # noqa: PLC0415
+    from coordinator.decision_log.sql_log import SqlDecisionLog  # noqa: PLC0415
+    from tests.integration.test_leases import (  # noqa: PLC0415
+        LONG_MS,
+        SHORT_MS,
+        commit,
+        expired_in_store,
+        replay_of,
+        run,
+        until,
+    )
+    from tests.sql_stores import proxy_to, via  # noqa: PLC0415
+
+    node1, node2 = cluster.url(1, DATABASE), cluster.url(2, DATABASE)
+
+    async def scenario() -> None:
+        with proxy_to(cluster.node_ports(1).client) as proxy:
+            a, b = SqlLeases(node1), SqlLeases(node2)
+            lease = await a.acquire("held", "member-a", SHORT_MS)
+            log = SqlDecisionLog(via(node1, proxy.port), coordinator_id="held", lease=lease)
+            await log.open()
+            await expired_in_store(b, "held")
+            proxy.hold_commits = True
+            written = asyncio.create_task(log.record_commit(commit("held", 1)))
+
+            async def held() -> bool:
+                return proxy.commits_held == 1
+
+            await until(held, "the batch's COMMIT to reach the proxy")
+            taken = await b.acquire("held", "member-b", LONG_MS)
+            replay = await replay_of(node2, taken)
+            proxy.release_commits()
+            with pytest.raises(DecisionLogFenced):
+                await written
+            assert replay == []
+            assert await replay_of(node2, taken) == []
+            await log.close()
+            a.close()
+            b.close()
+
+    run(scenario(), deadline=60)

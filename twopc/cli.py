@@ -26,6 +26,8 @@ twopc admin resolve TXID (--commit|--abort) --reason TEXT
                                                 commit or abort one by hand (audited)
 twopc admin drain | undrain                     stop / resume admitting new transactions
 twopc certs init DIR | issue DIR NAME           a throwaway CA and certificates (mutual TLS)
+twopc health --address HOST:PORT [--tls-* ...]  one gRPC health check, for exec probes: exit 0
+                                                SERVING, 1 not serving, 2 no answer
 
 `pip install twopc` runs `twopc tx` and `twopc admin`; every other command needs an extra (it
 says which).
@@ -114,6 +116,13 @@ _COMMANDS = {
     ),
     "certs": _Command(
         "a throwaway CA and certificates for mutual TLS", "playground", "twopc.testing.certs"
+    ),
+    # Run in a daemon's container by its probes: the coordinator's and the agent's extras both
+    # have the health client (grpcio-health-checking).
+    "health": _Command(
+        "one gRPC health check, for exec probes (exit 0 SERVING, 1 not serving, 2 no answer)",
+        "coordinator",
+        "twopc.health_cli",
     ),
 }
 
@@ -316,6 +325,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from twopc.testing.certs import run as run_certs
 
         return run_certs
+    if command == "health":
+        from twopc.health_cli import run as run_health
+
+        return run_health
     raise AssertionError(command)
 
 

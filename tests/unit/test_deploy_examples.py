@@ -164,7 +164,11 @@ def _service_section(unit: Path) -> dict[str, str]:
 
 
 def test_there_is_a_unit_per_daemon() -> None:
-    assert [u.name for u in UNITS] == ["twopc-agent@.service", "twopc-coordinator.service"]
+    assert [u.name for u in UNITS] == [
+        "twopc-agent@.service",
+        "twopc-coordinator-member@.service",
+        "twopc-coordinator.service",
+    ]
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
@@ -185,6 +189,31 @@ def test_the_coordinator_unit_may_write_its_data_dir_and_nothing_else() -> None:
     agent = _service_section(EXAMPLES.parent / "systemd" / "twopc-agent@.service")
     assert "ReadWritePaths" not in agent
     assert "StateDirectory" not in agent
+
+
+def test_a_group_members_unit_is_its_instance_and_writes_nothing() -> None:
+    """twopc-coordinator-member@ID.service: the instance name is the member's coordinator id
+    (set over its file, so that they cannot disagree), its file /etc/twopc/member-ID.toml, the
+    store password from /etc/twopc/member-ID.env (required: the member refuses to start
+    without it). Its log is in the store: no state directory, no writable path."""
+    unit = EXAMPLES.parent / "systemd" / "twopc-coordinator-member@.service"
+    service = _service_section(unit)
+    assert service["ExecStart"] == (
+        "/opt/twopc/.venv/bin/twopc coordinator --config /etc/twopc/member-%i.toml"
+    )
+    assert service["Environment"] == "TWOPC_COORDINATOR_COORDINATOR_ID=%i"
+    assert service["EnvironmentFile"] == "/etc/twopc/member-%i.env"
+    assert "StateDirectory" not in service
+    assert "ReadWritePaths" not in service
+    coordinator = _service_section(EXAMPLES.parent / "systemd" / "twopc-coordinator.service")
+    for key in ("KillSignal", "TimeoutStopSec", "Restart", "UMask", "SystemCallFilter"):
+        assert service[key] == coordinator[key], key
+    # The instance becomes the coordinator id through the environment, as the daemon loads it.
+    config = load_coordinator_config(
+        EXAMPLES / "coordinator.toml",
+        environ={service["Environment"].split("=", 1)[0]: "member-2"},
+    )
+    assert config.coordinator_id == "member-2"
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -220,10 +249,10 @@ def test_systemd_accepts_the_units_without_a_warning(units_here: list[Path]) -> 
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed here")
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", range(len(UNITS)), ids=[u.name for u in UNITS])
 def test_systemd_rates_the_units_exposure_low(units_here: list[Path], index: int) -> None:
     """``systemd-analyze security`` scores what a unit leaves exposed, 0 (nothing) to 10: at
-    most 2.5 here (the agent scores 2.0, the coordinator 1.8)."""
+    most 2.5 here (the agent scores 2.0, the coordinator and a group member 1.8)."""
     assert SYSTEMD_ANALYZE is not None
     done = subprocess.run(
         [SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=25", str(units_here[index])],

@@ -207,6 +207,7 @@ def test_twopc_tx_runs_with_the_base_dependencies_only(base_site: Path, tmp_path
         (["chaos", "--help"], "chaos"),
         (["bench", "--duration", "1"], "bench"),
         (["certs", "init", "somewhere"], "playground"),
+        (["health", "--address", "127.0.0.1:1", "--insecure-plaintext"], "coordinator"),
     ],
 )
 def test_a_command_without_its_extra_names_the_extra(

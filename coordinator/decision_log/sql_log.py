@@ -178,6 +178,7 @@ def connect_args(*, postgres: bool, timeout_s: float) -> dict[str, Any]:
 
 _ATTEMPTS = 5  # a batch chosen as a deadlock victim (against a lease acquire) is retried
 
+
 class _State(enum.Enum):
     NEW = "new"
     OPEN = "open"

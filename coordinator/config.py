@@ -101,6 +101,9 @@ class CoordinatorConfig:
     # read from the environment variable named by decision_log_password_env ("": none).
     decision_log: str = "file"
     decision_log_password_env: str = ""
+    # More host:port of the same MariaDB/MySQL store (a Galera cluster's other nodes), tried in
+    # turn when the URL's host does not answer (coordinator.decision_log.store_hosts).
+    decision_log_hosts: tuple[str, ...] = ()
     # On the SQL log, this coordinator acts for coordinator_id only while it holds the id's
     # lease in the store (coordinator.lease_keeper): ``member`` is its name there ("": the
     # host's name), ``lease_ms`` how long a lease lasts without renewal (renewed every third).
@@ -208,7 +211,34 @@ class CoordinatorConfig:
                 "remove it from the URL and name the environment variable that holds it in "
                 "decision_log_password_env"
             )
+        if self.decision_log_hosts:
+            if url.get_backend_name() == "postgresql":
+                raise ValueError(
+                    "decision_log_hosts is for MariaDB/MySQL stores; PostgreSQL takes several "
+                    "hosts in the URL itself (postgresql://user@h1:5432,h2:5432/db)"
+                )
+            from coordinator.decision_log.store_hosts import parse_hosts  # noqa: PLC0415
+
+            parse_hosts(self.decision_log_hosts)
         return url
+
+    def store_engine_options(self, environ: Mapping[str, str]) -> dict[str, object]:
+        """``create_engine`` options for the SQL store's connections: a connection factory that
+        tries ``decision_log_hosts`` in turn when there are any, none otherwise."""
+        url = self.decision_log_url()
+        if url is None or not self.decision_log_hosts:
+            return {}
+        from coordinator.decision_log.sql_log import connect_args  # noqa: PLC0415
+        from coordinator.decision_log.store_hosts import failover_creator  # noqa: PLC0415
+
+        password = self.decision_log_password(environ)
+        if password is not None:
+            url = url.set(password=password)
+        return {
+            "creator": failover_creator(
+                url, self.decision_log_hosts, connect_args(postgres=False, timeout_s=10.0)
+            )
+        }
 
     def decision_log_password(self, environ: Mapping[str, str]) -> str | None:
         """The SQL store's password from the environment; None when none is configured.

@@ -106,6 +106,7 @@ def build_decision_log(
         url,
         coordinator_id=config.coordinator_id,
         password=config.decision_log_password(environ),
+        engine_options=config.store_engine_options(environ),
         audit_keep=config.audit_keep,
         on_sync=on_sync,
         lease=lease,
@@ -134,7 +135,11 @@ async def _keep_lease(
     from coordinator.decision_log.leases import SqlLeases  # noqa: PLC0415
     from coordinator.lease_keeper import LeaseKeeper  # noqa: PLC0415
 
-    leases = SqlLeases(url, password=config.decision_log_password(environ))
+    leases = SqlLeases(
+        url,
+        password=config.decision_log_password(environ),
+        engine_options=config.store_engine_options(environ),
+    )
     keeper = LeaseKeeper(
         leases,
         coordinator_id=config.coordinator_id,

@@ -19,6 +19,10 @@ twopc bench-recovery [--in-doubt N]             time to resolve N in-doubt trans
                                                 a coordinator SIGKILL and restart
 twopc bench-log [--writers 1,8,64]              the decision log on a file, MariaDB and
                                                 PostgreSQL, side by side
+twopc bench-group [--clients 32] [--members 3]  a coordinator group on a 3-node Galera store
+                                                against one coordinator on its file log
+twopc bench-takeover [--rounds 5]               seconds from a group member's SIGKILL to its
+                                                in-doubt transactions resolved by a peer
 twopc tx TXID | --request-id ID                 a transaction's state and outcome
 twopc admin list | show TXID | audit            the operator's view: live and in-doubt
                                                 transactions, one in full, the audit records
@@ -109,6 +113,16 @@ _COMMANDS = {
         "the decision log on a file, MariaDB and PostgreSQL, side by side",
         "bench",
         "twopc.testing.bench.log_stores",
+    ),
+    "bench-group": _Command(
+        "a coordinator group on Galera against one coordinator on its file log",
+        "bench",
+        "twopc.testing.bench.group",
+    ),
+    "bench-takeover": _Command(
+        "time from a group member's SIGKILL to its in-doubt transactions resolved",
+        "bench",
+        "twopc.testing.bench.takeover",
     ),
     "tx": _Command("look a transaction up", None),
     "admin": _Command(
@@ -201,6 +215,21 @@ def _parser(named: str | None = None) -> argparse.ArgumentParser:
         "--proxied",
         action="store_true",
         help="put a fault proxy on every hop (the state file lists the links)",
+    )
+    playground.add_argument(
+        "--coordinators",
+        type=int,
+        default=1,
+        help="coordinators: above 1, a group (ids c1, c2, ...) sharing one decision log, each "
+        "taking over the ids of members that stop (default: %(default)s)",
+    )
+    playground.add_argument(
+        "--log-store",
+        choices=("file", "galera"),
+        default=None,
+        help="where decisions are logged: 'file' (one coordinator's data directory) or "
+        "'galera', a 3-node MariaDB Galera cluster on loopback (nodes store-1..store-3) "
+        "(default: file for one coordinator, galera for a group)",
     )
     playground.add_argument(
         "--no-examples",
@@ -317,6 +346,14 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from twopc.testing.bench.log_stores import run as run_bench_log
 
         return run_bench_log
+    if command == "bench-group":
+        from twopc.testing.bench.group import run as run_bench_group
+
+        return run_bench_group
+    if command == "bench-takeover":
+        from twopc.testing.bench.takeover import run as run_bench_takeover
+
+        return run_bench_takeover
     if command == "proxy":
         from twopc.testing.chaos.proxy_service import run as run_proxy
 

@@ -9,6 +9,7 @@ link. Every fault is recorded with the times it really started and ended.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -20,8 +21,9 @@ import structlog
 
 from twopc.api import chaos_pb2 as cpb
 from twopc.api import chaos_pb2_grpc as cpb_grpc
-from twopc.testing.chaos.schedule import FaultEvent, FaultKind
-from twopc.testing.playground.cluster import PROXY, Cluster
+from twopc.testing.chaos.schedule import PROCESS_FAULTS, FaultEvent, FaultKind
+from twopc.testing.playground.cluster import PROXY, STORE_NODE, Cluster
+from twopc.testing.playground.galera import GaleraCluster
 from twopc.testing.playground.mariadb import PlaygroundError
 from twopc.testing.playground.tls import ADMIN
 
@@ -53,6 +55,11 @@ class Injector:
     done: threading.Event = field(default_factory=threading.Event)  # the schedule has run out
     _stopped: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Process faults under way (their target is down or frozen on purpose), and the lock that
+    # keeps the injector and the supervisor from starting one process twice.
+    _faulted: set[str] = field(default_factory=set)
+    _starting: threading.Lock = field(default_factory=threading.Lock)
+    supervised: list[tuple[float, str]] = field(default_factory=list)  # (when, what) restarts
 
     def now(self) -> float:
         return time.monotonic() - self.began
@@ -76,6 +83,19 @@ class Injector:
         finally:
             self.done.set()
 
+    def supervise(self, stop: threading.Event, interval: float = 0.5) -> None:
+        """Starts again, as systemd's Restart=always or Kubernetes would, every daemon that
+        exited by itself (no fault of the schedule on it): a member that stepped down after
+        losing its lease, a daemon that stopped on an error. Until ``stop``."""
+        while not stop.wait(interval):
+            for name in [*self.cluster.members, *(f"agent-{r}" for r in self.cluster.regions)]:
+                with self._starting:
+                    if name in self._faulted or self.cluster.component(name).alive():
+                        continue
+                    self.cluster.restart(name, wait=False)
+                self.supervised.append((self.now(), name))
+                log.info("supervisor_restarted", component=name, at=round(self.now(), 2))
+
     def heal_all(self, attempts: int = 5) -> None:
         """Every link healed, every process running and answering, every failpoint disarmed.
 
@@ -86,10 +106,13 @@ class Injector:
             with self._channel(PROXY) as channel:
                 cpb_grpc.FaultProxyStub(channel).Heal(cpb.HealRequest(), timeout=_CONTROL_TIMEOUT_S)
         for name in list(self._stopped):
-            self.cluster.component(name).send(signal.SIGCONT)
+            self._signal(name, signal.SIGCONT)
             self._stopped.discard(name)
-        daemons = ["coordinator"] + [f"agent-{r}" for r in self.cluster.regions]
-        order = [f"mariadb-{r}" for r in self.cluster.regions] + daemons[1:] + daemons[:1]
+        self._heal_store()
+        members = self.cluster.members
+        daemons = members + [f"agent-{r}" for r in self.cluster.regions]
+        order = [f"mariadb-{r}" for r in self.cluster.regions] + daemons[len(members) :]
+        order += members
         for _ in range(attempts):
             armed = False
             for name in daemons:
@@ -116,7 +139,11 @@ class Injector:
             self.applied.append(record)
         log.info("fault_start", fault=event.describe(), at=round(record.started, 2))
         kind, target = event.kind, event.target
-        if kind is FaultKind.KILL:
+        if kind in PROCESS_FAULTS or kind is FaultKind.FAILPOINT:
+            self._faulted.add(target)
+        if store_node(target) and kind in PROCESS_FAULTS:
+            self._start_on_store(kind, target)
+        elif kind is FaultKind.KILL:
             self.cluster.kill(target, signal.SIGKILL)
         elif kind is FaultKind.RESTART:
             # Not waiting for it to exit: a graceful stop can take a while, and later faults
@@ -138,7 +165,9 @@ class Injector:
         kind, target = event.kind, event.target
         if kind is FaultKind.RESET:
             return
-        if kind in (FaultKind.KILL, FaultKind.RESTART):
+        if store_node(target) and kind in PROCESS_FAULTS:
+            self._end_on_store(kind, target, record)
+        elif kind in (FaultKind.KILL, FaultKind.RESTART):
             self._restart_if_down(target, record)
         elif kind is FaultKind.STOP:
             self.cluster.component(target).send(signal.SIGCONT)
@@ -148,8 +177,52 @@ class Injector:
             self._arm(target, str(event.detail["name"]), "")
         else:
             self._set_link(target, cpb.Fault())
+        self._faulted.discard(target)
         record.ended = self.now()
         log.info("fault_end", fault=event.describe(), at=round(record.ended, 2))
+
+    # --- the group's store: nodes store-1 .. store-N of its Galera cluster ---------------------
+
+    def _start_on_store(self, kind: FaultKind, target: str) -> None:
+        store, node = self._store(), store_node(target)
+        if kind is FaultKind.STOP:
+            store.pause(node)
+            self._stopped.add(target)
+        else:  # KILL, and RESTART too: a Galera node is restarted from its recovered position
+            store.kill(node)
+
+    def _end_on_store(self, kind: FaultKind, target: str, record: AppliedFault) -> None:
+        store, node = self._store(), store_node(target)
+        if kind is FaultKind.STOP:
+            store.resume(node)
+            self._stopped.discard(target)
+        else:
+            store.restart(node)
+            record.note = (record.note + " restarted").strip()
+
+    def _heal_store(self) -> None:
+        store = self.cluster.store
+        if store is None:
+            return
+        for node, pid in store.pids.items():
+            if pid is None:
+                store.restart(node)
+        store.wait_synced()
+
+    def _store(self) -> GaleraCluster:
+        if self.cluster.store is None:
+            raise PlaygroundError("this cluster has no Galera store to fault")
+        return self.cluster.store
+
+    def _signal(self, name: str, sig: int) -> None:
+        node = store_node(name)
+        if node:
+            pid = self._store().pids.get(node)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        else:
+            self.cluster.component(name).send(sig)
 
     def _restart_if_down(self, name: str, record: AppliedFault) -> None:
         component = self.cluster.component(name)
@@ -157,11 +230,13 @@ class Injector:
             # SIGTERM not obeyed by now: a supervisor would stop waiting too.
             self.cluster.kill(name, signal.SIGKILL)
             record.note = (record.note + " SIGTERM ignored, SIGKILLed").strip()
-        if not component.alive():
-            # Not waiting for it to answer: an agent waits for its database, whose own restart
-            # may be the next action of this thread. heal_all() checks every part at the end.
-            self.cluster.restart(name, wait=False)
-            record.note = (record.note + " restarted").strip()
+        with self._starting:
+            if not component.alive():
+                # Not waiting for it to answer: an agent waits for its database, whose own
+                # restart may be the next action of this thread. heal_all() checks every part
+                # at the end.
+                self.cluster.restart(name, wait=False)
+                record.note = (record.note + " restarted").strip()
 
     def _ensure_serving(self, name: str, patience: float = 15.0) -> bool:
         """True if ``name`` answers; a process that lives but does not answer within
@@ -179,10 +254,17 @@ class Injector:
     # --- control plane ------------------------------------------------------------------------
 
     def _set_link(self, link: str, fault: cpb.Fault) -> None:
+        """The fault on ``link``; on a member's store link, on its links to every store node
+        (``<member>-store-<node>`` too): a member cut off from the store, not from one node."""
+        names = [link]
+        if link.endswith("-store"):
+            names += [k.name for k in self.cluster.links if k.name.startswith(f"{link}-")]
         with self._channel(PROXY) as channel:
-            cpb_grpc.FaultProxyStub(channel).SetFault(
-                cpb.SetFaultRequest(name=link, fault=fault), timeout=_CONTROL_TIMEOUT_S
-            )
+            stub = cpb_grpc.FaultProxyStub(channel)
+            for name in names:
+                stub.SetFault(
+                    cpb.SetFaultRequest(name=name, fault=fault), timeout=_CONTROL_TIMEOUT_S
+                )
 
     def _arm(self, daemon: str, name: str, spec: str) -> None:
         with self._channel(daemon) as channel:
@@ -221,3 +303,9 @@ def _link_fault(event: FaultEvent) -> cpb.Fault:
         blackhole=kind is FaultKind.BLACKHOLE,
         reset=kind is FaultKind.RESET,
     )
+
+
+def store_node(name: str) -> int:
+    """The node number of a store target (``store-2`` -> 2); 0 for any other target."""
+    number = name.removeprefix(STORE_NODE)
+    return int(number) if name.startswith(STORE_NODE) and number.isdigit() else 0

@@ -113,6 +113,11 @@ class ChaosResult:
         lines.append(
             f"  faults injected: {len(self.faults)} of {self.planned} planned ({faults or 'none'})"
         )
+        if self.extra.get("restarted_by_supervisor"):
+            lines.append(
+                f"  daemons that exited by themselves (a member stepping down, ...) and were "
+                f"started again, as a supervisor would: {self.extra['restarted_by_supervisor']}"
+            )
         lines.append(f"  quiescent {self.quiescence_s:.2f} s after the last heal")
         lines.extend(f"  {verdict}" for verdict in self.verdicts)
         lines.append("  ALL INVARIANTS HOLD" if self.ok else "  INVARIANT BROKEN")

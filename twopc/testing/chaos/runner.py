@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 import threading
@@ -29,7 +30,7 @@ from twopc.testing.chaos.injector import Injector
 from twopc.testing.chaos.report import ChaosResult, plot_timeline, write_json
 from twopc.testing.chaos.schedule import FaultKind, Targets, plan
 from twopc.testing.playground.bank import Transfer, TransferWorkload, create_accounts, total_balance
-from twopc.testing.playground.cluster import STATE_FILE, Cluster, wait_until
+from twopc.testing.playground.cluster import STATE_FILE, STORE_NODE, Cluster, wait_until
 from twopc.testing.playground.invariants import (
     agents_liveness,
     check_bank,
@@ -60,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None, help="JSON report (default: in --dir)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG timeline (default: in --dir)")
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
+    parser.add_argument(
+        "--coordinators",
+        type=int,
+        default=1,
+        help="coordinators: above 1, a group on a 3-node Galera store, and the group's faults "
+        "(members and store nodes killed and stopped, a member cut off from the store or from "
+        "an agent) join the draw (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     kinds = [FaultKind(k.strip()) for k in args.faults.split(",") if k.strip()]
     directory: Path = args.dir.resolve()
     if (directory / STATE_FILE).exists():
-        Cluster.load(directory).down()
+        previous = Cluster.load(directory)
+        previous.down()
+        previous.remove_store()
         shutil.rmtree(directory)
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
     cluster = Cluster.create(
@@ -81,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
             "rpc_timeout_s": 3.0,
         },
         agent_settings={"admin_failpoints": True, "lock_wait_timeout_s": 5},
+        coordinators=args.coordinators,
+        log_store="galera" if args.coordinators > 1 else "file",
     )
     transport = "mutual TLS" if cluster.tls is not None else "PLAINTEXT"
-    say(f"starting a proxied playground in {directory} ({', '.join(regions)}; {transport})")
+    group = f"; a group of {args.coordinators} on Galera" if args.coordinators > 1 else ""
+    say(f"starting a proxied playground in {directory} ({', '.join(regions)}; {transport}{group})")
     cluster.up()
     try:
         result = _run(cluster, args, kinds)
@@ -93,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"cluster left running: twopc playground --dir {directory} --down")
         else:
             cluster.down()
+            cluster.remove_store()
     report = args.report or directory / "chaos-report.json"
     timeline = args.plot or directory / "chaos-timeline.png"
     return finish(result, report, timeline)
@@ -118,10 +133,14 @@ def finish(result: ChaosResult, report: Path, timeline: Path) -> int:
 
 def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> ChaosResult:
     expected_total = create_accounts(cluster, args.accounts)
-    processes = ["coordinator"]
+    processes = list(cluster.members)
     processes += [f"agent-{r}" for r in cluster.regions]
     processes += [f"mariadb-{r}" for r in cluster.regions]
-    targets = Targets(tuple(processes), tuple(link.name for link in cluster.links))
+    if cluster.store is not None:
+        processes += [f"{STORE_NODE}{node}" for node in range(1, cluster.store.size + 1)]
+    # A member's links to the other store nodes are faulted with its link to its own node.
+    links = [k.name for k in cluster.links if not re.search(r"-store-\d+$", k.name)]
+    targets = Targets(tuple(processes), tuple(links))
     schedule = plan(
         args.seed,
         args.duration,
@@ -147,6 +166,7 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
         stop = threading.Event()
         threads = [
             threading.Thread(target=injector.run, args=(schedule, stop), name="injector"),
+            threading.Thread(target=injector.supervise, args=(stop,), name="supervisor"),
             threading.Thread(
                 target=workload.run,
                 args=(10**9, args.workers),
@@ -190,7 +210,7 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
         verdicts.append(
             agents_liveness(_held_by_agents(cluster), quiescence, QUIESCENCE_DEADLINE_S)
         )
-    return ChaosResult(
+    result = ChaosResult(
         seed=args.seed,
         duration=args.duration,
         regions=cluster.regions,
@@ -202,6 +222,8 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
         quiescence_s=quiescence,
         began_at=injector.began,
     )
+    result.extra["restarted_by_supervisor"] = len(injector.supervised)
+    return result
 
 
 def _show_progress(

@@ -51,8 +51,9 @@ FAILPOINT_SPECS = ("1*crash", "20%3*return(unavailable)", "30%5*sleep(300)")
 
 @dataclass(frozen=True)
 class Targets:
-    """What a schedule may hit: process names (``coordinator``, ``agent-eu``, ``mariadb-eu``)
-    and proxy link names (``client-coordinator``, ``coordinator-agent-eu``, ...)."""
+    """What a schedule may hit: process names (``coordinator``, ``coordinator-2``, ...,
+    ``agent-eu``, ``mariadb-eu``, a group's store nodes ``store-1``, ...) and proxy link names
+    (``client-coordinator``, ``coordinator-agent-eu``, ``coordinator-2-store``, ...)."""
 
     processes: tuple[str, ...]
     links: tuple[str, ...] = ()
@@ -115,7 +116,7 @@ def _required(
     """The faults no run may miss, spread evenly over the run (one at a time)."""
     wanted: list[tuple[FaultKind, tuple[str, ...], dict[str, object]]] = []
     if FaultKind.KILL in usable:
-        for prefix in ("coordinator", "agent-", "mariadb-"):
+        for prefix in ("coordinator", "agent-", "mariadb-", "store-"):
             choices = tuple(t for t in targets.processes if t.startswith(prefix))
             if choices:
                 wanted.append((FaultKind.KILL, choices, {}))
@@ -153,8 +154,8 @@ def _has_targets(kind: FaultKind, targets: Targets) -> bool:
 def _targets_for(kind: FaultKind, targets: Targets) -> tuple[str, ...]:
     if kind in LINK_FAULTS:
         return targets.links
-    if kind is FaultKind.FAILPOINT:
-        return tuple(t for t in targets.processes if not t.startswith("mariadb"))
+    if kind is FaultKind.FAILPOINT:  # the daemons, not the databases
+        return tuple(t for t in targets.processes if not t.startswith(("mariadb", "store-")))
     return targets.processes
 
 
@@ -173,6 +174,6 @@ def _detail(kind: FaultKind, target: str, rng: random.Random) -> dict[str, objec
         latency = rng.choice((5, 20, 50, 50, 100))
         return {"latency_ms": latency, "jitter_ms": latency // 5}
     if kind is FaultKind.FAILPOINT:
-        names = COORDINATOR_FAILPOINTS if target == "coordinator" else AGENT_FAILPOINTS
+        names = COORDINATOR_FAILPOINTS if target.startswith("coordinator") else AGENT_FAILPOINTS
         return {"name": rng.choice(names), "spec": rng.choice(FAILPOINT_SPECS)}
     return {}

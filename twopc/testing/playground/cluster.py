@@ -39,11 +39,13 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ from twopc.api import chaos_pb2_grpc as cpb_grpc
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import AsyncClient, Client
+from twopc.testing.playground.galera import GaleraCluster, GaleraPorts
 from twopc.testing.playground.mariadb import (
     AGENT_PASSWORD_ENV,
     AGENT_USER,
@@ -204,8 +207,10 @@ class Cluster:
         *,
         tls: ClusterTls | None = None,
         plaintext: bool = False,
+        store: GaleraCluster | None = None,
     ) -> None:
         self.directory = directory.resolve()
+        self.store = store  # the group's decision-log store; None: the file log
         self.regions = list(regions)
         self.components = dict(components)
         self.coordinator_id = coordinator_id
@@ -234,6 +239,8 @@ class Cluster:
         tls: bool = True,
         metrics: bool = True,
         python: str = sys.executable,
+        coordinators: int = 1,
+        log_store: str = "file",
     ) -> Cluster:
         """Lays out directories, certificates and configuration files; starts nothing.
 
@@ -273,7 +280,16 @@ class Cluster:
         With ``metrics`` (the default) each daemon serves Prometheus metrics on a free loopback
         port (its ``metrics_listen``), which the state file records as the component's
         ``metrics_address``; without it they measure nothing.
+
+        ``coordinators`` above 1 makes a coordinator group (``coordinator.group``): members
+        ``coordinator`` (id ``coordinator_id``), ``coordinator-2``, ... (ids ``c2``, ... with
+        the default id, else ``<coordinator_id>-2``, ...), each holding its id under a lease
+        and taking over those of peers that stop. A group needs a shared decision log:
+        ``log_store = "galera"`` (the default for a group) runs a 3-node MariaDB Galera cluster
+        on loopback (``galera.GaleraCluster``), member i writing through node ((i - 1) mod 3) +
+        1. ``"file"`` is the single coordinator's log in its data directory.
         """
+        _check_group(coordinators, log_store)
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
         certificates = ClusterTls.make(directory, regions) if tls else None
@@ -301,6 +317,9 @@ class Cluster:
             links.append(link)
             return link.listen
 
+        member_ids = group_ids(coordinator_id, coordinators)
+        direct_agents: dict[str, str] = {}
+        store = _new_store(log_store)
         for index, region in enumerate(regions):
             base = directory / region
             base.mkdir(parents=True, exist_ok=True)
@@ -317,6 +336,7 @@ class Cluster:
             )
             agent_address = f"{LOOPBACK}:{port(AGENT_PORT + index)}"
             agents[region] = through_proxy(f"coordinator-agent-{region}", agent_address)
+            direct_agents[region] = agent_address
             database_address = through_proxy(f"agent-{region}-mariadb", db.address)
             if client_db_links:
                 through_proxy(f"client-mariadb-{region}", db.address)
@@ -338,7 +358,7 @@ class Cluster:
                         agent_identity(region),
                         coordinator_identities=[COORDINATOR],
                     ),
-                    "coordinator_ids": [coordinator_id, TEST_COORDINATOR_ID],
+                    "coordinator_ids": [*member_ids, TEST_COORDINATOR_ID],
                     # Lock cycles across regions are broken by the coordinator: the agents
                     # report lock waits, read as a user of PROCESS only.
                     "report_lock_waits": True,
@@ -363,13 +383,10 @@ class Cluster:
                 },
                 metrics_address=agent_metrics,
             )
-        coordinator_dir = directory / "coordinator"
-        coordinator_dir.mkdir(parents=True, exist_ok=True)
         # Clients connect to the proxy's end of the client link when there is one: that end takes
         # the fixed port then.
         client_port = port(COORDINATOR_PORT)
         address = f"{LOOPBACK}:{free_port() if proxied_hop(CLIENT_LINK) else client_port}"
-        config = coordinator_dir / "coordinator.toml"
         settings = dict(agent_settings or {})
         pool = int(str(settings.get("pool_size", 32))) + int(str(settings.get("pool_overflow", 32)))
         tables: dict[str, Mapping[str, object]] = {"participants": agents}
@@ -377,31 +394,25 @@ class Cluster:
             tables["identities"] = {
                 name: list(allowed) for name, allowed in (identities or DEFAULT_IDENTITIES).items()
             }
-        coordinator_metrics = metrics_address()
-        _write_toml(
-            config,
-            {
-                "coordinator_id": coordinator_id,
-                "listen": address,
-                "data_dir": str(coordinator_dir / "data"),
-                "max_sessions_per_identity": max(1, pool * 3 // 4),
-                "metrics_listen": coordinator_metrics,
-                **_transport_settings(certificates, COORDINATOR),
-                **(coordinator_settings or {}),
-            },
+        shared = {
+            "max_sessions_per_identity": max(1, pool * 3 // 4),
+            **_transport_settings(certificates, COORDINATOR),
+        }
+        for component in _members(
+            member_ids,
+            directory=directory,
+            first_address=address,
+            direct_agents=direct_agents,
+            store=store,
+            through_proxy=through_proxy,
+            settings=shared,
+            metrics_address=metrics_address,
+            overrides=coordinator_settings or {},
             tables=tables,
-        )
-        components["coordinator"] = Component(
-            name="coordinator",
-            kind="coordinator",
-            address=address,
-            data_dir=str(coordinator_dir / "data"),
-            command=[python, "-m", "twopc.cli", "coordinator", "--config", str(config)],
-            cwd=str(coordinator_dir),
-            log=str(coordinator_dir / "coordinator.log"),
-            env=dict(env),
-            metrics_address=coordinator_metrics,
-        )
+            python=python,
+            env=env,
+        ):
+            components[component.name] = component
         through_proxy(CLIENT_LINK, address, client_port)
         if proxied:
             control = f"{LOOPBACK}:{free_port()}"
@@ -424,7 +435,9 @@ class Cluster:
                 log=str(directory / "proxy.log"),
                 env=dict(env),
             )
-        return cls(directory, regions, components, coordinator_id, links, tls=certificates)
+        return cls(
+            directory, regions, components, coordinator_id, links, tls=certificates, store=store
+        )
 
     @classmethod
     def load(cls, directory: Path) -> Cluster:
@@ -443,6 +456,7 @@ class Cluster:
             links,
             tls=ClusterTls.from_json(state.get("tls")),
             plaintext=bool(state.get("plaintext", False)),
+            store=_store_from_json(state.get("store")),
         )
 
     # --- running ------------------------------------------------------------------------------
@@ -462,6 +476,16 @@ class Cluster:
     @property
     def proxied(self) -> bool:
         return PROXY in self.components
+
+    @property
+    def members(self) -> list[str]:
+        """The coordinators' component names: ``coordinator``, then ``coordinator-2``, ..."""
+        return [n for n, c in self.components.items() if c.kind == "coordinator"]
+
+    @property
+    def member_addresses(self) -> list[str]:
+        """Where clients reach each member (the first through the client link when proxied)."""
+        return [self.coordinator_address] + [self.components[n].address for n in self.members[1:]]
 
     # --- connecting, as an identity --------------------------------------------------------------
 
@@ -521,7 +545,7 @@ class Cluster:
             raise PlaygroundError("this cluster has no certificates: it runs in plaintext only")
         variables = {"agent": "TWOPC_AGENT_INSECURE_PLAINTEXT"}
         variables["coordinator"] = "TWOPC_COORDINATOR_INSECURE_PLAINTEXT"
-        daemons = [f"agent-{r}" for r in self.regions] + ["coordinator"]
+        daemons = [f"agent-{r}" for r in self.regions] + self.members
         for name in daemons:
             component = self.components[name]
             if plaintext:
@@ -541,16 +565,27 @@ class Cluster:
         Returns:
             Whether the coordinator was restarted.
         """
-        component = self.components["coordinator"]
         wanted = None if order == "parallel" else order
-        if component.env.get(ONE_SHOT_ORDER_ENV) == wanted:
+        return self._restart_members_with(ONE_SHOT_ORDER_ENV, wanted, timeout)
+
+    def _restart_members_with(self, variable: str, value: str | None, timeout: float) -> bool:
+        """Restarts every member with ``variable`` set to ``value`` (None: unset) in its
+        environment, when it does not run so already; whether any was restarted."""
+        changed = []
+        for name in self.members:
+            component = self.components[name]
+            if component.env.get(variable) == value:
+                continue
+            if value is None:
+                component.env.pop(variable, None)
+            else:
+                component.env[variable] = value
+            changed.append(name)
+        if not changed:
             return False
-        if wanted is None:
-            component.env.pop(ONE_SHOT_ORDER_ENV, None)
-        else:
-            component.env[ONE_SHOT_ORDER_ENV] = wanted
         self.save()
-        self.restart("coordinator", timeout=timeout)
+        for name in changed:
+            self.restart(name, timeout=timeout)
         return True
 
     def use_agent_addresses(
@@ -564,17 +599,8 @@ class Cluster:
         Returns:
             Whether the coordinator was restarted.
         """
-        component = self.components["coordinator"]
         wanted = ",".join(f"{r}={a}" for r, a in addresses.items()) if addresses else None
-        if component.env.get(PARTICIPANTS_ENV) == wanted:
-            return False
-        if wanted is None:
-            component.env.pop(PARTICIPANTS_ENV, None)
-        else:
-            component.env[PARTICIPANTS_ENV] = wanted
-        self.save()
-        self.restart("coordinator", timeout=timeout)
-        return True
+        return self._restart_members_with(PARTICIPANTS_ENV, wanted, timeout)
 
     def agent_addresses(self) -> dict[str, str]:
         """Where the coordinator reaches each agent now: region -> host:port (the proxy's end
@@ -608,15 +634,26 @@ class Cluster:
             if self.proxied:
                 self.restart(PROXY, timeout=timeout)
             databases = [self.components[f"mariadb-{r}"] for r in self.regions]
-            with ThreadPoolExecutor(max_workers=len(databases)) as pool:
-                list(pool.map(lambda c: self._start_database(c, timeout), databases))
+            with ThreadPoolExecutor(max_workers=len(databases) + 1) as pool:
+                started = [pool.submit(self._start_database, c, timeout) for c in databases]
+                if self.store is not None:
+                    started.append(pool.submit(self._start_store))
+                for future in started:
+                    future.result()
             self.save()
             for region in self.regions:
                 self.restart(f"agent-{region}", timeout=timeout)
-            self.restart("coordinator", timeout=timeout)
+            for name in self.members:
+                self.restart(name, timeout=timeout)
         except BaseException:
             self.down(timeout=10)
             raise
+
+    def _start_store(self) -> None:
+        assert self.store is not None
+        self.store.start()
+        with self.store.connect(1) as conn, conn.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{LOG_DATABASE}`")  # replicated
 
     def _start_database(self, component: Component, timeout: float) -> None:
         port = int(component.address.rsplit(":", 1)[1])
@@ -701,7 +738,7 @@ class Cluster:
 
     def down(self, timeout: float = 30.0) -> None:
         """Stops every component: SIGTERM, then SIGKILL after ``timeout``."""
-        order = ["coordinator"] + [f"agent-{r}" for r in self.regions]
+        order = self.members + [f"agent-{r}" for r in self.regions]
         order += [f"mariadb-{r}" for r in self.regions]
         order += [PROXY] if self.proxied else []
         for name in order:
@@ -719,7 +756,15 @@ class Cluster:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                     wait_until(lambda p=pid: not process_alive(p), 10.0, f"{name} exiting")
+        if self.store is not None:
+            self.store.stop()
         self.save()
+
+    def remove_store(self) -> None:
+        """Deletes the Galera store's directory (a temporary one, outside the cluster's), once
+        the cluster is down."""
+        if self.store is not None:
+            shutil.rmtree(self.store.base_dir, ignore_errors=True)
 
     def save(self) -> None:
         state = {
@@ -734,6 +779,7 @@ class Cluster:
             "tls": self.tls.as_json() if self.tls is not None else None,
             "links": [asdict(link) for link in self.links],
             "components": {n: asdict(c) for n, c in self.components.items()},
+            "store": _store_as_json(self.store),
         }
         scratch = self.state_path.with_suffix(".tmp")
         scratch.write_text(json.dumps(state, indent=2) + "\n")
@@ -862,3 +908,174 @@ def _tail(path: str, lines: int = 20) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+LOG_STORES = ("file", "galera")
+STORE_NODE = "store-"  # the Galera store's nodes, as fault targets and in messages: store-1, ...
+LOG_DATABASE = "twopc_log"  # the group's decision log, in the Galera store
+
+
+def member_name(number: int) -> str:
+    """The component name of the ``number``-th coordinator (from 1)."""
+    return "coordinator" if number == 1 else f"coordinator-{number}"
+
+
+def group_ids(first: str, size: int) -> list[str]:
+    """The coordinator ids of a group of ``size`` whose first member is ``first``: c1, c2, ...
+    when ``first`` is ``c1``, else ``first``, ``first-2``, ..."""
+    if first == "c1":
+        return [f"c{i}" for i in range(1, size + 1)]
+    return [first] + [f"{first}-{i}" for i in range(2, size + 1)]
+
+
+def _new_store(kind: str) -> GaleraCluster | None:
+    """The group's store: a 3-node Galera cluster in a directory the ``mysql`` user can reach
+    (the nodes run as that user: a root-only temporary directory would not do)."""
+    if kind == "file":
+        return None
+    base = Path(tempfile.mkdtemp(prefix="twopc-galera-"))
+    base.chmod(0o755)
+    return GaleraCluster(base)
+
+
+def _store_as_json(store: GaleraCluster | None) -> dict[str, Any] | None:
+    if store is None:
+        return None
+    return {
+        "kind": "galera",
+        "base_dir": str(store.base_dir),
+        "ports": [asdict(store.node_ports(i)) for i in range(1, store.size + 1)],
+    }
+
+
+def _store_from_json(state: Mapping[str, Any] | None) -> GaleraCluster | None:
+    if state is None:
+        return None
+    ports = [GaleraPorts(**p) for p in state["ports"]]
+    return GaleraCluster(Path(state["base_dir"]), len(ports), ports=ports)
+
+
+def _check_group(coordinators: int, log_store: str) -> None:
+    if coordinators < 1:
+        raise PlaygroundError(f"a cluster needs at least one coordinator, not {coordinators}")
+    if log_store not in LOG_STORES:
+        raise PlaygroundError(
+            f"log_store must be one of {', '.join(LOG_STORES)}, not {log_store!r}"
+        )
+    if coordinators > 1 and log_store == "file":
+        raise PlaygroundError(
+            "a coordinator group shares one decision log: give log_store = 'galera' (the file "
+            "log belongs to one coordinator)"
+        )
+
+
+def _members(
+    member_ids: Sequence[str],
+    *,
+    directory: Path,
+    first_address: str,
+    direct_agents: Mapping[str, str],
+    store: GaleraCluster | None,
+    through_proxy: Callable[[str, str], str],
+    settings: Mapping[str, object],
+    metrics_address: Callable[[], str],
+    overrides: Mapping[str, object],
+    tables: Mapping[str, Mapping[str, object]],
+    python: str,
+    env: Mapping[str, str],
+) -> list[Component]:
+    """The coordinators: the first on ``first_address`` with the cluster's links to the agents
+    (``tables``' participants), each other one on a free port with links of its own
+    (``coordinator-<n>-agent-<region>``), so that one member can be cut off alone; each
+    member's link to its store node is ``<member>-store``, and to the other nodes, which it
+    turns to when that one fails (``decision_log_hosts``), ``<member>-store-<node>``."""
+    made = []
+    for number, member_id in enumerate(member_ids, start=1):
+        name = member_name(number)
+        listen = first_address if number == 1 else f"{LOOPBACK}:{free_port()}"
+        member_tables = dict(tables)
+        if number > 1:
+            member_tables["participants"] = {
+                region: through_proxy(f"{name}-agent-{region}", direct)
+                for region, direct in direct_agents.items()
+            }
+        store_address, alternates = "", []
+        if store is not None:
+            first = (number - 1) % store.size + 1
+            node = store.node_ports(first).client
+            store_address = through_proxy(f"{name}-store", f"{LOOPBACK}:{node}")
+            alternates = [
+                through_proxy(
+                    f"{name}-store-{other}", f"{LOOPBACK}:{store.node_ports(other).client}"
+                )
+                for other in range(1, store.size + 1)
+                if other != first
+            ]
+        made.append(
+            _member(
+                number,
+                member_id,
+                directory=directory,
+                listen=listen,
+                store_address=store_address,
+                store_alternates=alternates,
+                settings={**settings, "metrics_listen": metrics_address()},
+                overrides=overrides,
+                tables=member_tables,
+                python=python,
+                env=env,
+            )
+        )
+    return made
+
+
+def _member(
+    number: int,
+    member_id: str,
+    *,
+    directory: Path,
+    listen: str,
+    store_address: str,
+    store_alternates: Sequence[str],
+    settings: Mapping[str, object],
+    overrides: Mapping[str, object],
+    tables: Mapping[str, Mapping[str, object]],
+    python: str,
+    env: Mapping[str, str],
+) -> Component:
+    """The ``number``-th coordinator: its configuration file written, its component; its
+    decision log in the Galera store at ``store_address`` (host:port, "": the file log)."""
+    name = member_name(number)
+    coordinator_dir = directory / name
+    coordinator_dir.mkdir(parents=True, exist_ok=True)
+    config = coordinator_dir / "coordinator.toml"
+    group: dict[str, object] = {}
+    if store_address:
+        group = {
+            "decision_log": f"mysql+pymysql://root@{store_address}/{LOG_DATABASE}",
+            "decision_log_hosts": list(store_alternates),
+            "member": f"member-{number}",
+        }
+    _write_toml(
+        config,
+        {
+            "coordinator_id": member_id,
+            "listen": listen,
+            "data_dir": str(coordinator_dir / "data"),
+            **settings,
+            **group,
+            **overrides,
+        },
+        tables=tables,
+    )
+    return Component(
+        name=name,
+        kind="coordinator",
+        address=listen,
+        data_dir=str(coordinator_dir / "data"),
+        command=[python, "-m", "twopc.cli", "coordinator", "--config", str(config)],
+        cwd=str(coordinator_dir),
+        log=str(coordinator_dir / "coordinator.log"),
+        env=dict(env),
+        metrics_address=str(settings.get("metrics_listen", "")),
+    )

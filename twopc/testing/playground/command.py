@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-from twopc.testing.playground.cluster import DATABASE, STATE_FILE, Cluster
+from twopc.testing.playground.cluster import DATABASE, STATE_FILE, STORE_NODE, Cluster
 from twopc.testing.playground.mariadb import PlaygroundError
 from twopc.testing.playground.ports import (
     AGENT_PORT,
@@ -47,6 +48,22 @@ def _playground(args: argparse.Namespace) -> int:
     if args.down:
         Cluster.load(args.dir).down()
         print(f"playground in {args.dir} stopped")
+        return 0
+    if args.restart and args.restart.startswith(STORE_NODE):
+        cluster = Cluster.load(args.dir)
+        node = _store_node(cluster, args.restart)
+        cluster.store.restart(node)  # type: ignore[union-attr]  # _store_node checked it
+        print(f"{args.restart} started again and Synced")
+        return 0
+    if args.kill and args.kill.startswith(STORE_NODE):
+        cluster = Cluster.load(args.dir)
+        node = _store_node(cluster, args.kill)
+        sig = signal.Signals[f"SIG{args.signal.upper().removeprefix('SIG')}"]
+        pid = cluster.store.pids[node]  # type: ignore[union-attr]
+        if pid is None:
+            raise PlaygroundError(f"{args.kill} is not running")
+        os.kill(pid, sig)
+        print(f"sent {sig.name} to {args.kill} (pid {pid})")
         return 0
     if args.restart:
         cluster = Cluster.load(args.dir)
@@ -95,7 +112,11 @@ def _start(args: argparse.Namespace, regions: list[str]) -> Cluster:
     A fixed port found free may be taken by someone else before the component binds it (another
     playground starting at the same moment): the start then fails, and is tried once more with
     free ports only."""
-    cluster = Cluster.create(args.dir, regions, proxied=args.proxied, fixed_ports=True)
+    group = {
+        "coordinators": args.coordinators,
+        "log_store": args.log_store or ("galera" if args.coordinators > 1 else "file"),
+    }
+    cluster = Cluster.create(args.dir, regions, proxied=args.proxied, fixed_ports=True, **group)
     try:
         cluster.up()
     except PlaygroundError:
@@ -103,7 +124,7 @@ def _start(args: argparse.Namespace, regions: list[str]) -> Cluster:
         if not taken:
             raise
         print(f"fixed port(s) {', '.join(taken)} taken while starting: trying free ports")
-        cluster = Cluster.create(args.dir, regions, proxied=args.proxied)
+        cluster = Cluster.create(args.dir, regions, proxied=args.proxied, **group)
         cluster.up()
     return cluster
 
@@ -116,6 +137,18 @@ def _fixed_ports_taken(cluster: Cluster) -> list[str]:
     addresses += [link.listen for link in cluster.links]
     ports = {int(address.rsplit(":", 1)[1]) for address in addresses}
     return [str(port) for port in sorted(ports & fixed) if not is_free(port)]
+
+
+def _store_node(cluster: Cluster, name: str) -> int:
+    """The node number of ``store-N`` in the playground's Galera store."""
+    number = name.removeprefix(STORE_NODE)
+    if cluster.store is None or not number.isdigit() or not 1 <= int(number) <= cluster.store.size:
+        size = cluster.store.size if cluster.store is not None else 0
+        raise PlaygroundError(
+            f"no store node {name!r}: this playground's store has {size} node(s)"
+            + ("" if size else " (it logs decisions to a file)")
+        )
+    return int(number)
 
 
 def create_example_tables(cluster: Cluster) -> None:
@@ -137,6 +170,10 @@ def _describe(cluster: Cluster, args: argparse.Namespace) -> None:
     print(f"twopc playground up in {cluster.directory} (state file {cluster.state_path})")
     for name, component in cluster.components.items():
         print(f"  {name:<14} {component.address:<22} pid {component.pid}")
+    if cluster.store is not None:
+        for node, pid in cluster.store.pids.items():
+            port = cluster.store.ports[node]
+            print(f"  {STORE_NODE}{node:<8} {LOOPBACK}:{port:<16} pid {pid} (decision log, Galera)")
     for link in cluster.links:
         print(f"  link {link.name:<24} {link.listen} -> {link.upstream}")
     address = cluster.coordinator_address

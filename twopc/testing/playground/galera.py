@@ -150,6 +150,8 @@ class GaleraCluster:
         binaries: where the server is; ``find_binaries()`` when None.
         provider: the Galera library.
         extra_args: more server options for every node, after the others (so they win).
+        ports: each node's ports (a cluster made again from a record of them); free ones when
+            None.
 
     Raises:
         GaleraNotInstalled: (at ``start``) the provider or rsync is missing.
@@ -165,6 +167,7 @@ class GaleraCluster:
         binaries: MariaDBBinaries | None = None,
         provider: Path = PROVIDER,
         extra_args: Sequence[str] = (),
+        ports: Sequence[GaleraPorts] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one node, not {size}")
@@ -174,7 +177,11 @@ class GaleraCluster:
         self.provider = Path(provider)
         self._extra_args = tuple(extra_args)
         self._binaries = binaries
-        self._ports = [GaleraPorts.pick() for _ in range(size)]
+        if ports is not None and len(ports) != size:
+            raise ValueError(f"{len(ports)} nodes' ports for a cluster of {size}")
+        self._ports = (
+            list(ports) if ports is not None else [GaleraPorts.pick() for _ in range(size)]
+        )
         self._nodes = [
             MariaDBInstance(
                 f"galera{i}",

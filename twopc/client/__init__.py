@@ -16,11 +16,14 @@ Blocking::
 asyncio: ``AsyncClient``, the same API with ``await`` / ``async with``.
 
 Requests whose answer is lost (UNAVAILABLE, DEADLINE_EXCEEDED) are retried unchanged, as the
-``RetryPolicy`` allows. A transaction that lost a lock conflict (``TransactionConflict``) is run
-again as a new transaction only when the client is given ``conflict_retries=ConflictRetry(...)``
-(exponential backoff, full jitter): ``run`` and ``run_in_transaction`` do it. A commit whose
-answer never comes raises ``OutcomeUnknown``: look its outcome up with ``get_transaction``.
-Every error is a ``TwopcError``.
+``RetryPolicy`` allows. Given the members of a coordinator group (``Client(["a:7100",
+"b:7100"], ...)``, ``"a:7100,b:7100"`` or ``"dns:///name:7100"``), a client sends each retry of
+``run``, ``begin`` and ``get_transaction`` to the next member and stays on the one that answers;
+an interactive transaction's calls stay on the member that began it. A transaction that lost
+a lock conflict (``TransactionConflict``) is run again as a new transaction only when the client
+is given ``conflict_retries=ConflictRetry(...)`` (exponential backoff, full jitter): ``run`` and
+``run_in_transaction`` do it. A commit whose answer never comes raises ``OutcomeUnknown``: look
+its outcome up with ``get_transaction``. Every error is a ``TwopcError``.
 
 With OpenTelemetry installed (``pip install 'twopc[tracing]'``), every request carries the
 caller's current trace context (``twopc.tracing``); without it, nothing is sent.

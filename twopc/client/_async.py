@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import grpc
 from grpc import aio
@@ -43,6 +43,7 @@ from twopc.client._common import (
     run_result_from_pb,
     with_txid,
 )
+from twopc.client._endpoints import Endpoints, describe, parse_endpoints
 from twopc.errors import FailedPrecondition, TwopcError
 from twopc.status import error_from_rpc, is_transport_failure
 from twopc.tls import TlsConfig, client_transport
@@ -52,11 +53,14 @@ T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-_NO_RETRY = RetryPolicy(attempts=1)
+# The method of a stub that a call sends (a string: the async stub class exists for type
+# checkers only, and grpc's classes are not generic at run time).
+Pick: TypeAlias = "Callable[[pb_grpc.CoordinatorAsyncStub], aio.UnaryUnaryMultiCallable[Req, Resp]]"
 
 
 class AsyncClient:
-    """An asyncio client of a twopc coordinator, over one long-lived ``grpc.aio`` channel.
+    """An asyncio client of a twopc coordinator, or of a coordinator group, over one long-lived
+    ``grpc.aio`` channel per endpoint, with the same failover as ``Client``.
 
     Create it inside the event loop that uses it (``async with AsyncClient(...) as client``).
     Arguments as for ``Client``; ``sleep`` is a coroutine function (``asyncio.sleep``).
@@ -64,7 +68,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         tls: TlsConfig | None = None,
         insecure: bool = False,
@@ -77,22 +81,29 @@ class AsyncClient:
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = random.random,
     ) -> None:
+        endpoints = parse_endpoints(target)
+        self._target = describe(endpoints)
         secure, tls_options = client_transport(
-            tls=tls, credentials=credentials, insecure=insecure, what=f"AsyncClient({target!r})"
+            tls=tls,
+            credentials=credentials,
+            insecure=insecure,
+            what=f"AsyncClient({self._target})",
         )
-        options = channel_options_with([*tls_options, *channel_options])
         if secure is None:
             logger.warning(
-                "%s(%r, insecure=True): plaintext, no TLS: requests, results and the caller's "
+                "%s(%s, insecure=True): plaintext, no TLS: requests, results and the caller's "
                 "identity travel unprotected",
                 "AsyncClient",
-                target,
+                self._target,
             )
-            self._channel = aio.insecure_channel(target, options=options)
-        else:
-            self._channel = aio.secure_channel(target, secure, options=options)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
-        self._target = target
+        self._credentials = secure
+        self._options = channel_options_with([*tls_options, *channel_options])
+        self._endpoints = Endpoints(endpoints)
+        # After a commit's answers were lost: one GetTransaction on each endpoint, no waits.
+        self._lookups = RetryPolicy(attempts=len(endpoints), initial_backoff=0.0, max_backoff=0.0)
+        # One channel per endpoint, made at its first call (in the event loop that uses it).
+        self._channels: dict[int, aio.Channel] = {}
+        self._stubs: dict[int, pb_grpc.CoordinatorAsyncStub] = {}
         self._retry = retry_policy or RetryPolicy()
         self._rpc_timeout = rpc_timeout
         self._conflict_retries = conflict_retries
@@ -113,13 +124,24 @@ class AsyncClient:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"AsyncClient({self._target!r})"
+        return f"AsyncClient({self._target})"
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint that calls not bound to a transaction go to (see ``Client.endpoint``)."""
+        return self._endpoints.all[self._endpoints.current]
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every endpoint, in the order given."""
+        return self._endpoints.all
 
     async def close(self) -> None:
-        """Closes the channel; calls in flight are cancelled. Idempotent."""
+        """Closes the channels; calls in flight are cancelled. Idempotent."""
         if not self._closed:
             self._closed = True
-            await self._channel.close(None)
+            for channel in list(self._channels.values()):
+                await channel.close(None)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -160,7 +182,7 @@ class AsyncClient:
             rid = retry_request_id(first, failures) if failures else first
             request = run_request(work, timeout, rid, wait_for_phase2)
             try:
-                response = await self._call("RunTransaction", self._stub.RunTransaction, request)
+                response = await self._call("RunTransaction", lambda s: s.RunTransaction, request)
             except TwopcError as error:
                 if is_transport_failure(error):
                     raise run_outcome_unknown(error, rid) from error
@@ -207,52 +229,102 @@ class AsyncClient:
         """The state and outcome of a transaction (see ``Client.get_transaction``)."""
         request = get_transaction_request(txid, request_id)
         info = await self._call(
-            "GetTransaction", self._stub.GetTransaction, request, txid=txid or ""
+            "GetTransaction", lambda s: s.GetTransaction, request, txid=txid or ""
         )
         return info_from_pb(info)
 
     # ---------------------------------------------------------------------------------------------
 
+    def _stub(self, index: int, txid: str) -> pb_grpc.CoordinatorAsyncStub:
+        """The stub of the endpoint at ``index``, its channel made at the first call."""
+        if self._closed:
+            raise FailedPrecondition(f"the client of {self._target} is closed", txid=txid)
+        stub = self._stubs.get(index)
+        if stub is None:
+            target = self._endpoints.all[index]
+            if self._credentials is None:
+                channel = aio.insecure_channel(target, options=self._options)
+            else:
+                channel = aio.secure_channel(target, self._credentials, options=self._options)
+            self._channels[index] = channel
+            stub = self._stubs[index] = pb_grpc.CoordinatorStub(channel)
+        return stub
+
     async def _call(
         self,
         method: str,
-        callable_: aio.UnaryUnaryMultiCallable[Req, Resp],
+        pick: Pick[Req, Resp],
         request: Req,
         *,
         txid: str = "",
-        retry: bool = True,
+        policy: RetryPolicy | None = None,
+        endpoint: int | None = None,
     ) -> Resp:
-        """Sends ``request``, again on transport failures as the retry policy allows; every gRPC
-        error comes out as a ``TwopcError`` raised from it."""
-        if self._closed:
-            raise FailedPrecondition(f"the client of {self._target} is closed", txid=txid)
-        policy = self._retry if retry else _NO_RETRY
-        tracker = RetryTracker(policy, self._clock, method, txid)
+        """Sends ``request``, again on transport failures as ``policy`` (the client's by
+        default) allows, failing over as ``Client._call`` does; every gRPC error comes out as a
+        ``TwopcError`` raised from it."""
+        sent = await self._send(method, pick, request, txid=txid, policy=policy, endpoint=endpoint)
+        return sent[0]
+
+    async def _send(
+        self,
+        method: str,
+        pick: Pick[Req, Resp],
+        request: Req,
+        *,
+        txid: str,
+        policy: RetryPolicy | None,
+        endpoint: int | None,
+    ) -> tuple[Resp, int]:
+        """``_call``, and the index of the endpoint that answered."""
+        tracker = RetryTracker(policy or self._retry, self._clock, method, txid)
         # The caller's trace context (OpenTelemetry, when installed), the same on every try.
         trace_context = outgoing_metadata()
+        index = self._endpoints.current if endpoint is None else endpoint
         while True:
+            callable_ = pick(self._stub(index, txid))
             try:
-                return await callable_(request, timeout=self._rpc_timeout, metadata=trace_context)
+                response = await callable_(
+                    request, timeout=self._rpc_timeout, metadata=trace_context
+                )
             except grpc.RpcError as rpc_error:
                 error = with_txid(error_from_rpc(rpc_error), txid)
                 delay = tracker.next_delay(error)
+                if endpoint is None and is_transport_failure(error):
+                    index = self._endpoints.failed(index, method, error)
                 if delay is None:
                     raise error from rpc_error
+            else:
+                if endpoint is None:
+                    self._endpoints.answered(index)
+                return response, index
             await self._sleep(delay)
 
     async def _begin(
         self, timeout: float | None, request_id: str | None, wait_for_phase2: bool
     ) -> AsyncTransaction:
         rid = request_id_or_new(request_id)
-        response = await self._call("Begin", self._stub.Begin, begin_request(timeout, rid))
-        return AsyncTransaction(self, TransactionCore(response, rid, wait_for_phase2))
+        response, index = await self._send(
+            "Begin",
+            lambda s: s.Begin,
+            begin_request(timeout, rid),
+            txid="",
+            policy=None,
+            endpoint=None,
+        )
+        core = TransactionCore(response, rid, wait_for_phase2, self._endpoints.all[index])
+        return AsyncTransaction(self, core, index)
 
     async def _lookup(self, txid: str) -> TransactionInfo | None:
-        """One GetTransaction, no retries: None when it fails too."""
+        """GetTransaction tried once on each endpoint, no waits: None when it fails on all."""
         try:
             request = get_transaction_request(txid, None)
             info = await self._call(
-                "GetTransaction", self._stub.GetTransaction, request, txid=txid, retry=False
+                "GetTransaction",
+                lambda s: s.GetTransaction,
+                request,
+                txid=txid,
+                policy=self._lookups,
             )
             return info_from_pb(info)
         except TwopcError as error:
@@ -267,13 +339,19 @@ class AsyncClient:
 class AsyncTransaction:
     """An interactive transaction of an ``AsyncClient`` (see ``Transaction``)."""
 
-    def __init__(self, client: AsyncClient, core: TransactionCore) -> None:
+    def __init__(self, client: AsyncClient, core: TransactionCore, endpoint: int) -> None:
         self._client = client
         self._core = core
+        self._endpoint = endpoint
 
     @property
     def txid(self) -> str:
         return self._core.txid
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint of the member that began it, where all its calls go."""
+        return self._core.endpoint
 
     @property
     def request_id(self) -> str:
@@ -322,7 +400,7 @@ class AsyncTransaction:
         request = self._core.execute_request(participant, statements)
         try:
             response = await self._client._call(
-                "Execute", self._client._stub.Execute, request, txid=self.txid
+                "Execute", lambda s: s.Execute, request, txid=self.txid, endpoint=self._endpoint
             )
         except TwopcError as error:
             self._core.execute_failed(error)
@@ -334,7 +412,7 @@ class AsyncTransaction:
         request = self._core.commit_request(wait_for_phase2)
         try:
             response = await self._client._call(
-                "Commit", self._client._stub.Commit, request, txid=self.txid
+                "Commit", lambda s: s.Commit, request, txid=self.txid, endpoint=self._endpoint
             )
         except TwopcError as error:
             info = await self._client._lookup(self.txid) if is_transport_failure(error) else None
@@ -348,7 +426,7 @@ class AsyncTransaction:
             return self._core.state
         try:
             response = await self._client._call(
-                "Rollback", self._client._stub.Rollback, request, txid=self.txid
+                "Rollback", lambda s: s.Rollback, request, txid=self.txid, endpoint=self._endpoint
             )
         except TwopcError as error:
             self._core.rollback_failed(error)

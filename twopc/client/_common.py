@@ -211,7 +211,9 @@ class RetryPolicy:
     """How the SDK retries a request whose answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED).
 
     Only transport failures are retried, and always with the very same request, which the
-    coordinator answers idempotently. The n-th retry waits
+    coordinator answers idempotently. A client of several endpoints (a coordinator group) sends
+    each retry of a call not bound to an interactive transaction to the next endpoint; the
+    attempts and the deadline count the tries on every endpoint together. The n-th retry waits
     ``min(max_backoff, initial_backoff * multiplier ** (n - 1))`` seconds first.
 
     Attributes:
@@ -345,6 +347,23 @@ def with_txid(error: TwopcError, txid: str) -> TwopcError:
     if txid and not error.txid:
         error.txid = txid
     return error
+
+
+def with_note(error: TwopcError, note: str) -> TwopcError:
+    """``error``, its message followed by ``note``."""
+    error.message = f"{error.message}; {note}"
+    error.args = (error.message,)
+    return error
+
+
+def bound_member_note(txid: str, endpoint: str) -> str:
+    """What a transport failure of an interactive transaction's call means: its member may be
+    gone, and the transaction with it."""
+    where = f"the coordinator at {endpoint}" if endpoint else "the coordinator"
+    return (
+        f"transaction {txid} runs on {where} that began it, and only there: if that member is "
+        "gone, the transaction is lost and the group rolls its branches back"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,10 +571,16 @@ class TransactionCore:
     """
 
     def __init__(
-        self, response: pb.BeginResponse, request_id: str, exit_wait_for_phase2: bool = False
+        self,
+        response: pb.BeginResponse,
+        request_id: str,
+        exit_wait_for_phase2: bool = False,
+        endpoint: str = "",
     ) -> None:
         self.txid = response.txid
         self.request_id = request_id
+        #: The endpoint of the member that began it: every call of the transaction goes there.
+        self.endpoint = endpoint
         self.timeout = response.timeout_ms / 1000
         self.phase = Phase.ACTIVE
         self.state = TransactionState.ACTIVE
@@ -604,6 +629,7 @@ class TransactionCore:
             self._move(Phase.ABORTED, TransactionState.ABORTED)
         elif is_transport_failure(error):
             self.phase = Phase.IN_DOUBT
+            with_note(error, bound_member_note(self.txid, self.endpoint))
 
     # commit
 
@@ -645,10 +671,11 @@ class TransactionCore:
             ) from error
         # PREPARING stands for "commit sent, decision not known": the nearest true state.
         self._move(Phase.OUTCOME_UNKNOWN, TransactionState.PREPARING)
+        where = f"the coordinator at {self.endpoint}" if self.endpoint else "the coordinator"
         raise OutcomeUnknown(
-            f"no answer from the coordinator to the commit of {self.txid} "
+            f"no answer from {where} to the commit of {self.txid} "
             f"({type(error).__name__}: {error.message}); it may have committed: look it up with "
-            f"get_transaction({self.txid!r})",
+            f"get_transaction({self.txid!r}), which any member of the group answers",
             txid=self.txid,
             request_id=self.request_id,
         ) from error
@@ -673,6 +700,8 @@ class TransactionCore:
 
     def rollback_failed(self, error: TwopcError) -> None:
         with_txid(error, self.txid)
+        if is_transport_failure(error):
+            with_note(error, bound_member_note(self.txid, self.endpoint))
 
     # with-block
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import grpc
 
@@ -38,6 +39,7 @@ from twopc.client._common import (
     run_result_from_pb,
     with_txid,
 )
+from twopc.client._endpoints import Endpoints, describe, parse_endpoints
 from twopc.errors import FailedPrecondition, TwopcError
 from twopc.status import error_from_rpc, is_transport_failure
 from twopc.tls import TlsConfig, client_transport
@@ -47,19 +49,35 @@ T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-_NO_RETRY = RetryPolicy(attempts=1)
+# The method of a stub that a call sends (a string: grpc's classes are not generic at run time).
+Pick: TypeAlias = "Callable[[pb_grpc.CoordinatorStub], grpc.UnaryUnaryMultiCallable[Req, Resp]]"
 
 
 class Client:
-    """A blocking client of a twopc coordinator, over one long-lived gRPC channel.
+    """A blocking client of a twopc coordinator, or of a coordinator group, over one long-lived
+    gRPC channel per endpoint.
 
     Thread-safe (one ``Client`` may serve many threads); a ``Transaction`` is not.
 
     Give exactly one of ``tls``, ``credentials`` or ``insecure=True``: the coordinator runs
     mutual TLS unless it is set to plaintext.
 
+    With several endpoints (the members of a coordinator group), a call not bound to an
+    interactive transaction (``run``, ``begin``, ``get_transaction``) that fails as the retry
+    policy retries (UNAVAILABLE, DEADLINE_EXCEEDED) is retried on the next endpoint, round the
+    list, with the same request id, within the policy's attempts and deadline; each move is
+    logged at WARNING. The client then stays on the endpoint that answered (``endpoint``) until
+    it fails. The calls of an interactive transaction go to the endpoint that began it
+    (``Transaction.endpoint``) and never move: if that member is gone, the transaction is lost
+    (the group rolls its branches back), and a commit whose answer was lost raises
+    ``OutcomeUnknown``: ``get_transaction``, which any member answers, tells its outcome.
+
     Args:
-        target: the coordinator's address, ``host:port``.
+        target: the coordinator's address, ``host:port``; or the members of a group: a list of
+            addresses, or one string of them separated by commas; or one gRPC target URI such as
+            ``dns:///name:port``, a DNS name whose addresses are the members, resolved by gRPC
+            (one channel, gRPC's pick_first policy: it moves to another address when the one in
+            use fails, and the SDK's retries ride on that).
         tls: this client's certificate and key, and the CA of the coordinator's certificate
             (``TlsConfig.from_env()`` reads them from ``TWOPC_TLS_CERT``, ``TWOPC_TLS_KEY`` and
             ``TWOPC_TLS_CA``). The certificate's Common Name is the client's identity.
@@ -78,7 +96,7 @@ class Client:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         tls: TlsConfig | None = None,
         insecure: bool = False,
@@ -91,22 +109,27 @@ class Client:
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = random.random,
     ) -> None:
+        endpoints = parse_endpoints(target)
+        self._target = describe(endpoints)
         secure, tls_options = client_transport(
-            tls=tls, credentials=credentials, insecure=insecure, what=f"Client({target!r})"
+            tls=tls, credentials=credentials, insecure=insecure, what=f"Client({self._target})"
         )
-        options = channel_options_with([*tls_options, *channel_options])
         if secure is None:
             logger.warning(
-                "%s(%r, insecure=True): plaintext, no TLS: requests, results and the caller's "
+                "%s(%s, insecure=True): plaintext, no TLS: requests, results and the caller's "
                 "identity travel unprotected",
                 "Client",
-                target,
+                self._target,
             )
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, secure, options=options)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
-        self._target = target
+        self._credentials = secure
+        self._options = channel_options_with([*tls_options, *channel_options])
+        self._endpoints = Endpoints(endpoints)
+        # After a commit's answers were lost: one GetTransaction on each endpoint, no waits.
+        self._lookups = RetryPolicy(attempts=len(endpoints), initial_backoff=0.0, max_backoff=0.0)
+        # One channel per endpoint, made at its first call; the lock guards the two dicts.
+        self._channels: dict[int, grpc.Channel] = {}
+        self._stubs: dict[int, pb_grpc.CoordinatorStub] = {}
+        self._channels_lock = threading.Lock()
         self._retry = retry_policy or RetryPolicy()
         self._rpc_timeout = rpc_timeout
         self._conflict_retries = conflict_retries
@@ -127,13 +150,28 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client({self._target!r})"
+        return f"Client({self._target})"
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint that calls not bound to a transaction go to: the last one that answered,
+        or the next after the last one that failed."""
+        return self._endpoints.all[self._endpoints.current]
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every endpoint, in the order given."""
+        return self._endpoints.all
 
     def close(self) -> None:
-        """Closes the channel; calls in flight fail. Idempotent."""
-        if not self._closed:
+        """Closes the channels; calls in flight fail. Idempotent."""
+        with self._channels_lock:
+            if self._closed:
+                return
             self._closed = True
-            self._channel.close()
+            channels = list(self._channels.values())
+        for channel in channels:
+            channel.close()
 
     # ---------------------------------------------------------------------------------------------
 
@@ -200,7 +238,7 @@ class Client:
             rid = retry_request_id(first, failures) if failures else first
             request = run_request(work, timeout, rid, wait_for_phase2)
             try:
-                response = self._call("RunTransaction", self._stub.RunTransaction, request)
+                response = self._call("RunTransaction", lambda s: s.RunTransaction, request)
             except TwopcError as error:
                 if is_transport_failure(error):
                     raise run_outcome_unknown(error, rid) from error
@@ -257,51 +295,102 @@ class Client:
             NotFound: the coordinator knows no such transaction.
         """
         request = get_transaction_request(txid, request_id)
-        info = self._call("GetTransaction", self._stub.GetTransaction, request, txid=txid or "")
+        info = self._call("GetTransaction", lambda s: s.GetTransaction, request, txid=txid or "")
         return info_from_pb(info)
 
     # ---------------------------------------------------------------------------------------------
 
+    def _stub(self, index: int, txid: str) -> pb_grpc.CoordinatorStub:
+        """The stub of the endpoint at ``index``, its channel made at the first call."""
+        with self._channels_lock:
+            if self._closed:
+                raise FailedPrecondition(f"the client of {self._target} is closed", txid=txid)
+            stub = self._stubs.get(index)
+            if stub is None:
+                target = self._endpoints.all[index]
+                if self._credentials is None:
+                    channel = grpc.insecure_channel(target, options=self._options)
+                else:
+                    channel = grpc.secure_channel(target, self._credentials, options=self._options)
+                self._channels[index] = channel
+                stub = self._stubs[index] = pb_grpc.CoordinatorStub(channel)
+            return stub
+
     def _call(
         self,
         method: str,
-        callable_: grpc.UnaryUnaryMultiCallable[Req, Resp],
+        pick: Pick[Req, Resp],
         request: Req,
         *,
         txid: str = "",
-        retry: bool = True,
+        policy: RetryPolicy | None = None,
+        endpoint: int | None = None,
     ) -> Resp:
-        """Sends ``request``, again on transport failures as the retry policy allows; every gRPC
-        error comes out as a ``TwopcError`` raised from it."""
-        if self._closed:
-            raise FailedPrecondition(f"the client of {self._target} is closed", txid=txid)
-        policy = self._retry if retry else _NO_RETRY
-        tracker = RetryTracker(policy, self._clock, method, txid)
+        """Sends ``request``, again on transport failures as ``policy`` (the client's by
+        default) allows; every gRPC error comes out as a ``TwopcError`` raised from it.
+
+        With ``endpoint`` (an interactive transaction's call) every try goes to that endpoint;
+        without, the first goes to the current endpoint and each retry to the next one.
+        """
+        return self._send(method, pick, request, txid=txid, policy=policy, endpoint=endpoint)[0]
+
+    def _send(
+        self,
+        method: str,
+        pick: Pick[Req, Resp],
+        request: Req,
+        *,
+        txid: str,
+        policy: RetryPolicy | None,
+        endpoint: int | None,
+    ) -> tuple[Resp, int]:
+        """``_call``, and the index of the endpoint that answered."""
+        tracker = RetryTracker(policy or self._retry, self._clock, method, txid)
         # The caller's trace context (OpenTelemetry, when installed), the same on every try.
         trace_context = outgoing_metadata()
+        index = self._endpoints.current if endpoint is None else endpoint
         while True:
+            callable_ = pick(self._stub(index, txid))
             try:
-                return callable_(request, timeout=self._rpc_timeout, metadata=trace_context)
+                response = callable_(request, timeout=self._rpc_timeout, metadata=trace_context)
             except grpc.RpcError as rpc_error:
                 error = with_txid(error_from_rpc(rpc_error), txid)
                 delay = tracker.next_delay(error)
+                if endpoint is None and is_transport_failure(error):
+                    index = self._endpoints.failed(index, method, error)
                 if delay is None:
                     raise error from rpc_error
+            else:
+                if endpoint is None:
+                    self._endpoints.answered(index)
+                return response, index
             self._sleep(delay)
 
     def _begin(
         self, timeout: float | None, request_id: str | None, wait_for_phase2: bool
     ) -> Transaction:
         rid = request_id_or_new(request_id)
-        response = self._call("Begin", self._stub.Begin, begin_request(timeout, rid))
-        return Transaction(self, TransactionCore(response, rid, wait_for_phase2))
+        response, index = self._send(
+            "Begin",
+            lambda s: s.Begin,
+            begin_request(timeout, rid),
+            txid="",
+            policy=None,
+            endpoint=None,
+        )
+        core = TransactionCore(response, rid, wait_for_phase2, self._endpoints.all[index])
+        return Transaction(self, core, index)
 
     def _lookup(self, txid: str) -> TransactionInfo | None:
-        """One GetTransaction, no retries: None when it fails too."""
+        """GetTransaction tried once on each endpoint, no waits: None when it fails on all."""
         try:
             request = get_transaction_request(txid, None)
             info = self._call(
-                "GetTransaction", self._stub.GetTransaction, request, txid=txid, retry=False
+                "GetTransaction",
+                lambda s: s.GetTransaction,
+                request,
+                txid=txid,
+                policy=self._lookups,
             )
             return info_from_pb(info)
         except TwopcError as error:
@@ -321,13 +410,19 @@ class Transaction:
     ``rollback`` the transaction refuses further statements (FailedPrecondition).
     """
 
-    def __init__(self, client: Client, core: TransactionCore) -> None:
+    def __init__(self, client: Client, core: TransactionCore, endpoint: int) -> None:
         self._client = client
         self._core = core
+        self._endpoint = endpoint
 
     @property
     def txid(self) -> str:
         return self._core.txid
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint of the member that began it, where all its calls go."""
+        return self._core.endpoint
 
     @property
     def request_id(self) -> str:
@@ -384,7 +479,7 @@ class Transaction:
         request = self._core.execute_request(participant, statements)
         try:
             response = self._client._call(
-                "Execute", self._client._stub.Execute, request, txid=self.txid
+                "Execute", lambda s: s.Execute, request, txid=self.txid, endpoint=self._endpoint
             )
         except TwopcError as error:
             self._core.execute_failed(error)
@@ -406,7 +501,7 @@ class Transaction:
         request = self._core.commit_request(wait_for_phase2)
         try:
             response = self._client._call(
-                "Commit", self._client._stub.Commit, request, txid=self.txid
+                "Commit", lambda s: s.Commit, request, txid=self.txid, endpoint=self._endpoint
             )
         except TwopcError as error:
             info = self._client._lookup(self.txid) if is_transport_failure(error) else None
@@ -424,7 +519,7 @@ class Transaction:
             return self._core.state
         try:
             response = self._client._call(
-                "Rollback", self._client._stub.Rollback, request, txid=self.txid
+                "Rollback", lambda s: s.Rollback, request, txid=self.txid, endpoint=self._endpoint
             )
         except TwopcError as error:
             self._core.rollback_failed(error)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import shutil
 import statistics
 import sys
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging("warning", console=True)
+    logging.getLogger("twopc.client").setLevel(logging.CRITICAL)  # the kills' lost answers
     if args.members < 2:
         print("twopc bench-takeover: a takeover needs at least 2 members", file=sys.stderr)
         return 2

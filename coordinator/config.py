@@ -228,17 +228,14 @@ class CoordinatorConfig:
         url = self.decision_log_url()
         if url is None or not self.decision_log_hosts:
             return {}
-        from coordinator.decision_log.sql_log import connect_args  # noqa: PLC0415
+        from coordinator.decision_log.sql_log import asks_for_tls, connect_args  # noqa: PLC0415
         from coordinator.decision_log.store_hosts import failover_creator  # noqa: PLC0415
 
         password = self.decision_log_password(environ)
         if password is not None:
             url = url.set(password=password)
-        return {
-            "creator": failover_creator(
-                url, self.decision_log_hosts, connect_args(postgres=False, timeout_s=10.0)
-            )
-        }
+        driver_args = connect_args(postgres=False, timeout_s=10.0, tls=asks_for_tls(url))
+        return {"creator": failover_creator(url, self.decision_log_hosts, driver_args)}
 
     def decision_log_password(self, environ: Mapping[str, str]) -> str | None:
         """The SQL store's password from the environment; None when none is configured.

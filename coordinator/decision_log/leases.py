@@ -54,7 +54,13 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from coordinator.decision_log._sql_schema import MEMBER_LENGTH, ensure_schema
-from coordinator.decision_log.sql_log import connect_args, is_deadlock, shown, store_url
+from coordinator.decision_log.sql_log import (
+    asks_for_tls,
+    connect_args,
+    is_deadlock,
+    shown,
+    store_url,
+)
 from twopc.errors import FailedPrecondition, Unavailable
 
 __all__ = [
@@ -169,7 +175,9 @@ class SqlLeases:
         self._engine: Engine = create_engine(
             self._url,
             poolclass=NullPool,
-            connect_args=connect_args(postgres=self._postgres, timeout_s=timeout_s),
+            connect_args=connect_args(
+                postgres=self._postgres, timeout_s=timeout_s, tls=asks_for_tls(self._url)
+            ),
             **dict(engine_options or {}),
         )
         self._schema_ready = False

@@ -49,6 +49,13 @@ def failover_creator(
         pymysql.err.OperationalError: no host answered (the last one's error).
     """
     endpoints = [(url.host or "127.0.0.1", url.port or 3306), *parse_hosts(alternates)]
+    # TLS as SQLAlchemy's MySQL dialects read it from the URL (?ssl_ca=...&ssl_cert=...).
+    tls = {
+        key.removeprefix("ssl_"): str(value)
+        for key, value in url.query.items()
+        if key in ("ssl_ca", "ssl_cert", "ssl_key", "ssl_capath", "ssl_cipher")
+    }
+    extra: dict[str, Any] = {"ssl": tls} if tls else {}
     lock = threading.Lock()
     last = [0]
 
@@ -67,6 +74,7 @@ def failover_creator(
                     password=url.password or "",
                     database=url.database or None,
                     **connect_args,
+                    **extra,
                 )
             except pymysql.err.OperationalError as err:
                 error = err

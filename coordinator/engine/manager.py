@@ -733,6 +733,8 @@ class TransactionManager:
                 raise InvalidArgument(f"no statements for participant {participant}")
         if request_id:
             known = self._txid_of_request(owner, request_id)
+            if await self._claimed_by_another(known, owner):
+                known = None  # another identity's, from before a restart (_claim_request)
             if (
                 known is not None
                 and known not in self._live
@@ -792,6 +794,8 @@ class TransactionManager:
         view = self.view(txid)
         if not self._may_see(owner, view.owner):
             raise self._unknown(txid)
+        if view.owner is None and await self._claimed_by_another(txid, owner):
+            raise self._unknown(txid)  # its owner is not known here (a restart): the store's is
         if not view.presumed:
             return view
         return await self._lookup_on_participants(txid)
@@ -804,6 +808,8 @@ class TransactionManager:
         the store: one that ran as another member's transaction is answered as ``lookup``
         answers that transaction's txid."""
         txid = self._txid_of_request(owner, request_id)
+        if await self._claimed_by_another(txid, owner):
+            txid = None  # the request id's own txid is another identity's (before a restart)
         if self._claims is not None and not self._known_here(txid):
             held = await self._claims.claimed(owner, request_id)
             if held is not None and held != txid:
@@ -876,7 +882,9 @@ class TransactionManager:
         if claims is None:
             return _Claim()
         txid = self._txid_of_request(owner, request_id)
-        if self._known_here(txid):
+        if await self._claimed_by_another(txid, owner):
+            txid = None  # the request id's own txid is another identity's (before a restart)
+        elif self._known_here(txid):
             return _Claim()
         candidate = txid or new_txid(self.coordinator_id, self._clock.wall_ms())
         held = await claims.claim(owner, request_id, candidate)
@@ -895,6 +903,16 @@ class TransactionManager:
             self._alias(owner, request_id, held)
             return _Claim()
         return _Claim(view=await self._settled_elsewhere(held, request_id))
+
+    async def _claimed_by_another(self, txid: str | None, owner: str | None) -> bool:
+        """Whether the group's store says that ``txid``, whose owner this member does not know
+        (begun before a restart, or never), is another identity's than ``owner``'s. Only such
+        txids are looked up: the store is not read when the owner is known here."""
+        if self._claims is None or txid is None or owner is None:
+            return False
+        if self._owner_of(txid) is not None:
+            return False
+        return await self._claims.claimed_by(txid, owner) is False
 
     async def _unclaim(self, claim: _Claim, request_id: str, owner: str | None) -> None:
         """Drops the claim made for a request that was refused before anything of it ran, so

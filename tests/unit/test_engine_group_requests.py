@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.decision_log import Replay
 from coordinator.decision_log.leases import LeaseRow
 from coordinator.engine.manager import TransactionManager
 from coordinator.engine.ports import IdStanding, Standing
@@ -244,3 +245,29 @@ def test_where_an_id_stands(row: LeaseRow | None, expected: Standing) -> None:
 def test_owners_are_stored_as_fixed_length_hashes() -> None:
     assert owner_hash("client") != owner_hash("other-app")
     assert {len(owner_hash(o)) for o in ("a", "x" * 300, None)} == {64}
+
+
+@scenario
+async def test_after_a_restart_the_store_tells_whose_a_request_ids_own_txid_is() -> None:
+    """c1 restarted: its log replays c1.r-pay-1 with no owner; the claim says it is a's."""
+    ports = FakeParticipants(("eu", "us"))
+    claims = FakeClaims()
+    claims.rows[(owner_hash("a"), "pay-1")] = "c1.r-pay-1"
+    manager = TransactionManager(
+        SETTINGS,
+        ports,
+        InMemoryDecisionLog(replay=Replay(ended={"c1.r-pay-1"})),
+        clock=FakeClock(),
+        claims=claims,
+    )
+    await manager.start()
+    with pytest.raises(NotFound):
+        await manager.lookup("c1.r-pay-1", owner="b")
+    unused = await manager.lookup_request("pay-1", owner="b")
+    assert (unused.state, unused.presumed) == (TxState.ABORTED, True)
+    assert (await manager.lookup_request("pay-1", owner="a")).state is TxState.COMMITTED
+    own = await manager.run(WORK, timeout_ms=5_000, request_id="pay-1", owner="b")
+    assert own.txid != "c1.r-pay-1"
+    assert claims.rows[(owner_hash("b"), "pay-1")] == own.txid
+    with pytest.raises(FailedPrecondition, match="already ran"):
+        await manager.begin_request(5_000, "pay-1", owner="a")

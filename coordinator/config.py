@@ -113,6 +113,11 @@ class CoordinatorConfig:
     # whose lease expired, takes them over and resolves what they left in doubt.
     takeover: bool = True
     takeover_interval_ms: int = 500
+    # On the SQL log, each request id is claimed in the store (coordinator.request_claims) so
+    # that a retry on any member gets the first outcome; claims older than
+    # request_retention_s are deleted every request_gc_interval_s (as agents keep markers).
+    request_retention_s: int = 7 * 24 * 3600
+    request_gc_interval_s: float = 3600.0
     log_level: str = "info"
     admin_failpoints: bool = False
     tls_cert: Path | None = None
@@ -163,6 +168,11 @@ class CoordinatorConfig:
         if not 50 <= self.takeover_interval_ms <= 600_000:
             raise ValueError(
                 f"takeover_interval_ms ({self.takeover_interval_ms}) must be between 50 and 600000"
+            )
+        if self.request_retention_s < 60 or self.request_gc_interval_s <= 0:
+            raise ValueError(
+                f"request_retention_s ({self.request_retention_s}) must be at least 60 and "
+                f"request_gc_interval_s ({self.request_gc_interval_s}) above 0"
             )
         if self.one_shot_order_hold_ms < 1:
             raise ValueError(
@@ -299,6 +309,7 @@ class CoordinatorConfig:
             one_shot_order=self.one_shot_order,
             contended_hold_s=self.one_shot_order_hold_ms / 1000,
             one_shot_victim_share=self.one_shot_order_victim_pct / 100,
+            admin_identities=tuple(self.admin_identities),
         )
 
 

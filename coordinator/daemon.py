@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # the SQL log's modules are an optional extra, imported when 
     from coordinator.decision_log.leases import Lease, SqlLeases
     from coordinator.group import GroupTakeover
     from coordinator.lease_keeper import LeaseKeeper
+    from coordinator.request_claims import SqlRequestClaims
 
 log = structlog.get_logger("twopc.coordinator")
 COORDINATOR_SERVICE = twopc_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -197,6 +198,31 @@ def _group_takeover(
     )
 
 
+def _request_claims(
+    config: CoordinatorConfig, environ: Mapping[str, str], leases: SqlLeases
+) -> SqlRequestClaims:
+    """The group's request claims in the SQL log's store (``coordinator.request_claims``)."""
+    from coordinator.request_claims import SqlRequestClaims  # noqa: PLC0415  # the SQL extra
+
+    return SqlRequestClaims(
+        config.decision_log_url() or "",
+        leases=leases,
+        member=_member(config),
+        password=config.decision_log_password(environ),
+    )
+
+
+async def _collect_claims_forever(
+    claims: SqlRequestClaims, retention_s: int, interval_s: float
+) -> None:
+    while True:
+        try:
+            await claims.collect(retention_s)
+        except Exception:
+            log.exception("request_claims_collect_failed")
+        await asyncio.sleep(interval_s)
+
+
 async def serve(
     config: CoordinatorConfig,
     failpoints: Failpoints,
@@ -219,6 +245,7 @@ async def serve(
     decision_log = build_decision_log(
         config, environ, metrics, lease=lease, on_fenced=_step_down if lease else None
     )
+    claims = _request_claims(config, environ, held[0]) if held is not None else None
     manager = TransactionManager(
         config.engine_settings(),
         agents,
@@ -226,6 +253,7 @@ async def serve(
         failpoints=failpoints,
         on_fatal=_die,
         metrics=metrics,
+        claims=claims,
     )
     if metrics is not None:
         metrics.watch(manager, lambda: health.serving)
@@ -254,6 +282,14 @@ async def serve(
     tasks = _background(config, manager, recovery, agents, health)
     if held is not None and config.takeover:
         tasks.append(asyncio.create_task(_group_takeover(config, environ, tls, held[0]).run()))
+    if claims is not None:
+        tasks.append(
+            asyncio.create_task(
+                _collect_claims_forever(
+                    claims, config.request_retention_s, config.request_gc_interval_s
+                )
+            )
+        )
     try:
         sig = await wait_for_stop_signal()
         log.info("coordinator_stopping", signal=sig.name)
@@ -263,6 +299,8 @@ async def serve(
             task.cancel()
         await server.stop(grace=5)
         await manager.close()
+        if claims is not None:
+            claims.close()
         if held is not None:
             leases, keeper = held
             # Released, not freed: a peer takes the id over at once and resolves whatever

@@ -90,7 +90,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def Begin(self, request: pb.BeginRequest, context: Context) -> pb.BeginResponse:
         async def run() -> pb.BeginResponse:
             owner = self._caller(context)
-            tx = self._manager.begin(request.timeout_ms, request.request_id, owner=owner)
+            tx = await self._manager.begin_request(
+                request.timeout_ms, request.request_id, owner=owner
+            )
             tracing.set_txid(tx.txid)
             return pb.BeginResponse(txid=tx.txid, timeout_ms=tx.timeout_ms)
 

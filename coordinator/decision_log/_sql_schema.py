@@ -15,12 +15,18 @@
     One row per coordinator id: the member (``holder``) that may act for it, the ``epoch`` of
     that holding (one more at every acquisition), and ``expires_at`` in the STORE's clock
     (UTC). See ``leases``; the log's writes are fenced on (holder, epoch).
+``twopc_requests`` (since version 3)
+    One row per (owner, request id) used in a coordinator group: ``owner_hash`` (the sha256 hex
+    of the identity that sent it), ``request_id``, the ``txid`` that claimed it (unique: a txid
+    answers one request of one identity) and ``created_at`` in the store's clock. A request
+    retried on another member finds here the transaction it ran as (``request_claims``).
 
 Every row carries the coordinator id, so that several coordinators can share a store, one member
 per id at a time (the lease).
 
-Versions: 1 had no ``twopc_leases``; opening a version-1 log creates that table and moves the
-version to 2 (nothing else changed). Any other version is refused.
+Versions: 1 had no ``twopc_leases``, 2 no ``twopc_requests``; opening a version-1 or version-2
+log creates the missing tables and moves the version to 3 (nothing else changed). Any other
+version is refused.
 
 Key columns are ASCII with a binary collation on MariaDB/MySQL, so that txids compare byte for
 byte there as on PostgreSQL (txids and coordinator ids are ASCII, ``twopc.txid``).
@@ -54,17 +60,22 @@ __all__ = [
     "LEASES",
     "MEMBER_LENGTH",
     "METADATA",
+    "OWNER_HASH_LENGTH",
+    "REQUESTS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "TXID_LENGTH",
     "ensure_schema",
 ]
 
-SCHEMA_VERSION = 2
-_UPGRADABLE = {1}  # versions whose tables are a subset of this one's: CREATE IF NOT EXISTS does it
+SCHEMA_VERSION = 3
+# Versions whose tables are a subset of this one's: CREATE TABLE IF NOT EXISTS upgrades them.
+_UPGRADABLE = {1, 2}
 MEMBER_LENGTH = 255
 TXID_LENGTH = 128  # twopc's txids have at most 63 characters (twopc.txid.MAX_TXID)
 _ID_LENGTH = 64
+OWNER_HASH_LENGTH = 64  # sha256, hex
+_REQUEST_ID_LENGTH = 64  # twopc's request ids have at most 40 characters (twopc.txid)
 
 
 def _key(length: int) -> String:
@@ -124,6 +135,22 @@ LEASES = Table(
         DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
         nullable=False,
     ),
+    mysql_engine="InnoDB",
+)
+
+REQUESTS = Table(
+    "twopc_requests",
+    METADATA,
+    Column("owner_hash", _key(OWNER_HASH_LENGTH), primary_key=True),
+    Column("request_id", _key(_REQUEST_ID_LENGTH), primary_key=True),
+    Column("txid", _key(TXID_LENGTH), nullable=False),
+    Column(
+        "created_at",
+        DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+        nullable=False,
+    ),
+    Index("twopc_requests_by_txid", "txid", unique=True),
+    Index("twopc_requests_by_age", "created_at"),
     mysql_engine="InnoDB",
 )
 

@@ -15,7 +15,8 @@ MariaDB/MySQL, ``clock_timestamp()`` on PostgreSQL), never with a member's clock
 - ``release`` ends a lease now (a clean hand-over: the next ``acquire`` succeeds at once); with
   ``free`` it also clears the holder, saying that nothing is left in doubt.
 - ``held`` and ``expired`` list the rows, so that a member finds ids to take over: the expired
-  ones that still name a holder.
+  ones that still name a holder; ``row`` reads one id's (where it stands, for request ids
+  retried on another member: ``coordinator.request_claims``).
 
 Each operation is one store transaction, on a connection of its own.
 
@@ -240,6 +241,11 @@ class SqlLeases:
             if row.remaining_ms <= 0 and row.holder
         ]
 
+    async def row(self, coordinator_id: str) -> LeaseRow | None:
+        """The id's row by the store's clock (freed, expired or live); None when it has none."""
+        rows = await asyncio.to_thread(self._rows, coordinator_id)
+        return rows[0] if rows else None
+
     @property
     def name(self) -> str:
         """The store, password hidden, for messages."""
@@ -391,7 +397,9 @@ class SqlLeases:
         )
         return done
 
-    def _rows(self) -> list[LeaseRow]:
+    def _rows(self, coordinator_id: str | None = None) -> list[LeaseRow]:
+        """Every row, or ``coordinator_id``'s."""
+        where = "WHERE coordinator_id = :id " if coordinator_id is not None else ""
         try:
             with self._engine.connect() as conn:
                 self._ready(conn)
@@ -399,8 +407,9 @@ class SqlLeases:
                     text(
                         "SELECT coordinator_id, holder, epoch, expires_at, "
                         f"{self._remaining_ms('expires_at')} AS remaining_ms "
-                        "FROM twopc_leases ORDER BY coordinator_id"
-                    )
+                        f"FROM twopc_leases {where}ORDER BY coordinator_id"
+                    ),
+                    {"id": coordinator_id},
                 ).all()
                 conn.commit()
         except SQLAlchemyError as err:

@@ -40,7 +40,9 @@ from coordinator.engine.ports import (
     NoMetrics,
     ParticipantPort,
     Presence,
+    RequestClaimPort,
     Results,
+    Standing,
     Statements,
     Vote,
 )
@@ -107,6 +109,9 @@ class EngineSettings:
     one_shot_order: str = "parallel"
     contended_hold_s: float = 10.0
     one_shot_victim_share: float = 0.05
+    # Identities that may look up another member's transaction that no request id claimed (its
+    # owner is not known there): the operators (admin_identities).
+    admin_identities: tuple[str, ...] = ()
 
 
 @dataclass
@@ -204,6 +209,16 @@ class TransactionView:
 
 
 @dataclass(frozen=True)
+class _Claim:
+    """What claiming a request id in the group's store found: ``view``, the final outcome of the
+    transaction that it ran as elsewhere (None: run it here); ``inserted``, the txid that this
+    call claimed it for (None when it claimed nothing new)."""
+
+    view: TransactionView | None = None
+    inserted: str | None = None
+
+
+@dataclass(frozen=True)
 class RunOutcome:
     txid: str
     state: TxState
@@ -224,8 +239,12 @@ class TransactionManager:
         failpoints: Failpoints | None = None,
         on_fatal: FatalHandler | None = None,
         metrics: EngineMetrics | None = None,
+        claims: RequestClaimPort | None = None,
     ) -> None:
         self.settings = settings
+        # The group's record of request ids (coordinator.request_claims); None on the file log,
+        # where a request id is known to this coordinator alone.
+        self._claims = claims
         self.metrics: EngineMetrics = metrics or NoMetrics()
         self.coordinator_id = settings.coordinator_id
         self._ports = participants
@@ -714,6 +733,8 @@ class TransactionManager:
                 raise InvalidArgument(f"no statements for participant {participant}")
         if request_id:
             known = self._txid_of_request(owner, request_id)
+            if await self._claimed_by_another(known, owner):
+                known = None  # another identity's, from before a restart (_claim_request)
             if (
                 known is not None
                 and known not in self._live
@@ -723,9 +744,16 @@ class TransactionManager:
                 if view.outcome is Outcome.ABORTED:
                     raise TransactionAborted(view.abort_reason or "aborted", txid=known)
                 return RunOutcome(known, view.state, {})
-        if owner is not None:  # checked before anything is begun
-            timeout_ms = await self._sessions_for_one_shot(owner, names, timeout_ms)
-        tx = self.begin(timeout_ms, request_id, owner=owner)
+        claim = await self._claim_request(request_id, owner) if request_id else _Claim()
+        if claim.view is not None:  # it ran as another transaction, whose outcome is final
+            return RunOutcome(claim.view.txid, self._settled_state(claim.view), {})
+        try:
+            if owner is not None:  # checked before anything is begun
+                timeout_ms = await self._sessions_for_one_shot(owner, names, timeout_ms)
+            tx = self.begin(timeout_ms, request_id, owner=owner)
+        except TwopcError:
+            await self._unclaim(claim, request_id, owner)
+            raise
         self._reserve_sessions(tx, names)  # no await since the check: it cannot fail now
         tx.one_shot = True
         async with tx.lock:
@@ -755,6 +783,8 @@ class TransactionManager:
         Another identity's transaction than ``owner``'s is NotFound, as an unknown one is to
         Execute."""
         parsed = parse_txid(txid)
+        if parsed.coordinator_id != self.coordinator_id and self._claims is not None:
+            return await self._lookup_elsewhere(txid, owner)
         if parsed.coordinator_id != self.coordinator_id:
             raise NotFound(
                 f"transaction {txid} belongs to coordinator {parsed.coordinator_id!r}, "
@@ -764,14 +794,28 @@ class TransactionManager:
         view = self.view(txid)
         if not self._may_see(owner, view.owner):
             raise self._unknown(txid)
+        if view.owner is None and await self._claimed_by_another(txid, owner):
+            raise self._unknown(txid)  # its owner is not known here (a restart): the store's is
         if not view.presumed:
             return view
         return await self._lookup_on_participants(txid)
 
     async def lookup_request(self, request_id: str, owner: str | None = None) -> TransactionView:
         """GetTransaction by ``owner``'s request id. One that another identity used (and this
-        one did not) is answered as one that nobody used, without asking the participants."""
+        one did not) is answered as one that nobody used, without asking the participants.
+
+        In a group (a claims port), a request id that this member does not know is looked up in
+        the store: one that ran as another member's transaction is answered as ``lookup``
+        answers that transaction's txid."""
         txid = self._txid_of_request(owner, request_id)
+        if await self._claimed_by_another(txid, owner):
+            txid = None  # the request id's own txid is another identity's (before a restart)
+        if self._claims is not None and not self._known_here(txid):
+            held = await self._claims.claimed(owner, request_id)
+            if held is not None and held != txid:
+                if self._known_here(held):
+                    return await self.lookup(held, owner)
+                return await self._settled_elsewhere(held, request_id)
         if txid is None:
             return TransactionView(
                 txid_for_request(self.coordinator_id, request_id),
@@ -786,6 +830,160 @@ class TransactionManager:
         return self._txid_of_request(owner, request_id) or txid_for_request(
             self.coordinator_id, request_id
         )
+
+    # --- request ids across a coordinator group -------------------------------------------------
+
+    async def begin_request(
+        self, timeout_ms: int, request_id: str = "", *, owner: str | None = None
+    ) -> Transaction:
+        """Begin as the client API calls it: ``begin``, after claiming ``request_id`` in the
+        group's store when this member does not know it (nothing else differs without a claims
+        port, or without a request id).
+
+        Raises:
+            FailedPrecondition: the request ran already as another member's transaction, which
+                has finished (its outcome is in the message).
+            Unavailable: it runs as another member's transaction, whose coordinator id is
+                live or due for a takeover; or the store did not answer (nothing begun).
+            ResourceExhausted, Unavailable: as ``begin``.
+        """
+        claim = await self._claim_request(request_id, owner) if request_id else _Claim()
+        view = claim.view
+        if view is not None:
+            if view.outcome is Outcome.PENDING:
+                self._settled_state(view)  # raises Unavailable: the outcome is not known yet
+            raise FailedPrecondition(
+                f"request {request_id} already ran as transaction {view.txid}, which has "
+                f"finished ({view.state.value}); use a new request id",
+                txid=view.txid,
+            )
+        try:
+            return self.begin(timeout_ms, request_id, owner=owner)
+        except TwopcError:
+            await self._unclaim(claim, request_id, owner)
+            raise
+
+    def _known_here(self, txid: str | None) -> bool:
+        """Whether this member runs, ran or recovers ``txid`` as far as its memory tells."""
+        return txid is not None and (
+            txid in self._live
+            or txid in self._finished
+            or txid in self._open_commits
+            or txid in self._recovering
+        )
+
+    async def _claim_request(self, request_id: str, owner: str | None) -> _Claim:
+        """Claims ``owner``'s ``request_id`` in the group's store for the txid that ``begin``
+        will give it, before anything of it runs, unless this member knows the request already
+        (``begin`` then answers it as before). When another transaction holds the claim, its
+        final outcome (``_settled_elsewhere``: Unavailable while another member may still
+        decide it)."""
+        claims = self._claims
+        if claims is None:
+            return _Claim()
+        txid = self._txid_of_request(owner, request_id)
+        if await self._claimed_by_another(txid, owner):
+            txid = None  # the request id's own txid is another identity's (before a restart)
+        elif self._known_here(txid):
+            return _Claim()
+        candidate = txid or new_txid(self.coordinator_id, self._clock.wall_ms())
+        held = await claims.claim(owner, request_id, candidate)
+        if held is None:  # the request id's own txid answers another identity's request id
+            candidate = new_txid(self.coordinator_id, self._clock.wall_ms())
+            held = await claims.claim(owner, request_id, candidate)
+        if held is None:
+            raise Unavailable(
+                f"request {request_id} could not be claimed in the group's store; retry"
+            )
+        if held == candidate:
+            if held != txid_for_request(self.coordinator_id, request_id):
+                self._alias(owner, request_id, held)
+            return _Claim(inserted=held)
+        if self._known_here(held):  # an earlier attempt here, under a fresh txid
+            self._alias(owner, request_id, held)
+            return _Claim()
+        return _Claim(view=await self._settled_elsewhere(held, request_id))
+
+    async def _claimed_by_another(self, txid: str | None, owner: str | None) -> bool:
+        """Whether the group's store says that ``txid``, whose owner this member does not know
+        (begun before a restart, or never), is another identity's than ``owner``'s. Only such
+        txids are looked up: the store is not read when the owner is known here."""
+        if self._claims is None or txid is None or owner is None:
+            return False
+        if self._owner_of(txid) is not None:
+            return False
+        return await self._claims.claimed_by(txid, owner) is False
+
+    async def _unclaim(self, claim: _Claim, request_id: str, owner: str | None) -> None:
+        """Drops the claim made for a request that was refused before anything of it ran, so
+        that a retry elsewhere is not sent back here; a failure to is logged (the claim then
+        stays, and a retry elsewhere learns the transaction's presumed outcome once this member
+        is gone)."""
+        txid = claim.inserted
+        if self._claims is None or txid is None or self._known_here(txid):
+            return
+        try:
+            await self._claims.unclaim(owner, request_id, txid)
+        except TwopcError as err:
+            log.warning("request_unclaim_failed", txid=txid, error=err.message)
+
+    def _alias(self, owner: str | None, request_id: str, txid: str) -> None:
+        self._request_aliases[(owner, request_id)] = txid
+        while len(self._request_aliases) > self.settings.finished_memory:
+            self._request_aliases.popitem(last=False)
+
+    async def _lookup_elsewhere(self, txid: str, owner: str | None) -> TransactionView:
+        """GetTransaction of another coordinator id's ``txid``. Only its owner sees it: the
+        identity of its request id's claim; one without a claim (begun with no request id) has
+        no owner known here, and is shown to the admin identities and plaintext callers only.
+        Everyone else gets the same NotFound, claimed or not, so that no identity learns of
+        another's transactions."""
+        coordinator_id = parse_txid(txid).coordinator_id
+        if owner is not None and owner not in self.settings.admin_identities:
+            assert self._claims is not None
+            if not await self._claims.claimed_by(txid, owner):
+                raise NotFound(
+                    f"transaction {txid} belongs to coordinator {coordinator_id!r}, not to this "
+                    f"one ({self.coordinator_id!r}); another member tells only the outcome of "
+                    "your own request ids: ask a member acting for that id",
+                    txid=txid,
+                )
+        return await self._settled_elsewhere(txid)
+
+    async def _settled_elsewhere(self, txid: str, request_id: str = "") -> TransactionView:
+        """The outcome of ``txid``, a transaction that this member does not run, from the
+        group's store and the participants' markers.
+
+        Another coordinator id's transaction may still be decided by the member acting for it
+        while that id's lease is live, or expired but naming a holder (a takeover is due):
+        Unavailable, naming the member. Once the id is freed (a takeover resolved all it left)
+        or held by this member, nobody decides it any more (the log and the agents are fenced
+        on the new epoch): its open COMMIT record in the store says committed; without one the
+        markers tell (committed if a branch committed; else presumed aborted).
+
+        Raises:
+            Unavailable: the id is live or due, the store or a participant did not answer.
+        """
+        claims = self._claims
+        assert claims is not None
+        coordinator_id = parse_txid(txid).coordinator_id
+        if coordinator_id != self.coordinator_id:
+            where = await claims.standing(coordinator_id)
+            if where.standing is not Standing.RESOLVED:
+                what = f"request {request_id} runs as {txid}" if request_id else f"{txid} runs"
+                due = (
+                    " (its lease expired: a takeover is due)"
+                    if where.standing is Standing.DUE
+                    else ""
+                )
+                raise Unavailable(
+                    f"{what} on coordinator {coordinator_id} (member {where.holder}){due}; "
+                    f"retry (there, or here once {coordinator_id}'s transactions are resolved)",
+                    txid=txid,
+                )
+        if await claims.has_commit(coordinator_id, txid):
+            return TransactionView(txid, TxState.COMMITTING)
+        return await self._lookup_on_participants(txid)
 
     # --- the decision ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ Statements and results pass through the coordinator untouched: they are opaque t
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,10 +17,13 @@ from twopc.votes import Presence, Vote
 __all__ = [
     "CommitReply",
     "EngineMetrics",
+    "IdStanding",
     "NoMetrics",
     "ParticipantPort",
     "Presence",
+    "RequestClaimPort",
     "Results",
+    "Standing",
     "Statements",
     "Vote",
     "VoteReply",
@@ -167,3 +171,53 @@ class NoMetrics:
 
     def one_shot_prepared(self, *, ordered: bool) -> None:
         pass
+
+
+class Standing(enum.Enum):
+    """Where a coordinator id of the group stands, as the store's lease row and clock tell."""
+
+    LIVE = "live"  # another member holds a live lease: it may still decide the id's transactions
+    DUE = "due"  # expired, still naming a holder: a takeover is due, nothing is resolved yet
+    # Freed (a takeover resolved everything the id left), or held by this member (its own id,
+    # or a takeover in progress here): no other member decides anything of the id any more.
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True)
+class IdStanding:
+    standing: Standing
+    holder: str = ""  # the member named by the lease row ("" when freed)
+
+
+class RequestClaimPort(Protocol):
+    """The group's shared record of request ids (the SQL store's ``twopc_requests``, read with
+    its leases and COMMIT rows): which transaction each identity's request id ran as, on any
+    member. Every method raises ``Unavailable`` when the store does not answer (then nothing may
+    run: a request must not run without its claim)."""
+
+    async def claim(self, owner: str | None, request_id: str, txid: str) -> str | None:
+        """Claims ``owner``'s ``request_id`` for ``txid``: the txid that holds it (``txid``
+        when this call inserted it, the earlier one otherwise), or None when ``txid`` holds
+        another identity's request id already (nothing written: claim again with a fresh txid).
+        """
+        ...
+
+    async def claimed(self, owner: str | None, request_id: str) -> str | None:
+        """The txid that ``owner``'s ``request_id`` was claimed for, or None."""
+        ...
+
+    async def unclaim(self, owner: str | None, request_id: str, txid: str) -> None:
+        """Drops the claim of ``txid`` (it was refused before anything of it ran)."""
+        ...
+
+    async def claimed_by(self, txid: str, owner: str | None) -> bool | None:
+        """Whether the claim of ``txid`` is ``owner``'s; None when ``txid`` has no claim."""
+        ...
+
+    async def standing(self, coordinator_id: str) -> IdStanding:
+        """Where ``coordinator_id`` stands (its lease row by the store's clock)."""
+        ...
+
+    async def has_commit(self, coordinator_id: str, txid: str) -> bool:
+        """Whether ``coordinator_id``'s decision log holds an open COMMIT record of ``txid``."""
+        ...

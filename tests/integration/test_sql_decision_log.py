@@ -182,12 +182,12 @@ def test_a_lost_end_only_batch_is_written_with_the_next_one(url: str, proxy: Cut
 
 
 def test_a_log_of_an_unknown_schema_version_is_refused(url: str) -> None:
-    run(replay_commits(url))  # creates the tables at version 2
-    rows(url, "UPDATE twopc_log_schema SET version = 3 WHERE id = 1")
-    with pytest.raises(DecisionLogCorrupted, match="schema version 3") as caught:
+    run(replay_commits(url))  # creates the tables at version 3
+    rows(url, "UPDATE twopc_log_schema SET version = 4 WHERE id = 1")
+    with pytest.raises(DecisionLogCorrupted, match="schema version 4") as caught:
         run(replay_commits(url))
-    assert "reads version 2 (and upgrades [1]) only" in caught.value.message
-    assert rows(url, "SELECT version FROM twopc_log_schema") == [(3,)]
+    assert "reads version 3 (and upgrades [1, 2]) only" in caught.value.message
+    assert rows(url, "SELECT version FROM twopc_log_schema") == [(4,)]
 
 
 def test_a_version_1_log_gets_the_lease_table_and_keeps_its_rows(url: str) -> None:
@@ -199,10 +199,27 @@ def test_a_version_1_log_gets_the_lease_table_and_keeps_its_rows(url: str) -> No
 
     run(write())
     rows(url, "DROP TABLE twopc_leases")  # as version 1 left it
+    rows(url, "DROP TABLE twopc_requests")
     rows(url, "UPDATE twopc_log_schema SET version = 1 WHERE id = 1")
     assert run(replay_commits(url)) == [commit(1).txid]
-    assert rows(url, "SELECT version FROM twopc_log_schema") == [(2,)]
+    assert rows(url, "SELECT version FROM twopc_log_schema") == [(3,)]
     assert rows(url, "SELECT count(*) FROM twopc_leases") == [(0,)]
+    assert rows(url, "SELECT count(*) FROM twopc_requests") == [(0,)]
+
+
+def test_a_version_2_log_gets_the_request_table_and_keeps_its_rows(url: str) -> None:
+    async def write() -> None:
+        log = SqlDecisionLog(url, coordinator_id="c1")
+        await log.open()
+        await log.record_commit(commit(1))
+        await log.close()
+
+    run(write())
+    rows(url, "DROP TABLE twopc_requests")  # as version 2 left it
+    rows(url, "UPDATE twopc_log_schema SET version = 2 WHERE id = 1")
+    assert run(replay_commits(url)) == [commit(1).txid]
+    assert rows(url, "SELECT version FROM twopc_log_schema") == [(3,)]
+    assert rows(url, "SELECT count(*) FROM twopc_requests") == [(0,)]
 
 
 @pytest.mark.parametrize("participants", ["not json", '{"a": 1}', '["a", 2]'])
@@ -222,7 +239,7 @@ def test_a_commit_row_with_bad_participants_is_refused(url: str, participants: s
 def test_the_tables_are_created_once_with_a_version_row(url: str) -> None:
     run(replay_commits(url))
     run(replay_commits(url))
-    assert rows(url, "SELECT id, version FROM twopc_log_schema") == [(1, 2)]
+    assert rows(url, "SELECT id, version FROM twopc_log_schema") == [(1, 3)]
 
 
 def test_coordinators_sharing_a_store_keep_their_own_rows(url: str) -> None:

@@ -209,6 +209,7 @@ def _request_claims(
         leases=leases,
         member=_member(config),
         password=config.decision_log_password(environ),
+        engine_options=config.store_engine_options(environ),
     )
 
 

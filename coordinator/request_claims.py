@@ -16,8 +16,9 @@ expired and due for a takeover) or nobody will any more (freed, or held by this 
 open COMMIT rows of ``twopc_commits``. Rows older than a retention (7 days by default, as the
 agents keep their markers) are deleted by ``collect``.
 
-Each operation is one store transaction on a connection of its own (NullPool), run in a worker
-thread (``asyncio.to_thread``), as ``leases`` does. Errors (``twopc.errors``)::
+Each operation is one store transaction, on a pooled connection (a claim comes with every
+transaction that has a request id), run in a worker thread (``asyncio.to_thread``). Errors
+(``twopc.errors``)::
 
     Unavailable
      └── ClaimStoreUnavailable   the store did not answer (nothing may run without its claim)
@@ -44,12 +45,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ColumnElement
 
 from coordinator.decision_log._sql_schema import COMMITS, REQUESTS, ensure_schema
 from coordinator.decision_log.leases import LeaseRow, SqlLeases
-from coordinator.decision_log.sql_log import connect_args, is_deadlock, shown, store_url
+from coordinator.decision_log.sql_log import (
+    asks_for_tls,
+    connect_args,
+    is_deadlock,
+    shown,
+    store_url,
+)
 from coordinator.engine.ports import IdStanding, Standing
 from twopc.errors import Unavailable
 
@@ -65,6 +71,9 @@ log = structlog.get_logger("twopc.coordinator.requests")
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 _ATTEMPTS = 5  # deadlocks between concurrent claims (two unique indexes) are retried
+_POOL_SIZE = 4  # connections kept: the worker threads that claim at once, mostly
+_POOL_OVERFLOW = 16
+_POOL_RECYCLE_S = 300
 T = TypeVar("T")
 
 
@@ -119,10 +128,17 @@ class SqlRequestClaims:
         self._leases = leases
         self._member = member
         self._postgres = self._url.get_backend_name() == "postgresql"
+        # Pooled: a claim comes with every transaction that has a request id (the SDK gives
+        # each one), and a connection per claim would cost more than the claim. A connection
+        # that broke is dropped by the pool (and a store with several hosts fails over).
         self._engine: Engine = create_engine(
             self._url,
-            poolclass=NullPool,
-            connect_args=connect_args(postgres=self._postgres, timeout_s=timeout_s),
+            pool_size=_POOL_SIZE,
+            max_overflow=_POOL_OVERFLOW,
+            pool_recycle=_POOL_RECYCLE_S,
+            connect_args=connect_args(
+                postgres=self._postgres, timeout_s=timeout_s, tls=asks_for_tls(self._url)
+            ),
             **dict(engine_options or {}),
         )
         self._schema_ready = False

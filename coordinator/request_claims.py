@@ -27,8 +27,9 @@ transaction that has a request id), run in a worker thread (``asyncio.to_thread`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -42,9 +43,11 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    tuple_,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 from coordinator.decision_log._sql_schema import COMMITS, REQUESTS, ensure_schema
@@ -71,6 +74,7 @@ log = structlog.get_logger("twopc.coordinator.requests")
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 _ATTEMPTS = 5  # deadlocks between concurrent claims (two unique indexes) are retried
+_MAX_BATCH = 256  # claims in one store transaction
 _POOL_SIZE = 4  # connections kept: the worker threads that claim at once, mostly
 _POOL_OVERFLOW = 16
 _POOL_RECYCLE_S = 300
@@ -97,6 +101,16 @@ def standing_of(row: LeaseRow | None, member: str) -> IdStanding:
     if row.remaining_ms > 0:
         return IdStanding(Standing.RESOLVED if row.holder == member else Standing.LIVE, row.holder)
     return IdStanding(Standing.DUE, row.holder)
+
+
+@dataclasses.dataclass
+class _Waiting:
+    """A claim waiting for its batch."""
+
+    owner: str
+    request_id: str
+    txid: str
+    answer: asyncio.Future[str | None]
 
 
 class SqlRequestClaims:
@@ -146,6 +160,9 @@ class SqlRequestClaims:
         self._now: ColumnElement[Any] = literal_column(
             "clock_timestamp()" if self._postgres else "UTC_TIMESTAMP(6)"
         )
+        # Claims waiting for the next batch, and the task writing batches while there are any.
+        self._waiting: list[_Waiting] = []
+        self._writing: asyncio.Task[None] | None = None
 
     # --- the engine's port ---
 
@@ -158,7 +175,32 @@ class SqlRequestClaims:
         Raises:
             ClaimStoreUnavailable: the store did not answer (claimed or not: unknown).
         """
-        return await self._run("claim", self._claim, owner_hash(owner), request_id, txid)
+        waiting = _Waiting(
+            owner_hash(owner), request_id, txid, asyncio.get_running_loop().create_future()
+        )
+        self._waiting.append(waiting)
+        if self._writing is None:
+            self._writing = asyncio.create_task(self._write_claims())
+        return await waiting.answer
+
+    async def _write_claims(self) -> None:
+        """Writes the claims waiting, as many as there are, in one store transaction each time,
+        until none waits: a claim never waits for a timer, only for the batch in flight."""
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:_MAX_BATCH], self._waiting[_MAX_BATCH:]
+                try:
+                    held = await self._run("claim", self._claim_many, batch)
+                except ClaimStoreUnavailable as err:
+                    for waiting in batch:
+                        if not waiting.answer.done():
+                            waiting.answer.set_exception(type(err)(err.message))
+                    continue
+                for waiting in batch:
+                    if not waiting.answer.done():
+                        waiting.answer.set_result(held.get((waiting.owner, waiting.request_id)))
+        finally:
+            self._writing = None
 
     async def claimed(self, owner: str | None, request_id: str) -> str | None:
         """The txid that ``owner``'s ``request_id`` was claimed for, or None."""
@@ -219,21 +261,29 @@ class SqlRequestClaims:
                 raise self._unavailable(what, err) from err
         raise AssertionError("unreachable")
 
-    def _claim(self, conn: Connection, owner: str, request_id: str, txid: str) -> str | None:
-        try:
-            conn.execute(
-                insert(REQUESTS).values(
-                    owner_hash=owner, request_id=request_id, txid=txid, created_at=self._now
-                )
-            )
-            conn.commit()
-        except IntegrityError:  # the key (or the txid) is claimed already: read who holds it
-            conn.rollback()
+    def _claim_many(
+        self, conn: Connection, batch: Sequence[_Waiting]
+    ) -> dict[tuple[str, str], str]:
+        """Inserts the claims that are free, then reads who holds each key: ours where the
+        insert took, the earlier claim's where the key was claimed already; no entry where the
+        txid holds another identity's request id (the insert was skipped, nothing written)."""
+        rows = [{"owner_hash": w.owner, "request_id": w.request_id, "txid": w.txid} for w in batch]
+        if self._postgres:
+            statement = postgresql.insert(REQUESTS).values(created_at=self._now)
+            conn.execute(statement.on_conflict_do_nothing(), rows)
         else:
-            return txid
-        held = self._claimed(conn, owner, request_id)
-        if held is None:
-            log.info("request_txid_taken", txid=txid)  # by another identity's request id
+            conn.execute(insert(REQUESTS).values(created_at=self._now).prefix_with("IGNORE"), rows)
+        keys = sorted({(w.owner, w.request_id) for w in batch})
+        found = conn.execute(
+            select(REQUESTS.c.owner_hash, REQUESTS.c.request_id, REQUESTS.c.txid).where(
+                tuple_(REQUESTS.c.owner_hash, REQUESTS.c.request_id).in_(keys)
+            )
+        ).all()
+        conn.commit()
+        held = {(str(o), str(r)): str(t) for o, r, t in found}
+        for waiting in batch:
+            if (waiting.owner, waiting.request_id) not in held:
+                log.info("request_txid_taken", txid=waiting.txid)  # another identity's request
         return held
 
     @staticmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,36 @@ def test_the_first_claim_holds_and_racing_claims_read_it(claims: SqlRequestClaim
     assert run(claims.claimed_by(held[0], "client")) is True
     assert run(claims.claimed_by(held[0], "other-app")) is False
     assert run(claims.claimed_by("c9.r-nobody", "client")) is None
+
+
+def test_claims_made_at_once_share_store_transactions_and_each_gets_its_answer(
+    claims: SqlRequestClaims, url: str
+) -> None:
+    """200 claims at once on one member: written in batches (fewer store transactions than
+    claims), each answered for itself: a new key with its own txid, a key claimed twice in one
+    batch with the first txid, a txid already another identity's with None."""
+    assert run(claims.claim("client", "first", "c1.r-taken")) == "c1.r-taken"
+    batches: list[int] = []
+    write = claims._claim_many
+
+    def counted(conn: Any, batch: Any) -> Any:
+        batches.append(len(batch))
+        return write(conn, batch)
+
+    claims._claim_many = counted  # type: ignore[method-assign]
+
+    async def scenario() -> list[str | None]:
+        wanted = [("client", f"k{n}", f"c1.r-k{n}") for n in range(200)]
+        wanted += [("client", "k7", "c2.r-k7"), ("other-app", "x", "c1.r-taken")]
+        return list(await asyncio.gather(*(claims.claim(o, r, t) for o, r, t in wanted)))
+
+    held = run(scenario())
+    assert held[:200] == [f"c1.r-k{n}" for n in range(200)]
+    assert held[200] == "c1.r-k7", "the key's first claim holds, in the same batch too"
+    assert held[201] is None, "a txid answers one identity's request id"
+    assert len(rows(url, "SELECT txid FROM twopc_requests")) == 201
+    assert sum(batches) == 202
+    assert len(batches) < 202 / 4, f"claims share store transactions: {batches}"
 
 
 def test_a_txid_answers_one_identitys_request_id(claims: SqlRequestClaims, url: str) -> None:

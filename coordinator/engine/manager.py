@@ -882,10 +882,13 @@ class TransactionManager:
         if claims is None:
             return _Claim()
         txid = self._txid_of_request(owner, request_id)
-        if await self._claimed_by_another(txid, owner):
-            txid = None  # the request id's own txid is another identity's (before a restart)
-        elif self._known_here(txid):
-            return _Claim()
+        if self._known_here(txid):
+            if await self._claimed_by_another(txid, owner):
+                txid = None  # the request id's own txid is another identity's (before a restart)
+            else:
+                return _Claim()
+        # A txid not known here is not looked up first: a claim of it that another identity's
+        # request id holds already is refused by the store (held None below).
         candidate = txid or new_txid(self.coordinator_id, self._clock.wall_ms())
         held = await claims.claim(owner, request_id, candidate)
         if held is None:  # the request id's own txid answers another identity's request id

@@ -6,6 +6,7 @@
 #   - the Galera 4 provider (/usr/lib/galera/libgalera_smm.so, package galera-4) and rsync, which
 #     its state transfer runs: the replicated decision-log store's tests start a throwaway
 #     3-node cluster (twopc/testing/playground/galera.py). rsync's service is left disabled;
+#   - libfaketime (package libfaketime), with which the group's chaos run slows a member's clock;
 #   - the PostgreSQL server binaries (initdb, postgres in /usr/lib/postgresql/<version>/bin, and
 #     the postgres user the tests run them as), from apt (postgresql), its service likewise left
 #     stopped and disabled: the SQL decision log's tests start throwaway servers too;
@@ -166,6 +167,16 @@ else
     [ -z "$(missing_galera_packages)" ] ||
         die "galera-4 and rsync installed, yet $galera_provider or rsync is missing"
     say "Galera: installed $galera_provider and $(command -v rsync)"
+fi
+
+# --- libfaketime (the chaos run's slowed member clock) -----------------------------------------
+if compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null; then
+    say "libfaketime: found"
+else
+    say "libfaketime: missing; installing libfaketime"
+    apt_install libfaketime
+    compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null ||
+        die "libfaketime installed, yet no libfaketimeMT.so.1 under /usr/lib/*/faketime"
 fi
 
 # --- PostgreSQL (the SQL decision log's tests and benchmark) -----------------------------------

@@ -125,8 +125,9 @@ def test_an_interrupted_chaos_run_leaves_no_process_behind(tmp_path: Path) -> No
 @pytest.mark.timeout(300)
 def test_bounded_chaos_run_of_a_coordinator_group_keeps_every_invariant(tmp_path: Path) -> None:
     """Three members on a 3-node Galera store: members and store nodes are killed and
-    stopped, a member is cut off from the store or from an agent, while transfers run through
-    the first member; the others take its id over whenever it stops renewing its lease."""
+    stopped, a member is cut off from the store or from an agent, a member's clocks run at 0.3x
+    (libfaketime), while transfers run through the first member; the others take its id over
+    whenever it stops renewing its lease."""
     directory = tmp_path / "group-chaos"
     result = subprocess.run(
         [
@@ -139,7 +140,7 @@ def test_bounded_chaos_run_of_a_coordinator_group_keeps_every_invariant(tmp_path
             f"--seed={SEED}",
             "--coordinators=3",
             "--regions=eu,us",
-            "--faults=kill,stop,cut",
+            "--faults=kill,stop,cut,slow_clock",
             "--mean-gap=2.5",
             "--workers=6",
         ],
@@ -157,5 +158,6 @@ def test_bounded_chaos_run_of_a_coordinator_group_keeps_every_invariant(tmp_path
     killed = {f["target"] for f in report["faults"] if f["kind"] == "kill"}
     assert any(t.startswith("store-") for t in killed), "a store node was killed"
     assert any(t.startswith("coordinator") for t in killed), "a member was killed"
+    assert report["faults_by_kind"].get("slow_clock", 0) >= 1, "a member's clock was slowed"
     assert report["quiescence_after_last_heal_s"] < 30
     assert not _processes_under(directory), "nothing of the run outlives it"

@@ -66,3 +66,38 @@ def test_every_schedule_kills_each_kind_of_process_cuts_a_link_and_adds_50ms(see
     assert killed == {"coordinator", "agent", "mariadb"}
     assert any(e.kind is FaultKind.CUT for e in events)
     assert any(e.kind is FaultKind.LATENCY and e.detail["latency_ms"] == 50 for e in events)
+
+
+GROUP = Targets(
+    processes=(
+        "coordinator",
+        "coordinator-2",
+        "coordinator-3",
+        "agent-eu",
+        "mariadb-eu",
+        "store-1",
+        "store-2",
+        "store-3",
+    ),
+    links=("coordinator-agent-eu", "coordinator-store", "coordinator-2-store"),
+)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_group_schedule_kills_a_store_node_and_slows_a_members_clock(seed: int) -> None:
+    events = plan(seed, 300, GROUP)
+    killed = {e.target for e in events if e.kind is FaultKind.KILL}
+    assert any(t.startswith("store-") for t in killed)
+    slowed = [e for e in events if e.kind is FaultKind.SLOW_CLOCK]
+    assert slowed
+    assert all(e.target.startswith("coordinator") for e in slowed)
+    failpoints = [e for e in events if e.kind is FaultKind.FAILPOINT]
+    assert not any(e.target.startswith(("store-", "mariadb")) for e in failpoints)
+
+
+def test_one_coordinator_gets_no_slowed_clock() -> None:
+    """A slowed clock tests that a lease does not trust one member's clock: without a peer to
+    take the id over there is nothing to test."""
+    events = plan(1, 300, TARGETS, kinds=(FaultKind.SLOW_CLOCK, FaultKind.KILL))
+    assert events
+    assert not [e for e in events if e.kind is FaultKind.SLOW_CLOCK]

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import structlog
@@ -108,6 +109,9 @@ class Injector:
         for name in list(self._stopped):
             self._signal(name, signal.SIGCONT)
             self._stopped.discard(name)
+        for name in self.cluster.members:
+            if FAKETIME in self.cluster.component(name).env:
+                self._slow_clock(name, slow=False)
         self._heal_store()
         members = self.cluster.members
         daemons = members + [f"agent-{r}" for r in self.cluster.regions]
@@ -139,10 +143,12 @@ class Injector:
             self.applied.append(record)
         log.info("fault_start", fault=event.describe(), at=round(record.started, 2))
         kind, target = event.kind, event.target
-        if kind in PROCESS_FAULTS or kind is FaultKind.FAILPOINT:
+        if kind in PROCESS_FAULTS or kind in (FaultKind.FAILPOINT, FaultKind.SLOW_CLOCK):
             self._faulted.add(target)
         if store_node(target) and kind in PROCESS_FAULTS:
             self._start_on_store(kind, target)
+        elif kind is FaultKind.SLOW_CLOCK:
+            self._slow_clock(target, slow=True)
         elif kind is FaultKind.KILL:
             self.cluster.kill(target, signal.SIGKILL)
         elif kind is FaultKind.RESTART:
@@ -167,6 +173,8 @@ class Injector:
             return
         if store_node(target) and kind in PROCESS_FAULTS:
             self._end_on_store(kind, target, record)
+        elif kind is FaultKind.SLOW_CLOCK:
+            self._slow_clock(target, slow=False)
         elif kind in (FaultKind.KILL, FaultKind.RESTART):
             self._restart_if_down(target, record)
         elif kind is FaultKind.STOP:
@@ -180,6 +188,22 @@ class Injector:
         self._faulted.discard(target)
         record.ended = self.now()
         log.info("fault_end", fault=event.describe(), at=round(record.ended, 2))
+
+    # --- a member's clock --------------------------------------------------------------------
+
+    def _slow_clock(self, name: str, *, slow: bool) -> None:
+        """Restarts member ``name`` with every clock it reads (monotonic ones too, and its
+        sleeps and timers) at ``SLOW_CLOCK_RATE`` of real time (libfaketime), or again without:
+        it renews its lease too late and believes in it too long; the store's clock decides,
+        a peer takes the id over, and the fences refuse what the slow member still tries."""
+        component = self.cluster.component(name)
+        if slow:
+            component.env.update(slow_clock_env())
+        else:
+            for variable in slow_clock_env():
+                component.env.pop(variable, None)
+        with self._starting:
+            self.cluster.restart(name, wait=False)
 
     # --- the group's store: nodes store-1 .. store-N of its Galera cluster ---------------------
 
@@ -309,3 +333,21 @@ def store_node(name: str) -> int:
     """The node number of a store target (``store-2`` -> 2); 0 for any other target."""
     number = name.removeprefix(STORE_NODE)
     return int(number) if name.startswith(STORE_NODE) and number.isdigit() else 0
+
+
+FAKETIME = "FAKETIME"
+SLOW_CLOCK_RATE = 0.3
+
+
+def faketime_library() -> str | None:
+    """libfaketime's multi-threaded library, if installed (``deploy/setup.sh`` installs it)."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))
+    return str(found[0]) if found else None
+
+
+def slow_clock_env() -> dict[str, str]:
+    """The environment of a process whose clocks run at ``SLOW_CLOCK_RATE`` of real time."""
+    library = faketime_library()
+    if library is None:
+        raise PlaygroundError("libfaketime is not installed: run deploy/setup.sh")
+    return {"LD_PRELOAD": library, FAKETIME: f"+0 x{SLOW_CLOCK_RATE}"}

@@ -26,7 +26,7 @@ from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import RetryPolicy
 from twopc.logs import configure_logging
-from twopc.testing.chaos.injector import Injector
+from twopc.testing.chaos.injector import Injector, faketime_library
 from twopc.testing.chaos.report import ChaosResult, plot_timeline, write_json
 from twopc.testing.chaos.schedule import FaultKind, Targets, plan
 from twopc.testing.playground.bank import Transfer, TransferWorkload, create_accounts, total_balance
@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     configure_logging("warning", console=True)  # the progress line and the report say the rest
     logging.getLogger("twopc.client").setLevel(logging.ERROR)  # retries are counted, not logged
     kinds = [FaultKind(k.strip()) for k in args.faults.split(",") if k.strip()]
+    if FaultKind.SLOW_CLOCK in kinds and args.coordinators > 1 and faketime_library() is None:
+        say(
+            "warning: no slowed member clocks: libfaketime is missing (deploy/setup.sh installs it)"
+        )
+        kinds.remove(FaultKind.SLOW_CLOCK)
     directory: Path = args.dir.resolve()
     if (directory / STATE_FILE).exists():
         previous = Cluster.load(directory)

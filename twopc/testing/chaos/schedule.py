@@ -26,6 +26,7 @@ class FaultKind(enum.Enum):
     BLACKHOLE = "blackhole"  # a link swallows bytes, then heals
     RESET = "reset"  # a link resets its connections (instant)
     FAILPOINT = "failpoint"  # a failpoint armed on a daemon, then disarmed
+    SLOW_CLOCK = "slow_clock"  # a group member restarted with its clocks at 0.3x, then healed
 
 
 PROCESS_FAULTS = (FaultKind.KILL, FaultKind.STOP, FaultKind.RESTART)
@@ -120,6 +121,9 @@ def _required(
             choices = tuple(t for t in targets.processes if t.startswith(prefix))
             if choices:
                 wanted.append((FaultKind.KILL, choices, {}))
+    members = tuple(t for t in targets.processes if t.startswith("coordinator"))
+    if FaultKind.SLOW_CLOCK in usable and len(members) > 1:
+        wanted.append((FaultKind.SLOW_CLOCK, members, {}))
     if targets.links and FaultKind.CUT in usable:
         wanted.append((FaultKind.CUT, targets.links, {}))
     if targets.links and FaultKind.LATENCY in usable:
@@ -156,6 +160,9 @@ def _targets_for(kind: FaultKind, targets: Targets) -> tuple[str, ...]:
         return targets.links
     if kind is FaultKind.FAILPOINT:  # the daemons, not the databases
         return tuple(t for t in targets.processes if not t.startswith(("mariadb", "store-")))
+    if kind is FaultKind.SLOW_CLOCK:  # a group's members: a lease must not trust one clock
+        members = tuple(t for t in targets.processes if t.startswith("coordinator"))
+        return members if len(members) > 1 else ()
     return targets.processes
 
 
@@ -166,6 +173,8 @@ def _duration(kind: FaultKind, rng: random.Random) -> float:
         return rng.uniform(0.2, 3.0)  # down time before the restart
     if kind is FaultKind.STOP:
         return rng.uniform(0.5, 4.0)
+    if kind is FaultKind.SLOW_CLOCK:
+        return rng.uniform(4.0, 10.0)  # long enough for its lease to lapse a few times
     return rng.uniform(1.0, 6.0)
 
 

@@ -225,7 +225,7 @@ class CoordinatorConfig:
             if url.get_backend_name() == "postgresql":
                 raise ValueError(
                     "decision_log_hosts is for MariaDB/MySQL stores; PostgreSQL takes several "
-                    "hosts in the URL itself (postgresql://user@h1:5432,h2:5432/db)"
+                    "hosts in the URL itself (postgresql://user@/db?host=h1:5432&host=h2:5432)"
                 )
             from coordinator.decision_log.store_hosts import parse_hosts  # noqa: PLC0415
 

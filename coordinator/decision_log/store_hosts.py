@@ -6,7 +6,7 @@ the lease fence conflicts in certification whatever node a write goes through). 
 connections of the log and of the leases are made by ``failover_creator``: the URL's host first,
 then each of ``decision_log_hosts`` in turn, staying on the last one that answered. PostgreSQL
 needs none of this: libpq takes several hosts in the URL itself
-(``postgresql://user@h1:5432,h2:5432/db?target_session_attrs=read-write``).
+(``postgresql://user@/db?host=h1:5432&host=h2:5432&target_session_attrs=read-write``).
 """
 
 from __future__ import annotations

@@ -1098,12 +1098,14 @@ class TransactionManager:
             self._fatal(err)
             raise
         self._open_commits[tx.txid] = record
+        # Phase 2 is this task's from the moment the decision is durable: recovery, which
+        # drives the open COMMIT records nobody drives, must not drive this one meanwhile.
+        self._phase2_running.add(tx.txid)
         tx.move_to(TxState.COMMITTING)
         log.debug("commit_decided", txid=tx.txid, participants=list(tx.prepared))
         try:
             await self._failpoints.ahit("coordinator.after_commit_record")
         finally:  # decided: phase 2 runs even when the failpoint raises (a lost answer)
-            self._phase2_running.add(tx.txid)
             self._spawn(self._phase2(tx, record))
 
     async def _prepare_in_order(

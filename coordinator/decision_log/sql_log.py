@@ -55,9 +55,10 @@ answers 1213 and has rolled the loser back: an acquire is retried, and so is a b
 fence then sees the new epoch (tested on a 3-node cluster, ``tests/integration/test_galera.py``).
 Galera commits in certification order on every node, so a replay read after the acquire
 committed holds every batch certified before it.
-The fence checks holder and
-epoch, not expiry: a holder whose lease expired but was not taken over has written nothing
-anyone replayed. Renewing, and stopping at the local deadline, is the caller's (``leases``).
+The fence checks expiry too, by the store's clock: a holder whose lease ran out writes nothing
+more even before anyone takes the id, so that a takeover's acquire does not race with its
+batches (on Galera a stream of them could otherwise keep winning certification). Renewing, and
+stopping at the local deadline, is the caller's (``leases``).
 
 A log without a lease is not fenced (a single coordinator): two coordinators with the same id on
 one store would then replay, and end, each other's decisions.
@@ -589,7 +590,8 @@ class SqlDecisionLog:
 
     def _fence(self, conn: Connection) -> None:
         """The first statement of every store transaction (with a lease): an UPDATE of the lease
-        row that only this holder at this epoch matches, held until the transaction ends, so
+        row that only this holder at this epoch matches, while it is live by the store's clock,
+        held until the transaction ends, so
         that no takeover can commit between this check and the batch's COMMIT (see the module's
         docstring). It moves the expiry on by 1 µs, so that Galera certifies it.
 
@@ -599,15 +601,15 @@ class SqlDecisionLog:
         if self._fenced_on is None:
             return
         holder, epoch = self._fenced_on
-        later = (
-            "expires_at + interval '1 microsecond'"
-            if self._postgres
-            else "expires_at + INTERVAL 1 MICROSECOND"
-        )
+        if self._postgres:
+            later, now = "expires_at + interval '1 microsecond'", "clock_timestamp()"
+        else:
+            later, now = "expires_at + INTERVAL 1 MICROSECOND", "UTC_TIMESTAMP(6)"
         touched = conn.execute(
             text(
                 f"UPDATE twopc_leases SET expires_at = {later} "
-                "WHERE coordinator_id = :id AND holder = :holder AND epoch = :epoch"
+                "WHERE coordinator_id = :id AND holder = :holder AND epoch = :epoch "
+                f"AND expires_at > {now}"
             ),
             {"id": self._coordinator_id, "holder": holder, "epoch": epoch},
         )
@@ -618,10 +620,12 @@ class SqlDecisionLog:
                 LEASES.c.coordinator_id == self._coordinator_id
             )
         ).one_or_none()
-        now = "no lease row" if row is None else f"{row.holder} at epoch {row.epoch}"
+        shows = "no lease row" if row is None else f"{row.holder} at epoch {row.epoch}"
+        if row is not None and (row.holder, row.epoch) == (holder, epoch):
+            shows += ", expired by the store's clock"
         raise _Fenced(
             f"{holder} no longer holds coordinator id {self._coordinator_id} at epoch "
-            f"{epoch}: the store shows {now}"
+            f"{epoch}: the store shows {shows}"
         )
 
     def _fence_failed(self, batch: _Batch, why: str) -> _Failure:

@@ -187,7 +187,11 @@ def test_a_takeover_on_another_node_fences_the_old_holders_log(cluster: GaleraCl
     acknowledged to the old holder is in the new holder's replay (read through node 2), every
     one refused is not, and none that started after the acquire returned is acknowledged."""
     from coordinator.decision_log import DecisionLogFenced  # noqa: PLC0415
-    from coordinator.decision_log.leases import LeaseHeld, SqlLeases  # noqa: PLC0415
+    from coordinator.decision_log.leases import (  # noqa: PLC0415
+        LeaseHeld,
+        LeaseStoreUnavailable,
+        SqlLeases,
+    )
     from coordinator.decision_log.sql_log import SqlDecisionLog  # noqa: PLC0415
     from tests.integration.test_leases import LONG_MS, commit, replay_of, run, until  # noqa: PLC0415
 
@@ -226,7 +230,7 @@ def test_a_takeover_on_another_node_fences_the_old_holders_log(cluster: GaleraCl
             try:
                 taken = await b.acquire(cid, "member-b", LONG_MS)
                 break
-            except LeaseHeld:
+            except (LeaseHeld, LeaseStoreUnavailable):  # a member tries again, as here
                 await asyncio.sleep(0.005)
         taken_over.set()
         await asyncio.gather(*writers)
@@ -252,8 +256,8 @@ def test_a_batch_in_flight_on_one_node_loses_to_a_takeover_on_another(
     from coordinator.decision_log.leases import SqlLeases  # noqa: PLC0415
     from coordinator.decision_log.sql_log import SqlDecisionLog  # noqa: PLC0415
     from tests.integration.test_leases import (  # noqa: PLC0415
+        IN_FLIGHT_MS,
         LONG_MS,
-        SHORT_MS,
         commit,
         expired_in_store,
         replay_of,
@@ -267,17 +271,17 @@ def test_a_batch_in_flight_on_one_node_loses_to_a_takeover_on_another(
     async def scenario() -> None:
         with proxy_to(cluster.node_ports(1).client) as proxy:
             a, b = SqlLeases(node1), SqlLeases(node2)
-            lease = await a.acquire("held", "member-a", SHORT_MS)
+            lease = await a.acquire("held", "member-a", IN_FLIGHT_MS)
             log = SqlDecisionLog(via(node1, proxy.port), coordinator_id="held", lease=lease)
             await log.open()
-            await expired_in_store(b, "held")
             proxy.hold_commits = True
-            written = asyncio.create_task(log.record_commit(commit("held", 1)))
+            written = asyncio.create_task(log.record_commit(commit("held", 1)))  # lease live
 
             async def held() -> bool:
                 return proxy.commits_held == 1
 
             await until(held, "the batch's COMMIT to reach the proxy")
+            await expired_in_store(b, "held")  # while the batch's COMMIT is held
             taken = await b.acquire("held", "member-b", LONG_MS)
             replay = await replay_of(node2, taken)
             proxy.release_commits()

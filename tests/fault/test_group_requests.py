@@ -13,42 +13,32 @@ raw gRPC API (no SDK retry hides an UNAVAILABLE).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.fault.group_members import (
+    REGIONS,
+    Member,
+    group_cluster,
+    peer_member,
+    restore_a,
+)
 from tests.sql_stores import Stores, rows
-from tests.support import markers, prepared, transfer_sql
+from tests.support import markers, transfer_sql
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client._common import run_request
-from twopc.testing.playground.bank import create_accounts
 from twopc.testing.playground.cluster import Cluster, wait_until
-from twopc.testing.playground.ports import free_port
 
 pytestmark = pytest.mark.fault
 
-REGIONS = ("eu", "us")
-LEASE_MS = 1500
 TAKEOVER_DEADLINE_S = 20.0
 ACCOUNT = 3
-
-
-@dataclass
-class Member:
-    process: subprocess.Popen[bytes]
-    log: Path
-    address: str
-
-    def text(self) -> str:
-        return self.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -58,69 +48,22 @@ def store_url(sql_stores: Stores) -> str:
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory, store_url: str) -> Iterator[Cluster]:
-    cluster = Cluster.create(
-        tmp_path_factory.mktemp("group"),
-        REGIONS,
-        coordinator_settings={
-            "decision_log": store_url,
-            "member": "member-a",
-            "lease_ms": LEASE_MS,
-            "takeover_interval_ms": 200,
-            "recovery_interval_s": 0.5,
-            "rpc_timeout_s": 3.0,
-        },
-        agent_settings={"reaper_interval_s": 0.1, "coordinator_ids": ["c1", "c2"]},
-    )
-    try:
-        cluster.up()
-        create_accounts(cluster, 10)
+    with group_cluster(tmp_path_factory, store_url) as cluster:
         yield cluster
-    finally:
-        cluster.down(timeout=10)
 
 
 @pytest.fixture
 def peer(group: Cluster, tmp_path: Path) -> Iterator[Member]:
     """Member B: coordinator id c2, the same configuration as A's otherwise."""
-    a = group.component("coordinator")
-    log = tmp_path / "b.log"
-    address = f"127.0.0.1:{free_port()}"
-    env = {
-        **a.env,
-        "TWOPC_COORDINATOR_COORDINATOR_ID": "c2",
-        "TWOPC_COORDINATOR_MEMBER": "member-b",
-        "TWOPC_COORDINATOR_LISTEN": address,
-        "TWOPC_COORDINATOR_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-        "TWOPC_FAILPOINTS": "",
-    }
-    config = a.command.index("--config") + 1
-    b_config = tmp_path / "b.toml"
-    shutil.copy(a.command[config], b_config)
-    command = [*a.command[:config], str(b_config), *a.command[config + 1 :]]
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=a.cwd, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT
-        )
-    member = Member(process, log, address)
-    try:
-        wait_until(lambda: "coordinator_listening" in member.text(), 30, "member B serving")
+    with peer_member(group, tmp_path) as member:
         yield member
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=20)
 
 
 @pytest.fixture(autouse=True)
 def a_serving(group: Cluster) -> Iterator[None]:
-    """A serving before and after each test (SIGCONTed, restarted)."""
+    """A serving before and after each test (SIGCONTed, restarted, failpoints disarmed)."""
     yield
-    a = group.component("coordinator")
-    if a.pid is not None and a.alive():
-        os.kill(a.pid, signal.SIGCONT)
-        group.kill("coordinator")
-    group.restart("coordinator")
-    wait_until(lambda: not prepared(group), 20, "nothing left prepared")
+    restore_a(group)
 
 
 def stub(group: Cluster, address: str, identity: str = "client") -> pb_grpc.CoordinatorStub:

@@ -13,38 +13,30 @@ coordinator) and c2 (B), real processes and real signals.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.fault.group_members import (
+    REGIONS,
+    Member,
+    group_cluster,
+    lease,
+    peer_member,
+    restore_a,
+)
 from tests.fault.test_crash_recovery import wait_dead
 from tests.sql_stores import Stores, rows
 from tests.support import markers, prepare_on_agent, prepared, transfer_sql
 from twopc.client import OutcomeUnknown, RetryPolicy
-from twopc.testing.playground.bank import create_accounts
 from twopc.testing.playground.cluster import Cluster, Component, wait_until
-from twopc.testing.playground.ports import free_port
 
 pytestmark = pytest.mark.fault
 
-REGIONS = ("eu", "us")
-LEASE_MS = 1500
 TAKEOVER_DEADLINE_S = 20.0  # a bound for the test; the figure of record is printed
-
-
-@dataclass
-class Member:
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -54,68 +46,22 @@ def store_url(sql_stores: Stores) -> str:
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory, store_url: str) -> Iterator[Cluster]:
-    cluster = Cluster.create(
-        tmp_path_factory.mktemp("group"),
-        REGIONS,
-        coordinator_settings={
-            "decision_log": store_url,
-            "member": "member-a",
-            "lease_ms": LEASE_MS,
-            "takeover_interval_ms": 200,
-            "recovery_interval_s": 0.5,
-            "rpc_timeout_s": 3.0,
-        },
-        agent_settings={"reaper_interval_s": 0.1, "coordinator_ids": ["c1", "c2"]},
-    )
-    try:
-        cluster.up()
-        create_accounts(cluster, 10)
+    with group_cluster(tmp_path_factory, store_url) as cluster:
         yield cluster
-    finally:
-        cluster.down(timeout=10)
 
 
 @pytest.fixture
 def peer(group: Cluster, tmp_path: Path) -> Iterator[Member]:
     """Member B: coordinator id c2, the same configuration as A's otherwise."""
-    a = group.component("coordinator")
-    log = tmp_path / "b.log"
-    env = {
-        **a.env,
-        "TWOPC_COORDINATOR_COORDINATOR_ID": "c2",
-        "TWOPC_COORDINATOR_MEMBER": "member-b",
-        "TWOPC_COORDINATOR_LISTEN": f"127.0.0.1:{free_port()}",
-        "TWOPC_COORDINATOR_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-        "TWOPC_FAILPOINTS": "",
-    }
-    config = a.command.index("--config") + 1
-    b_config = tmp_path / "b.toml"
-    shutil.copy(a.command[config], b_config)
-    command = [*a.command[:config], str(b_config), *a.command[config + 1 :]]
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=a.cwd, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT
-        )
-    member = Member(process, log)
-    try:
-        wait_until(lambda: "coordinator_listening" in member.text(), 30, "member B serving")
+    with peer_member(group, tmp_path) as member:
         yield member
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=20)
 
 
 @pytest.fixture(autouse=True)
 def a_serving(group: Cluster) -> Iterator[None]:
-    """A, without failpoints, serving before and after each test."""
+    """A serving before and after each test (SIGCONTed, restarted, failpoints disarmed)."""
     yield
-    a = group.component("coordinator")
-    a.env.pop("TWOPC_FAILPOINTS", None)
-    if a.alive():
-        group.kill("coordinator")
-    group.restart("coordinator")
-    wait_until(lambda: not prepared(group), 20, "nothing left prepared")
+    restore_a(group)
 
 
 def restart_a_with(group: Cluster, failpoints: str) -> Component:
@@ -125,14 +71,6 @@ def restart_a_with(group: Cluster, failpoints: str) -> Component:
         group.kill("coordinator")
     group.restart("coordinator")
     return a
-
-
-def lease(store_url: str, coordinator_id: str) -> tuple[str, int]:
-    found = rows(
-        store_url,
-        f"SELECT holder, epoch FROM twopc_leases WHERE coordinator_id = '{coordinator_id}'",
-    )
-    return str(found[0][0]), int(found[0][1])
 
 
 def fence_epoch(group: Cluster, region: str, coordinator_id: str) -> int:

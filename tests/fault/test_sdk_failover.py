@@ -6,49 +6,36 @@ fails over to B within the retry policy's deadline, and the transfers after it s
 interactive transaction begun on A stays there: its next call says the transaction is lost, and
 nothing of it is applied. The balances show every acknowledged transfer exactly once.
 
-The fixtures follow tests/fault/test_group_takeover.py.
+The group is tests/fault/group_members.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.fault.group_members import (
+    Member,
+    group_cluster,
+    peer_member,
+)
 from tests.sql_stores import Stores
 from tests.support import prepared, transfer_sql
 from twopc.client import Client, OutcomeUnknown, RetryPolicy, Unavailable
-from twopc.testing.playground.bank import INITIAL_BALANCE, create_accounts
+from twopc.testing.playground.bank import INITIAL_BALANCE
 from twopc.testing.playground.cluster import Cluster, wait_until
-from twopc.testing.playground.ports import free_port
 
 pytestmark = pytest.mark.fault
 
-REGIONS = ("eu", "us")
 ACCOUNTS = 10
 TRANSFER_ACCOUNTS = 9  # accounts 0-8 take the transfers; 9 is the lost transaction's
 LOST_ACCOUNT = 9
-LEASE_MS = 1500
 # Failover needs no takeover: a new request goes to B as soon as A refuses connections.
 POLICY = RetryPolicy(attempts=6, initial_backoff=0.05, max_backoff=0.5, deadline=5.0)
-
-
-@dataclass
-class Member:
-    process: subprocess.Popen[bytes]
-    log: Path
-    address: str
-
-    def text(self) -> str:
-        return self.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -58,61 +45,15 @@ def store_url(sql_stores: Stores) -> str:
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory, store_url: str) -> Iterator[Cluster]:
-    cluster = Cluster.create(
-        tmp_path_factory.mktemp("group"),
-        REGIONS,
-        coordinator_settings={
-            "decision_log": store_url,
-            "member": "member-a",
-            "lease_ms": LEASE_MS,
-            "takeover_interval_ms": 200,
-            "recovery_interval_s": 0.5,
-            "rpc_timeout_s": 3.0,
-        },
-        agent_settings={"reaper_interval_s": 0.1, "coordinator_ids": ["c1", "c2"]},
-    )
-    try:
-        cluster.up()
-        create_accounts(cluster, ACCOUNTS)
+    with group_cluster(tmp_path_factory, store_url, accounts=ACCOUNTS) as cluster:
         yield cluster
-    finally:
-        cluster.down(timeout=10)
 
 
 @pytest.fixture
 def peer(group: Cluster, tmp_path: Path) -> Iterator[Member]:
     """Member B: coordinator id c2, the same configuration as A's otherwise."""
-    a = group.component("coordinator")
-    log = tmp_path / "b.log"
-    address = f"127.0.0.1:{free_port()}"
-    env = {
-        **a.env,
-        "TWOPC_COORDINATOR_COORDINATOR_ID": "c2",
-        "TWOPC_COORDINATOR_MEMBER": "member-b",
-        "TWOPC_COORDINATOR_LISTEN": address,
-        "TWOPC_COORDINATOR_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-        "TWOPC_FAILPOINTS": "",
-    }
-    config = a.command.index("--config") + 1
-    b_config = tmp_path / "b.toml"
-    shutil.copy(a.command[config], b_config)
-    command = [*a.command[:config], str(b_config), *a.command[config + 1 :]]
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=a.cwd, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT
-        )
-    member = Member(process, log, address)
-    try:
-        wait_until(lambda: "coordinator_listening" in member.text(), 30, "member B serving")
+    with peer_member(group, tmp_path) as member:
         yield member
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
 
 
 def balances(group: Cluster, region: str) -> dict[int, int]:

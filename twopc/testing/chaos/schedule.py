@@ -1,11 +1,13 @@
 """Fault schedules: which fault hits which part of the cluster when, planned from a seed.
 
 Pure: the same seed, duration and targets always give the same schedule. Faults overlap at most
-``max_concurrent`` at a time, never two on the same target, and every fault ends (is healed)
-before the run does. Whatever the seed, a schedule long enough for them holds the faults that a
-run must not miss: a SIGKILL of the coordinator, of an agent and of a database, a link cut and
-50 ms of latency on a link (as far as the kinds and targets asked for allow); random faults
-fill the time around them.
+``max_concurrent`` at a time, never two on the same target nor on two nodes of a group's store
+(that would be the store's quorum lost, a fault for the operator: README), and every fault ends
+(is healed) before the run does. Whatever the seed, a schedule long enough for them holds the
+faults that a run must not miss: a SIGKILL of the coordinator, of an agent and of a database
+(and with a group, of a store node, and a member's slowed clock), a link cut and 50 ms of
+latency on a link (as far as the kinds and targets asked for allow); random faults fill the
+time around them.
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def _fits(
     overlapping = [e for e in events if e.at < end + 0.5 and start < e.ends + 0.5]
     if any(e.target == target for e in overlapping):
         return False
+    if target.startswith("store-") and any(e.target.startswith("store-") for e in overlapping):
+        return False  # one store node at a time: two of three would take the store's quorum
     points = [start] + [e.at for e in overlapping if start <= e.at < end]
     return all(
         sum(1 for e in overlapping if e.at <= p < max(e.ends, e.at + 1e-9)) < max_concurrent

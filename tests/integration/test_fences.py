@@ -148,3 +148,18 @@ def test_an_epoch_is_kept_only_for_the_ids_the_agent_serves(
     assert error.code == "INVALID_ARGUMENT"
     # Without an epoch, a Recover is a listing: never refused for its epoch.
     agent.Recover(pb.RecoverRequest(txid_prefix=""))
+
+
+def test_an_epoch_beyond_the_stores_range_is_refused_and_kept_nowhere(
+    cluster: Cluster, agent: pb_grpc.ParticipantStub
+) -> None:
+    """A hostile (or broken) coordinator cannot fence its id for good with an epoch no lease
+    can ever reach: past 2^63 - 1 (BIGINT) the call is refused and nothing is written."""
+    before = fence(cluster)
+    error = refusal(
+        agent.Rollback,
+        pb.BranchRollbackRequest(txid=txid(), participant="eu", epoch=2**64 - 1),
+    )
+    assert error.code == "INVALID_ARGUMENT"
+    assert "out of range" in error.message
+    assert fence(cluster) == before

@@ -106,3 +106,9 @@ def test_one_coordinator_gets_no_slowed_clock() -> None:
     events = plan(1, 300, TARGETS, kinds=(FaultKind.SLOW_CLOCK, FaultKind.KILL))
     assert events
     assert not [e for e in events if e.kind is FaultKind.SLOW_CLOCK]
+
+
+def test_every_fault_kind_has_a_colour_on_the_timeline() -> None:
+    from twopc.testing.chaos.report import _COLOURS  # noqa: PLC0415
+
+    assert set(_COLOURS) == set(FaultKind)

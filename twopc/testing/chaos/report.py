@@ -29,6 +29,7 @@ _COLOURS = {
     FaultKind.BLACKHOLE: "#7f7f7f",
     FaultKind.RESET: "#bcbd22",
     FaultKind.FAILPOINT: "#e377c2",
+    FaultKind.SLOW_CLOCK: "#2ca02c",
 }
 
 

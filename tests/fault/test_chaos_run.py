@@ -18,7 +18,7 @@ import pytest
 
 from twopc.testing.playground.cluster import wait_until
 
-DURATION_S = 45
+DURATION_S = 32
 SEED = 20261129
 
 
@@ -136,7 +136,7 @@ def test_bounded_chaos_run_of_a_coordinator_group_keeps_every_invariant(tmp_path
             "twopc.cli",
             "chaos",
             f"--dir={directory}",
-            "--duration=35",
+            "--duration=28",
             f"--seed={SEED}",
             "--coordinators=3",
             "--regions=eu,us",

@@ -154,6 +154,8 @@ def test_a_member_stopped_cleanly_hands_its_id_over_at_once(
     """A stops (SIGTERM) with a branch prepared that it never decided (a branch an agent holds
     under A's id, prepared straight through the agent's API): B takes c1 without waiting for a
     lease to run out, rolls the branch back and frees the id."""
+    # A's own recovery would roll the branch back at its next pass: held at its failpoint.
+    restart_a_with(group, "coordinator.recovery=pause")
     txid = "c1.r-left-prepared"
     prepare_on_agent(group, "eu", txid, -1, 2, epoch=lease(store_url, "c1")[1])
     assert prepared(group) == {"eu": [txid]}

@@ -133,7 +133,7 @@ def test_contended_workloads_run_end_and_conserve(tmp_path: Path) -> None:
             "--workloads=transfer2-hot,flash-sale-2region",
             f"--systems={','.join(HOT_SYSTEMS)}",
             "--concurrency=4",
-            "--latency-ms=0,4",
+            "--latency-ms=0",  # the latency paths are the other smoke test's
             "--duration=1.5",
             "--warmup=0.3",
             "--accounts=100",
@@ -153,7 +153,7 @@ def test_contended_workloads_run_end_and_conserve(tmp_path: Path) -> None:
     report = json.loads((out / "bench.json").read_text())
     cells = {(c["workload"], c["rtt_ms"], c["system"]): c for c in report["cells"]}
     assert set(cells) == {
-        (w, rtt, s) for w in ("transfer2-hot", "flash-sale-2region") for rtt in (0, 4)
+        (w, rtt, s) for w in ("transfer2-hot", "flash-sale-2region") for rtt in (0,)
         for s in HOT_SYSTEMS
     }  # fmt: skip
     for (workload, rtt, system), cell in cells.items():
@@ -192,9 +192,9 @@ def test_contended_workloads_run_end_and_conserve(tmp_path: Path) -> None:
         assert f"{region} {own[f'agent-{region}']}" in direct["twopc"]
         assert f"{region} {own[f'mariadb-{region}']}" in direct["baselines"]
     summary = (out / "bench-summary.md").read_text()
-    assert summary.split("## Contention", 1)[1].count("| transfer2-hot") == 2 * len(HOT_SYSTEMS)
+    assert summary.split("## Contention", 1)[1].count("| transfer2-hot") == len(HOT_SYSTEMS)
     orders = summary.split("prepared in parallel and in order", 1)[1].split("## Contention")[0]
-    assert orders.count("| transfer2-hot") == 2  # one row per round trip
+    assert orders.count("| transfer2-hot") == 1  # one row per round trip
     # Each twopc system ran on a coordinator started with its one-shot order.
     started = [
         json.loads(line)

@@ -35,7 +35,7 @@ def test_short_bench_run_of_every_system(tmp_path: Path) -> None:
                 "--tls=on,off",
                 f"--concurrency={CONCURRENCY}",
                 f"--latency-ms={','.join(str(r) for r in RTTS)}",
-                "--duration=2",
+                "--duration=1.2",
                 "--warmup=0.3",
                 "--accounts=200",
                 f"--dir={directory}",

@@ -181,6 +181,7 @@ def connect_args(*, postgres: bool, timeout_s: float, tls: bool = False) -> dict
             "keepalives_idle": seconds,
             "keepalives_interval": 1,
             "keepalives_count": 3,
+            "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S * 1000}",
         }
     plain = {} if tls else {"ssl_disabled": True}
     return {
@@ -188,8 +189,20 @@ def connect_args(*, postgres: bool, timeout_s: float, tls: bool = False) -> dict
         "read_timeout": seconds,
         "write_timeout": seconds,
         "charset": "utf8mb4",
+        # The limit is MariaDB's (inside /*M! */): MySQL, which has none, runs the rest alone.
+        "init_command": (
+            "SET @twopc_store = 1"
+            f"/*M! , SESSION idle_transaction_timeout = {IDLE_IN_TRANSACTION_S} */"
+        ),
         **plain,
     }
+
+
+# A member paused (SIGSTOP, a frozen VM) in the middle of a store transaction keeps that
+# transaction's row locks, the lease row's among them (the log's fence, a renewal), and a
+# takeover's acquire would wait for them for as long as the member stays paused. The store ends
+# a transaction idle that long and frees its locks: the member's COMMIT then fails, and it stops.
+IDLE_IN_TRANSACTION_S = 5
 
 
 def asks_for_tls(url: URL) -> bool:

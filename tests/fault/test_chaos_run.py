@@ -136,7 +136,7 @@ def test_bounded_chaos_run_of_a_coordinator_group_keeps_every_invariant(tmp_path
             "twopc.cli",
             "chaos",
             f"--dir={directory}",
-            "--duration=28",
+            "--duration=24",
             f"--seed={SEED}",
             "--coordinators=3",
             "--regions=eu,us",

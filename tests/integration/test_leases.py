@@ -5,11 +5,14 @@ a deposed writer's records refused; the race between a takeover and a batch in f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 from structlog.testing import capture_logs
 
 from coordinator.decision_log import (
@@ -25,7 +28,12 @@ from coordinator.decision_log.leases import (
     LeaseStoreUnavailable,
     SqlLeases,
 )
-from coordinator.decision_log.sql_log import SqlDecisionLog
+from coordinator.decision_log.sql_log import (
+    IDLE_IN_TRANSACTION_S,
+    SqlDecisionLog,
+    connect_args,
+    store_url,
+)
 from tests.sql_stores import KINDS, CutProxy, Stores, lock_waits, proxy_to, rows, via
 
 T = TypeVar("T")
@@ -558,3 +566,38 @@ def test_concurrent_commits_during_a_takeover_are_either_replayed_or_fenced(
         b.close()
 
     run(scenario(), deadline=60)
+
+
+def test_a_holder_paused_inside_a_store_transaction_keeps_no_takeover_out(
+    url: str, kind: str
+) -> None:
+    """A member paused in the middle of a store transaction (SIGSTOP between its fence's
+    UPDATE and its COMMIT) holds the lease row's lock; the store ends that transaction once it
+    has been idle IDLE_IN_TRANSACTION_S, so that a takeover's acquire goes on, instead of
+    waiting for as long as the member stays paused."""
+
+    async def scenario() -> None:
+        a, b = SqlLeases(url), SqlLeases(url)
+        await a.acquire("c1", "member-a", SHORT_MS)
+        engine = create_engine(
+            store_url(url),
+            poolclass=NullPool,
+            connect_args=connect_args(postgres=kind == "postgresql", timeout_s=5),
+        )
+        paused = engine.connect()  # the member's connection, its transaction left open
+        paused.execute(text("UPDATE twopc_leases SET epoch = epoch WHERE coordinator_id = 'c1'"))
+        try:
+            await expired_in_store(b, "c1")
+            started = time.monotonic()
+            taken = await b.acquire("c1", "member-b", LONG_MS)
+            waited = time.monotonic() - started
+            assert taken.epoch == 2
+            assert waited < IDLE_IN_TRANSACTION_S + 3, f"the acquire waited {waited:.1f} s"
+        finally:
+            with contextlib.suppress(Exception):
+                paused.close()
+            engine.dispose()
+            a.close()
+            b.close()
+
+    run(scenario(), deadline=IDLE_IN_TRANSACTION_S + 20)

@@ -100,7 +100,6 @@ class GroupTakeover:
         self._rpc_timeout_s = rpc_timeout_s
         self._interval_s = interval_s
         self._hold_s = hold_s
-        self.results: list[TakeoverResult] = []
 
     async def run(self) -> None:
         """Looks for expired ids every ``interval_s``, until cancelled."""
@@ -125,7 +124,6 @@ class GroupTakeover:
             result = await self._take_over(row)
             if result is not None:
                 done.append(result)
-                self.results.append(result)
         return done
 
     async def _take_over(self, row: LeaseRow) -> TakeoverResult | None:

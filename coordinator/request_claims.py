@@ -37,7 +37,6 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
-    create_engine,
     delete,
     insert,
     literal_column,
@@ -53,10 +52,9 @@ from sqlalchemy.sql.elements import ColumnElement
 from coordinator.decision_log._sql_schema import COMMITS, REQUESTS, ensure_schema
 from coordinator.decision_log.leases import LeaseRow, SqlLeases
 from coordinator.decision_log.sql_log import (
-    asks_for_tls,
-    connect_args,
     is_deadlock,
     shown,
+    store_engine,
     store_url,
 )
 from coordinator.engine.ports import IdStanding, Standing
@@ -145,15 +143,13 @@ class SqlRequestClaims:
         # Pooled: a claim comes with every transaction that has a request id (the SDK gives
         # each one), and a connection per claim would cost more than the claim. A connection
         # that broke is dropped by the pool (and a store with several hosts fails over).
-        self._engine: Engine = create_engine(
+        self._engine: Engine = store_engine(
             self._url,
+            timeout_s=timeout_s,
+            engine_options=engine_options,
             pool_size=_POOL_SIZE,
             max_overflow=_POOL_OVERFLOW,
             pool_recycle=_POOL_RECYCLE_S,
-            connect_args=connect_args(
-                postgres=self._postgres, timeout_s=timeout_s, tls=asks_for_tls(self._url)
-            ),
-            **dict(engine_options or {}),
         )
         self._schema_ready = False
         # The store's now (UTC), never a member's clock.

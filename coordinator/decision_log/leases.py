@@ -49,17 +49,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from coordinator.decision_log._sql_schema import MEMBER_LENGTH, ensure_schema
 from coordinator.decision_log.sql_log import (
-    asks_for_tls,
-    connect_args,
     is_deadlock,
     shown,
+    store_engine,
     store_url,
 )
 from twopc.errors import FailedPrecondition, Unavailable
@@ -173,13 +172,8 @@ class SqlLeases:
         self._margin = margin
         self._clock = clock
         self._postgres = self._url.get_backend_name() == "postgresql"
-        self._engine: Engine = create_engine(
-            self._url,
-            poolclass=NullPool,
-            connect_args=connect_args(
-                postgres=self._postgres, timeout_s=timeout_s, tls=asks_for_tls(self._url)
-            ),
-            **dict(engine_options or {}),
+        self._engine: Engine = store_engine(
+            self._url, timeout_s=timeout_s, engine_options=engine_options, poolclass=NullPool
         )
         self._schema_ready = False
         # The store's "now" (UTC) and "now + :ms milliseconds", per dialect.

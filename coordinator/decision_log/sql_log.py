@@ -119,6 +119,7 @@ __all__ = [
     "connect_args",
     "is_deadlock",
     "shown",
+    "store_engine",
     "store_url",
 ]
 
@@ -203,6 +204,25 @@ def connect_args(*, postgres: bool, timeout_s: float, tls: bool = False) -> dict
 # takeover's acquire would wait for them for as long as the member stays paused. The store ends
 # a transaction idle that long and frees its locks: the member's COMMIT then fails, and it stops.
 IDLE_IN_TRANSACTION_S = 5
+
+
+def store_engine(
+    url: URL,
+    *,
+    timeout_s: float,
+    engine_options: Mapping[str, Any] | None = None,
+    **pool: Any,
+) -> Engine:
+    """An engine for a store's own connections (leases, request claims): its driver's connect
+    arguments (``connect_args``), the pool options ``pool`` (e.g. ``poolclass=NullPool``) and
+    ``engine_options`` (e.g. a failover ``creator``) last."""
+    postgres = url.get_backend_name() == "postgresql"
+    return create_engine(
+        url,
+        connect_args=connect_args(postgres=postgres, timeout_s=timeout_s, tls=asks_for_tls(url)),
+        **pool,
+        **dict(engine_options or {}),
+    )
 
 
 def asks_for_tls(url: URL) -> bool:

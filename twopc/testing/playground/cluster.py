@@ -800,6 +800,7 @@ class Cluster:
             database=database,
             autocommit=True,
             connect_timeout=5,
+            ssl_disabled=True,  # the playground's servers are plain (see MariaDB.connect)
         )
         try:
             yield conn
@@ -810,7 +811,9 @@ class Cluster:
 def _database_answers(component: Component) -> bool:
     host, port = component.address.rsplit(":", 1)
     try:
-        pymysql.connect(host=host, port=int(port), user="root", connect_timeout=1).close()
+        pymysql.connect(
+            host=host, port=int(port), user="root", connect_timeout=1, ssl_disabled=True
+        ).close()
     except pymysql.err.MySQLError:
         return False
     return True

@@ -10,6 +10,8 @@
 #   - the PostgreSQL server binaries (initdb, postgres in /usr/lib/postgresql/<version>/bin, and
 #     the postgres user the tests run them as), from apt (postgresql), its service likewise left
 #     stopped and disabled: the SQL decision log's tests start throwaway servers too;
+#   - Redis (redis-server) and RabbitMQ (rabbitmq-server, with Erlang), from apt, their services
+#     left stopped and disabled: twopc flash-sale and its tests start throwaway instances;
 #   - Python >= 3.11 with venv support (python3-venv);
 #   - .venv in the repository root, with pip upgraded and `pip install -e '.[dev]'`.
 # Safe to run again: a second run finds everything in place and changes nothing. The editable
@@ -196,6 +198,23 @@ else
     say "PostgreSQL: installed $pg_bin"
 fi
 id postgres >/dev/null 2>&1 || die "no postgres user (the postgresql package creates it)"
+
+# --- Redis and RabbitMQ (twopc flash-sale: the stock gate, the message queue) ------------------
+if command -v redis-server >/dev/null 2>&1; then
+    say "Redis: found $(command -v redis-server)"
+else
+    say "Redis: redis-server missing; installing redis-server"
+    SERVICES="redis-server.service" install_without_services redis-server
+    command -v redis-server >/dev/null 2>&1 || die "redis-server installed, yet not on PATH"
+fi
+if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+    say "RabbitMQ: found /usr/lib/rabbitmq/bin/rabbitmq-server"
+else
+    say "RabbitMQ: rabbitmq-server missing; installing rabbitmq-server"
+    SERVICES="rabbitmq-server.service" install_without_services rabbitmq-server
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] ||
+        die "rabbitmq-server installed, yet /usr/lib/rabbitmq/bin/rabbitmq-server is missing"
+fi
 
 # --- Python -------------------------------------------------------------------------------------
 if ! python="$(find_python)"; then

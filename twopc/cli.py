@@ -23,6 +23,9 @@ twopc bench-group [--clients 32] [--members 3]  a coordinator group on a 3-node 
                                                 against one coordinator on its file log
 twopc bench-takeover [--rounds 5]               seconds from a group member's SIGKILL to its
                                                 in-doubt transactions resolved by a peer
+twopc flash-sale [--buyers 32] [--outage]        one hot item sold across two regions: twopc
+                                                pessimistic and optimistic, a Redis gate, a
+                                                message queue with an outbox, side by side
 twopc tx TXID | --request-id ID                 a transaction's state and outcome
 twopc admin list | show TXID | audit            the operator's view: live and in-doubt
                                                 transactions, one in full, the audit records
@@ -123,6 +126,11 @@ _COMMANDS = {
         "time from a group member's SIGKILL to its in-doubt transactions resolved",
         "bench",
         "twopc.testing.bench.takeover",
+    ),
+    "flash-sale": _Command(
+        "a flash sale across two regions: twopc, a Redis gate and a message queue",
+        "flash-sale",
+        "twopc.testing.flash_sale.runner",
     ),
     "tx": _Command("look a transaction up", None),
     "admin": _Command(
@@ -354,6 +362,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from twopc.testing.bench.takeover import run as run_bench_takeover
 
         return run_bench_takeover
+    if command == "flash-sale":
+        from twopc.testing.flash_sale.runner import run as run_flash_sale
+
+        return run_flash_sale
     if command == "proxy":
         from twopc.testing.chaos.proxy_service import run as run_proxy
 

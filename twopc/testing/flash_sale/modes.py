@@ -1,0 +1,230 @@
+"""One purchase attempt in each of the sale's modes.
+
+A mode is a callable ``buy(buy_id, buyer) -> Outcome``. The twopc modes go through the SDK (one
+client shared by the buyers' threads); the queue mode through a plain connection per buyer to the
+stock region's database. The answer comes when the buyer would see it: for twopc when the COMMIT
+decision is durable, for the queue when the stock region's local COMMIT is (the order reaches the
+wallet region later: that lag is measured apart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pymysql
+
+from twopc.client import Client
+from twopc.errors import OutcomeUnknown, StatementFailed, TransactionAborted, TwopcError
+from twopc.testing.flash_sale.gate import GateDown, StockGate
+from twopc.testing.flash_sale.shop import SKU, Shop
+
+__all__ = ["MODES", "Mode", "Outcome", "gated", "optimistic", "pessimistic", "queued"]
+
+
+class Outcome(enum.Enum):
+    BOUGHT = "bought"
+    SOLD_OUT = "sold_out"
+    NO_FUNDS = "no_funds"
+    FAILED = "failed"  # refused or aborted for another reason: the buyer may try again
+    UNKNOWN = "unknown"  # no answer: the purchase may or may not have happened
+
+
+class Mode(enum.Enum):
+    PESSIMISTIC = "2pc-pessimistic"
+    OPTIMISTIC = "2pc-optimistic"
+    GATE = "gate-2pc"
+    QUEUE = "mq-outbox"
+
+
+MODES = tuple(mode.value for mode in Mode)
+Buy = Callable[[str, int], Outcome]
+_OPTIMISTIC_RETRIES = 10
+
+
+class _Rollback(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.value)
+        self.outcome = outcome
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _twopc(client: Client, shop: Shop, timeout: float, body: Callable[[Any], None]) -> Outcome:
+    """Runs ``body(tx)`` in a twopc transaction and commits it; ``_Rollback`` rolls back."""
+    try:
+        tx = client.begin(timeout=timeout)
+    except TwopcError:
+        return Outcome.FAILED
+    try:
+        body(tx)
+        tx.commit()
+    except _Rollback as stop:
+        _quietly(tx.rollback)
+        return stop.outcome
+    except OutcomeUnknown:
+        return Outcome.UNKNOWN
+    except TransactionAborted:
+        return Outcome.FAILED
+    except TwopcError:
+        _quietly(tx.rollback)
+        return Outcome.FAILED
+    return Outcome.BOUGHT
+
+
+def _pay_and_order(tx: Any, shop: Shop, buy_id: str, buyer: int) -> None:
+    paid, _ = tx.execute_many(
+        shop.wallet_region,
+        [
+            (
+                "UPDATE sale_wallets SET balance = balance - %s WHERE id = %s AND balance >= %s",
+                [shop.price, buyer, shop.price],
+            ),
+            (
+                "INSERT INTO sale_orders (buy_id, buyer, created_ms, applied_ms) "
+                "VALUES (%s, %s, %s, %s)",
+                [buy_id, buyer, _now_ms(), _now_ms()],
+            ),
+        ],
+    )
+    if paid.affected_rows == 0:
+        raise _Rollback(Outcome.NO_FUNDS)
+
+
+def pessimistic(client: Client, shop: Shop, timeout: float) -> Buy:
+    """One one-shot transaction: lock the stock row, take a unit, pay, write the order. The
+    tables' CHECK constraints (stock and balance never below 0) refuse a sale that cannot be
+    made, and the statement's error rolls the whole transaction back: one round trip, and the
+    stock row is locked only from its UPDATE to its XA COMMIT."""
+
+    def buy(buy_id: str, buyer: int) -> Outcome:
+        work: dict[str, list[tuple[str, list[object]]]] = {
+            shop.stock_region: [
+                ("SELECT qty FROM sale_stock WHERE sku = %s FOR UPDATE", [SKU]),
+                (
+                    "UPDATE sale_stock SET qty = qty - 1, version = version + 1 WHERE sku = %s",
+                    [SKU],
+                ),
+            ],
+            shop.wallet_region: [
+                (
+                    "UPDATE sale_wallets SET balance = balance - %s WHERE id = %s",
+                    [shop.price, buyer],
+                ),
+                (
+                    "INSERT INTO sale_orders (buy_id, buyer, created_ms, applied_ms) "
+                    "VALUES (%s, %s, %s, %s)",
+                    [buy_id, buyer, _now_ms(), _now_ms()],
+                ),
+            ],
+        }
+        try:
+            client.run(work, timeout=timeout)
+        except StatementFailed as err:
+            if "stock_left" in err.message:
+                return Outcome.SOLD_OUT
+            if "funds_left" in err.message:
+                return Outcome.NO_FUNDS
+            return Outcome.FAILED
+        except OutcomeUnknown:
+            return Outcome.UNKNOWN
+        except TwopcError:
+            return Outcome.FAILED
+        return Outcome.BOUGHT
+
+    return buy
+
+
+def optimistic(client: Client, shop: Shop, timeout: float) -> Buy:
+    def body(tx: Any, buy_id: str, buyer: int) -> None:
+        left, version = tx.execute(
+            shop.stock_region, "SELECT qty, version FROM sale_stock WHERE sku = %s", [SKU]
+        ).rows[0]
+        if int(left) <= 0:
+            raise _Rollback(Outcome.SOLD_OUT)
+        updated = tx.execute(
+            shop.stock_region,
+            "UPDATE sale_stock SET qty = qty - 1, version = version + 1 "
+            "WHERE sku = %s AND version = %s AND qty > 0",
+            [SKU, version],
+        )
+        if updated.affected_rows == 0:
+            raise _Rollback(Outcome.FAILED)  # another buyer got there first: try again
+        _pay_and_order(tx, shop, buy_id, buyer)
+
+    def buy(buy_id: str, buyer: int) -> Outcome:
+        outcome = Outcome.FAILED
+        for _ in range(_OPTIMISTIC_RETRIES + 1):
+            outcome = _twopc(client, shop, timeout, lambda tx: body(tx, buy_id, buyer))
+            if outcome is not Outcome.FAILED:
+                return outcome
+        return outcome
+
+    return buy
+
+
+def gated(client: Client, shop: Shop, timeout: float, gate: StockGate) -> Buy:
+    behind = pessimistic(client, shop, timeout)
+
+    def buy(buy_id: str, buyer: int) -> Outcome:
+        try:
+            if not gate.take():
+                return Outcome.SOLD_OUT  # answered by Redis alone
+        except GateDown:
+            return Outcome.FAILED
+        outcome = behind(buy_id, buyer)
+        if outcome in (Outcome.SOLD_OUT, Outcome.NO_FUNDS, Outcome.FAILED):
+            gate.give_back()  # not committed: the unit is still in the database
+        return outcome
+
+    return buy
+
+
+def queued(shop: Shop, connect_stock: Callable[[], Any]) -> Buy:
+    """A local transaction in the stock region: the unit and an outbox row, or nothing."""
+    local = threading.local()
+
+    def buy(buy_id: str, buyer: int) -> Outcome:
+        committing = False
+        try:
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = connect_stock()
+            with conn.cursor() as cursor:
+                took = cursor.execute(
+                    "UPDATE sale_stock SET qty = qty - 1, version = version + 1 "
+                    "WHERE sku = %s AND qty > 0",
+                    [SKU],
+                )
+                if not took:
+                    conn.rollback()
+                    return Outcome.SOLD_OUT
+                cursor.execute(
+                    "INSERT INTO sale_outbox (msg_id, buyer, created_ms) VALUES (%s, %s, %s)",
+                    [buy_id, buyer, _now_ms()],
+                )
+            committing = True
+            conn.commit()
+        except pymysql.err.OperationalError:
+            local.conn = None
+            # Lost in the COMMIT: the unit may be sold; the outbox row says which.
+            return Outcome.UNKNOWN if committing else Outcome.FAILED
+        except pymysql.MySQLError:
+            _quietly(getattr(local, "conn", None) and local.conn.rollback)
+            return Outcome.FAILED
+        return Outcome.BOUGHT
+
+    return buy
+
+
+def _quietly(action: Callable[[], object] | None) -> None:
+    if action is None:
+        return
+    with contextlib.suppress(Exception):  # best effort: the deadline rolls back anyway
+        action()

@@ -4,7 +4,8 @@ The gate is a counter in Redis, a cache of the stock row: ``take`` decrements it
 script only while it is positive, so at most as many buyers are admitted as units the gate
 believes are left. The database stays the truth (its transaction still checks the stock), so the
 gate may over-admit but never causes an oversell. A buyer whose transaction does not commit
-gives the unit back. When the counter is missing (Redis restarted empty), the next ``take`` seeds
+gives the unit back, unless the database said sold out: then the counter is set to 0. When the
+counter is missing (Redis restarted empty), the next ``take`` seeds
 it from the database's stock row (``SET NX``: one seed wins) and tries again.
 """
 
@@ -68,6 +69,13 @@ class StockGate:
         # A restarted gate is re-seeded from the database, which has the unit.
         with contextlib.suppress(redis.RedisError):
             self._give_back(keys=[self._key])
+
+    def sold_out(self) -> None:
+        """The database said sold out: the gate, which admitted the buyer, believed otherwise
+        (seeded while units were held by transactions that then committed). It learns the
+        truth: nobody else is admitted."""
+        with contextlib.suppress(redis.RedisError):
+            self._redis.set(self._key, 0, xx=True)
 
     def clear(self) -> None:
         self._redis.delete(self._key)

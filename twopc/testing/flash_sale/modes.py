@@ -19,7 +19,7 @@ from typing import Any
 import pymysql
 
 from twopc.client import Client
-from twopc.errors import OutcomeUnknown, StatementFailed, TransactionAborted, TwopcError
+from twopc.errors import OutcomeUnknown, StatementFailed, TwopcError
 from twopc.testing.flash_sale.gate import GateDown, StockGate
 from twopc.testing.flash_sale.shop import SKU, Shop
 
@@ -44,64 +44,50 @@ class Mode(enum.Enum):
 MODES = tuple(mode.value for mode in Mode)
 Buy = Callable[[str, int], Outcome]
 _OPTIMISTIC_RETRIES = 10
-
-
-class _Rollback(Exception):
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.value)
-        self.outcome = outcome
+_READ_VERSION = "SELECT qty, version FROM sale_stock WHERE sku = %s"
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _twopc(client: Client, shop: Shop, timeout: float, body: Callable[[Any], None]) -> Outcome:
-    """Runs ``body(tx)`` in a twopc transaction and commits it; ``_Rollback`` rolls back."""
+def _pay_and_order_statements(
+    shop: Shop, buy_id: str, buyer: int
+) -> list[tuple[str, list[object]]]:
+    return [
+        ("UPDATE sale_wallets SET balance = balance - %s WHERE id = %s", [shop.price, buyer]),
+        (
+            "INSERT INTO sale_orders (buy_id, buyer, created_ms, applied_ms) "
+            "VALUES (%s, %s, %s, %s)",
+            [buy_id, buyer, _now_ms(), _now_ms()],
+        ),
+    ]
+
+
+def _one_shot(
+    client: Client, work: dict[str, list[tuple[str, list[object]]]], timeout: float
+) -> Outcome:
+    """Runs ``work`` in one one-shot transaction; a CHECK constraint's refusal names why."""
     try:
-        tx = client.begin(timeout=timeout)
-    except TwopcError:
-        return Outcome.FAILED
-    try:
-        body(tx)
-        tx.commit()
-    except _Rollback as stop:
-        _quietly(tx.rollback)
-        return stop.outcome
+        client.run(work, timeout=timeout)
+    except StatementFailed as err:
+        if "stock_left" in err.message:
+            return Outcome.SOLD_OUT
+        if "funds_left" in err.message:
+            return Outcome.NO_FUNDS
+        return Outcome.FAILED  # a version conflict, a deadlock victim, ...
     except OutcomeUnknown:
         return Outcome.UNKNOWN
-    except TransactionAborted:
-        return Outcome.FAILED
     except TwopcError:
-        _quietly(tx.rollback)
         return Outcome.FAILED
     return Outcome.BOUGHT
-
-
-def _pay_and_order(tx: Any, shop: Shop, buy_id: str, buyer: int) -> None:
-    paid, _ = tx.execute_many(
-        shop.wallet_region,
-        [
-            (
-                "UPDATE sale_wallets SET balance = balance - %s WHERE id = %s AND balance >= %s",
-                [shop.price, buyer, shop.price],
-            ),
-            (
-                "INSERT INTO sale_orders (buy_id, buyer, created_ms, applied_ms) "
-                "VALUES (%s, %s, %s, %s)",
-                [buy_id, buyer, _now_ms(), _now_ms()],
-            ),
-        ],
-    )
-    if paid.affected_rows == 0:
-        raise _Rollback(Outcome.NO_FUNDS)
 
 
 def pessimistic(client: Client, shop: Shop, timeout: float) -> Buy:
     """One one-shot transaction: lock the stock row, take a unit, pay, write the order. The
     tables' CHECK constraints (stock and balance never below 0) refuse a sale that cannot be
     made, and the statement's error rolls the whole transaction back: one round trip, and the
-    stock row is locked only from its UPDATE to its XA COMMIT."""
+    stock row is locked only from its SELECT ... FOR UPDATE to its XA COMMIT."""
 
     def buy(buy_id: str, buyer: int) -> Outcome:
         work: dict[str, list[tuple[str, list[object]]]] = {
@@ -112,56 +98,50 @@ def pessimistic(client: Client, shop: Shop, timeout: float) -> Buy:
                     [SKU],
                 ),
             ],
-            shop.wallet_region: [
-                (
-                    "UPDATE sale_wallets SET balance = balance - %s WHERE id = %s",
-                    [shop.price, buyer],
-                ),
-                (
-                    "INSERT INTO sale_orders (buy_id, buyer, created_ms, applied_ms) "
-                    "VALUES (%s, %s, %s, %s)",
-                    [buy_id, buyer, _now_ms(), _now_ms()],
-                ),
-            ],
+            shop.wallet_region: _pay_and_order_statements(shop, buy_id, buyer),
         }
-        try:
-            client.run(work, timeout=timeout)
-        except StatementFailed as err:
-            if "stock_left" in err.message:
-                return Outcome.SOLD_OUT
-            if "funds_left" in err.message:
-                return Outcome.NO_FUNDS
-            return Outcome.FAILED
-        except OutcomeUnknown:
-            return Outcome.UNKNOWN
-        except TwopcError:
-            return Outcome.FAILED
-        return Outcome.BOUGHT
+        return _one_shot(client, work, timeout)
 
     return buy
 
 
 def optimistic(client: Client, shop: Shop, timeout: float) -> Buy:
-    def body(tx: Any, buy_id: str, buyer: int) -> None:
-        left, version = tx.execute(
-            shop.stock_region, "SELECT qty, version FROM sale_stock WHERE sku = %s", [SKU]
-        ).rows[0]
-        if int(left) <= 0:
-            raise _Rollback(Outcome.SOLD_OUT)
-        updated = tx.execute(
-            shop.stock_region,
-            "UPDATE sale_stock SET qty = qty - 1, version = version + 1 "
-            "WHERE sku = %s AND version = %s AND qty > 0",
-            [SKU, version],
-        )
-        if updated.affected_rows == 0:
-            raise _Rollback(Outcome.FAILED)  # another buyer got there first: try again
-        _pay_and_order(tx, shop, buy_id, buyer)
+    """Read the stock row's version without a lock (a read-only one-shot transaction), then one
+    one-shot transaction whose UPDATE sets the version to NULL, which its NOT NULL column
+    refuses, unless the version is still the one read: a conflict rolls everything back, and
+    the buyer reads again, at most ``_OPTIMISTIC_RETRIES`` more times."""
+
+    def attempt(buy_id: str, buyer: int) -> Outcome:
+        try:
+            read = client.run(
+                {
+                    shop.stock_region: [
+                        ("SELECT qty, version FROM sale_stock WHERE sku = %s", [SKU])
+                    ]
+                },
+                timeout=timeout,
+            )
+        except TwopcError:
+            return Outcome.FAILED
+        left, version = read.results[shop.stock_region][0].rows[0]
+        if int(str(left)) <= 0:
+            return Outcome.SOLD_OUT
+        work: dict[str, list[tuple[str, list[object]]]] = {
+            shop.stock_region: [
+                (
+                    "UPDATE sale_stock SET qty = qty - 1, "
+                    "version = IF(version = %s, version + 1, NULL) WHERE sku = %s",
+                    [version, SKU],
+                )
+            ],
+            shop.wallet_region: _pay_and_order_statements(shop, buy_id, buyer),
+        }
+        return _one_shot(client, work, timeout)
 
     def buy(buy_id: str, buyer: int) -> Outcome:
         outcome = Outcome.FAILED
         for _ in range(_OPTIMISTIC_RETRIES + 1):
-            outcome = _twopc(client, shop, timeout, lambda tx: body(tx, buy_id, buyer))
+            outcome = attempt(buy_id, buyer)
             if outcome is not Outcome.FAILED:
                 return outcome
         return outcome
@@ -179,7 +159,9 @@ def gated(client: Client, shop: Shop, timeout: float, gate: StockGate) -> Buy:
         except GateDown:
             return Outcome.FAILED
         outcome = behind(buy_id, buyer)
-        if outcome in (Outcome.SOLD_OUT, Outcome.NO_FUNDS, Outcome.FAILED):
+        if outcome is Outcome.SOLD_OUT:
+            gate.sold_out()
+        elif outcome in (Outcome.NO_FUNDS, Outcome.FAILED):
             gate.give_back()  # not committed: the unit is still in the database
         return outcome
 

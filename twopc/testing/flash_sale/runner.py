@@ -1,8 +1,9 @@
 """``twopc flash-sale``: the sale in every mode on one playground, its figures and its picture.
 
 Each mode runs on the same data, reset before it: ``--stock`` units of one item in the first
-region, ``--wallets`` wallets in the second, ``--buyers`` buyer threads that try until they are
-told "sold out" (a buyer who hears it goes home) or the mode's ``--duration`` ends. The gate mode
+region, ``--wallets`` wallets in the second, ``--buyers`` buyer threads, each a stream of buyers
+(a new one as soon as the last had an answer), until ``--after-s`` after the first "sold out"
+answer (the crowd that keeps coming after a sell-out) or the mode's ``--duration``. The gate mode
 kills Redis (SIGKILL) once a third of the stock is sold and starts it again empty. The queue mode
 waits, after its buyers, until every order sold has reached the wallet region (at most 60 s).
 
@@ -11,10 +12,13 @@ per mode, the wallet region's database SIGKILLed ``--outage-at`` s in and restar
 ``--outage-s`` s later. It shows what each mode does while a region is down.
 
 Per mode the report gives: orders and orders per second (while stock lasted), p50/p99 of a
-purchase as the buyer sees it, the answers (bought, sold out, failed, unknown), oversell,
+purchase as the buyer sees it, "sold out" answers per second after the sell-out and their
+p50/p99, the answers (bought, sold out, failed, unknown), oversell,
 orders lost (a unit sold or a purchase acknowledged without its order) or doubled, money taken
 without an order; for the queue mode the lag from the stock region's commit to the order in the
 wallet region (p50/p99) and the most orders visible in one region only at a sampled moment.
+And per mode the machine: TIME_WAIT sockets before and after (flat: no connection per
+transaction), and the cores each process used, CPU- or I/O-bound (``machine``).
 Exit status 1 when an invariant broke (oversell, lost, doubled, money).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import shutil
 import statistics
@@ -40,6 +45,7 @@ import pymysql
 from twopc.client import Client, RetryPolicy
 from twopc.logs import configure_logging
 from twopc.testing.flash_sale.gate import StockGate
+from twopc.testing.flash_sale.machine import CpuMeter, bound, time_wait
 from twopc.testing.flash_sale.modes import (
     MODES,
     Mode,
@@ -61,15 +67,22 @@ _DRAIN_S = 60.0
 _SAMPLE_S = 0.1
 _FAILED_PAUSE_S = 0.01  # a refused buyer tries again after this (not a hot spin)
 _TX_TIMEOUT_S = 5.0
+CORES = os.cpu_count() or 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="all", help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--buyers", type=int, default=32, help="buyer threads (default 32)")
-    parser.add_argument("--stock", type=int, default=2000, help="units on sale (default 2000)")
+    parser.add_argument("--stock", type=int, default=1000, help="units on sale (default 1000)")
     parser.add_argument("--wallets", type=int, default=1000, help="buyers' wallets (default 1000)")
     parser.add_argument("--price", type=int, default=7)
     parser.add_argument("--duration", type=float, default=30.0, help="at most, per mode (s)")
+    parser.add_argument(
+        "--after-s",
+        type=float,
+        default=3.0,
+        help="buyers keep coming this long after the first sold-out answer (default 3)",
+    )
     parser.add_argument("--outage", action="store_true", help="also the wallet-region outage run")
     parser.add_argument("--outage-duration", type=float, default=20.0)
     parser.add_argument("--outage-at", type=float, default=5.0)
@@ -91,6 +104,9 @@ class ModeResult:
     orders_per_s: float = 0.0
     p50_ms: float | None = None
     p99_ms: float | None = None
+    sold_out_p50_ms: float | None = None  # a "sold out" answer, as the buyer waits for it
+    sold_out_p99_ms: float | None = None
+    sold_out_per_s: float = 0.0  # "sold out" answers per second after the sell-out
     answers: dict[str, int] = field(default_factory=dict)
     oversell: int = 0
     lost: int = 0
@@ -100,6 +116,9 @@ class ModeResult:
     lag_p99_ms: float | None = None
     max_one_region_only: int = 0
     events: list[str] = field(default_factory=list)
+    time_wait: tuple[int, int] = (0, 0)  # TIME_WAIT sockets at the start and the end
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> cores used on average
+    bound: dict[str, str] = field(default_factory=dict)  # process -> "CPU" | "I/O"
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (s, orders so far)
 
     @property
@@ -117,17 +136,25 @@ class _Sale:
         self.mode = mode
         self.stock = stock
         self.duration = duration
+        self.after_s = env.args.after_s
         self.result = ModeResult(mode.value, run, env.args.buyers, stock)
         self._lock = threading.Lock()
         self._latencies: list[float] = []
         self._acknowledged: set[str] = set()
         self._answers: dict[str, int] = {}
         self._last_order_at = 0.0
+        self._sold_out_latencies: list[float] = []
+        self._sold_out_at: float | None = None
         self._stop = threading.Event()
         self._started = 0.0
 
     def elapsed(self) -> float:
         return time.monotonic() - self._started
+
+    def _until(self, deadline: float) -> float:
+        """The buyers stop at the mode's deadline, or ``after_s`` after the first sold out."""
+        sold_out_at = self._sold_out_at
+        return deadline if sold_out_at is None else min(deadline, sold_out_at + self.after_s)
 
     def go(self, buy: Callable[[str, int], Outcome], faults: Callable[[_Sale], None]) -> None:
         rngs = [random.Random(self.env.args.seed * 1000 + n) for n in range(self.env.args.buyers)]
@@ -151,7 +178,7 @@ class _Sale:
 
     def _buyer(self, buy: Callable[[str, int], Outcome], rng: random.Random) -> None:
         deadline = self._started + self.duration
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self._stop.is_set() and time.monotonic() < self._until(deadline):
             buy_id = uuid.uuid4().hex
             began = time.monotonic()
             outcome = buy(buy_id, rng.randrange(self.env.args.wallets))
@@ -162,9 +189,11 @@ class _Sale:
                     self._latencies.append(took)
                     self._acknowledged.add(buy_id)
                     self._last_order_at = time.monotonic() - self._started
-            if outcome is Outcome.SOLD_OUT:
-                return
-            if outcome is not Outcome.BOUGHT:
+                if outcome is Outcome.SOLD_OUT:
+                    self._sold_out_latencies.append(took)
+                    if self._sold_out_at is None:
+                        self._sold_out_at = time.monotonic()
+            if outcome not in (Outcome.BOUGHT, Outcome.SOLD_OUT):
                 self._stop.wait(_FAILED_PAUSE_S)
 
     def _sample(self) -> None:
@@ -201,6 +230,10 @@ class _Sale:
         facts = shop.facts()
         with self._lock:
             latencies = sorted(self._latencies)
+            sold_out = sorted(self._sold_out_latencies)
+            sold_out_window = (
+                time.monotonic() - self._sold_out_at if self._sold_out_at is not None else 0.0
+            )
             acknowledged = set(self._acknowledged)
             result.answers = dict(self._answers)
             result.seconds = round(self._last_order_at or self.elapsed(), 3)
@@ -209,6 +242,10 @@ class _Sale:
         result.orders_per_s = round(facts.distinct_orders / max(result.seconds, 1e-3), 1)
         result.p50_ms = _percentile(latencies, 0.50)
         result.p99_ms = _percentile(latencies, 0.99)
+        result.sold_out_p50_ms = _percentile(sold_out, 0.50)
+        result.sold_out_p99_ms = _percentile(sold_out, 0.99)
+        if sold_out_window > 0:
+            result.sold_out_per_s = round(len(sold_out) / min(sold_out_window, self.after_s), 1)
         sold = facts.outbox if self.mode is Mode.QUEUE else facts.sold
         result.oversell = max(0, sold - self.stock) + max(0, -facts.stock_left)
         result.lost = max(0, sold - facts.distinct_orders) + len(acknowledged - in_wallets)
@@ -258,6 +295,29 @@ class _Environment:
             write_timeout=10,
             ssl_disabled=True,
         )
+
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU a mode measures: the daemons, the servers, this one."""
+        pids = {
+            name: component.pid
+            for name, component in self.cluster.components.items()
+            if component.pid is not None and component.kind in ("coordinator", "agent", "mariadb")
+        }
+        if self.redis is not None and self.redis.pid is not None:
+            pids["redis"] = self.redis.pid
+        if self.rabbitmq is not None and (beam := self.rabbitmq.server_pid()) is not None:
+            pids["rabbitmq"] = beam
+        pids["sale"] = os.getpid()  # the buyers, the relay, the consumer, the sampler
+        return pids
+
+    def ports(self) -> set[int]:
+        """The ports the run's servers listen on."""
+        ports = {
+            int(component.address.rsplit(":", 1)[1])
+            for component in self.cluster.components.values()
+        }
+        ports |= {server.port for server in (self.redis, self.rabbitmq) if server is not None}
+        return ports
 
     def order_ids(self) -> set[str]:
         with self.connect(self.shop.wallet_region) as conn, conn.cursor() as cursor:
@@ -310,8 +370,16 @@ def _run_mode(
     else:
         buy = pessimistic(env.client, env.shop, _TX_TIMEOUT_S)
     faults = _outage(env) if run == "outage" else _redis_restart(env) if gate else _no_faults
+    meter = CpuMeter(env.pids())
+    ports = env.ports()
+    time_wait_before = time_wait(ports)
+    meter.start()
     try:
         sale.go(buy, faults)
+        shares = meter.stop()
+        sale.result.time_wait = (time_wait_before, time_wait(ports))
+        sale.result.cpu = shares
+        sale.result.bound = {name: bound(name, share, CORES) for name, share in shares.items()}
         result = sale.finish(consumer)
     finally:
         if relay is not None:
@@ -438,18 +506,30 @@ def _line(r: ModeResult) -> str:
 
 def summarize(results: Sequence[ModeResult]) -> str:
     lines = [
-        "| run | mode | orders | orders/s | p50 ms | p99 ms | sold out | failed | unknown "
-        "| oversell | lost | doubled | lag p50 / p99 ms | one region only (max) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| run | mode | orders | orders/s | purchase p50 / p99 ms | sold out: answers/s, "
+        "p50 / p99 ms | failed | unknown | oversell | lost | doubled | queue lag p50 / p99 ms "
+        "| in one region only (max) |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         lag = f"{r.lag_p50_ms} / {r.lag_p99_ms}" if r.lag_p50_ms is not None else "-"
+        sold_out = (
+            f"{r.sold_out_per_s:,.0f}/s, {r.sold_out_p50_ms} / {r.sold_out_p99_ms}"
+            if r.sold_out_p50_ms is not None
+            else "-"
+        )
         lines.append(
-            f"| {r.run} | {r.mode} | {r.orders:,} | {r.orders_per_s:,.1f} | {r.p50_ms} | "
-            f"{r.p99_ms} | {r.answers.get('sold_out', 0):,} | {r.answers.get('failed', 0):,} | "
+            f"| {r.run} | {r.mode} | {r.orders:,} | {r.orders_per_s:,.1f} | {r.p50_ms} / "
+            f"{r.p99_ms} | {sold_out} | {r.answers.get('failed', 0):,} | "
             f"{r.answers.get('unknown', 0)} | {r.oversell} | {r.lost} | {r.doubled} | {lag} | "
             f"{r.max_one_region_only} |"
         )
+    lines += ["", "| run | mode | TIME_WAIT start / end | cores used (CPU- or I/O-bound) |"]
+    lines.append("|---|---|---|---|")
+    for r in results:
+        cpu = ", ".join(f"{name} {share:.2f} ({r.bound[name]})" for name, share in r.cpu.items())
+        lines.append(f"| {r.run} | {r.mode} | {r.time_wait[0]} / {r.time_wait[1]} | {cpu} |")
+    lines.append("")
     for r in results:
         for event in r.events:
             lines.append(f"- {r.run} {r.mode}: {event}")

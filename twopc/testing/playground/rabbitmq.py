@@ -126,6 +126,29 @@ class RabbitMQInstance:
         except OSError:
             return False
 
+    def server_pid(self) -> int | None:
+        """The pid of the node's Erlang VM (beam.smp), a descendant of the start script."""
+        if self._process is None:
+            return None
+        parents: dict[int, int] = {}
+        names: dict[int, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                name, rest = (entry / "stat").read_text().rsplit(")", 1)
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(rest.split()[1])
+            names[int(entry.name)] = name.split("(", 1)[1]
+        for pid, name in names.items():
+            ancestor = parents.get(pid)
+            while name.startswith("beam") and ancestor:
+                if ancestor == self._process.pid:
+                    return pid
+                ancestor = parents.get(ancestor)
+        return None
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Sends ``sig`` to the node's process group; SIGKILL and SIGTERM wait until it is
         gone. (The shared epmd daemon is not in the group.)"""

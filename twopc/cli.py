@@ -2,6 +2,8 @@
 
 twopc coordinator --config coordinator.toml     run the coordinator daemon
 twopc agent --config agent.toml                 run a participant agent daemon
+twopc relay --config relay.toml                 publish the outbox's committed messages to
+                                                RabbitMQ (next to the outbox's database)
 twopc playground [--regions eu,us,ap]           start a throwaway local cluster with the README's
                                                 example tables (Ctrl-C stops it)
 twopc playground --down                         stop the cluster that the state file names
@@ -98,6 +100,7 @@ class _Command:
 _COMMANDS = {
     "coordinator": _Command("run the coordinator daemon", "coordinator"),
     "agent": _Command("run a participant agent daemon", "agent"),
+    "relay": _Command("publish the outbox's committed messages to RabbitMQ", "relay"),
     "playground": _Command("a throwaway cluster on this machine", "playground"),
     "demo": _Command("bank transfers with a coordinator crash mid-run", "playground"),
     "chaos": _Command(
@@ -190,7 +193,7 @@ def _parser(named: str | None = None) -> argparse.ArgumentParser:
         for name, command in _COMMANDS.items()
     }
 
-    for name in ("coordinator", "agent"):
+    for name in ("coordinator", "agent", "relay"):
         subparsers[name].add_argument(
             "--config",
             type=Path,
@@ -330,6 +333,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from participants.daemon import main as run_agent
 
         return lambda args: run_agent(args.config)
+    if command == "relay":
+        from participants.relay import main as run_relay
+
+        return lambda args: run_relay(args.config)
     if command == "playground":
         from twopc.testing.playground.command import playground
 

@@ -44,6 +44,7 @@ from twopc.client._common import (
     with_txid,
 )
 from twopc.client._endpoints import Endpoints, describe, parse_endpoints
+from twopc.client._outbox import no_outbox, outbox_message
 from twopc.errors import FailedPrecondition, TwopcError
 from twopc.status import error_from_rpc, is_transport_failure
 from twopc.tls import TlsConfig, client_transport
@@ -77,6 +78,7 @@ class AsyncClient:
         retry_policy: RetryPolicy | None = None,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
         conflict_retries: ConflictRetry | None = None,
+        outbox: str | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = random.random,
@@ -107,6 +109,7 @@ class AsyncClient:
         self._retry = retry_policy or RetryPolicy()
         self._rpc_timeout = rpc_timeout
         self._conflict_retries = conflict_retries
+        self.outbox = outbox
         self._sleep = sleep
         self._clock = clock
         self._random = random
@@ -406,6 +409,22 @@ class AsyncTransaction:
             self._core.execute_failed(error)
             raise
         return self._core.execute_done(request, response)
+
+    async def publish(
+        self,
+        queue: str,
+        body: bytes | str,
+        *,
+        key: str | None = None,
+        participant: str | None = None,
+    ) -> str:
+        """Publishes a message when this transaction commits (see ``Transaction.publish``)."""
+        target = participant or self._client.outbox
+        if not target:
+            raise no_outbox(self.txid)
+        message = outbox_message(self.txid, self._core.next_message(), queue, body, key)
+        await self.execute(target, message.sql, message.params)
+        return message.message_id
 
     async def commit(self, *, wait_for_phase2: bool = False) -> TransactionState:
         """Two-phase commit of everything executed (see ``Transaction.commit``)."""

@@ -587,7 +587,14 @@ class TransactionCore:
         #: wait_for_phase2 of the commit at the end of a ``with`` block.
         self.exit_wait_for_phase2 = exit_wait_for_phase2
         self._sequences: dict[str, int] = {}
+        self._messages = 0
         self.abort_reason = "rolled back"
+
+    def next_message(self) -> int:
+        """The number of the transaction's next published message (1, 2, ...)."""
+        self._require("execute")
+        self._messages += 1
+        return self._messages
 
     def _require(self, operation: str) -> None:
         if self.phase is Phase.ABORTED and operation != "rollback":

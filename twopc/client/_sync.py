@@ -40,6 +40,7 @@ from twopc.client._common import (
     with_txid,
 )
 from twopc.client._endpoints import Endpoints, describe, parse_endpoints
+from twopc.client._outbox import no_outbox, outbox_message
 from twopc.errors import FailedPrecondition, TwopcError
 from twopc.status import error_from_rpc, is_transport_failure
 from twopc.tls import TlsConfig, client_transport
@@ -89,6 +90,8 @@ class Client:
         rpc_timeout: the gRPC deadline of each request, in seconds.
         conflict_retries: runs a transaction again (``run``, ``run_in_transaction``) when it
             lost a lock conflict (``TransactionConflict``); None (the default): never.
+        outbox: the participant whose database holds the ``twopc_outbox`` table, where
+            ``Transaction.publish`` writes its messages (None: publish must name one).
         sleep: waits between retries (replaceable in tests).
         clock: a monotonic clock in seconds, for the retry deadline (replaceable in tests).
         random: a float in [0, 1) for the jitter of conflict retries (replaceable in tests).
@@ -105,6 +108,7 @@ class Client:
         retry_policy: RetryPolicy | None = None,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
         conflict_retries: ConflictRetry | None = None,
+        outbox: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = random.random,
@@ -133,6 +137,7 @@ class Client:
         self._retry = retry_policy or RetryPolicy()
         self._rpc_timeout = rpc_timeout
         self._conflict_retries = conflict_retries
+        self.outbox = outbox
         self._sleep = sleep
         self._clock = clock
         self._random = random
@@ -485,6 +490,33 @@ class Transaction:
             self._core.execute_failed(error)
             raise
         return self._core.execute_done(request, response)
+
+    def publish(
+        self,
+        queue: str,
+        body: bytes | str,
+        *,
+        key: str | None = None,
+        participant: str | None = None,
+    ) -> str:
+        """Publishes a message to ``queue`` if and when this transaction commits, never if it
+        aborts: a row of the outbox table on ``participant`` (default: the client's
+        ``outbox``), which ``twopc relay`` sends to RabbitMQ after the commit.
+
+        Returns:
+            The message's id, ``<txid>.<n>``: a consumer drops a delivery whose id it has seen
+            (the relay may send a message again after a crash).
+
+        Raises:
+            InvalidArgument: no outbox participant, an empty queue name, a body over 1 MiB.
+            What ``execute`` raises.
+        """
+        target = participant or self._client.outbox
+        if not target:
+            raise no_outbox(self.txid)
+        message = outbox_message(self.txid, self._core.next_message(), queue, body, key)
+        self.execute(target, message.sql, message.params)
+        return message.message_id
 
     def commit(self, *, wait_for_phase2: bool = False) -> TransactionState:
         """Two-phase commit of everything executed.

@@ -1,0 +1,200 @@
+"""``twopc relay``: publishes the outbox's committed rows to RabbitMQ, then deletes them.
+
+It runs next to the outbox participant's database (``twopc.outbox``), one relay per outbox. Each
+pass reads up to ``batch`` rows in id order. Rows of a transaction not yet committed are
+invisible to its reads (a prepared XA branch's rows too), so only committed messages leave, and a
+rolled-back transaction's never exist for it. Each row is published as a persistent message to
+the durable queue it names (declared on first sight), ``message_id`` = the row's, with publisher
+confirms: ``basic_publish`` returns once the broker has it. Then the batch's rows are deleted.
+
+A crash (of the relay, the broker or the database, or a cut link) between a confirm and the
+delete publishes those rows again on the next pass: delivery is at least once, and consumers
+drop ids they have seen (``twopc.outbox.first_delivery``). Nothing is lost: a row leaves the
+table only after the broker confirmed it.
+
+Errors are logged (the error's class and text: never a message body, never the AMQP password)
+and the relay reconnects after ``retry_ms``; SIGTERM stops it after the pass under way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pika
+import pika.exceptions
+import pymysql
+import structlog
+
+from twopc.logs import configure_logging
+from twopc.outbox import OUTBOX_TABLE
+from twopc.settings import load_settings
+
+__all__ = ["ENV_PREFIX", "OutboxRelay", "RelayConfig", "load_relay_config", "main"]
+
+ENV_PREFIX = "TWOPC_RELAY_"
+_log = structlog.get_logger("twopc.relay")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The relay's settings (a TOML file, then ``TWOPC_RELAY_<NAME>`` variables over it).
+
+    ``amqp_url`` holds the broker's password: set it in the environment
+    (``TWOPC_RELAY_AMQP_URL``), as ``mysql_password`` (``TWOPC_RELAY_MYSQL_PASSWORD``)."""
+
+    mysql_host: str = "127.0.0.1"
+    mysql_port: int = 3306
+    mysql_user: str = "twopc_relay"
+    mysql_password: str = ""
+    mysql_database: str = ""
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    batch: int = 200
+    poll_ms: int = 10
+    retry_ms: int = 200
+    timeout_s: float = 5.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.mysql_database:
+            raise ValueError("mysql_database: the outbox participant's database is required")
+        if not 1 <= self.batch <= 10_000:
+            raise ValueError(f"batch must be 1 to 10000, not {self.batch}")
+        if self.poll_ms < 1 or self.retry_ms < 1 or self.timeout_s <= 0:
+            raise ValueError("poll_ms, retry_ms and timeout_s must be positive")
+
+    @property
+    def broker(self) -> str:
+        """The broker's host:port, for logs (the URL carries a password)."""
+        parts = urlsplit(self.amqp_url)
+        return f"{parts.hostname}:{parts.port or 5672}"
+
+
+def load_relay_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> RelayConfig:
+    return load_settings(RelayConfig, path, environ, ENV_PREFIX)
+
+
+class OutboxRelay:
+    def __init__(self, config: RelayConfig, stop: threading.Event | None = None) -> None:
+        self._config = config
+        self._stop = stop or threading.Event()
+        self._db: Any = None
+        self._connection: Any = None
+        self._channel: Any = None
+        self._declared: set[str] = set()
+        self.published = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        _log.info("relay_started", broker=self._config.broker, database=self._config.mysql_database)
+        while not self._stop.is_set():
+            try:
+                if not self.relay_once():
+                    self._stop.wait(self._config.poll_ms / 1000)
+            except pymysql.MySQLError as err:
+                _log.warning("relay_database_error", error=f"{type(err).__name__}: {err}")
+                self._close_db()
+                self._stop.wait(self._config.retry_ms / 1000)
+            except (pika.exceptions.AMQPError, OSError) as err:
+                _log.warning(
+                    "relay_broker_error", error=type(err).__name__, broker=self._config.broker
+                )
+                self._close_broker()
+                self._stop.wait(self._config.retry_ms / 1000)
+        self._close_db()
+        self._close_broker()
+        _log.info("relay_stopped", published=self.published)
+
+    def relay_once(self) -> bool:
+        """One pass: publish up to ``batch`` committed rows, delete them. False: none."""
+        db = self._database()
+        with db.cursor() as cursor:
+            cursor.execute(
+                f"SELECT id, message_id, queue, msg_key, body FROM {OUTBOX_TABLE} "
+                "ORDER BY id LIMIT %s",
+                [self._config.batch],
+            )
+            rows: Sequence[tuple[Any, ...]] = cursor.fetchall()
+        if not rows:
+            return False
+        channel = self._broker()
+        for _, message_id, queue, key, body in rows:
+            if queue not in self._declared:
+                channel.queue_declare(queue, durable=True)
+                self._declared.add(queue)
+            channel.basic_publish(
+                "",
+                queue,
+                bytes(body),
+                pika.BasicProperties(
+                    message_id=message_id,
+                    delivery_mode=2,
+                    app_id="twopc-relay",
+                    headers={"twopc-key": key} if key is not None else None,
+                ),
+                mandatory=True,
+            )
+        with db.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {OUTBOX_TABLE} WHERE id IN %s", [[row[0] for row in rows]])
+        self.published += len(rows)
+        _log.debug("relay_batch", published=len(rows))
+        return True
+
+    def _database(self) -> Any:
+        if self._db is None:
+            config = self._config
+            self._db = pymysql.connect(
+                host=config.mysql_host,
+                port=config.mysql_port,
+                user=config.mysql_user,
+                password=config.mysql_password,
+                database=config.mysql_database,
+                autocommit=True,  # every read a fresh snapshot: rows committed since are seen
+                connect_timeout=max(1, round(config.timeout_s)),
+                read_timeout=max(1, round(config.timeout_s)),
+                write_timeout=max(1, round(config.timeout_s)),
+                charset="utf8mb4",
+            )
+        return self._db
+
+    def _broker(self) -> Any:
+        if self._channel is None:
+            parameters = pika.URLParameters(self._config.amqp_url)
+            parameters.socket_timeout = self._config.timeout_s
+            parameters.blocked_connection_timeout = self._config.timeout_s
+            self._connection = pika.BlockingConnection(parameters)
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()
+            self._declared.clear()
+        return self._channel
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(pymysql.MySQLError):  # a dead connection: nothing to close
+                self._db.close()
+            self._db = None
+
+    def _close_broker(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):  # a dead connection
+                self._connection.close()
+        self._connection = self._channel = None
+
+
+def main(config_path: Path | None) -> int:
+    config = load_relay_config(config_path)
+    configure_logging(config.log_level)
+    relay = OutboxRelay(config)
+    signal.signal(signal.SIGTERM, lambda *_: relay.stop())
+    signal.signal(signal.SIGINT, lambda *_: relay.stop())
+    relay.run()
+    return 0

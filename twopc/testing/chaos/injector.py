@@ -23,7 +23,7 @@ import structlog
 from twopc.api import chaos_pb2 as cpb
 from twopc.api import chaos_pb2_grpc as cpb_grpc
 from twopc.testing.chaos.schedule import PROCESS_FAULTS, FaultEvent, FaultKind
-from twopc.testing.playground.cluster import PROXY, STORE_NODE, Cluster
+from twopc.testing.playground.cluster import PROXY, RABBITMQ, RELAY, STORE_NODE, Cluster
 from twopc.testing.playground.galera import GaleraCluster
 from twopc.testing.playground.mariadb import PlaygroundError
 from twopc.testing.playground.tls import ADMIN
@@ -117,6 +117,7 @@ class Injector:
         daemons = members + [f"agent-{r}" for r in self.cluster.regions]
         order = [f"mariadb-{r}" for r in self.cluster.regions] + daemons[len(members) :]
         order += members
+        order += [name for name in (RABBITMQ, RELAY) if name in self.cluster.components]
         for _ in range(attempts):
             armed = False
             for name in daemons:

@@ -24,14 +24,24 @@ import grpc
 
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
-from twopc.client import RetryPolicy
+from twopc.client import Client, RetryPolicy
 from twopc.logs import configure_logging
 from twopc.testing.chaos.injector import Injector, faketime_library
+from twopc.testing.chaos.outbox_check import OutboxWorkload, QueueWatcher, outbox_verdicts
+from twopc.testing.chaos.outbox_check import resolve as resolve_publications
 from twopc.testing.chaos.report import ChaosResult, plot_timeline, write_json
 from twopc.testing.chaos.schedule import FaultKind, Targets, plan
 from twopc.testing.playground.bank import Transfer, TransferWorkload, create_accounts, total_balance
-from twopc.testing.playground.cluster import STATE_FILE, STORE_NODE, Cluster, wait_until
+from twopc.testing.playground.cluster import (
+    RABBITMQ,
+    RELAY,
+    STATE_FILE,
+    STORE_NODE,
+    Cluster,
+    wait_until,
+)
 from twopc.testing.playground.invariants import (
+    Verdict,
     agents_liveness,
     check_bank,
     prepared_branches,
@@ -61,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None, help="JSON report (default: in --dir)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG timeline (default: in --dir)")
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
+    parser.add_argument(
+        "--no-outbox",
+        action="store_true",
+        help="no outbox: by default some transactions publish through the outbox in the first "
+        "region, a RabbitMQ node and the relay run (and are killed, stopped and cut off), and "
+        "I8 and I9 are checked on the queue",
+    )
     parser.add_argument(
         "--coordinators",
         type=int,
@@ -99,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         agent_settings={"admin_failpoints": True, "lock_wait_timeout_s": 5},
         coordinators=args.coordinators,
         log_store="galera" if args.coordinators > 1 else "file",
+        outbox=not args.no_outbox,
     )
     transport = "mutual TLS" if cluster.tls is not None else "PLAINTEXT"
     group = f"; a group of {args.coordinators} on Galera" if args.coordinators > 1 else ""
@@ -138,11 +156,7 @@ def finish(result: ChaosResult, report: Path, timeline: Path) -> int:
 
 def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> ChaosResult:
     expected_total = create_accounts(cluster, args.accounts)
-    processes = list(cluster.members)
-    processes += [f"agent-{r}" for r in cluster.regions]
-    processes += [f"mariadb-{r}" for r in cluster.regions]
-    if cluster.store is not None:
-        processes += [f"{STORE_NODE}{node}" for node in range(1, cluster.store.size + 1)]
+    processes = _processes(cluster)
     # A member's links to the other store nodes are faulted with its link to its own node.
     links = [k.name for k in cluster.links if not re.search(r"-store-\d+$", k.name)]
     targets = Targets(tuple(processes), tuple(links))
@@ -169,7 +183,14 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
         )
         counts: Counter[str] = Counter()
         stop = threading.Event()
+        outbox = (
+            OutboxWorkload(client, cluster.regions, args.accounts, args.seed, workload.run_id)
+            if RELAY in cluster.components
+            else None
+        )
+        watcher = QueueWatcher(cluster) if outbox is not None else None
         threads = [
+            *_outbox_threads(outbox, watcher, stop),
             threading.Thread(target=injector.run, args=(schedule, stop), name="injector"),
             threading.Thread(target=injector.supervise, args=(stop,), name="supervisor"),
             threading.Thread(
@@ -215,6 +236,8 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
         verdicts.append(
             agents_liveness(_held_by_agents(cluster), quiescence, QUIESCENCE_DEADLINE_S)
         )
+        outbox_checks, outbox_counts = _check_outbox(cluster, client, outbox, watcher)
+        verdicts += outbox_checks
     result = ChaosResult(
         seed=args.seed,
         duration=args.duration,
@@ -228,7 +251,44 @@ def _run(cluster: Cluster, args: argparse.Namespace, kinds: list[FaultKind]) -> 
         began_at=injector.began,
     )
     result.extra["restarted_by_supervisor"] = len(injector.supervised)
+    if outbox_counts:
+        result.extra["outbox"] = outbox_counts
     return result
+
+
+def _processes(cluster: Cluster) -> list[str]:
+    """Every process a fault may hit."""
+    processes = list(cluster.members)
+    processes += [f"agent-{r}" for r in cluster.regions]
+    processes += [f"mariadb-{r}" for r in cluster.regions]
+    if cluster.store is not None:
+        processes += [f"{STORE_NODE}{node}" for node in range(1, cluster.store.size + 1)]
+    return processes + [name for name in (RELAY, RABBITMQ) if name in cluster.components]
+
+
+def _check_outbox(
+    cluster: Cluster,
+    client: Client,
+    outbox: OutboxWorkload | None,
+    watcher: QueueWatcher | None,
+) -> tuple[list[Verdict], dict[str, object]]:
+    """I8 and I9 once the run is healed (nothing without an outbox)."""
+    if outbox is None or watcher is None:
+        return [], {}
+    resolve_publications(client, outbox.publications)
+    try:
+        return outbox_verdicts(cluster, watcher, outbox.publications)
+    finally:
+        watcher.stop()
+
+
+def _outbox_threads(
+    outbox: OutboxWorkload | None, watcher: QueueWatcher | None, stop: threading.Event
+) -> list[threading.Thread]:
+    if outbox is None or watcher is None:
+        return []
+    watcher.start()  # before the first message can be published
+    return [threading.Thread(target=outbox.run, args=(stop,), name="outbox-workload")]
 
 
 def _show_progress(

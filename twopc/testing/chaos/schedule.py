@@ -119,7 +119,7 @@ def _required(
     """The faults no run may miss, spread evenly over the run (one at a time)."""
     wanted: list[tuple[FaultKind, tuple[str, ...], dict[str, object]]] = []
     if FaultKind.KILL in usable:
-        for prefix in ("coordinator", "agent-", "mariadb-", "store-"):
+        for prefix in ("coordinator", "agent-", "mariadb-", "store-", "relay", "rabbitmq"):
             choices = tuple(t for t in targets.processes if t.startswith(prefix))
             if choices:
                 wanted.append((FaultKind.KILL, choices, {}))
@@ -162,8 +162,12 @@ def _has_targets(kind: FaultKind, targets: Targets) -> bool:
 def _targets_for(kind: FaultKind, targets: Targets) -> tuple[str, ...]:
     if kind in LINK_FAULTS:
         return targets.links
-    if kind is FaultKind.FAILPOINT:  # the daemons, not the databases
-        return tuple(t for t in targets.processes if not t.startswith(("mariadb", "store-")))
+    if kind is FaultKind.FAILPOINT:  # the daemons with failpoints: not the databases, the relay
+        return tuple(
+            t
+            for t in targets.processes
+            if not t.startswith(("mariadb", "store-", "relay", "rabbitmq"))
+        )
     if kind is FaultKind.SLOW_CLOCK:  # a group's members: a lease must not trust one clock
         members = tuple(t for t in targets.processes if t.startswith("coordinator"))
         return members if len(members) > 1 else ()

@@ -104,7 +104,7 @@ class TransferWorkload:
         self._regions = list(regions)
         self._accounts = accounts
         self._seed = seed
-        self._run_id = run_id
+        self.run_id = run_id
         self._next = 0
         self._lock = threading.Lock()
         self.transfers: list[Transfer] = []
@@ -114,7 +114,7 @@ class TransferWorkload:
         source_region, target_region = rng.sample(self._regions, 2)
         if rng.random() < self._local_share:
             target_region = source_region  # one participant: the one-phase path
-        request_id = f"{self._run_id}-{index}"
+        request_id = f"{self.run_id}-{index}"
         return Transfer(
             request_id=request_id,
             txid=txid_for_request(self._coordinator_id, request_id),

@@ -60,16 +60,19 @@ from twopc.api import chaos_pb2_grpc as cpb_grpc
 from twopc.api import twopc_pb2 as pb
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client import AsyncClient, Client
+from twopc.outbox import OUTBOX_DDL
 from twopc.testing.playground.galera import GaleraCluster, GaleraPorts
 from twopc.testing.playground.mariadb import (
     AGENT_PASSWORD_ENV,
     AGENT_USER,
     LOCK_WAITS_PASSWORD_ENV,
     LOCK_WAITS_USER,
+    RELAY_USER,
     MariaDBInstance,
     PlaygroundError,
     create_agent_user,
     create_lock_waits_user,
+    create_relay_user,
 )
 from twopc.testing.playground.ports import (
     AGENT_PORT,
@@ -79,6 +82,7 @@ from twopc.testing.playground.ports import (
     free_port,
     port_or_free,
 )
+from twopc.testing.playground.rabbitmq import RabbitMQInstance, amqp_answers
 from twopc.testing.playground.tls import (
     ADMIN,
     CLIENT,
@@ -93,6 +97,10 @@ from twopc.tls import TlsConfig
 STATE_FILE = "state.json"
 DATABASE = "twopc"
 PROXY = "proxy"
+RABBITMQ = "rabbitmq"  # the outbox's broker, a component and its kind
+RELAY = "relay"  # twopc relay, likewise
+RELAY_LINK = "relay-rabbitmq"
+RELAY_PASSWORD_ENV = "TWOPC_RELAY_MYSQL_PASSWORD"  # noqa: S105 (a variable's name)
 # A second coordinator id that every agent serves and no coordinator runs: tests drive agents
 # directly with its txids, which the cluster's coordinator's recovery never touches.
 TEST_COORDINATOR_ID = "elsewhere"
@@ -159,10 +167,15 @@ class Component:
         return self.pid is not None and process_alive(self.pid)
 
     def send(self, sig: int) -> None:
+        """Sends ``sig`` to the process; to a RabbitMQ node's whole process group (its start
+        script and the Erlang VM under it)."""
         if self.pid is None:
             raise PlaygroundError(f"{self.name} has no recorded pid")
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
+            if self.kind == RABBITMQ:
+                os.killpg(self.pid, sig)
+            else:
+                os.kill(self.pid, sig)
 
 
 # Popen objects of the processes this Python process started, so that dead ones get reaped.
@@ -241,6 +254,7 @@ class Cluster:
         python: str = sys.executable,
         coordinators: int = 1,
         log_store: str = "file",
+        outbox: bool = False,
     ) -> Cluster:
         """Lays out directories, certificates and configuration files; starts nothing.
 
@@ -288,6 +302,12 @@ class Cluster:
         ``log_store = "galera"`` (the default for a group) runs a 3-node MariaDB Galera cluster
         on loopback (``galera.GaleraCluster``), member i writing through node ((i - 1) mod 3) +
         1. ``"file"`` is the single coordinator's log in its data directory.
+
+        With ``outbox``, the first region's database holds the outbox table
+        (``twopc.outbox.OUTBOX_DDL``), a RabbitMQ node runs as component ``rabbitmq`` and the
+        relay (``twopc relay``, as a user that may only read and delete the outbox) as
+        ``relay``; its link to the broker is ``relay-rabbitmq``, through the proxy when there
+        is one. Clients publish with ``cluster.client(outbox=cluster.regions[0])``.
         """
         _check_group(coordinators, log_store)
         directory = directory.resolve()
@@ -383,12 +403,23 @@ class Cluster:
                 },
                 metrics_address=agent_metrics,
             )
+        components.update(
+            _outbox_components(
+                directory,
+                components=components,
+                region=regions[0],
+                through_proxy=through_proxy,
+                python=python,
+                env=env,
+            )
+            if outbox
+            else {}
+        )
         # Clients connect to the proxy's end of the client link when there is one: that end takes
         # the fixed port then.
         client_port = port(COORDINATOR_PORT)
         address = f"{LOOPBACK}:{free_port() if proxied_hop(CLIENT_LINK) else client_port}"
-        settings = dict(agent_settings or {})
-        pool = int(str(settings.get("pool_size", 32))) + int(str(settings.get("pool_overflow", 32)))
+        pool = _agent_pool(agent_settings or {})
         tables: dict[str, Mapping[str, object]] = {"participants": agents}
         if certificates is not None:
             tables["identities"] = {
@@ -634,13 +665,17 @@ class Cluster:
             if self.proxied:
                 self.restart(PROXY, timeout=timeout)
             databases = [self.components[f"mariadb-{r}"] for r in self.regions]
-            with ThreadPoolExecutor(max_workers=len(databases) + 1) as pool:
+            with ThreadPoolExecutor(max_workers=len(databases) + 2) as pool:
                 started = [pool.submit(self._start_database, c, timeout) for c in databases]
                 if self.store is not None:
                     started.append(pool.submit(self._start_store))
+                if RABBITMQ in self.components:
+                    started.append(pool.submit(self._start_broker, timeout))
                 for future in started:
                     future.result()
             self.save()
+            if RELAY in self.components:
+                self.restart(RELAY, timeout=timeout)
             for region in self.regions:
                 self.restart(f"agent-{region}", timeout=timeout)
             for name in self.members:
@@ -648,6 +683,9 @@ class Cluster:
         except BaseException:
             self.down(timeout=10)
             raise
+
+    def _start_broker(self, timeout: float) -> None:
+        self.restart(RABBITMQ, timeout=timeout, save=False)
 
     def _start_store(self) -> None:
         assert self.store is not None
@@ -667,6 +705,10 @@ class Cluster:
             create_agent_user(conn, agent.env[AGENT_PASSWORD_ENV], DATABASE)
             # The agents report lock waits (report_lock_waits) as a user of PROCESS only.
             create_lock_waits_user(conn, agent.env[LOCK_WAITS_PASSWORD_ENV])
+            if RELAY in self.components and component.region == self.regions[0]:
+                cursor.execute(f"USE `{DATABASE}`")
+                cursor.execute(OUTBOX_DDL)
+                create_relay_user(conn, self.components[RELAY].env[RELAY_PASSWORD_ENV], DATABASE)
 
     def restart(
         self,
@@ -730,6 +772,10 @@ class Cluster:
                 )
             if component.kind == "mariadb":
                 return _database_answers(component)
+            if component.kind == RABBITMQ:
+                return amqp_answers(component.address)
+            if component.kind == RELAY:
+                return True  # alive; it has no port (its log says what it does)
             # Each asked as its own callers ask it: the agents obey the coordinator alone.
             identity = {"agent": COORDINATOR, PROXY: ADMIN}.get(component.kind, CLIENT)
             return _answers(component, self.channel(name, identity=identity))
@@ -740,6 +786,7 @@ class Cluster:
         """Stops every component: SIGTERM, then SIGKILL after ``timeout``."""
         order = self.members + [f"agent-{r}" for r in self.regions]
         order += [f"mariadb-{r}" for r in self.regions]
+        order += [name for name in (RELAY, RABBITMQ) if name in self.components]
         order += [PROXY] if self.proxied else []
         for name in order:
             component = self.components[name]
@@ -1082,3 +1129,63 @@ def _member(
         env=dict(env),
         metrics_address=str(settings.get("metrics_listen", "")),
     )
+
+
+def _agent_pool(settings: Mapping[str, object]) -> int:
+    """How many sessions an agent may open: its pool and the pool's overflow."""
+    return int(str(settings.get("pool_size", 32))) + int(str(settings.get("pool_overflow", 32)))
+
+
+def _outbox_components(
+    directory: Path,
+    *,
+    components: Mapping[str, Component],
+    region: str,
+    through_proxy: Callable[[str, str], str],
+    python: str,
+    env: Mapping[str, str],
+) -> dict[str, Component]:
+    """The outbox's RabbitMQ node and relay, the relay reading the outbox in ``region``."""
+    database = components[f"mariadb-{region}"].address
+    base = directory / "outbox"
+    node = RabbitMQInstance(base / RABBITMQ)
+    broker = Component(
+        name=RABBITMQ,
+        kind=RABBITMQ,
+        address=f"{LOOPBACK}:{node.port}",
+        data_dir=str(node.base_dir),
+        command=node.command(),
+        cwd=str(node.base_dir),
+        log=str(node.base_dir / "server.out"),
+        env=node.environment(),
+    )
+    broker_address = through_proxy(RELAY_LINK, broker.address)
+    host, port = database.rsplit(":", 1)
+    config = base / "relay.toml"
+    _write_toml(
+        config,
+        {
+            "mysql_host": host,
+            "mysql_port": int(port),
+            "mysql_user": RELAY_USER,
+            "mysql_database": DATABASE,
+            "poll_ms": 5,
+            "retry_ms": 100,
+            "timeout_s": 3.0,
+        },
+    )
+    relay = Component(
+        name=RELAY,
+        kind=RELAY,
+        address="",
+        data_dir=str(base),
+        command=[python, "-m", "twopc.cli", "relay", "--config", str(config)],
+        cwd=str(base),
+        log=str(base / "relay.log"),
+        env={
+            **env,
+            RELAY_PASSWORD_ENV: secrets.token_hex(16),
+            "TWOPC_RELAY_AMQP_URL": f"amqp://guest:guest@{broker_address}/%2F",
+        },
+    )
+    return {RABBITMQ: broker, RELAY: relay}

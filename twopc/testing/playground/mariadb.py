@@ -59,6 +59,7 @@ __all__ = [
     "AGENT_USER",
     "LOCK_WAITS_PASSWORD_ENV",
     "LOCK_WAITS_USER",
+    "RELAY_USER",
     "SEARCH_DIRS",
     "MariaDBBinaries",
     "MariaDBInitFailed",
@@ -69,6 +70,7 @@ __all__ = [
     "PlaygroundError",
     "create_agent_user",
     "create_lock_waits_user",
+    "create_relay_user",
     "find_binaries",
     "log_tail",
     "start_all",
@@ -80,6 +82,7 @@ AGENT_USER = "twopc_agent"
 AGENT_PASSWORD_ENV = "TWOPC_MYSQL_PASSWORD"  # noqa: S105 (a variable name)
 #: The user the playground's agents read lock waits as (PROCESS only), and its password's variable.
 LOCK_WAITS_USER = "twopc_lockwait"
+RELAY_USER = "twopc_relay"  # twopc relay's account: SELECT and DELETE on the outbox only
 LOCK_WAITS_PASSWORD_ENV = "TWOPC_LOCK_WAITS_PASSWORD"  # noqa: S105 (a variable name)
 
 #: Where ``find_binaries`` looks after PATH (Debian puts mariadbd in /usr/sbin, often not on PATH).
@@ -664,6 +667,20 @@ def create_lock_waits_user(
             f"CREATE OR REPLACE USER {account.replace('%', '%%')} IDENTIFIED BY %s", [password]
         )
         cursor.execute(f"GRANT PROCESS ON *.* TO {account}")
+    return account
+
+
+def create_relay_user(
+    conn: pymysql.Connection, password: str, database: str, *, host: str = LOOPBACK
+) -> str:
+    """Creates (or re-creates) the account ``twopc relay`` reads the outbox as: SELECT and
+    DELETE on ``database``'s ``twopc_outbox``, nothing else. Returns the account."""
+    account = f"{quote_name(RELAY_USER)}@{quote_name(host)}"
+    with conn.cursor() as cursor:
+        cursor.execute(
+            f"CREATE OR REPLACE USER {account.replace('%', '%%')} IDENTIFIED BY %s", [password]
+        )
+        cursor.execute(f"GRANT SELECT, DELETE ON {quote_name(database)}.twopc_outbox TO {account}")
     return account
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from twopc.testing.playground.mariadb import PlaygroundError
 from twopc.testing.playground.ports import LOOPBACK, free_port
 
-__all__ = ["RabbitMQInstance", "RabbitMQNotInstalled"]
+__all__ = ["RabbitMQInstance", "RabbitMQNotInstalled", "amqp_answers"]
 
 _SCRIPT_DIRS = (Path("/usr/lib/rabbitmq/bin"),)
 
@@ -48,6 +48,17 @@ def _server_script() -> str:
     return found
 
 
+def amqp_answers(address: str) -> bool:
+    """An AMQP 0-9-1 protocol header sent to ``address`` is answered (Connection.Start)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0) as conn:
+            conn.sendall(b"AMQP\x00\x00\x09\x01")
+            return len(conn.recv(8)) > 0
+    except OSError:
+        return False
+
+
 class RabbitMQInstance:
     def __init__(self, base_dir: Path, port: int = 0) -> None:
         self._script = _server_script()
@@ -65,7 +76,11 @@ class RabbitMQInstance:
     def log_dir(self) -> Path:
         return self.base_dir / "log"
 
-    def _environment(self) -> dict[str, str]:
+    def command(self) -> list[str]:
+        return [self._script]
+
+    def environment(self) -> dict[str, str]:
+        """The node's variables (over the caller's environment), its files written."""
         base = self.base_dir
         (base / "mnesia").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +90,6 @@ class RabbitMQInstance:
         (base / "rabbitmq-env.conf").write_text("")
         (base / "enabled_plugins").write_text("[].\n")
         return {
-            **os.environ,
             "HOME": str(base),
             "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
@@ -98,8 +112,8 @@ class RabbitMQInstance:
             out = (self.base_dir / "server.out").open("ab")
         with out:
             self._process = subprocess.Popen(
-                [self._script],
-                env=self._environment(),
+                self.command(),
+                env={**os.environ, **self.environment()},
                 cwd=self.base_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -118,13 +132,7 @@ class RabbitMQInstance:
             time.sleep(0.1)
 
     def _answers(self) -> bool:
-        """An AMQP protocol header is answered with the server's Connection.Start."""
-        try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=1.0) as conn:
-                conn.sendall(b"AMQP\x00\x00\x09\x01")
-                return len(conn.recv(8)) > 0
-        except OSError:
-            return False
+        return amqp_answers(f"{LOOPBACK}:{self.port}")
 
     def server_pid(self) -> int | None:
         """The pid of the node's Erlang VM (beam.smp), a descendant of the start script."""

@@ -23,6 +23,8 @@ twopc bench-group [--clients 32] [--members 3]  a coordinator group on a 3-node 
                                                 against one coordinator on its file log
 twopc bench-takeover [--rounds 5]               seconds from a group member's SIGKILL to its
                                                 in-doubt transactions resolved by a peer
+twopc bench-overload [--load 3]                 committed throughput and p99 at 3x the
+                                                sustainable load, shedding on and off
 twopc tx TXID | --request-id ID                 a transaction's state and outcome
 twopc admin list | show TXID | audit            the operator's view: live and in-doubt
                                                 transactions, one in full, the audit records
@@ -123,6 +125,11 @@ _COMMANDS = {
         "time from a group member's SIGKILL to its in-doubt transactions resolved",
         "bench",
         "twopc.testing.bench.takeover",
+    ),
+    "bench-overload": _Command(
+        "throughput and latency at several times the sustainable load, shedding on and off",
+        "bench",
+        "twopc.testing.bench.overload",
     ),
     "tx": _Command("look a transaction up", None),
     "admin": _Command(
@@ -354,6 +361,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from twopc.testing.bench.takeover import run as run_bench_takeover
 
         return run_bench_takeover
+    if command == "bench-overload":
+        from twopc.testing.bench.overload import run as run_bench_overload
+
+        return run_bench_overload
     if command == "proxy":
         from twopc.testing.chaos.proxy_service import run as run_proxy
 

@@ -180,11 +180,16 @@ class Transaction:
         self.state = target
         if target in (TxState.COMMITTING, TxState.ABORTING) or target.final:
             self.decided.set()
-            if self.on_decided is not None:
-                on_decided, self.on_decided = self.on_decided, None
-                on_decided()
+            self.release_admission()
         if target.final:
             self.done.set()
+
+    def release_admission(self) -> None:
+        """Frees its admission slot, once (at its decision, or when it leaves the live table
+        undecided: a one-phase commit whose answer was lost)."""
+        if self.on_decided is not None:
+            on_decided, self.on_decided = self.on_decided, None
+            on_decided()
 
     def decide_abort(self, reason: AbortReason) -> None:
         self.move_to(TxState.ABORTING)
@@ -600,6 +605,7 @@ class TransactionManager:
         if self._live.get(tx.txid) is not tx:
             return
         del self._live[tx.txid]
+        tx.release_admission()
         for participant in list(tx.sessions):
             self._release_session(tx, participant)
         if tx.owner is not None:

@@ -26,7 +26,7 @@ from coordinator.engine.admission import (
 from coordinator.engine.states import TxState
 from tests.unit.fakes import FakeClock
 from tests.unit.test_engine import WRITE, make_env, scenario, until
-from twopc.errors import ResourceExhausted, TwopcError
+from twopc.errors import DeadlineExceeded, ResourceExhausted, TwopcError, Unavailable
 from twopc.status import RETRY_AFTER_KEY, error_from_rpc, status_code, trailing_metadata
 
 
@@ -305,6 +305,20 @@ async def test_an_abort_frees_the_slot_and_a_refused_begin_takes_none() -> None:
     with pytest.raises(TwopcError):
         await env.manager.run([("nowhere", [WRITE])], timeout_ms=5_000, owner="a")
     assert env.manager.admission.in_flight == 0
+
+
+@scenario
+async def test_a_one_phase_commit_left_in_doubt_frees_its_slot() -> None:
+    env = make_env(admission_max_in_flight=1, admission_queue_ms=0)
+    tx = await env.manager.begin_request(5_000, owner="a")
+    await env.manager.execute(tx.txid, "eu", [WRITE], 1, owner="a")
+    env.ports.fail("commit", "eu", DeadlineExceeded("deadline exceeded"), after=True)
+    env.ports.fail("rollback", "eu", Unavailable("agent eu is unreachable"))
+    with pytest.raises(Unavailable, match="look the outcome"):
+        await env.manager.commit(tx.txid, wait_for_phase2=False, owner="a")
+    assert tx.state is TxState.PREPARING  # never decided here: the agent's marker tells
+    assert env.manager.admission.in_flight == 0
+    await env.manager.begin_request(5_000, owner="a")
 
 
 @scenario

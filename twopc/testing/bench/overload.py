@@ -4,18 +4,18 @@ load, with the coordinator shedding new transactions and without, in one run.
 On one fresh playground (two regions, mutual TLS, one client identity whose own quotas are
 raised out of the way, so that only the overload guard refuses anything):
 
-1. ``max``: the sustainable maximum, closed loop: for each of ``--clients`` (e.g. 16,48)
-   that many asyncio workers run one-shot transfers (``transfer2``) back to back for
+1. ``max``: the sustainable maximum, closed loop, no cap: for each of ``--clients`` (e.g.
+   16,48) that many asyncio workers run one-shot transfers (``transfer2``) back to back for
    ``--seconds``; the best committed transactions per second is the maximum.
-2. ``shedding``: an open loop, arrivals at ``--load`` times the maximum, evenly spaced, for
-   ``--seconds``, whatever the answers (each arrival is a task of its own); the coordinator
-   runs with ``admission_max_in_flight = --max-in-flight`` and ``admission_queue_ms =
-   --queue-ms``. The SDK honours the retry-after of a refusal (its default): new transactions
+2. ``shedding``: the coordinator restarted with ``admission_max_in_flight = --max-in-flight``
+   (``admission_queue_ms = --queue-ms``); an open loop, arrivals at ``--load`` times the
+   maximum, evenly spaced, for ``--seconds``, whatever the answers (each arrival is a task of
+   its own). The SDK honours the retry-after of a refusal (its default): new transactions
    within the hint are refused by the client, unsent.
 3. ``shedding, every request sent``: the same with ``honor_retry_after=False``: every refusal
    costs the coordinator a request.
-4. ``no shedding``: the same arrivals, the coordinator restarted with
-   ``admission_max_in_flight = 0``.
+4. ``no shedding``: the coordinator restarted without a cap, the same arrivals (last: it
+   leaves a backlog behind on the agents and databases).
 
 Per phase: the arrival rate reached, committed transactions per second over the phase (those
 answered within it), their ratio to the maximum, p50/p99 of the admitted transactions (every
@@ -76,6 +76,7 @@ class _Attempt:
     began: float
     ended: float = 0.0
     outcome: str = ""  # committed, refused, or the failure's kind
+    retry_after_s: float = 0.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             # Only the overload guard refuses: the identity's quotas are out of the way.
             "max_active_per_identity": 1_000_000,
             "max_sessions_per_identity": 1_000_000,
-            "admission_max_in_flight": args.max_in_flight,
+            "admission_max_in_flight": 0,  # until the shedding phases
             "admission_queue_ms": args.queue_ms,
         },
         agent_settings={"pool_size": 3 * max(clients) + 16, "pool_overflow": 64},
@@ -158,17 +159,20 @@ async def _phases(
     every = client_of(honor_retry_after=False)
     phases: list[Phase] = []
     try:
+        # The maximum without a cap (a closed loop above the cap would only meet it).
         for count in clients:
             closed = await _closed_loop(cluster, client, workload, rng, count=count, args=args)
             phases.append(closed)
             say(_row(phases[-1]))
         best = max(p.tps for p in phases)
         rate = args.load * best
+        await asyncio.to_thread(_restart_coordinator, cluster, str(args.max_in_flight))
         for name, sender in (("shedding", client), ("shedding, every request sent", every)):
             phases.append(
                 await _open_loop(cluster, sender, workload, rng, rate=rate, name=name, args=args)
             )
             say(_row(phases[-1]))
+        # Last, as it leaves a backlog on the agents and the databases behind.
         await asyncio.to_thread(_restart_coordinator, cluster, "0")
         phases.append(
             await _open_loop(
@@ -200,6 +204,7 @@ async def _one(
         attempt.outcome = "committed"
     except ResourceExhausted as err:
         attempt.outcome = "refused" if err.retry_after_s > 0 else "ResourceExhausted"
+        attempt.retry_after_s = err.retry_after_s
     except TwopcError as err:
         attempt.outcome = type(err).__name__
     attempt.ended = time.monotonic()
@@ -220,7 +225,10 @@ async def _closed_loop(
 
     async def worker() -> None:
         while time.monotonic() < stop:
-            done.append(await _one(client, workload, rng, args.timeout))
+            attempt = await _one(client, workload, rng, args.timeout)
+            done.append(attempt)
+            if attempt.retry_after_s:  # a closed loop's client waits as it is told
+                await asyncio.sleep(attempt.retry_after_s)
 
     cpu = _coordinator_cpu(cluster)
     began = time.monotonic()

@@ -327,6 +327,11 @@ class Admission:
         self._refusal_log = RefusalLog()
 
     @property
+    def enabled(self) -> bool:
+        """Whether any check is on (a rate limit, or the overload guard)."""
+        return self.limits.active or self.guard.enabled
+
+    @property
     def in_flight(self) -> int:
         """Admitted transactions not yet decided (counted only with the overload guard on)."""
         return self.guard.in_flight

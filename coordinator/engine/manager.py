@@ -921,6 +921,8 @@ class TransactionManager:
         Raises:
             ResourceExhausted: refused, with a retry-after hint (nothing begun).
         """
+        if not self.admission.enabled:
+            return None  # nothing to count (the default)
         if request_id and self._known_here(self._txid_of_request(owner, request_id)):
             return None
         return await self.admission.admit(owner)

@@ -274,6 +274,11 @@ class OverloadGuard:
         self._hold_s = held if self._hold_s is None else 0.9 * self._hold_s + 0.1 * held
         self._hand_over()
 
+    def cancel(self, admitted_at: float) -> None:
+        """Frees a slot whose transaction never began (not counted in the hold estimate)."""
+        if self.enabled:
+            self._hand_over()
+
     def _hand_over(self) -> None:
         while self._queue:
             waiter = self._queue.popleft()
@@ -365,7 +370,14 @@ class Admission:
             raise self._refuse("overload", identity, shed.retry_after_s, message) from None
 
     def release(self, admitted_at: float) -> None:
+        """Frees the slot of a transaction admitted at ``admitted_at``, now decided."""
         self.guard.release(admitted_at)
+
+    def cancel(self, identity: str | None, admitted_at: float) -> None:
+        """Undoes the admission of a transaction that was not begun after all (another check
+        refused it): its slot, and its identity's token, are given back."""
+        self.rates.give_back(identity, self._clock.monotonic())
+        self.guard.cancel(admitted_at)
 
     def _rate_message(self, identity: str | None) -> str:
         name = identity_name(identity)

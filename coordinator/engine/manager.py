@@ -778,21 +778,21 @@ class TransactionManager:
         try:
             claim = await self._claim_request(request_id, owner) if request_id else _Claim()
         except BaseException:
-            self._unadmit(admitted)
+            self._unadmit(owner, admitted)
             raise
         if claim.view is not None:  # it ran as another transaction, whose outcome is final
-            self._unadmit(admitted)
+            self._unadmit(owner, admitted)
             return RunOutcome(claim.view.txid, self._settled_state(claim.view), {})
         try:
             if owner is not None:  # checked before anything is begun
                 timeout_ms = await self._sessions_for_one_shot(owner, names, timeout_ms)
             tx = self.begin(timeout_ms, request_id, owner=owner)
         except TwopcError:
-            self._unadmit(admitted)
+            self._unadmit(owner, admitted)
             await self._unclaim(claim, request_id, owner)
             raise
         except BaseException:  # cancelled while waiting for sessions
-            self._unadmit(admitted)
+            self._unadmit(owner, admitted)
             raise
         self._hold_admission(tx, admitted)
         self._reserve_sessions(tx, names)  # no await since the check: it cannot fail now
@@ -892,11 +892,11 @@ class TransactionManager:
         try:
             claim = await self._claim_request(request_id, owner) if request_id else _Claim()
         except BaseException:
-            self._unadmit(admitted)
+            self._unadmit(owner, admitted)
             raise
         view = claim.view
         if view is not None:
-            self._unadmit(admitted)
+            self._unadmit(owner, admitted)
             if view.outcome is Outcome.PENDING:
                 self._settled_state(view)  # raises Unavailable: the outcome is not known yet
             raise FailedPrecondition(
@@ -907,7 +907,7 @@ class TransactionManager:
         try:
             tx = self.begin(timeout_ms, request_id, owner=owner)
         except TwopcError:
-            self._unadmit(admitted)
+            self._unadmit(owner, admitted)
             await self._unclaim(claim, request_id, owner)
             raise
         self._hold_admission(tx, admitted)
@@ -927,10 +927,10 @@ class TransactionManager:
             return None
         return await self.admission.admit(owner)
 
-    def _unadmit(self, admitted: float | None) -> None:
-        """Frees the admission slot of a transaction that was not begun after all."""
+    def _unadmit(self, owner: str | None, admitted: float | None) -> None:
+        """Gives back the admission of a transaction that was not begun after all."""
         if admitted is not None:
-            self.admission.release(admitted)
+            self.admission.cancel(owner, admitted)
 
     def _hold_admission(self, tx: Transaction, admitted: float | None) -> None:
         """``tx`` holds the admission slot taken at ``admitted`` until its decision (another
@@ -938,7 +938,7 @@ class TransactionManager:
         if admitted is None:
             return
         if tx.on_decided is not None or tx.state is not TxState.ACTIVE:
-            self.admission.release(admitted)
+            self.admission.cancel(tx.owner, admitted)
             return
         tx.on_decided = lambda: self.admission.release(admitted)
 

@@ -295,13 +295,20 @@ async def test_the_engine_sheds_new_transactions_only() -> None:
 
 @scenario
 async def test_an_abort_frees_the_slot_and_a_refused_begin_takes_none() -> None:
-    env = make_env(admission_max_in_flight=2, admission_queue_ms=0, max_active_per_identity=1)
+    env = make_env(
+        admission_max_in_flight=2,
+        admission_queue_ms=0,
+        max_active_per_identity=1,
+        rate_limits=RateLimits(per_s=1.0, burst=2),
+    )
     first = await env.manager.begin_request(5_000, owner="a")
     with pytest.raises(ResourceExhausted, match="max_active_per_identity"):
         await env.manager.begin_request(5_000, owner="a")
     assert env.manager.admission.in_flight == 1  # the refused Begin gave its slot back
     await env.manager.rollback(first.txid, owner="a")
     assert env.manager.admission.in_flight == 0
+    second = await env.manager.begin_request(5_000, owner="a")  # and its token: no time passed
+    await env.manager.rollback(second.txid, owner="a")
     with pytest.raises(TwopcError):
         await env.manager.run([("nowhere", [WRITE])], timeout_ms=5_000, owner="a")
     assert env.manager.admission.in_flight == 0

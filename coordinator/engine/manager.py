@@ -761,21 +761,14 @@ class TransactionManager:
             self._check_participant(participant)
             if not statements:
                 raise InvalidArgument(f"no statements for participant {participant}")
-        if request_id:
-            known = self._txid_of_request(owner, request_id)
-            if await self._claimed_by_another(known, owner):
-                known = None  # another identity's, from before a restart (_claim_request)
-            if (
-                known is not None
-                and known not in self._live
-                and (known in self._finished or known in self._open_commits)
-            ):
-                view = self.view(known)
-                if view.outcome is Outcome.ABORTED:
-                    raise TransactionAborted(view.abort_reason or "aborted", txid=known)
-                return RunOutcome(known, view.state, {})
+        # Admitted (or shed) before anything else is looked at: in a group, the lookups below
+        # read the store.
         admitted = await self._admit(owner, request_id)
         try:
+            ran = await self._ran_already(request_id, owner) if request_id else None
+            if ran is not None:
+                self._unadmit(owner, admitted)
+                return ran
             claim = await self._claim_request(request_id, owner) if request_id else _Claim()
         except BaseException:
             self._unadmit(owner, admitted)
@@ -804,6 +797,27 @@ class TransactionManager:
                 await self._shielded(self._decide(tx, work=dict(work)))
         state = await self._answer(tx, wait_for_phase2)
         return RunOutcome(tx.txid, state, dict(tx.results))
+
+    async def _ran_already(self, request_id: str, owner: str | None) -> RunOutcome | None:
+        """The outcome of ``owner``'s one-shot ``request_id`` when it has finished here (None
+        when it has not run, or still runs).
+
+        Raises:
+            TransactionAborted: it ran, and was aborted.
+        """
+        known = self._txid_of_request(owner, request_id)
+        if await self._claimed_by_another(known, owner):
+            known = None  # another identity's, from before a restart (_claim_request)
+        if (
+            known is not None
+            and known not in self._live
+            and (known in self._finished or known in self._open_commits)
+        ):
+            view = self.view(known)
+            if view.outcome is Outcome.ABORTED:
+                raise TransactionAborted(view.abort_reason or "aborted", txid=known)
+            return RunOutcome(known, view.state, {})
+        return None
 
     def view(self, txid: str) -> TransactionView:
         """What this coordinator knows of a transaction without asking the agents."""

@@ -26,6 +26,8 @@ from coordinator.engine.admission import (
 from coordinator.engine.states import TxState
 from tests.unit.fakes import FakeClock
 from tests.unit.test_engine import WRITE, make_env, scenario, until
+from tests.unit.test_engine_group_requests import WORK as GROUP_WORK
+from tests.unit.test_engine_group_requests import make_group
 from twopc.errors import DeadlineExceeded, ResourceExhausted, TwopcError, Unavailable
 from twopc.status import RETRY_AFTER_KEY, error_from_rpc, status_code, trailing_metadata
 
@@ -312,6 +314,18 @@ async def test_an_abort_frees_the_slot_and_a_refused_begin_takes_none() -> None:
     with pytest.raises(TwopcError):
         await env.manager.run([("nowhere", [WRITE])], timeout_ms=5_000, owner="a")
     assert env.manager.admission.in_flight == 0
+
+
+@scenario
+async def test_in_a_group_a_new_transaction_is_shed_before_the_store_is_read() -> None:
+    group = make_group(admission_max_in_flight=1, admission_queue_ms=0)
+    held = await group.c1.begin_request(5_000, "order-1", owner="a")  # claimed in the store
+    group.claims.down = True  # any read of the store would fail Unavailable
+    with pytest.raises(ResourceExhausted, match="shedding new transactions"):
+        await group.c1.run(GROUP_WORK, timeout_ms=5_000, request_id="pay-1", owner="a")
+    with pytest.raises(ResourceExhausted, match="shedding new transactions"):
+        await group.c1.begin_request(5_000, "order-2", owner="a")
+    assert await group.c1.begin_request(5_000, "order-1", owner="a") is held  # its retry
 
 
 @scenario

@@ -10,6 +10,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from coordinator.engine.admission import (
+    ADMISSION_MAX_IN_FLIGHT,
+    ADMISSION_QUEUE_MS,
+    RateLimits,
+)
 from coordinator.engine.manager import EngineSettings
 from coordinator.engine.one_shot_order import ONE_SHOT_ORDERS
 from coordinator.identities import IdentityRules
@@ -131,6 +136,16 @@ class CoordinatorConfig:
     max_active_per_identity: int = 1000
     max_sessions_per_identity: int = 48
     max_idle_ms: int = 30_000
+    # Admission of new transactions (Begin, RunTransaction; coordinator.engine.admission):
+    # rate_limit_per_s per identity (0: none; a plaintext caller is one identity), bursts of
+    # rate_limit_burst (0: one second's worth), rate_limits an identity's own rate (0: none);
+    # at most admission_max_in_flight begun and undecided (0: no cap), the rest waiting up to
+    # admission_queue_ms, else shed. Refusals are RESOURCE_EXHAUSTED with a retry-after.
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: int = 0
+    rate_limits: Mapping[str, float] = field(default_factory=dict)
+    admission_max_in_flight: int = ADMISSION_MAX_IN_FLIGHT
+    admission_queue_ms: int = ADMISSION_QUEUE_MS
     # Prometheus metrics over HTTP (twopc.observability): "" is off. Beyond loopback, HTTPS with
     # client certificates of tls_ca, or plain HTTP with insecure_plaintext.
     metrics_listen: str = ""
@@ -180,6 +195,17 @@ class CoordinatorConfig:
             )
         if self.max_idle_ms < 0:
             raise ValueError(f"max_idle_ms ({self.max_idle_ms}) must be 0 (no limit) or more")
+        object.__setattr__(self, "rate_limits", MappingProxyType(_rates(self.rate_limits)))
+        self.admission_limits()  # checks them
+        if self.admission_max_in_flight < 0:
+            raise ValueError(
+                f"admission_max_in_flight ({self.admission_max_in_flight}) must be 0 (no cap) "
+                "or more"
+            )
+        if not 0 <= self.admission_queue_ms <= 60_000:
+            raise ValueError(
+                f"admission_queue_ms ({self.admission_queue_ms}) must be between 0 and 60000"
+            )
         self.request_limits()  # checks them
         if self.audit_keep < 1:
             raise ValueError(f"audit_keep ({self.audit_keep}) must be at least 1")
@@ -269,6 +295,10 @@ class CoordinatorConfig:
             self.identities, self.participants, component=f"coordinator {self.coordinator_id}"
         )
 
+    def admission_limits(self) -> RateLimits:
+        """Raises ValueError for a negative or non-finite rate or burst."""
+        return RateLimits(self.rate_limit_per_s, self.rate_limit_burst, dict(self.rate_limits))
+
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_statements, self.max_params, self.max_sql_length)
 
@@ -310,7 +340,23 @@ class CoordinatorConfig:
             contended_hold_s=self.one_shot_order_hold_ms / 1000,
             one_shot_victim_share=self.one_shot_order_victim_pct / 100,
             admin_identities=tuple(self.admin_identities),
+            rate_limits=self.admission_limits(),
+            admission_max_in_flight=self.admission_max_in_flight,
+            admission_queue_ms=self.admission_queue_ms,
         )
+
+
+def _rates(rates: Mapping[str, object]) -> dict[str, float]:
+    """``rate_limits`` as numbers (the environment gives them as text: ``shop=50,batch=5``)."""
+    parsed = {}
+    for identity, rate in rates.items():
+        try:
+            parsed[identity] = float(rate)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"rate_limits: the rate of identity {identity!r} must be a number, got {rate!r}"
+            ) from None
+    return parsed
 
 
 def load_coordinator_config(

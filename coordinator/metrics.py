@@ -25,6 +25,10 @@ global one. No label carries a txid: outcomes, results and participant names onl
 ``twopc_one_shot_prepares_total``           one_shot_order = adaptive: one-shot transactions
                                             with several participants, by ``order`` (parallel,
                                             ordered while victims are many)
+``twopc_coordinator_refused_total``         new transactions refused, label ``reason``:
+                                            rate_limit (an identity's), overload (shed)
+``twopc_coordinator_admitted_in_flight``    gauge: admitted, not yet decided (overload guard on)
+``twopc_coordinator_admission_queue``       gauge: new transactions waiting for a slot
 ==========================================  =====================================================
 """
 
@@ -125,11 +129,24 @@ class CoordinatorMetrics:
             ordered: one_shot.labels("ordered" if ordered else "parallel")
             for ordered in (False, True)
         }
+        refused = Counter(
+            "twopc_coordinator_refused",
+            "New transactions refused (RESOURCE_EXHAUSTED with a retry-after), by reason: "
+            "rate_limit (the identity's), overload (shed)",
+            ["reason"],
+            registry=r,
+        )
+        self._refused = {reason: refused.labels(reason) for reason in ("rate_limit", "overload")}
 
     # --- EngineMetrics -----------------------------------------------------------------------
 
     def one_shot_prepared(self, *, ordered: bool) -> None:
         self._one_shot[ordered].inc()
+
+    def admission_refused(self, reason: str) -> None:
+        counter = self._refused.get(reason)
+        if counter is not None:
+            counter.inc()
 
     def deadlock_found(self) -> None:
         self._cycles.inc()
@@ -188,6 +205,17 @@ class _StateCollector(Collector):
             "twopc_coordinator_in_doubt_transactions",
             "Transactions decided COMMIT whose branches have not all acknowledged yet",
             value=self._manager.in_doubt_count,
+        )
+        admission = self._manager.admission
+        yield GaugeMetricFamily(
+            "twopc_coordinator_admitted_in_flight",
+            "New transactions admitted and not yet decided (with admission_max_in_flight)",
+            value=admission.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "twopc_coordinator_admission_queue",
+            "New transactions waiting for an admission slot",
+            value=admission.queued,
         )
         yield GaugeMetricFamily(
             "twopc_coordinator_serving",

@@ -28,6 +28,8 @@ twopc bench-takeover [--rounds 5]               seconds from a group member's SI
 twopc flash-sale [--buyers 32] [--outage]        one hot item sold across two regions: twopc
                                                 pessimistic and optimistic, a Redis gate, a
                                                 message queue with an outbox, side by side
+twopc bench-overload [--load 3]                 committed throughput and p99 at 3x the
+                                                sustainable load, shedding on and off
 twopc tx TXID | --request-id ID                 a transaction's state and outcome
 twopc admin list | show TXID | audit            the operator's view: live and in-doubt
                                                 transactions, one in full, the audit records
@@ -134,6 +136,11 @@ _COMMANDS = {
         "a flash sale across two regions: twopc, a Redis gate and a message queue",
         "flash-sale",
         "twopc.testing.flash_sale.runner",
+    ),
+    "bench-overload": _Command(
+        "throughput and latency at several times the sustainable load, shedding on and off",
+        "bench",
+        "twopc.testing.bench.overload",
     ),
     "tx": _Command("look a transaction up", None),
     "admin": _Command(
@@ -373,6 +380,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from twopc.testing.flash_sale.runner import run as run_flash_sale
 
         return run_flash_sale
+    if command == "bench-overload":
+        from twopc.testing.bench.overload import run as run_bench_overload
+
+        return run_bench_overload
     if command == "proxy":
         from twopc.testing.chaos.proxy_service import run as run_proxy
 

@@ -17,7 +17,8 @@ same class::
     │                                                    (deadlock victim), a local deadlock (1213)
     │                                                    or a lock wait timeout (1205)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED
-    ├── ResourceExhausted           RESOURCE_EXHAUSTED   too many transactions, decision log full
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED   too many transactions, decision log full,
+    │                                                    a rate limit, shedding (retry_after_s)
     ├── Unavailable                 UNAVAILABLE          a component or database cannot be reached
     ├── OutcomeUnknown              UNKNOWN              SDK only: the commit may or may not
     │                                                    have happened; look it up by txid
@@ -118,7 +119,22 @@ class DeadlineExceeded(TwopcError):
 
 
 class ResourceExhausted(TwopcError):
+    """Refused for want of room: a quota, a full pool or log, an identity over its rate limit,
+    or a coordinator shedding new transactions under overload. Nothing was started.
+
+    Attributes:
+        retry_after_s: when the refusal says when to try again (a rate limit, shedding), the
+            seconds to wait first (sent as the ``twopc-retry-after-ms`` metadata); 0 when it
+            does not say.
+    """
+
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self, message: str, *, txid: str = "", mysql_errno: int = 0, retry_after_s: float = 0.0
+    ) -> None:
+        super().__init__(message, txid=txid, mysql_errno=mysql_errno)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(TwopcError):

@@ -8,6 +8,7 @@ statuses that no twopc server sends) become ``Unavailable`` / ``DeadlineExceeded
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import grpc
@@ -15,6 +16,7 @@ from grpc import aio
 
 from twopc.errors import (
     DeadlineExceeded,
+    ResourceExhausted,
     TwopcError,
     Unavailable,
     error_class_named,
@@ -26,6 +28,7 @@ from twopc.txid import is_txid
 __all__ = [
     "ERROR_CLASS_KEY",
     "MYSQL_ERRNO_KEY",
+    "RETRY_AFTER_KEY",
     "TXID_KEY",
     "abort_with",
     "error_from_rpc",
@@ -37,6 +40,9 @@ __all__ = [
 TXID_KEY = "twopc-txid"
 MYSQL_ERRNO_KEY = "twopc-mysql-errno"
 ERROR_CLASS_KEY = "twopc-error"
+# Milliseconds to wait before trying again, on a ResourceExhausted that says (a rate limit,
+# shedding under overload): ResourceExhausted.retry_after_s on the client's side.
+RETRY_AFTER_KEY = "twopc-retry-after-ms"
 
 
 def status_code(error: TwopcError) -> grpc.StatusCode:
@@ -44,7 +50,8 @@ def status_code(error: TwopcError) -> grpc.StatusCode:
 
 
 def trailing_metadata(error: TwopcError) -> tuple[tuple[str, str], ...]:
-    """The error's class, and its txid and MySQL error number when it has them. A txid goes
+    """The error's class, and its txid, MySQL error number and retry-after hint (in whole
+    milliseconds, rounded up) when it has them. A txid goes
     only when it has a txid's form: one taken from a hostile request could hold what no header
     may (a newline, a NUL, a megabyte) and turn the answer into an INTERNAL "Invalid metadata"."""
     metadata = [(ERROR_CLASS_KEY, type(error).__name__)]
@@ -52,6 +59,8 @@ def trailing_metadata(error: TwopcError) -> tuple[tuple[str, str], ...]:
         metadata.append((TXID_KEY, error.txid))
     if error.mysql_errno:
         metadata.append((MYSQL_ERRNO_KEY, str(error.mysql_errno)))
+    if isinstance(error, ResourceExhausted) and error.retry_after_s > 0:
+        metadata.append((RETRY_AFTER_KEY, str(math.ceil(error.retry_after_s * 1000))))
     return tuple(metadata)
 
 
@@ -85,6 +94,10 @@ def error_from_rpc(err: grpc.RpcError) -> TwopcError:
             cls = Unavailable
         else:
             cls = error_for_code(code.name, mysql_errno=mysql_errno)
+    if issubclass(cls, ResourceExhausted):
+        retry_text = metadata.get(RETRY_AFTER_KEY, "0")
+        retry_after_ms = int(retry_text) if retry_text.isdigit() and len(retry_text) < 10 else 0
+        return cls(message, txid=txid, mysql_errno=mysql_errno, retry_after_s=retry_after_ms / 1000)
     return cls(message, txid=txid, mysql_errno=mysql_errno)
 
 

@@ -33,6 +33,12 @@ from coordinator.decision_log import (
     DecisionLogFull,
 )
 from coordinator.engine.aborts import AbortReason
+from coordinator.engine.admission import (
+    ADMISSION_MAX_IN_FLIGHT,
+    ADMISSION_QUEUE_MS,
+    Admission,
+    RateLimits,
+)
 from coordinator.engine.one_shot_order import OneShotOrder
 from coordinator.engine.ports import (
     CommitReply,
@@ -112,6 +118,12 @@ class EngineSettings:
     # Identities that may look up another member's transaction that no request id claimed (its
     # owner is not known there): the operators (admin_identities).
     admin_identities: tuple[str, ...] = ()
+    # Admission of new transactions (coordinator.engine.admission): rate limits per identity,
+    # and at most admission_max_in_flight begun and undecided (0: no cap), the rest waiting up
+    # to admission_queue_ms for a slot, else shed.
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    admission_max_in_flight: int = ADMISSION_MAX_IN_FLIGHT
+    admission_queue_ms: int = ADMISSION_QUEUE_MS
 
 
 @dataclass
@@ -160,14 +172,24 @@ class Transaction:
     # Chosen as the victim of a lock cycle (coordinator.engine.deadlocks): the abort reason the
     # client gets, whatever error the interrupted statement or prepare came back with.
     victim_of: AbortReason | None = None
+    # Frees its admission slot (coordinator.engine.admission), called once, at its decision.
+    on_decided: Callable[[], None] | None = None
 
     def move_to(self, target: TxState) -> None:
         check_transition(self.txid, self.state, target)
         self.state = target
         if target in (TxState.COMMITTING, TxState.ABORTING) or target.final:
             self.decided.set()
+            self.release_admission()
         if target.final:
             self.done.set()
+
+    def release_admission(self) -> None:
+        """Frees its admission slot, once (at its decision, or when it leaves the live table
+        undecided: a one-phase commit whose answer was lost)."""
+        if self.on_decided is not None:
+            on_decided, self.on_decided = self.on_decided, None
+            on_decided()
 
     def decide_abort(self, reason: AbortReason) -> None:
         self.move_to(TxState.ABORTING)
@@ -278,6 +300,13 @@ class TransactionManager:
             settings.one_shot_order,
             hold_s=settings.contended_hold_s,
             victim_share=settings.one_shot_victim_share,
+        )
+        self.admission = Admission(
+            settings.rate_limits,
+            max_in_flight=settings.admission_max_in_flight,
+            queue_ms=settings.admission_queue_ms,
+            clock=self._clock,
+            refused=self.metrics.admission_refused,
         )
 
     # --- life cycle --------------------------------------------------------------------------
@@ -576,6 +605,7 @@ class TransactionManager:
         if self._live.get(tx.txid) is not tx:
             return
         del self._live[tx.txid]
+        tx.release_admission()
         for participant in list(tx.sessions):
             self._release_session(tx, participant)
         if tx.owner is not None:
@@ -731,29 +761,33 @@ class TransactionManager:
             self._check_participant(participant)
             if not statements:
                 raise InvalidArgument(f"no statements for participant {participant}")
-        if request_id:
-            known = self._txid_of_request(owner, request_id)
-            if await self._claimed_by_another(known, owner):
-                known = None  # another identity's, from before a restart (_claim_request)
-            if (
-                known is not None
-                and known not in self._live
-                and (known in self._finished or known in self._open_commits)
-            ):
-                view = self.view(known)
-                if view.outcome is Outcome.ABORTED:
-                    raise TransactionAborted(view.abort_reason or "aborted", txid=known)
-                return RunOutcome(known, view.state, {})
-        claim = await self._claim_request(request_id, owner) if request_id else _Claim()
+        # Admitted (or shed) before anything else is looked at: in a group, the lookups below
+        # read the store.
+        admitted = await self._admit(owner, request_id)
+        try:
+            ran = await self._ran_already(request_id, owner) if request_id else None
+            if ran is not None:
+                self._unadmit(owner, admitted)
+                return ran
+            claim = await self._claim_request(request_id, owner) if request_id else _Claim()
+        except BaseException:
+            self._unadmit(owner, admitted)
+            raise
         if claim.view is not None:  # it ran as another transaction, whose outcome is final
+            self._unadmit(owner, admitted)
             return RunOutcome(claim.view.txid, self._settled_state(claim.view), {})
         try:
             if owner is not None:  # checked before anything is begun
                 timeout_ms = await self._sessions_for_one_shot(owner, names, timeout_ms)
             tx = self.begin(timeout_ms, request_id, owner=owner)
         except TwopcError:
+            self._unadmit(owner, admitted)
             await self._unclaim(claim, request_id, owner)
             raise
+        except BaseException:  # cancelled while waiting for sessions
+            self._unadmit(owner, admitted)
+            raise
+        self._hold_admission(tx, admitted)
         self._reserve_sessions(tx, names)  # no await since the check: it cannot fail now
         tx.one_shot = True
         async with tx.lock:
@@ -763,6 +797,27 @@ class TransactionManager:
                 await self._shielded(self._decide(tx, work=dict(work)))
         state = await self._answer(tx, wait_for_phase2)
         return RunOutcome(tx.txid, state, dict(tx.results))
+
+    async def _ran_already(self, request_id: str, owner: str | None) -> RunOutcome | None:
+        """The outcome of ``owner``'s one-shot ``request_id`` when it has finished here (None
+        when it has not run, or still runs).
+
+        Raises:
+            TransactionAborted: it ran, and was aborted.
+        """
+        known = self._txid_of_request(owner, request_id)
+        if await self._claimed_by_another(known, owner):
+            known = None  # another identity's, from before a restart (_claim_request)
+        if (
+            known is not None
+            and known not in self._live
+            and (known in self._finished or known in self._open_commits)
+        ):
+            view = self.view(known)
+            if view.outcome is Outcome.ABORTED:
+                raise TransactionAborted(view.abort_reason or "aborted", txid=known)
+            return RunOutcome(known, view.state, {})
+        return None
 
     def view(self, txid: str) -> TransactionView:
         """What this coordinator knows of a transaction without asking the agents."""
@@ -847,9 +902,15 @@ class TransactionManager:
                 live or due for a takeover; or the store did not answer (nothing begun).
             ResourceExhausted, Unavailable: as ``begin``.
         """
-        claim = await self._claim_request(request_id, owner) if request_id else _Claim()
+        admitted = await self._admit(owner, request_id)
+        try:
+            claim = await self._claim_request(request_id, owner) if request_id else _Claim()
+        except BaseException:
+            self._unadmit(owner, admitted)
+            raise
         view = claim.view
         if view is not None:
+            self._unadmit(owner, admitted)
             if view.outcome is Outcome.PENDING:
                 self._settled_state(view)  # raises Unavailable: the outcome is not known yet
             raise FailedPrecondition(
@@ -858,10 +919,42 @@ class TransactionManager:
                 txid=view.txid,
             )
         try:
-            return self.begin(timeout_ms, request_id, owner=owner)
+            tx = self.begin(timeout_ms, request_id, owner=owner)
         except TwopcError:
+            self._unadmit(owner, admitted)
             await self._unclaim(claim, request_id, owner)
             raise
+        self._hold_admission(tx, admitted)
+        return tx
+
+    async def _admit(self, owner: str | None, request_id: str) -> float | None:
+        """Admits a new transaction of ``owner`` (its rate limit, the overload guard); None,
+        admitting nothing, for a retry of a request this coordinator runs or ran already,
+        which is never refused here (``begin`` answers it).
+
+        Raises:
+            ResourceExhausted: refused, with a retry-after hint (nothing begun).
+        """
+        if not self.admission.enabled:
+            return None  # nothing to count (the default)
+        if request_id and self._known_here(self._txid_of_request(owner, request_id)):
+            return None
+        return await self.admission.admit(owner)
+
+    def _unadmit(self, owner: str | None, admitted: float | None) -> None:
+        """Gives back the admission of a transaction that was not begun after all."""
+        if admitted is not None:
+            self.admission.cancel(owner, admitted)
+
+    def _hold_admission(self, tx: Transaction, admitted: float | None) -> None:
+        """``tx`` holds the admission slot taken at ``admitted`` until its decision (another
+        call of the same request that began it first keeps its own)."""
+        if admitted is None:
+            return
+        if tx.on_decided is not None or tx.state is not TxState.ACTIVE:
+            self.admission.cancel(tx.owner, admitted)
+            return
+        tx.on_decided = lambda: self.admission.release(admitted)
 
     def _known_here(self, txid: str | None) -> bool:
         """Whether this member runs, ran or recovers ``txid`` as far as its memory tells."""

@@ -147,6 +147,11 @@ class EngineMetrics(Protocol):
         participants was prepared in order (contended rows) or in parallel."""
         ...
 
+    def admission_refused(self, reason: str) -> None:
+        """A new transaction was refused: ``rate_limit`` (its identity's) or ``overload``
+        (shed)."""
+        ...
+
 
 class NoMetrics:
     """An ``EngineMetrics`` that records nothing (tests, tools)."""
@@ -170,6 +175,9 @@ class NoMetrics:
         pass
 
     def one_shot_prepared(self, *, ordered: bool) -> None:
+        pass
+
+    def admission_refused(self, reason: str) -> None:
         pass
 
 

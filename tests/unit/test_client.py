@@ -1430,3 +1430,66 @@ def test_async_run_and_run_in_transaction_retry_too(
     assert fake.count("RunTransaction") == 2
     assert fake.count("Begin") == 2
     assert fake_time.sleeps == pytest.approx([0.05, 0.05])
+
+
+# --------------------------------------------------------------------------------------------------
+# A refusal's retry-after (rate limits, shedding)
+# --------------------------------------------------------------------------------------------------
+
+SHED = twopc.client.ResourceExhausted(
+    "coordinator overloaded, shedding new transactions; retry after 150 ms", retry_after_s=0.15
+)
+
+
+def test_new_transactions_are_held_for_a_refusals_retry_after(
+    client: Client, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    begun = client.begin()
+    fake.add_error("RunTransaction", SHED)
+    with pytest.raises(twopc.client.ResourceExhausted) as refused:
+        client.run({"eu": ["SELECT 1"]})
+    assert refused.value.retry_after_s == pytest.approx(0.15)  # from the metadata
+    assert "shedding new transactions" in refused.value.message
+    fake_time.now += 0.1
+    for new in (lambda: client.run({"eu": ["SELECT 1"]}), client.begin):
+        with pytest.raises(twopc.client.ResourceExhausted) as held:
+            new()
+        assert "refused by the client, not sent" in held.value.message
+        assert held.value.retry_after_s == pytest.approx(0.05)
+    assert (fake.count("RunTransaction"), fake.count("Begin")) == (1, 1)  # neither was sent
+    begun.execute("eu", "SELECT 1")  # a begun transaction's calls go on
+    begun.commit()
+    assert client.get_transaction(begun.txid).txid == begun.txid
+    fake_time.now += 0.05
+    client.run({"eu": ["SELECT 1"]})
+    assert fake.count("RunTransaction") == 2
+
+
+def test_an_async_client_holds_new_transactions_too(
+    target: str, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    fake.add_error("Begin", SHED)
+
+    async def body(async_client: AsyncClient) -> None:
+        for _ in range(2):
+            with pytest.raises(twopc.client.ResourceExhausted):
+                await async_client.begin()
+        assert fake.count("Begin") == 1
+        fake_time.now += 0.15
+        tx = await async_client.begin()
+        await tx.rollback()
+
+    run_async(target, fake_time, body)
+    assert fake.count("Begin") == 2
+
+
+def test_a_client_told_not_to_honor_retry_after_sends_every_one(
+    target: str, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    fake.add_error("RunTransaction", SHED, times=2)
+    with Client(target, insecure=True, clock=fake_time.clock, honor_retry_after=False) as c:
+        for _ in range(2):
+            with pytest.raises(twopc.client.ResourceExhausted):
+                c.run({"eu": ["SELECT 1"]})
+        c.run({"eu": ["SELECT 1"]})
+    assert fake.count("RunTransaction") == 3

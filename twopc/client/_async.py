@@ -19,6 +19,7 @@ from grpc import aio
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client._common import (
     DEFAULT_RPC_TIMEOUT,
+    AdmissionHold,
     ChannelOption,
     ConflictRetry,
     ExitAction,
@@ -82,6 +83,7 @@ class AsyncClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = random.random,
+        honor_retry_after: bool = True,
     ) -> None:
         endpoints = parse_endpoints(target)
         self._target = describe(endpoints)
@@ -113,6 +115,7 @@ class AsyncClient:
         self._sleep = sleep
         self._clock = clock
         self._random = random
+        self._hold = AdmissionHold(clock) if honor_retry_after else None
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -284,6 +287,8 @@ class AsyncClient:
         # The caller's trace context (OpenTelemetry, when installed), the same on every try.
         trace_context = outgoing_metadata()
         index = self._endpoints.current if endpoint is None else endpoint
+        if self._hold is not None:
+            self._hold.check(method)
         while True:
             callable_ = pick(self._stub(index, txid))
             try:
@@ -292,6 +297,8 @@ class AsyncClient:
                 )
             except grpc.RpcError as rpc_error:
                 error = with_txid(error_from_rpc(rpc_error), txid)
+                if self._hold is not None:
+                    self._hold.note(method, error)
                 delay = tracker.next_delay(error)
                 if endpoint is None and is_transport_failure(error):
                     index = self._endpoints.failed(index, method, error)

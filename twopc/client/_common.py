@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, Protocol, TypeAlias
@@ -19,6 +20,7 @@ from twopc.errors import (
     Internal,
     InvalidArgument,
     OutcomeUnknown,
+    ResourceExhausted,
     TransactionAborted,
     TransactionConflict,
     TwopcError,
@@ -731,3 +733,44 @@ class TransactionCore:
     def _move(self, phase: Phase, state: TransactionState) -> None:
         self.phase = phase
         self.state = state
+
+
+#: The calls that begin a new transaction: the only ones a coordinator refuses with a retry-after.
+NEW_TRANSACTION_METHODS: Final = frozenset({"Begin", "RunTransaction"})
+
+
+class AdmissionHold:
+    """The coordinator's last retry-after hint (a rate limit, shedding under overload): until it
+    has passed, the client refuses new transactions itself (Begin, RunTransaction) with the
+    same ``ResourceExhausted``, without a round trip. A refused request costs an overloaded
+    coordinator nearly as much as a served one; this way each client sends one per hint.
+    Calls of begun transactions (Execute, Commit, Rollback) and lookups are never held.
+
+    Thread-safe enough: two threads racing on ``note`` keep one of the two hints."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._until = 0.0
+        self._message = ""
+
+    def check(self, method: str) -> None:
+        """Raises ResourceExhausted when ``method`` begins a transaction within the hint."""
+        if method not in NEW_TRANSACTION_METHODS or not self._until:
+            return
+        left = self._until - self._clock()
+        if left > 0:
+            raise ResourceExhausted(
+                f"{self._message} [refused by the client, not sent: the coordinator's "
+                f"retry-after has {math.ceil(left * 1000)} ms to run]",
+                retry_after_s=left,
+            )
+
+    def note(self, method: str, error: TwopcError) -> None:
+        """Remembers the hint of a refused new transaction."""
+        if (
+            method in NEW_TRANSACTION_METHODS
+            and isinstance(error, ResourceExhausted)
+            and error.retry_after_s > 0
+        ):
+            self._until = max(self._until, self._clock() + error.retry_after_s)
+            self._message = error.message

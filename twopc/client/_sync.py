@@ -15,6 +15,7 @@ import grpc
 from twopc.api import twopc_pb2_grpc as pb_grpc
 from twopc.client._common import (
     DEFAULT_RPC_TIMEOUT,
+    AdmissionHold,
     ChannelOption,
     ConflictRetry,
     ExitAction,
@@ -95,6 +96,10 @@ class Client:
         sleep: waits between retries (replaceable in tests).
         clock: a monotonic clock in seconds, for the retry deadline (replaceable in tests).
         random: a float in [0, 1) for the jitter of conflict retries (replaceable in tests).
+        honor_retry_after: after the coordinator refused a new transaction with a retry-after
+            hint (``ResourceExhausted.retry_after_s``: a rate limit, shedding under overload),
+            refuse new transactions (``begin``, ``run``) here, with the same error, until the
+            hint has passed, without sending them (the default). False: send every one.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class Client:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = random.random,
+        honor_retry_after: bool = True,
     ) -> None:
         endpoints = parse_endpoints(target)
         self._target = describe(endpoints)
@@ -141,6 +147,7 @@ class Client:
         self._sleep = sleep
         self._clock = clock
         self._random = random
+        self._hold = AdmissionHold(clock) if honor_retry_after else None
         self._closed = False
 
     def __enter__(self) -> Client:
@@ -354,12 +361,16 @@ class Client:
         # The caller's trace context (OpenTelemetry, when installed), the same on every try.
         trace_context = outgoing_metadata()
         index = self._endpoints.current if endpoint is None else endpoint
+        if self._hold is not None:
+            self._hold.check(method)
         while True:
             callable_ = pick(self._stub(index, txid))
             try:
                 response = callable_(request, timeout=self._rpc_timeout, metadata=trace_context)
             except grpc.RpcError as rpc_error:
                 error = with_txid(error_from_rpc(rpc_error), txid)
+                if self._hold is not None:
+                    self._hold.note(method, error)
                 delay = tracker.next_delay(error)
                 if endpoint is None and is_transport_failure(error):
                     index = self._endpoints.failed(index, method, error)

@@ -147,6 +147,15 @@ class EngineMetrics(Protocol):
         participants was prepared in order (contended rows) or in parallel."""
         ...
 
+    def breaker_moved(self, participant: str, to: str) -> None:
+        """``participant``'s circuit breaker moved to ``to``: "closed", "open", "half_open"
+        (``coordinator.engine.breakers``)."""
+        ...
+
+    def breaker_refused(self, participant: str) -> None:
+        """A new transaction was refused at once: ``participant``'s breaker is open."""
+        ...
+
 
 class NoMetrics:
     """An ``EngineMetrics`` that records nothing (tests, tools)."""
@@ -170,6 +179,12 @@ class NoMetrics:
         pass
 
     def one_shot_prepared(self, *, ordered: bool) -> None:
+        pass
+
+    def breaker_moved(self, participant: str, to: str) -> None:
+        pass
+
+    def breaker_refused(self, participant: str) -> None:
         pass
 
 

@@ -1,5 +1,5 @@
 """A circuit breaker per participant: new work touching an agent that keeps failing is refused at
-once (``Unavailable``, naming why) instead of waiting for its timeouts.
+once (``CircuitOpen``, an ``Unavailable`` naming why) instead of waiting for its timeouts.
 
 One breaker per participant, three states and one table of moves (``TRANSITIONS``)::
 
@@ -46,7 +46,7 @@ from coordinator.engine.ports import (
     VoteReply,
     WaitEdge,
 )
-from twopc.errors import TwopcError, Unavailable, is_transport_failure
+from twopc.errors import CircuitOpen, TwopcError, is_transport_failure
 
 __all__ = [
     "TRANSITIONS",
@@ -181,7 +181,7 @@ class Breaker:
             BreakerEvent.TRIP, f"{len(self._failures)} failures in a row within {window_ms} ms"
         )
 
-    def refusal(self, txid: str = "") -> Unavailable | None:
+    def refusal(self, txid: str = "") -> CircuitOpen | None:
         """Asks to let a new transaction through: None when it may go (a probe slot is taken in
         HALF_OPEN), else the error to refuse it with (nothing changes then but the state, when
         the open period just ended)."""
@@ -206,12 +206,12 @@ class Breaker:
 
     # --- inside ---------------------------------------------------------------------------------
 
-    def _refused(self, txid: str, wait_s: float, probing: str) -> Unavailable:
+    def _refused(self, txid: str, wait_s: float, probing: str) -> CircuitOpen:
         wait_ms = max(0, math.ceil(wait_s * 1000))
         state = f"half open ({probing})" if probing else "open"
         because = f" after {self._opened_because}" if self._opened_because else ""
         open_ms = round(self._settings.open_s * 1000)
-        return Unavailable(
+        return CircuitOpen(
             f"participant {self.participant!r} is failing: its circuit breaker is {state}{because} "
             f"(last failure: {self.last_failure}); new transactions "
             f"touching {self.participant} are refused, nothing of this one ran; the next probe "
@@ -273,8 +273,8 @@ class Breakers:
         probe slot is taken.
 
         Raises:
-            Unavailable: a participant's breaker is open (or half open with its probes out); the
-                first such participant's reason.
+            CircuitOpen: (an ``Unavailable``) a participant's breaker is open (or half open
+                with its probes out); the first such participant's reason.
         """
         if not self.settings.enabled:
             return

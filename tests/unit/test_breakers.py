@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 
+import grpc
 import pytest
 import structlog.testing
 
@@ -24,7 +25,10 @@ from coordinator.engine.breakers import (
 from coordinator.engine.manager import EngineSettings, TransactionManager
 from coordinator.metrics import CoordinatorMetrics
 from tests.unit.fakes import FakeClock, FakeParticipants, InMemoryDecisionLog
+from tests.unit.test_shared import FakeRpcError
+from twopc.client._common import RetryPolicy, RetryTracker
 from twopc.errors import (
+    CircuitOpen,
     DeadlineExceeded,
     Fenced,
     InvalidArgument,
@@ -33,7 +37,9 @@ from twopc.errors import (
     TransactionConflict,
     TwopcError,
     Unavailable,
+    is_transport_failure,
 )
+from twopc.status import error_from_rpc, trailing_metadata
 
 SETTINGS = BreakerSettings(failures=3, window_s=10.0, open_s=2.0, probes=1)
 DOWN = Unavailable("agent us is unreachable")
@@ -124,7 +130,8 @@ def test_an_open_breaker_refuses_with_the_reason_and_the_next_probe() -> None:
     put_in(BreakerState.OPEN, breaker, clock)
     clock.advance(0.5)
     refusal = breaker.refusal("c1.tx")
-    assert isinstance(refusal, Unavailable)
+    assert isinstance(refusal, CircuitOpen)
+    assert isinstance(refusal, Unavailable)  # UNAVAILABLE on the wire
     assert refusal.txid == "c1.tx"
     assert refusal.message == (
         "participant 'us' is failing: its circuit breaker is open after 3 failures in a row "
@@ -189,10 +196,25 @@ def test_failures_while_open_do_not_lengthen_the_open_period() -> None:
         (Fenced("epoch superseded"), False),
         (InvalidArgument("bad statement"), False),
         (ValueError("not a twopc error"), False),
+        (CircuitOpen("another coordinator's breaker"), False),
     ],
 )
 def test_what_counts_as_a_failure(error: BaseException, failure: bool) -> None:
     assert is_breaker_failure(error) is failure
+
+
+def test_the_sdk_raises_a_refusal_at_once_without_retrying_it() -> None:
+    breaker, clock, _ = make()
+    put_in(BreakerState.OPEN, breaker, clock)
+    refusal = breaker.refusal()
+    assert refusal is not None
+    metadata = trailing_metadata(refusal)
+    back = error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, refusal.message, metadata))
+    assert type(back) is CircuitOpen
+    assert not is_transport_failure(back)  # an answer: nothing lost, nothing ran
+    tracker = RetryTracker(RetryPolicy(), clock.monotonic, "RunTransaction")
+    assert tracker.next_delay(back) is None
+    assert tracker.next_delay(Unavailable("connection refused")) is not None
 
 
 def test_answers_that_are_errors_close_it_and_cancellations_tell_nothing() -> None:
@@ -216,11 +238,11 @@ def test_admit_asks_every_participant_before_taking_a_probe() -> None:
     clock.advance(SETTINGS.open_s)
     for _ in range(3):
         breakers.observe("us", DOWN)
-    with pytest.raises(Unavailable, match="participant 'us'"):
+    with pytest.raises(CircuitOpen, match="participant 'us'"):
         breakers.admit(["eu", "us"])
     assert refused == ["us"]
     breakers.admit(["eu"])  # eu's probe was not taken by the refused transaction
-    with pytest.raises(Unavailable, match=r"participant 'eu' .* half open"):
+    with pytest.raises(CircuitOpen, match=r"participant 'eu' .* half open"):
         breakers.admit(["eu"])
 
 
@@ -310,7 +332,7 @@ def test_run_is_refused_before_anything_is_sent_and_probes_close_it() -> None:
             await manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=1000)
         assert manager.breaker_states()["us"] is BreakerState.OPEN
         sent = len(ports.calls)
-        with pytest.raises(Unavailable, match="participant 'us' is failing"):
+        with pytest.raises(CircuitOpen, match="participant 'us' is failing"):
             await manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=1000)
         assert len(ports.calls) == sent, "nothing sent to eu nor us"
         assert manager.live_count == 0
@@ -344,7 +366,7 @@ def test_the_first_execute_on_a_participant_is_refused_the_next_ones_are_not() -
         with pytest.raises(TwopcError):
             await manager.run([("us", [WRITE])], timeout_ms=1000)
         assert manager.breaker_states()["us"] is BreakerState.OPEN
-        with pytest.raises(Unavailable, match="participant 'us' is failing"):
+        with pytest.raises(CircuitOpen, match="participant 'us' is failing"):
             await manager.execute(manager.begin(5000).txid, "us", [WRITE], 1)
         # tx touched us before it opened: its next statement goes (and fails on its own).
         with pytest.raises(TwopcError) as failed:

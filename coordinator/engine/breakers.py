@@ -159,9 +159,9 @@ class Breaker:
 
     # --- events ---------------------------------------------------------------------------------
 
-    def succeeded(self) -> None:
+    def succeeded(self, call: str = "") -> None:
         self._failures.clear()
-        self._fire(BreakerEvent.SUCCESS, "the agent answered")
+        self._fire(BreakerEvent.SUCCESS, f"the agent answered {call or 'a call'}")
 
     def failed(self, error: str) -> None:
         now = self._clock()
@@ -286,16 +286,18 @@ class Breakers:
         for participant in participants:
             self.breaker(participant).admitted()
 
-    def observe(self, participant: str, error: BaseException | None) -> None:
-        """A call to ``participant``'s agent ended: answered (``error`` None or not a failure,
-        see ``is_breaker_failure``), failed, or cancelled (nothing reported)."""
+    def observe(self, participant: str, error: BaseException | None, call: str = "") -> None:
+        """A ``call`` (its name, for the logs) to ``participant``'s agent ended: answered
+        (``error`` None or not a failure, see ``is_breaker_failure``), failed, or cancelled
+        (nothing reported)."""
         if not self.settings.enabled:
             return
         if error is None or (isinstance(error, TwopcError) and not is_breaker_failure(error)):
-            self.breaker(participant).succeeded()
+            self.breaker(participant).succeeded(call)
         elif is_breaker_failure(error):
             assert isinstance(error, TwopcError)
-            self.breaker(participant).failed(f"{type(error).__name__}: {error.message}")
+            what = f"{call} " if call else ""
+            self.breaker(participant).failed(f"{what}{type(error).__name__}: {error.message}")
 
 
 class ObservedParticipants:
@@ -306,13 +308,13 @@ class ObservedParticipants:
         self._inner = inner
         self._breakers = breakers
 
-    async def _observed(self, participant: str, call: Awaitable[_T]) -> _T:
+    async def _observed(self, participant: str, name: str, call: Awaitable[_T]) -> _T:
         try:
             answer = await call
         except Exception as err:
-            self._breakers.observe(participant, err)
+            self._breakers.observe(participant, err, name)
             raise
-        self._breakers.observe(participant, None)
+        self._breakers.observe(participant, None, name)
         return answer
 
     def names(self) -> Sequence[str]:
@@ -330,6 +332,7 @@ class ObservedParticipants:
     ) -> Results:
         return await self._observed(
             participant,
+            "Execute",
             self._inner.execute(
                 participant, txid, statements, sequence, timeout, continues=continues
             ),
@@ -339,7 +342,9 @@ class ObservedParticipants:
         self, participant: str, txid: str, statements: Statements, sequence: int, timeout: float
     ) -> VoteReply:
         return await self._observed(
-            participant, self._inner.prepare(participant, txid, statements, sequence, timeout)
+            participant,
+            "Prepare",
+            self._inner.prepare(participant, txid, statements, sequence, timeout),
         )
 
     async def commit(
@@ -354,6 +359,7 @@ class ObservedParticipants:
     ) -> CommitReply:
         return await self._observed(
             participant,
+            "Commit" if one_phase or statements else "Commit (phase 2)",
             self._inner.commit(
                 participant,
                 txid,
@@ -365,19 +371,23 @@ class ObservedParticipants:
         )
 
     async def rollback(self, participant: str, txid: str, timeout: float) -> bool:
-        return await self._observed(participant, self._inner.rollback(participant, txid, timeout))
+        return await self._observed(
+            participant, "Rollback", self._inner.rollback(participant, txid, timeout)
+        )
 
     async def recover(self, participant: str, txid_prefix: str, timeout: float) -> list[str]:
         return await self._observed(
-            participant, self._inner.recover(participant, txid_prefix, timeout)
+            participant, "Recover", self._inner.recover(participant, txid_prefix, timeout)
         )
 
     async def inspect(
         self, participant: str, txids: Sequence[str], timeout: float
     ) -> dict[str, Presence]:
-        return await self._observed(participant, self._inner.inspect(participant, txids, timeout))
+        return await self._observed(
+            participant, "Inspect", self._inner.inspect(participant, txids, timeout)
+        )
 
     async def waits_for(self, participant: str, min_wait_ms: int, timeout: float) -> list[WaitEdge]:
         return await self._observed(
-            participant, self._inner.waits_for(participant, min_wait_ms, timeout)
+            participant, "WaitsFor", self._inner.waits_for(participant, min_wait_ms, timeout)
         )

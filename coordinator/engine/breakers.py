@@ -177,9 +177,9 @@ class Breaker:
             self._fire(BreakerEvent.FAILURE, error)
             return
         window_ms = round(self._settings.window_s * 1000)
-        self._fire(
-            BreakerEvent.TRIP, f"{len(self._failures)} failures in a row within {window_ms} ms"
-        )
+        count = len(self._failures)
+        failures = "1 failure" if count == 1 else f"{count} failures in a row"
+        self._fire(BreakerEvent.TRIP, f"{failures} within {window_ms} ms")
 
     def refusal(self, txid: str = "") -> CircuitOpen | None:
         """Asks to let a new transaction through: None when it may go (a probe slot is taken in
@@ -296,7 +296,7 @@ class Breakers:
             self.breaker(participant).succeeded(call)
         elif is_breaker_failure(error):
             assert isinstance(error, TwopcError)
-            what = f"{call} " if call else ""
+            what = f"{call}: " if call else ""
             self.breaker(participant).failed(f"{what}{type(error).__name__}: {error.message}")
 
 

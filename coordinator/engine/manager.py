@@ -783,6 +783,7 @@ class TransactionManager:
             self._check_participant(participant)
             if not statements:
                 raise InvalidArgument(f"no statements for participant {participant}")
+        known: str | None = None
         if request_id:
             known = self._txid_of_request(owner, request_id)
             if await self._claimed_by_another(known, owner):
@@ -796,11 +797,15 @@ class TransactionManager:
                 if view.outcome is Outcome.ABORTED:
                     raise TransactionAborted(view.abort_reason or "aborted", txid=known)
                 return RunOutcome(known, view.state, {})
-        self._breakers.admit(names)  # before anything is claimed, begun or sent
         claim = await self._claim_request(request_id, owner) if request_id else _Claim()
         if claim.view is not None:  # it ran as another transaction, whose outcome is final
             return RunOutcome(claim.view.txid, self._settled_state(claim.view), {})
         try:
+            # Before anything is begun or sent; not for a retry of a request that runs here
+            # (begin answers it with its transaction): that one is not new work. After the
+            # claim, so that a request id that ran already gets its outcome, not a refusal.
+            if known is None or known not in self._live:
+                self._breakers.admit(names, claim.inserted or "")
             if owner is not None:  # checked before anything is begun
                 timeout_ms = await self._sessions_for_one_shot(owner, names, timeout_ms)
             tx = self.begin(timeout_ms, request_id, owner=owner)

@@ -25,6 +25,7 @@ from coordinator.engine.breakers import (
 from coordinator.engine.manager import EngineSettings, TransactionManager
 from coordinator.metrics import CoordinatorMetrics
 from tests.unit.fakes import FakeClock, FakeParticipants, InMemoryDecisionLog
+from tests.unit.test_engine_group_requests import FakeClaims
 from tests.unit.test_shared import FakeRpcError
 from twopc.client._common import RetryPolicy, RetryTracker
 from twopc.errors import (
@@ -391,5 +392,67 @@ def test_phase2_of_a_decided_commit_is_not_refused_and_closes_it() -> None:
         assert await manager.redrive(manager.open_commits_to_drive()[0])  # not refused
         assert manager.in_doubt_count == 0
         assert manager.breaker_states()["us"] is BreakerState.CLOSED  # the agent answered
+
+    run_in_loop(body)
+
+
+def test_a_request_id_is_answered_before_the_breaker_and_a_refusal_unclaims_it() -> None:
+    ports = FakeParticipants(("eu", "us"))
+    claims = FakeClaims()
+    members = [
+        TransactionManager(
+            EngineSettings(coordinator_id, breaker_failures=1),
+            ports,
+            InMemoryDecisionLog(),
+            clock=FakeClock(),
+            claims=claims,
+        )
+        for coordinator_id in ("c1", "c2")
+    ]
+    work = [("eu", [WRITE]), ("us", [WRITE])]
+
+    async def body() -> None:
+        c1, c2 = members
+        done = await c1.run(work, timeout_ms=1000, request_id="pay-1", owner="a")
+        ports.down.add("us")
+        with pytest.raises(TwopcError):
+            await c1.run([("us", [WRITE])], timeout_ms=1000)
+        with pytest.raises(TwopcError):
+            await c2.run([("us", [WRITE])], timeout_ms=1000)
+        assert c1.breaker_states()["us"] is BreakerState.OPEN
+        assert c2.breaker_states()["us"] is BreakerState.OPEN
+        # The retries of a request that ran get its outcome, here and on another member.
+        again = await c1.run(work, timeout_ms=1000, request_id="pay-1", owner="a")
+        assert again.txid == done.txid
+        elsewhere = await c2.run(work, timeout_ms=1000, request_id="pay-1", owner="a")
+        assert elsewhere.txid == done.txid
+        # A new request is refused, and its claim dropped: a retry elsewhere is not sent here.
+        with pytest.raises(CircuitOpen) as refusal:
+            await c1.run(work, timeout_ms=1000, request_id="pay-2", owner="a")
+        assert refusal.value.txid == "c1.r-pay-2"
+        assert await claims.claimed("a", "pay-2") is None
+
+    run_in_loop(body)
+
+
+def test_a_retry_of_a_request_running_here_joins_it_open_breaker_or_not() -> None:
+    manager, ports, _ = engine(breaker_failures=1)
+
+    async def body() -> None:
+        gate = ports.hold("prepare", "us")
+        first = asyncio.ensure_future(
+            manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=1000, request_id="pay-3")
+        )
+        await gate.entered.wait()
+        manager._breakers.observe("us", DOWN)  # another transaction's call failed meanwhile
+        assert manager.breaker_states()["us"] is BreakerState.OPEN
+        retry = asyncio.ensure_future(
+            manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=1000, request_id="pay-3")
+        )
+        gate.release()
+        outcomes = await asyncio.gather(first, retry)
+        assert {o.txid for o in outcomes} == {"c1.r-pay-3"}
+        assert all(o.state.value in ("committed", "committing") for o in outcomes)
+        assert len(ports.calls_of("prepare", txid="c1.r-pay-3")) == 2  # once on each, not twice
 
     run_in_loop(body)

@@ -456,3 +456,22 @@ def test_a_retry_of_a_request_running_here_joins_it_open_breaker_or_not() -> Non
         assert len(ports.calls_of("prepare", txid="c1.r-pay-3")) == 2  # once on each, not twice
 
     run_in_loop(body)
+
+
+def test_a_refusal_after_a_lost_try_is_no_answer_about_the_request() -> None:
+    """The SDK's RunTransaction whose first try's answer was lost, its retry refused by a
+    breaker: that first try may have run, so the client must not learn "nothing ran"."""
+    clock = FakeClock()
+    tracker = RetryTracker(RetryPolicy(), clock.monotonic, "RunTransaction")
+    lost = Unavailable("connection reset")
+    assert tracker.next_delay(lost) is not None
+    refusal = CircuitOpen("participant 'us' is failing: ...", txid="c1.r-pay")
+    assert tracker.next_delay(refusal) is None
+    final = tracker.final(refusal)
+    assert type(final) is Unavailable
+    assert is_transport_failure(final)  # RunTransaction raises OutcomeUnknown with its request id
+    assert "an earlier try of this request got no answer" in final.message
+    assert final.txid == "c1.r-pay"
+    first_try = RetryTracker(RetryPolicy(), clock.monotonic, "RunTransaction")
+    assert first_try.next_delay(refusal) is None
+    assert first_try.final(refusal) is refusal

@@ -8,17 +8,23 @@ One breaker per participant, three states and one table of moves (``TRANSITIONS`
     HALF_OPEN ──SUCCESS──> CLOSED            HALF_OPEN ──FAILURE──> OPEN (another open period)
     any ──SUCCESS──> CLOSED                  (an agent that answers anything is alive)
 
-What counts: every call to an agent reports its outcome (``Breakers.observe``). A failure is a
-transport failure (``twopc.errors.is_transport_failure``: ``Unavailable``, the agent unreachable
-or its database down or its connection lost; ``DeadlineExceeded``, the call's deadline passed).
-Any other answer, errors included (a statement error, a deadlock, a vote to abort, ``Fenced``,
-``InvalidArgument``: the caller's or the data's), is a success: the agent and its database
-answered. A success also forgets the failures counted so far (the breaker opens on failures in a
-row, within the window). A call that ends in neither (cancelled) reports nothing.
+What counts: the calls that carry transactions' work, Execute, Prepare and Commit (one-phase
+or phase 2), report their outcome (``Breakers.observe``, through ``ObservedParticipants``). They
+wait for the agent's connection for as long as their deadline allows, so a transport failure of
+one (``twopc.errors.is_transport_failure``: ``Unavailable``, the agent unreachable or its
+database down or its connection lost; ``DeadlineExceeded``, the call's deadline passed) means
+the agent stayed out of reach. Any answer, errors included (a statement error, a deadlock, a
+vote to abort, ``Fenced``, ``InvalidArgument``: the caller's or the data's), is a success: the
+agent and its database answered. A success also forgets the failures counted so far (the
+breaker opens on failures in a row, within the window). A call that ends in neither (cancelled)
+reports nothing. Rollback, Recover, Inspect and WaitsFor report nothing: they do not wait for
+the connection, and while gRPC backs off before reconnecting to an agent (seconds after a long
+outage, and on past the agent's return) they fail at once, which would keep a breaker open
+after its agent is back.
 
 Only admissions are ever refused (``Breakers.admit``): the engine asks before new work first
 touches a participant. Phase 2, rollbacks, recovery, Inspect and WaitsFor are never refused
-(decided commits keep being retried); their outcomes count like any other.
+(decided commits keep being retried, and their answers close the breaker).
 
 In HALF_OPEN, ``breaker_probes`` transactions are let through; the others are refused until a
 probe's outcome closes or reopens the breaker. If no outcome comes within ``breaker_open_ms`` of
@@ -301,8 +307,9 @@ class Breakers:
 
 
 class ObservedParticipants:
-    """A ``ParticipantPort`` that reports the outcome of every call to ``breakers`` and passes
-    it on unchanged. It refuses nothing: admissions are the engine's (``Breakers.admit``)."""
+    """A ``ParticipantPort`` that reports the outcome of its Execute, Prepare and Commit calls to
+    ``breakers`` and passes every call on unchanged. It refuses nothing: admissions are the
+    engine's (``Breakers.admit``)."""
 
     def __init__(self, inner: ParticipantPort, breakers: Breakers) -> None:
         self._inner = inner
@@ -370,24 +377,18 @@ class ObservedParticipants:
             ),
         )
 
+    # Not observed (see the module's docstring): passed on as they are.
+
     async def rollback(self, participant: str, txid: str, timeout: float) -> bool:
-        return await self._observed(
-            participant, "Rollback", self._inner.rollback(participant, txid, timeout)
-        )
+        return await self._inner.rollback(participant, txid, timeout)
 
     async def recover(self, participant: str, txid_prefix: str, timeout: float) -> list[str]:
-        return await self._observed(
-            participant, "Recover", self._inner.recover(participant, txid_prefix, timeout)
-        )
+        return await self._inner.recover(participant, txid_prefix, timeout)
 
     async def inspect(
         self, participant: str, txids: Sequence[str], timeout: float
     ) -> dict[str, Presence]:
-        return await self._observed(
-            participant, "Inspect", self._inner.inspect(participant, txids, timeout)
-        )
+        return await self._inner.inspect(participant, txids, timeout)
 
     async def waits_for(self, participant: str, min_wait_ms: int, timeout: float) -> list[WaitEdge]:
-        return await self._observed(
-            participant, "WaitsFor", self._inner.waits_for(participant, min_wait_ms, timeout)
-        )
+        return await self._inner.waits_for(participant, min_wait_ms, timeout)

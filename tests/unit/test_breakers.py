@@ -20,6 +20,7 @@ from coordinator.engine.breakers import (
     BreakerSettings,
     BreakerState,
     Move,
+    ObservedParticipants,
     is_breaker_failure,
 )
 from coordinator.engine.manager import EngineSettings, TransactionManager
@@ -31,6 +32,7 @@ from twopc.client._common import RetryPolicy, RetryTracker
 from twopc.errors import (
     CircuitOpen,
     DeadlineExceeded,
+    FailedPrecondition,
     Fenced,
     InvalidArgument,
     StatementFailed,
@@ -230,6 +232,37 @@ def test_answers_that_are_errors_close_it_and_cancellations_tell_nothing() -> No
     assert breakers.states(["us", "eu"]) == {"us": BreakerState.CLOSED, "eu": BreakerState.CLOSED}
 
 
+def test_calls_that_do_not_wait_for_the_agent_are_not_watched() -> None:
+    """Rollback, Recover, Inspect and WaitsFor fail at once while gRPC waits to reconnect
+    (also for a while after the agent is back): they tell the breaker nothing."""
+    ports = FakeParticipants(("eu", "us"))
+    breakers = Breakers(dataclasses.replace(SETTINGS, failures=1), FakeClock().monotonic)
+    observed = ObservedParticipants(ports, breakers)
+
+    async def body() -> None:
+        ports.down.add("us")
+        for call in (
+            observed.rollback("us", "c1.tx", 1.0),
+            observed.recover("us", "c1.", 1.0),
+            observed.inspect("us", ["c1.tx"], 1.0),  # (the fake's WaitsFor never fails)
+        ):
+            with pytest.raises(Unavailable):
+                await call
+        assert breakers.states(["us"]) == {"us": BreakerState.CLOSED}
+        with pytest.raises(Unavailable):
+            await observed.execute("us", "c1.tx", [WRITE], 1, 1.0)
+        assert breakers.states(["us"]) == {"us": BreakerState.OPEN}
+        ports.down.discard("us")
+        await observed.recover("us", "c1.", 1.0)
+        await observed.waits_for("us", 5, 1.0)
+        assert breakers.states(["us"]) == {"us": BreakerState.OPEN}
+        with pytest.raises(FailedPrecondition):  # phase 2 answered, if with an error
+            await observed.commit("us", "c1.tx", one_phase=False, timeout=1.0)
+        assert breakers.states(["us"]) == {"us": BreakerState.CLOSED}
+
+    run_in_loop(body)
+
+
 def test_admit_asks_every_participant_before_taking_a_probe() -> None:
     clock = FakeClock()
     refused: list[str] = []
@@ -328,9 +361,10 @@ def test_run_is_refused_before_anything_is_sent_and_probes_close_it() -> None:
 
     async def body() -> None:
         ports.down.add("us")
-        # Its prepare fails, then the rollback of its branch: 2 failures in a row.
-        with pytest.raises(TwopcError):
-            await manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=1000)
+        # Two prepares fail (the rollbacks of their branches fail too, and do not count).
+        for _ in range(2):
+            with pytest.raises(TwopcError):
+                await manager.run([("eu", [WRITE]), ("us", [WRITE])], timeout_ms=1000)
         assert manager.breaker_states()["us"] is BreakerState.OPEN
         sent = len(ports.calls)
         with pytest.raises(CircuitOpen, match="participant 'us' is failing"):
@@ -364,8 +398,9 @@ def test_the_first_execute_on_a_participant_is_refused_the_next_ones_are_not() -
         tx = manager.begin(5000)
         await manager.execute(tx.txid, "us", [WRITE], 1)
         ports.down.add("us")
-        with pytest.raises(TwopcError):
-            await manager.run([("us", [WRITE])], timeout_ms=1000)
+        for _ in range(2):
+            with pytest.raises(TwopcError):
+                await manager.run([("us", [WRITE])], timeout_ms=1000)
         assert manager.breaker_states()["us"] is BreakerState.OPEN
         with pytest.raises(CircuitOpen, match="participant 'us' is failing"):
             await manager.execute(manager.begin(5000).txid, "us", [WRITE], 1)

@@ -94,11 +94,12 @@ class CoordinatorConfig:
     one_shot_order_hold_ms: int = 10_000
     one_shot_order_victim_pct: float = 5.0
     phase2_attempts: int = 8
-    # A circuit breaker per participant (coordinator.engine.breakers): breaker_failures transport
-    # failures in a row (agent unreachable, deadline passed, database down) within
-    # breaker_window_ms open it, and new transactions touching that participant fail at once
-    # with UNAVAILABLE; after breaker_open_ms, breaker_probes transactions are let through, and
-    # the first answer closes it. 0 failures: no breakers. Phase 2 and recovery never wait on it.
+    # A circuit breaker per participant (coordinator.engine.breakers): breaker_failures failed
+    # Execute, Prepare or Commit calls in a row (agent unreachable, deadline passed, database
+    # down) within breaker_window_ms open it, and new transactions touching that participant fail
+    # at once with UNAVAILABLE; after breaker_open_ms, breaker_probes transactions are let
+    # through, and the first answer closes it. 0 failures: no breakers. Phase 2 and recovery
+    # never wait on it.
     breaker_failures: int = 5
     breaker_window_ms: int = 10_000
     breaker_open_ms: int = 2_000

@@ -95,11 +95,11 @@ TRANSITIONS: dict[tuple[BreakerState, BreakerEvent], BreakerState] = {
     (BreakerState.CLOSED, BreakerEvent.FAILURE): BreakerState.CLOSED,
     (BreakerState.CLOSED, BreakerEvent.TRIP): BreakerState.OPEN,
     (BreakerState.CLOSED, BreakerEvent.OPEN_ELAPSED): BreakerState.CLOSED,
-    # A success while OPEN: a call sent before it opened, or phase 2 / recovery reaching the
-    # agent: it is alive again.
+    # A success while OPEN: a call sent before it opened, or phase 2 (the engine's or
+    # recovery's) reaching the agent: it is alive again.
     (BreakerState.OPEN, BreakerEvent.SUCCESS): BreakerState.CLOSED,
-    # Failures of calls the breaker does not refuse (phase 2, recovery) keep it open; they do
-    # not lengthen the open period.
+    # Failures of calls the breaker does not refuse (phase 2) keep it open; they do not
+    # lengthen the open period.
     (BreakerState.OPEN, BreakerEvent.FAILURE): BreakerState.OPEN,
     (BreakerState.OPEN, BreakerEvent.TRIP): BreakerState.OPEN,
     (BreakerState.OPEN, BreakerEvent.OPEN_ELAPSED): BreakerState.HALF_OPEN,

@@ -99,6 +99,16 @@ class CoordinatorConfig:
     one_shot_order_hold_ms: int = 10_000
     one_shot_order_victim_pct: float = 5.0
     phase2_attempts: int = 8
+    # A circuit breaker per participant (coordinator.engine.breakers): breaker_failures failed
+    # Execute, Prepare or Commit calls in a row (agent unreachable, deadline passed, database
+    # down) within breaker_window_ms open it, and new transactions touching that participant fail
+    # at once with UNAVAILABLE; after breaker_open_ms, breaker_probes transactions are let
+    # through, and the first answer closes it. 0 failures: no breakers. Phase 2 and recovery
+    # never wait on it.
+    breaker_failures: int = 5
+    breaker_window_ms: int = 10_000
+    breaker_open_ms: int = 2_000
+    breaker_probes: int = 1
     finished_memory: int = 100_000
     log_max_bytes: int = 64 * 1024 * 1024
     # Where decisions are logged: "file" (in data_dir) or a SQLAlchemy URL of a MariaDB/MySQL or
@@ -192,6 +202,18 @@ class CoordinatorConfig:
         if self.one_shot_order_hold_ms < 1:
             raise ValueError(
                 f"one_shot_order_hold_ms ({self.one_shot_order_hold_ms}) must be at least 1"
+            )
+        if self.breaker_failures < 0:
+            raise ValueError(
+                f"breaker_failures ({self.breaker_failures}) must be 0 (no breakers) or more"
+            )
+        if self.breaker_failures and not (
+            self.breaker_window_ms >= 1 and self.breaker_open_ms >= 1 and self.breaker_probes >= 1
+        ):
+            raise ValueError(
+                f"breaker_window_ms ({self.breaker_window_ms}), breaker_open_ms "
+                f"({self.breaker_open_ms}) and breaker_probes ({self.breaker_probes}) must be at "
+                "least 1 (or set breaker_failures = 0 to turn the breakers off)"
             )
         if self.max_idle_ms < 0:
             raise ValueError(f"max_idle_ms ({self.max_idle_ms}) must be 0 (no limit) or more")
@@ -343,6 +365,10 @@ class CoordinatorConfig:
             rate_limits=self.admission_limits(),
             admission_max_in_flight=self.admission_max_in_flight,
             admission_queue_ms=self.admission_queue_ms,
+            breaker_failures=self.breaker_failures,
+            breaker_window_ms=self.breaker_window_ms,
+            breaker_open_ms=self.breaker_open_ms,
+            breaker_probes=self.breaker_probes,
         )
 
 

@@ -164,7 +164,11 @@ class GroupTakeover:
             previous_epoch=row.epoch,
         )
         agents = self._new_agents(coordinator_id, lease.epoch, on_lost)
-        settings = dataclasses.replace(self._settings, coordinator_id=coordinator_id)
+        # A takeover only recovers: no breakers (they never refuse recovery; their moves would
+        # only be logged twice, beside this member's own).
+        settings = dataclasses.replace(
+            self._settings, coordinator_id=coordinator_id, breaker_failures=0
+        )
         manager = TransactionManager(
             settings,
             agents,

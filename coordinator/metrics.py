@@ -29,6 +29,11 @@ global one. No label carries a txid: outcomes, results and participant names onl
                                             rate_limit (an identity's), overload (shed)
 ``twopc_coordinator_admitted_in_flight``    gauge: admitted, not yet decided (overload guard on)
 ``twopc_coordinator_admission_queue``       gauge: new transactions waiting for a slot
+``twopc_breaker_state``                     gauge per ``participant``: its circuit breaker, 0
+                                            closed, 1 half open, 2 open
+``twopc_breaker_transitions_total``         breaker moves, labels ``participant``, ``to``
+``twopc_breaker_fast_failures_total``       new transactions refused at once by an open
+                                            breaker, label ``participant``
 ==========================================  =====================================================
 """
 
@@ -138,7 +143,26 @@ class CoordinatorMetrics:
         )
         self._refused = {reason: refused.labels(reason) for reason in ("rate_limit", "overload")}
 
+        self._breaker_moves = Counter(
+            "twopc_breaker_transitions",
+            "Moves of a participant's circuit breaker, by participant and new state",
+            ["participant", "to"],
+            registry=r,
+        )
+        self._breaker_refusals = Counter(
+            "twopc_breaker_fast_failures",
+            "New transactions refused at once because a participant's circuit breaker is open",
+            ["participant"],
+            registry=r,
+        )
+
     # --- EngineMetrics -----------------------------------------------------------------------
+
+    def breaker_moved(self, participant: str, to: str) -> None:
+        self._breaker_moves.labels(participant, to).inc()
+
+    def breaker_refused(self, participant: str) -> None:
+        self._breaker_refusals.labels(participant).inc()
 
     def one_shot_prepared(self, *, ordered: bool) -> None:
         self._one_shot[ordered].inc()
@@ -222,3 +246,11 @@ class _StateCollector(Collector):
             "1 while the coordinator's gRPC health is SERVING",
             value=1 if self._serving() else 0,
         )
+        breakers = GaugeMetricFamily(
+            "twopc_breaker_state",
+            "Each participant's circuit breaker: 0 closed, 1 half open, 2 open",
+            labels=["participant"],
+        )
+        for participant, state in self._manager.breaker_states().items():
+            breakers.add_metric([participant], state.level)
+        yield breakers

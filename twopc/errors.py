@@ -20,6 +20,8 @@ same class::
     ├── ResourceExhausted           RESOURCE_EXHAUSTED   too many transactions, decision log full,
     │                                                    a rate limit, shedding (retry_after_s)
     ├── Unavailable                 UNAVAILABLE          a component or database cannot be reached
+    │   └── CircuitOpen             UNAVAILABLE          refused at once: a participant's circuit
+    │                                                    breaker is open (nothing ran; not retried)
     ├── OutcomeUnknown              UNKNOWN              SDK only: the commit may or may not
     │                                                    have happened; look it up by txid
     └── Internal                    INTERNAL
@@ -30,6 +32,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "CircuitOpen",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Fenced",
@@ -141,6 +144,13 @@ class Unavailable(TwopcError):
     code = "UNAVAILABLE"
 
 
+class CircuitOpen(Unavailable):
+    """The coordinator refused a new transaction at once: a participant it touches keeps failing
+    (its circuit breaker is open, ``coordinator.engine.breakers``). Nothing of it ran, and the
+    answer did arrive: it is no transport failure, so the SDK does not retry it; the message
+    names the participant, why its breaker opened and when the next probe is let through."""
+
+
 class OutcomeUnknown(TwopcError):
     """The request may or may not have taken effect (the connection broke after it was sent).
 
@@ -188,7 +198,7 @@ def error_for_code(
 
 def is_transport_failure(error: TwopcError) -> bool:
     """True when the request may not have reached the server, or its answer was lost."""
-    return isinstance(error, Unavailable | DeadlineExceeded)
+    return isinstance(error, Unavailable | DeadlineExceeded) and not isinstance(error, CircuitOpen)
 
 
 def error_class_named(name: str) -> type[TwopcError] | None:

@@ -39,6 +39,13 @@ from coordinator.engine.admission import (
     Admission,
     RateLimits,
 )
+from coordinator.engine.breakers import (
+    Breakers,
+    BreakerSettings,
+    BreakerState,
+    Move,
+    ObservedParticipants,
+)
 from coordinator.engine.one_shot_order import OneShotOrder
 from coordinator.engine.ports import (
     CommitReply,
@@ -124,6 +131,22 @@ class EngineSettings:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     admission_max_in_flight: int = ADMISSION_MAX_IN_FLIGHT
     admission_queue_ms: int = ADMISSION_QUEUE_MS
+    # A circuit breaker per participant (coordinator.engine.breakers): breaker_failures
+    # transport failures in a row within breaker_window_ms open it (0: no breakers); new
+    # transactions touching it are refused at once for breaker_open_ms, then breaker_probes
+    # are let through to close it again.
+    breaker_failures: int = 5
+    breaker_window_ms: int = 10_000
+    breaker_open_ms: int = 2_000
+    breaker_probes: int = 1
+
+    def breaker_settings(self) -> BreakerSettings:
+        return BreakerSettings(
+            failures=self.breaker_failures,
+            window_s=self.breaker_window_ms / 1000,
+            open_s=self.breaker_open_ms / 1000,
+            probes=self.breaker_probes,
+        )
 
 
 @dataclass
@@ -269,9 +292,20 @@ class TransactionManager:
         self._claims = claims
         self.metrics: EngineMetrics = metrics or NoMetrics()
         self.coordinator_id = settings.coordinator_id
-        self._ports = participants
         self._log = decision_log
         self._clock: Clock = clock or SystemClock()
+        # Every call to an agent tells its breaker how it went; new work asks it first.
+        self._breakers = Breakers(
+            settings.breaker_settings(),
+            self._clock.monotonic,
+            on_move=self._breaker_moved,
+            on_refused=self.metrics.breaker_refused,
+        )
+        self._ports: ParticipantPort = (
+            ObservedParticipants(participants, self._breakers)
+            if self._breakers.settings.enabled
+            else participants
+        )
         self._failpoints = failpoints or Failpoints()
         self._on_fatal = on_fatal
         self._live: dict[str, Transaction] = {}
@@ -365,6 +399,22 @@ class TransactionManager:
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    # --- circuit breakers ----------------------------------------------------------------------
+
+    def breaker_states(self) -> dict[str, BreakerState]:
+        """Each participant's breaker state (CLOSED for all when breakers are off)."""
+        return self._breakers.states(self._ports.names())
+
+    def _breaker_moved(self, move: Move) -> None:
+        level = log.warning if move.target is BreakerState.OPEN else log.info
+        level(
+            "breaker_moved",
+            participant=move.participant,
+            reason=redact(move.reason),
+            **{"from": move.source.value, "to": move.target.value},
+        )
+        self.metrics.breaker_moved(move.participant, move.target.value)
 
     # --- audit records -----------------------------------------------------------------------
 
@@ -670,6 +720,8 @@ class TransactionManager:
         if remaining <= 0:
             await self._abort(tx, AbortReason.deadline())
             self._require_active(tx)
+        if participant not in tx.participants:  # new work on it: its breaker may refuse it
+            self._breakers.admit([participant], txid)
         self._reserve_sessions(tx, [participant])
         try:
             results = await self._ports.execute(
@@ -773,10 +825,17 @@ class TransactionManager:
         except BaseException:
             self._unadmit(owner, admitted)
             raise
+        # A retry of a request that runs here is not new work (the breakers let it join).
+        known = self._txid_of_request(owner, request_id) if request_id else None
         if claim.view is not None:  # it ran as another transaction, whose outcome is final
             self._unadmit(owner, admitted)
             return RunOutcome(claim.view.txid, self._settled_state(claim.view), {})
         try:
+            # Before anything is begun or sent; not for a retry of a request that runs here
+            # (begin answers it with its transaction): that one is not new work. After the
+            # claim, so that a request id that ran already gets its outcome, not a refusal.
+            if known is None or known not in self._live:
+                self._breakers.admit(names, claim.inserted or "")
             if owner is not None:  # checked before anything is begun
                 timeout_ms = await self._sessions_for_one_shot(owner, names, timeout_ms)
             tx = self.begin(timeout_ms, request_id, owner=owner)

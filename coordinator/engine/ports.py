@@ -152,6 +152,15 @@ class EngineMetrics(Protocol):
         (shed)."""
         ...
 
+    def breaker_moved(self, participant: str, to: str) -> None:
+        """``participant``'s circuit breaker moved to ``to``: "closed", "open", "half_open"
+        (``coordinator.engine.breakers``)."""
+        ...
+
+    def breaker_refused(self, participant: str) -> None:
+        """A new transaction was refused at once: ``participant``'s breaker is open."""
+        ...
+
 
 class NoMetrics:
     """An ``EngineMetrics`` that records nothing (tests, tools)."""
@@ -178,6 +187,12 @@ class NoMetrics:
         pass
 
     def admission_refused(self, reason: str) -> None:
+        pass
+
+    def breaker_moved(self, participant: str, to: str) -> None:
+        pass
+
+    def breaker_refused(self, participant: str) -> None:
         pass
 
 

@@ -52,6 +52,7 @@ from twopc.client import (
     _common,
 )
 from twopc.client._common import retry_request_id
+from twopc.errors import CircuitOpen
 from twopc.status import abort_with
 from twopc.values import to_values
 
@@ -919,6 +920,30 @@ def test_run_retry_repeats_the_request_id(
     assert fake.runs == 1
     assert result.state is TransactionState.COMMITTING
     assert fake_time.sleeps == [0.05, 0.1]
+
+
+def test_a_breakers_refusal_is_raised_at_once_unless_an_earlier_try_was_lost(
+    client: Client, target: str, fake: FakeCoordinator, fake_time: FakeTime
+) -> None:
+    refusal = CircuitOpen("participant 'us' is failing: its circuit breaker is open")
+    fake.add_error("RunTransaction", refusal)
+    with pytest.raises(CircuitOpen):
+        client.run({"us": ["UPDATE t SET x = 1"]})
+    assert fake.count("RunTransaction") == 1  # not retried: nothing ran, the answer came
+    # The first try ran and its answer was lost; the retry is refused: that tells nothing of
+    # the first, so the caller gets OutcomeUnknown with the request id, blocking and async.
+    fake.add_error("RunTransaction", LOST, after=True)
+    fake.add_error("RunTransaction", refusal)
+    with pytest.raises(OutcomeUnknown, match="an earlier try of this request got no answer"):
+        client.run({"us": ["UPDATE t SET x = 1"]}, request_id="transfer-8")
+    fake.add_error("RunTransaction", grpc.StatusCode.UNAVAILABLE)
+    fake.add_error("RunTransaction", refusal)
+
+    async def body(async_client: AsyncClient) -> None:
+        with pytest.raises(OutcomeUnknown, match="an earlier try of this request got no answer"):
+            await async_client.run({"us": ["UPDATE t SET x = 1"]}, request_id="transfer-9")
+
+    run_async(target, fake_time, body)
 
 
 def test_run_outcome_unknown_carries_the_request_id(

@@ -303,7 +303,7 @@ class AsyncClient:
                 if endpoint is None and is_transport_failure(error):
                     index = self._endpoints.failed(index, method, error)
                 if delay is None:
-                    raise error from rpc_error
+                    raise tracker.final(error) from rpc_error
             else:
                 if endpoint is None:
                     self._endpoints.answered(index)

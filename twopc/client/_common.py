@@ -16,6 +16,7 @@ from typing import Final, Protocol, TypeAlias
 
 from twopc.api import twopc_pb2 as pb
 from twopc.errors import (
+    CircuitOpen,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -24,6 +25,7 @@ from twopc.errors import (
     TransactionAborted,
     TransactionConflict,
     TwopcError,
+    Unavailable,
 )
 from twopc.status import is_transport_failure
 from twopc.txid import check_request_id
@@ -314,6 +316,20 @@ class RetryTracker:
         self._failures = 0
         self._method = method
         self._txid = txid
+
+    def final(self, error: TwopcError) -> TwopcError:
+        """The error to raise once ``next_delay`` said to stop: ``error``, unless it is a
+        circuit breaker's refusal (``CircuitOpen``, nothing of this try ran) after a try whose
+        answer was lost: that earlier try may have run, so the refusal is no answer about the
+        request, and an ``Unavailable`` (a transport failure: RunTransaction's OutcomeUnknown)
+        says so."""
+        if self._failures and isinstance(error, CircuitOpen):
+            return Unavailable(
+                f"{error.message}; but an earlier try of this request got no answer, and it may "
+                "have run",
+                txid=error.txid,
+            )
+        return error
 
     def next_delay(self, error: TwopcError) -> float | None:
         """Seconds to wait before trying again after ``error``, or None to give up and raise it."""

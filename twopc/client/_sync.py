@@ -375,7 +375,7 @@ class Client:
                 if endpoint is None and is_transport_failure(error):
                     index = self._endpoints.failed(index, method, error)
                 if delay is None:
-                    raise error from rpc_error
+                    raise tracker.final(error) from rpc_error
             else:
                 if endpoint is None:
                     self._endpoints.answered(index)

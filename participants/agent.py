@@ -378,11 +378,7 @@ class Agent:
         if found is None:
             # Nothing held here: what the server holds (a branch prepared in an earlier life of
             # the agent) is rolled back, and the tombstone refuses a request still on its way.
-            try:
-                return await self._takeover.rollback(xid)
-            except FailedPrecondition:
-                self._registry.remember(txid, FinishedBranch(BranchState.COMMITTED, ""))
-                raise
+            return await self._rollback_on_server(xid, "rolled back before this agent saw it")
         if isinstance(found, FinishedBranch):
             if found.state is BranchState.COMMITTED:
                 raise FailedPrecondition(
@@ -390,7 +386,7 @@ class Agent:
                 )
             # What the agent remembers is advice; the server is the truth (recovery asks to roll
             # back what XA RECOVER lists).
-            return await self._takeover.rollback(xid)
+            return await self._rollback_on_server(xid, found.reason)
         await self._steps.interrupt_if_running(found)
         async with locked(found, _LOCK_WAIT_S, self.name):
             if found.forgotten:
@@ -398,11 +394,7 @@ class Agent:
                 # known here (a one-phase commit whose connection broke may have landed). The
                 # server decides, once the broken session has ended.
                 self._registry.tombstone(txid, "rolled back on request")
-                try:
-                    return await self._takeover.rollback(xid)
-                except FailedPrecondition:
-                    self._registry.remember(txid, FinishedBranch(BranchState.COMMITTED, ""))
-                    raise
+                return await self._rollback_on_server(xid, "rolled back on request")
             if found.state is BranchState.COMMITTED:
                 raise FailedPrecondition(
                     f"branch {txid} on {self.name} committed; it cannot be rolled back", txid=txid
@@ -413,6 +405,17 @@ class Agent:
                 await self._steps.abort(found, "rolled back on request")
                 return False
             return await self._steps.rollback_prepared(found)
+
+    async def _rollback_on_server(self, xid: Xid, reason: str) -> bool:
+        """XA ROLLBACK of ``xid`` on the server, behind a tombstone; the registry then holds the
+        outcome the server gave (rolled back, confirmed; or committed)."""
+        try:
+            nothing = await self._takeover.rollback(xid)
+        except FailedPrecondition:
+            self._registry.remember(xid.txid, FinishedBranch(BranchState.COMMITTED, ""))
+            raise
+        self._registry.remember(xid.txid, FinishedBranch(BranchState.ROLLED_BACK, reason))
+        return nothing
 
     async def recover(self, txid_prefix: str, *, epoch: int = 0) -> list[RecoveredBranch]:
         """The prepared branches whose txid starts with ``txid_prefix``. With an epoch, the
@@ -456,13 +459,19 @@ class Agent:
                 result[txid] = (
                     Presence.PREPARED if found.state is BranchState.PREPARED else Presence.ACTIVE
                 )
-            elif isinstance(found, FinishedBranch) and found.state is not BranchState.READ_ONLY:
-                result[txid] = (
-                    Presence.COMMITTED
-                    if found.state is BranchState.COMMITTED
-                    else Presence.ROLLED_BACK
-                )
+            elif isinstance(found, FinishedBranch) and found.state is BranchState.COMMITTED:
+                result[txid] = Presence.COMMITTED
+            elif (
+                isinstance(found, FinishedBranch)
+                and found.state is BranchState.ROLLED_BACK
+                and found.confirmed
+            ):
+                result[txid] = Presence.ROLLED_BACK
             else:
+                # A tombstone is advice, not the truth: written before the server confirmed the
+                # rollback (a one-phase commit whose connection broke, then a rollback that could
+                # not reach the server), and that commit may have landed. The server's marker
+                # answers (a chaos run found a lookup answered "aborted" for a commit).
                 unknown.append(txid)
         if unknown:
             async with self._admin.session() as session:

@@ -125,6 +125,9 @@ class Branch:
 class FinishedBranch:
     state: BranchState
     reason: str
+    # False for a tombstone: a rollback recorded before the server confirmed it (it refuses
+    # requests still on their way; what the server holds may differ: ask it).
+    confirmed: bool = True
 
 
 class BranchRegistry:
@@ -173,7 +176,7 @@ class BranchRegistry:
         still on its way is then refused. Returns what the agent held instead, if anything."""
         existing = self.get(txid)
         if existing is None:
-            self._remember(txid, FinishedBranch(BranchState.ROLLED_BACK, reason))
+            self._remember(txid, FinishedBranch(BranchState.ROLLED_BACK, reason, confirmed=False))
         return existing
 
     def remember(self, txid: str, finished: FinishedBranch) -> None:

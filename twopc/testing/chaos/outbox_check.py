@@ -25,7 +25,7 @@ import pika
 import pika.exceptions
 
 from twopc.client import Client, Outcome, Transaction
-from twopc.errors import OutcomeUnknown, TransactionAborted, TwopcError
+from twopc.errors import CircuitOpen, OutcomeUnknown, TransactionAborted, TwopcError
 from twopc.testing.playground.bank import ABORTED, COMMITTED, UNKNOWN
 from twopc.testing.playground.cluster import RABBITMQ, Cluster
 from twopc.testing.playground.invariants import Verdict
@@ -94,7 +94,7 @@ class OutboxWorkload:
             committing = True
             tx.commit()
             record.outcome = COMMITTED
-        except TransactionAborted as err:
+        except (TransactionAborted, CircuitOpen) as err:
             record.outcome, record.detail = ABORTED, err.message[:120]
         except (OutcomeUnknown, TwopcError) as err:
             # Before the commit was sent, nothing can commit it: the coordinator rolls it back.

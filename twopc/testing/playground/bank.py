@@ -18,7 +18,7 @@ from typing import Protocol
 import pymysql
 
 from twopc.client import Client, OutcomeUnknown, TransactionAborted
-from twopc.errors import TwopcError
+from twopc.errors import CircuitOpen, TwopcError
 from twopc.txid import txid_for_request
 
 INITIAL_BALANCE = 1000
@@ -141,6 +141,8 @@ class TransferWorkload:
             self._client.run(work, timeout=timeout, request_id=transfer.request_id)
             transfer.outcome = COMMITTED
         except TransactionAborted as err:
+            transfer.outcome, transfer.detail = ABORTED, err.message
+        except CircuitOpen as err:  # refused before anything began: nothing of it ran
             transfer.outcome, transfer.detail = ABORTED, err.message
         except OutcomeUnknown as err:
             transfer.outcome, transfer.detail = UNKNOWN, err.message

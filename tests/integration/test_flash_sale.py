@@ -68,7 +68,7 @@ def test_every_mode_sells_out_without_oversell_loss_or_double(tmp_path: Path) ->
     command = [
         sys.executable, "-m", "twopc.cli", "flash-sale",
         "--buyers", "8", "--stock", str(STOCK), "--wallets", "40", "--duration", "25",
-        "--dir", str(tmp_path / "sale"), "--out", str(out),
+        "--after-s", "0.5", "--dir", str(tmp_path / "sale"), "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(
         command,

@@ -31,9 +31,16 @@ def plot(results: Sequence[Any], path: Path) -> bool:
         axis.tick_params(axis="x", labelrotation=20)
     if outage:
         for r in outage:
-            times = [t for t, _ in r.timeline]
-            orders = [n for _, n in r.timeline]
-            axes[2].plot(times, orders, label=r.mode)
+            times = [t for t, _, _ in r.timeline]
+            (line,) = axes[2].plot(times, [n for _, _, n in r.timeline], label=r.mode)
+            if r.mode == "mq-outbox":  # sold in the stock region, not yet in the wallet's
+                axes[2].plot(
+                    times,
+                    [sold for _, sold, _ in r.timeline],
+                    linestyle="--",
+                    color=line.get_color(),
+                    label="mq-outbox: sold (stock region)",
+                )
         axes[2].set_title("outage run: orders in the wallet region")
         axes[2].set_xlabel("s")
         axes[2].legend()

@@ -119,7 +119,8 @@ class ModeResult:
     time_wait: tuple[int, int] = (0, 0)  # TIME_WAIT sockets at the start and the end
     cpu: dict[str, float] = field(default_factory=dict)  # process -> cores used on average
     bound: dict[str, str] = field(default_factory=dict)  # process -> "CPU" | "I/O"
-    timeline: list[tuple[float, int]] = field(default_factory=list)  # (s, orders so far)
+    # (s, units sold in the stock region, orders in the wallet region), sampled
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -211,7 +212,7 @@ class _Sale:
                         )
                         orders = _scalar(wallets, "SELECT COUNT(DISTINCT buy_id) FROM sale_orders")
                         worst = max(worst, sold - orders)
-                        self.result.timeline.append((round(self.elapsed(), 2), orders))
+                        self.result.timeline.append((round(self.elapsed(), 2), sold, orders))
                 except pymysql.MySQLError:
                     stack.close()  # a region down (the outage run): look again later
                     self._stop.wait(_SAMPLE_S)

@@ -52,7 +52,11 @@ def test_bounded_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert report["operations"]["committed"] > 100
     assert sum(report["faults_by_kind"].values()) == report["faults_planned"] >= 8
     killed = {f["target"].split("-")[0] for f in report["faults"] if f["kind"] == "kill"}
-    assert killed == {"coordinator", "agent", "mariadb"}, "every component kind was killed"
+    assert killed == {"coordinator", "agent", "mariadb", "relay", "rabbitmq"}, "every kind killed"
+    names = {v["name"].split()[0] for v in report["invariants"]}
+    assert {"I8", "I9"} <= names, "the outbox's invariants were checked"
+    assert report["outbox"]["committed"] > 5, "transactions published through the outbox"
+    assert report["outbox"]["messages_committed"] > 5
     assert {"cut", "latency"} <= set(report["faults_by_kind"]), "links were cut and slowed"
     assert report["quiescence_after_last_heal_s"] < 30
     assert (directory / "chaos-timeline.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -100,6 +104,7 @@ def test_an_interrupted_chaos_run_leaves_no_process_behind(tmp_path: Path) -> No
             f"--seed={SEED}",
             "--mean-gap=0.5",  # faults, restarts among them, all the time
             "--workers=4",
+            "--no-outbox",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -143,6 +148,7 @@ def test_bounded_chaos_run_of_a_coordinator_group_keeps_every_invariant(tmp_path
             "--faults=kill,stop,cut,slow_clock",
             "--mean-gap=2.5",
             "--workers=6",
+            "--no-outbox",  # the single coordinator's run covers the outbox
         ],
         capture_output=True,
         text=True,

@@ -19,9 +19,11 @@ and the relay reconnects after ``retry_ms``; SIGTERM stops it after the pass und
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +34,20 @@ import pika
 import pika.exceptions
 import pymysql
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from twopc.logs import configure_logging
 from twopc.outbox import OUTBOX_TABLE
 from twopc.settings import load_settings
 
-__all__ = ["ENV_PREFIX", "OutboxRelay", "RelayConfig", "load_relay_config", "main"]
+__all__ = [
+    "ENV_PREFIX",
+    "OutboxRelay",
+    "RelayConfig",
+    "RelayMetrics",
+    "load_relay_config",
+    "main",
+]
 
 ENV_PREFIX = "TWOPC_RELAY_"
 _log = structlog.get_logger("twopc.relay")
@@ -61,6 +71,8 @@ class RelayConfig:
     retry_ms: int = 200
     timeout_s: float = 5.0
     log_level: str = "info"
+    # Prometheus metrics on http://<metrics_listen>/metrics, loopback only ("": none).
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         if not self.mysql_database:
@@ -69,6 +81,13 @@ class RelayConfig:
             raise ValueError(f"batch must be 1 to 10000, not {self.batch}")
         if self.poll_ms < 1 or self.retry_ms < 1 or self.timeout_s <= 0:
             raise ValueError("poll_ms, retry_ms and timeout_s must be positive")
+        if self.metrics_listen:
+            host, _ = _metrics_address(self.metrics_listen)
+            if not _is_loopback(host):
+                raise ValueError(
+                    f"metrics_listen {self.metrics_listen!r}: the relay serves metrics on "
+                    "loopback only (plain HTTP); scrape it from the same host"
+                )
 
     @property
     def broker(self) -> str:
@@ -81,10 +100,42 @@ def load_relay_config(path: Path | None, environ: Mapping[str, str] = os.environ
     return load_settings(RelayConfig, path, environ, ENV_PREFIX)
 
 
+class RelayMetrics:
+    """The relay's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.published = Counter(
+            "twopc_relay_published", "Outbox rows published and confirmed", registry=self.registry
+        )
+        self.errors = Counter(
+            "twopc_relay_errors",
+            "Passes that failed, by what failed: database or broker",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.last_batch = Gauge(
+            "twopc_relay_last_batch_rows",
+            "Rows the last pass read (batch: a backlog at least that long)",
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "twopc_relay_batch_seconds",
+            "A pass that found rows: read, publish with confirms, delete",
+            registry=self.registry,
+        )
+
+
 class OutboxRelay:
-    def __init__(self, config: RelayConfig, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        stop: threading.Event | None = None,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
         self._config = config
         self._stop = stop or threading.Event()
+        self._metrics = metrics or RelayMetrics()
         self._db: Any = None
         self._connection: Any = None
         self._channel: Any = None
@@ -101,10 +152,12 @@ class OutboxRelay:
                 if not self.relay_once():
                     self._stop.wait(self._config.poll_ms / 1000)
             except pymysql.MySQLError as err:
+                self._metrics.errors.labels("database").inc()
                 _log.warning("relay_database_error", error=f"{type(err).__name__}: {err}")
                 self._close_db()
                 self._stop.wait(self._config.retry_ms / 1000)
             except (pika.exceptions.AMQPError, OSError) as err:
+                self._metrics.errors.labels("broker").inc()
                 _log.warning(
                     "relay_broker_error", error=type(err).__name__, broker=self._config.broker
                 )
@@ -116,6 +169,7 @@ class OutboxRelay:
 
     def relay_once(self) -> bool:
         """One pass: publish up to ``batch`` committed rows, delete them. False: none."""
+        started = time.monotonic()
         db = self._database()
         with db.cursor() as cursor:
             cursor.execute(
@@ -124,6 +178,7 @@ class OutboxRelay:
                 [self._config.batch],
             )
             rows: Sequence[tuple[Any, ...]] = cursor.fetchall()
+        self._metrics.last_batch.set(len(rows))
         if not rows:
             return False
         channel = self._broker()
@@ -146,6 +201,8 @@ class OutboxRelay:
         with db.cursor() as cursor:
             cursor.execute(f"DELETE FROM {OUTBOX_TABLE} WHERE id IN %s", [[row[0] for row in rows]])
         self.published += len(rows)
+        self._metrics.published.inc(len(rows))
+        self._metrics.batch_seconds.observe(time.monotonic() - started)
         _log.debug("relay_batch", published=len(rows))
         return True
 
@@ -193,8 +250,34 @@ class OutboxRelay:
 def main(config_path: Path | None) -> int:
     config = load_relay_config(config_path)
     configure_logging(config.log_level)
-    relay = OutboxRelay(config)
+    metrics = RelayMetrics()
+    server = None
+    if config.metrics_listen:
+        host, port = _metrics_address(config.metrics_listen)
+        server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+        _log.info("relay_metrics_listening", address=f"{host}:{server.server_address[1]}")
+    relay = OutboxRelay(config, metrics=metrics)
     signal.signal(signal.SIGTERM, lambda *_: relay.stop())
     signal.signal(signal.SIGINT, lambda *_: relay.stop())
-    relay.run()
+    try:
+        relay.run()
+    finally:
+        if server is not None:
+            server.shutdown()
     return 0
+
+
+def _metrics_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics_listen {address!r} must be host:port (port 0: any free one)")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

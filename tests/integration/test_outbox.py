@@ -11,10 +11,12 @@ yet committed is not delivered before the commit; a consumer that applies delive
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from twopc.client import Client
 from twopc.errors import InvalidArgument, StatementFailed, TransactionAborted
 from twopc.outbox import INBOX_DDL, OUTBOX_DDL, first_delivery
 from twopc.testing.playground.cluster import DATABASE, Cluster, wait_until
+from twopc.testing.playground.ports import free_port
 from twopc.testing.playground.rabbitmq import RabbitMQInstance
 
 QUEUE = "test-orders"
@@ -69,10 +72,12 @@ def outbox(live_cluster: Cluster, rabbitmq: RabbitMQInstance) -> None:
 class Relay:
     def __init__(self, cluster: Cluster, rabbitmq: RabbitMQInstance, directory: Path) -> None:
         host, port = cluster.component("mariadb-eu").address.rsplit(":", 1)
+        self.metrics = f"127.0.0.1:{free_port()}"
         self.config = directory / "relay.toml"
         self.config.write_text(
             f'mysql_host = "{host}"\nmysql_port = {port}\nmysql_user = "{RELAY_USER}"\n'
             f'mysql_database = "{DATABASE}"\npoll_ms = 5\nretry_ms = 50\nlog_level = "debug"\n'
+            f'metrics_listen = "{self.metrics}"\n'
         )
         self.env = {
             **os.environ,
@@ -92,6 +97,12 @@ class Relay:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def published(self) -> float:
+        """``twopc_relay_published_total`` of the running relay, from its metrics endpoint."""
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        return float(re.search(r"^twopc_relay_published_total (\S+)$", text, re.M)[1])  # type: ignore[index]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.process is not None
@@ -186,6 +197,7 @@ def test_messages_leave_exactly_when_their_transaction_commits(
                 committed |= ids
         consumer.drain(committed)
         wait_until(lambda: outbox_rows(live_cluster) == 0, 10.0, "the outbox emptied")
+        assert relay.published() > 0  # the restarted relay published what piled up meanwhile
     consumer.close()
     delivered = set(consumer.delivered)
     assert delivered == committed  # every committed message, no other

@@ -11,6 +11,8 @@ import pytest
 
 from coordinator.config import load_coordinator_config
 from participants.config import AgentConfig, load_agent_config
+from participants.relay import load_relay_config
+from twopc.errors import InvalidArgument
 from twopc.observability import is_loopback
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
@@ -96,12 +98,40 @@ def test_the_database_check_settings_are_checked(settings: dict[str, object], me
 
 COORDINATOR_EXAMPLES = sorted(EXAMPLES.glob("coordinator*.toml"))
 AGENT_EXAMPLES = sorted(EXAMPLES.glob("agent-*.toml"))
+RELAY_EXAMPLE = EXAMPLES / "relay.toml"
 
 
 def test_every_example_is_a_coordinator_or_an_agent_configuration() -> None:
     assert COORDINATOR_EXAMPLES
     assert len(AGENT_EXAMPLES) >= 2
-    assert set(EXAMPLES.glob("*.toml")) == {*COORDINATOR_EXAMPLES, *AGENT_EXAMPLES}
+    assert set(EXAMPLES.glob("*.toml")) == {*COORDINATOR_EXAMPLES, *AGENT_EXAMPLES, RELAY_EXAMPLE}
+
+
+def test_the_relay_example_loads_with_its_secrets_from_the_environment() -> None:
+    environ = {
+        "TWOPC_RELAY_MYSQL_PASSWORD": "s3cret",
+        "TWOPC_RELAY_AMQP_URL": "amqp://u:p@mq:5672/",
+    }
+    config = load_relay_config(RELAY_EXAMPLE, environ=environ)
+    assert (config.mysql_user, config.mysql_password) == ("twopc_relay", "s3cret")
+    assert config.broker == "mq:5672"  # what its logs name: never the URL with its password
+    assert "password" not in RELAY_EXAMPLE.read_text().split("#")[0]
+    host = config.metrics_listen.rsplit(":", 1)[0]
+    assert host == "127.0.0.1", "the relay serves metrics on loopback only"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({}, "mysql_database"),
+        ({"mysql_database": "shop", "batch": "0"}, "batch"),
+        ({"mysql_database": "shop", "metrics_listen": "0.0.0.0:9465"}, "loopback only"),
+    ],
+)
+def test_the_relay_settings_are_checked(settings: dict[str, str], message: str) -> None:
+    environ = {f"TWOPC_RELAY_{k.upper()}": v for k, v in settings.items()}
+    with pytest.raises(InvalidArgument, match=message):
+        load_relay_config(None, environ=environ)
 
 
 def _host(address: str) -> str:
@@ -168,6 +198,7 @@ def test_there_is_a_unit_per_daemon() -> None:
         "twopc-agent@.service",
         "twopc-coordinator-member@.service",
         "twopc-coordinator.service",
+        "twopc-relay.service",
     ]
 
 
@@ -176,7 +207,7 @@ def test_a_unit_runs_its_daemon_hardened(unit: Path) -> None:
     service = _service_section(unit)
     for key, value in HARDENING.items():
         assert service.get(key) == value, f"{unit.name}: {key}={service.get(key)!r}"
-    daemon = "coordinator" if "coordinator" in unit.name else "agent"
+    daemon = next(d for d in ("coordinator", "agent", "relay") if d in unit.name)
     assert service["ExecStart"].startswith(f"/opt/twopc/.venv/bin/twopc {daemon} --config ")
 
 

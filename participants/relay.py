@@ -141,6 +141,7 @@ class OutboxRelay:
         self._channel: Any = None
         self._declared: set[str] = set()
         self.published = 0
+        self.errors = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,11 +153,13 @@ class OutboxRelay:
                 if not self.relay_once():
                     self._stop.wait(self._config.poll_ms / 1000)
             except pymysql.MySQLError as err:
+                self.errors += 1
                 self._metrics.errors.labels("database").inc()
                 _log.warning("relay_database_error", error=f"{type(err).__name__}: {err}")
                 self._close_db()
                 self._stop.wait(self._config.retry_ms / 1000)
             except (pika.exceptions.AMQPError, OSError) as err:
+                self.errors += 1
                 self._metrics.errors.labels("broker").inc()
                 _log.warning(
                     "relay_broker_error", error=type(err).__name__, broker=self._config.broker

@@ -130,8 +130,12 @@ def test_first_transaction_after_a_database_restart_commits(
     connection straight into its batch (no XA START round trip to find it dead first): the
     pool must see a closed connection before using it, so no transaction pays for it."""
 
-    def transfer(account: int) -> None:
-        client.run({"eu": transfer_sql(-1, account), "us": transfer_sql(1, account)}, timeout=5)
+    def transfer(account: int) -> None:  # through phase 2: the total is read afterwards
+        client.run(
+            {"eu": transfer_sql(-1, account), "us": transfer_sql(1, account)},
+            timeout=5,
+            wait_for_phase2=True,
+        )
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # eight idle connections in each pool
         list(pool.map(transfer, range(1, 9)))

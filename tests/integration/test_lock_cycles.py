@@ -63,7 +63,9 @@ def cycle_of_transfers(client: Client) -> list[tuple[Any, float]]:
     }
     with ThreadPoolExecutor(2) as pool:
         futures: list[Future[tuple[Any, float]]] = [
-            pool.submit(timed, lambda work=work: client.run(work, timeout=20)) for work in (t1, t2)
+            # Through phase 2: the tests read the balances afterwards.
+            pool.submit(timed, lambda work=work: client.run(work, timeout=20, wait_for_phase2=True))
+            for work in (t1, t2)
         ]
         return [f.result() for f in futures]
 

@@ -197,7 +197,10 @@ def test_failing_statement_inside_a_one_shot_is_named_and_undoes_the_ones_before
     assert balance(live_cluster, "eu", 8) == 1000
     assert balance(live_cluster, "eu", 9) == 1000
     assert balance(live_cluster, "us", 8) == 1000
-    client.run({"eu": transfer_sql(1, 8), "us": transfer_sql(-1, 8)}, timeout=2)
+    # Read once phase 2 is through: the answer comes when the decision is durable.
+    client.run(
+        {"eu": transfer_sql(1, 8), "us": transfer_sql(-1, 8)}, timeout=2, wait_for_phase2=True
+    )
     assert balance(live_cluster, "eu", 8) == 1001
 
 

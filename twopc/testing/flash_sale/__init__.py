@@ -11,10 +11,12 @@ second. The same sale runs, on the same data reset between runs, as:
   can still get a unit; they run the pessimistic transaction; a transaction that does not commit
   gives its unit back. The database stays the truth: a Redis restart mid-sale (the runner does
   one) empties the gate, which is re-seeded from the database;
-- ``mq-outbox``: no distributed transaction. The stock region commits the unit and an outbox row
-  locally; a relay publishes outbox rows to RabbitMQ with publisher confirms; a consumer in the
-  wallet region applies each order once (an inbox table keyed by the message id).
+- ``mq-outbox``: no distributed transaction. The stock region commits the unit and a row of
+  twopc's outbox table locally; twopc's relay (``participants.relay``) publishes committed rows
+  to RabbitMQ with publisher confirms; a consumer in the wallet region applies each order once
+  (``twopc.outbox.first_delivery``: an inbox row keyed by the message id).
 
 Modules: ``shop`` (schema, reset, the facts read back), ``gate`` (the Redis gate), ``outbox``
-(relay and consumer), ``modes`` (a buyer's attempt in each mode), ``runner`` (the command).
+(the consumer), ``modes`` (a buyer's attempt in each mode), ``machine`` (TIME_WAIT, CPU per
+process), ``runner`` (the command), ``plot`` (its picture).
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -20,10 +21,20 @@ import pymysql
 
 from twopc.client import Client
 from twopc.errors import OutcomeUnknown, StatementFailed, TwopcError
+from twopc.outbox import OUTBOX_TABLE
 from twopc.testing.flash_sale.gate import GateDown, StockGate
 from twopc.testing.flash_sale.shop import SKU, Shop
 
-__all__ = ["MODES", "Mode", "Outcome", "gated", "optimistic", "pessimistic", "queued"]
+__all__ = [
+    "MODES",
+    "ORDERS_QUEUE",
+    "Mode",
+    "Outcome",
+    "gated",
+    "optimistic",
+    "pessimistic",
+    "queued",
+]
 
 
 class Outcome(enum.Enum):
@@ -44,6 +55,7 @@ class Mode(enum.Enum):
 MODES = tuple(mode.value for mode in Mode)
 Buy = Callable[[str, int], Outcome]
 _OPTIMISTIC_RETRIES = 10
+ORDERS_QUEUE = "orders"
 _READ_VERSION = "SELECT qty, version FROM sale_stock WHERE sku = %s"
 
 
@@ -169,7 +181,8 @@ def gated(client: Client, shop: Shop, timeout: float, gate: StockGate) -> Buy:
 
 
 def queued(shop: Shop, connect_stock: Callable[[], Any]) -> Buy:
-    """A local transaction in the stock region: the unit and an outbox row, or nothing."""
+    """A local transaction in the stock region: the unit and a row of twopc's outbox table (the
+    order, for the wallet region), or nothing."""
     local = threading.local()
 
     def buy(buy_id: str, buyer: int) -> Outcome:
@@ -187,9 +200,11 @@ def queued(shop: Shop, connect_stock: Callable[[], Any]) -> Buy:
                 if not took:
                     conn.rollback()
                     return Outcome.SOLD_OUT
+                order = json.dumps({"buyer": buyer, "created_ms": _now_ms()}).encode()
                 cursor.execute(
-                    "INSERT INTO sale_outbox (msg_id, buyer, created_ms) VALUES (%s, %s, %s)",
-                    [buy_id, buyer, _now_ms()],
+                    f"INSERT INTO {OUTBOX_TABLE} (message_id, queue, msg_key, body, created_ms) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    [buy_id, ORDERS_QUEUE, str(buyer), order, _now_ms()],
                 )
             committing = True
             conn.commit()

@@ -1,16 +1,12 @@
-"""The queue mode's relay and consumer: a transactional outbox carried over RabbitMQ.
+"""The queue mode's consumer: the orders, from RabbitMQ into the wallet region.
 
-- The **relay** reads unsent outbox rows of the stock region in id order, publishes each to the
-  ``orders`` queue as a persistent message whose ``message_id`` is the row's ``msg_id``, waits
-  for the broker's confirms, then marks the rows sent. A crash between the confirm and the mark
-  publishes those rows again: delivery is at least once.
-- The **consumer** applies messages to the wallet region in batches, each batch in one local
-  transaction: a message whose ``msg_id`` the inbox table already holds is skipped, so each
-  order is applied exactly once; the batch is acknowledged after its COMMIT. A database that is
-  down leaves the batch unacknowledged and tried again.
-
-Both run in threads of the flash-sale process and stop when told. Each keeps counters of what it
-did (published, applied, skipped duplicates, errors).
+The stock region's side is twopc's own: each purchase commits a row of ``twopc_outbox`` with its
+unit, and ``participants.relay.OutboxRelay`` (what ``twopc relay`` runs) publishes committed rows
+with publisher confirms, then deletes them. This consumer applies deliveries in batches, each
+batch in one local transaction of the wallet region: a delivery whose message id
+``twopc.outbox.first_delivery`` has seen is skipped, so each order is applied once; the batch is
+acknowledged after its COMMIT. A database that is down leaves the batch unacknowledged and tried
+again. It runs in a thread of the flash-sale process and stops when told.
 """
 
 from __future__ import annotations
@@ -26,110 +22,31 @@ import pika
 import pika.exceptions
 import pymysql
 
-__all__ = ["QUEUE", "Consumer", "Relay"]
+from twopc.outbox import first_delivery
 
-QUEUE = "orders"
+__all__ = ["Consumer"]
+
 _BATCH = 200
-_IDLE_S = 0.005
 _RETRY_S = 0.1
-Connect = Callable[[], Any]  # a new pymysql connection to one region's database
+Connect = Callable[[], Any]  # a new pymysql connection to the wallet region's database
 
 
-def _channel(amqp_url: str) -> tuple[Any, Any]:
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    channel = connection.channel()
-    channel.queue_declare(QUEUE, durable=True)
-    return connection, channel
-
-
-class _Worker(threading.Thread):
-    def __init__(self, name: str) -> None:
-        super().__init__(name=name, daemon=True)
+class Consumer(threading.Thread):
+    def __init__(self, connect_wallets: Connect, amqp_url: str, queue: str, price: int) -> None:
+        super().__init__(name="outbox-consumer", daemon=True)
+        self._connect = connect_wallets
+        self._amqp_url = amqp_url
+        self._queue = queue
+        self._price = price
         self._stop_asked = threading.Event()
+        self.applied = 0
+        self.duplicates = 0
+        self.refused = 0  # a wallet that could not pay: the order needs a compensation
         self.errors = 0
-        self.last_error = ""
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop_asked.set()
         self.join(timeout)
-
-    def _failed(self, err: BaseException) -> None:
-        self.errors += 1
-        self.last_error = f"{type(err).__name__}: {err}"
-        self._stop_asked.wait(_RETRY_S)
-
-
-class Relay(_Worker):
-    def __init__(self, connect_stock: Connect, amqp_url: str) -> None:
-        super().__init__("outbox-relay")
-        self._connect = connect_stock
-        self._amqp_url = amqp_url
-        self.published = 0
-
-    def run(self) -> None:
-        db: Any = None
-        amqp: tuple[Any, Any] | None = None
-        while not self._stop_asked.is_set():
-            try:
-                if db is None:
-                    db = self._connect()
-                if amqp is None:
-                    amqp = _channel(self._amqp_url)
-                    amqp[1].confirm_delivery()
-                if not self._relay_once(db, amqp[1]):
-                    self._stop_asked.wait(_IDLE_S)
-            except (pymysql.MySQLError, OSError) as err:
-                _closed(db)
-                db = None
-                self._failed(err)
-            except pika.exceptions.AMQPError as err:
-                _closed_amqp(amqp)
-                amqp = None
-                self._failed(err)
-        _closed(db)
-        _closed_amqp(amqp)
-
-    def _relay_once(self, db: Any, channel: Any) -> bool:
-        with db.cursor() as cursor:
-            cursor.execute(
-                "SELECT msg_id, buyer, created_ms FROM sale_outbox WHERE sent_ms IS NULL "
-                "ORDER BY id LIMIT %s",
-                [_BATCH],
-            )
-            rows = cursor.fetchall()
-        db.commit()
-        if not rows:
-            return False
-        for msg_id, buyer, created_ms in rows:
-            body = json.dumps({"buyer": buyer, "created_ms": created_ms}).encode()
-            # With confirms on, basic_publish returns once the broker has the message
-            # (persistent, in a durable queue) and raises if it was refused.
-            channel.basic_publish(
-                "",
-                QUEUE,
-                body,
-                pika.BasicProperties(message_id=msg_id, delivery_mode=2),
-                mandatory=True,
-            )
-        with db.cursor() as cursor:
-            cursor.execute(
-                "UPDATE sale_outbox SET sent_ms = %s WHERE msg_id IN %s",
-                [int(time.time() * 1000), [row[0] for row in rows]],
-            )
-        db.commit()
-        self.published += len(rows)
-        return True
-
-
-class Consumer(_Worker):
-    def __init__(self, connect_wallets: Connect, amqp_url: str, price: int) -> None:
-        super().__init__("outbox-consumer")
-        self._connect = connect_wallets
-        self._amqp_url = amqp_url
-        self._price = price
-        self.applied = 0
-        self.duplicates = 0
-        self.refused = 0  # a wallet that could not pay: the order needs a compensation
 
     def run(self) -> None:
         db: Any = None
@@ -138,9 +55,11 @@ class Consumer(_Worker):
         while not self._stop_asked.is_set():
             try:
                 if amqp is None:
-                    amqp = _channel(self._amqp_url)
-                    amqp[1].basic_qos(prefetch_count=_BATCH)
-                    pending = []
+                    connection = pika.BlockingConnection(pika.URLParameters(self._amqp_url))
+                    channel = connection.channel()
+                    channel.queue_declare(self._queue, durable=True)
+                    channel.basic_qos(prefetch_count=_BATCH)
+                    amqp, pending = (connection, channel), []
                 if not pending:
                     pending = self._next_batch(amqp[1])
                 if not pending:
@@ -150,21 +69,24 @@ class Consumer(_Worker):
                 self._apply(db, pending)
                 amqp[1].basic_ack(pending[-1][0].delivery_tag, multiple=True)
                 pending = []
-            except (pymysql.MySQLError, OSError) as err:
+            except (pymysql.MySQLError, OSError):
                 _closed(db)
                 db = None
-                self._failed(err)  # the batch stays unacknowledged and is tried again
-            except pika.exceptions.AMQPError as err:
-                _closed_amqp(amqp)  # unacknowledged messages are delivered again
-                amqp = None
-                pending = []
-                self._failed(err)
+                self._failed()  # the batch stays unacknowledged and is tried again
+            except pika.exceptions.AMQPError:
+                _closed(amqp[0] if amqp else None)  # unacknowledged deliveries come again
+                amqp, pending = None, []
+                self._failed()
         _closed(db)
-        _closed_amqp(amqp)
+        _closed(amqp[0] if amqp else None)
+
+    def _failed(self) -> None:
+        self.errors += 1
+        self._stop_asked.wait(_RETRY_S)
 
     def _next_batch(self, channel: Any) -> list[tuple[Any, Any, bytes]]:
         batch = []
-        for method, properties, body in channel.consume(QUEUE, inactivity_timeout=0.05):
+        for method, properties, body in channel.consume(self._queue, inactivity_timeout=0.05):
             if method is None:
                 break
             batch.append((method, properties, body))
@@ -178,10 +100,8 @@ class Consumer(_Worker):
         try:
             with db.cursor() as cursor:
                 for _, properties, body in batch:
-                    msg_id = properties.message_id
-                    if not cursor.execute(
-                        "INSERT IGNORE INTO sale_inbox (msg_id) VALUES (%s)", [msg_id]
-                    ):
+                    message_id = properties.message_id
+                    if not first_delivery(cursor, message_id):
                         duplicates += 1
                         continue
                     order = json.loads(body)
@@ -196,25 +116,20 @@ class Consumer(_Worker):
                     cursor.execute(
                         "INSERT INTO sale_orders (buy_id, buyer, created_ms, applied_ms) "
                         "VALUES (%s, %s, %s, %s)",
-                        [msg_id, order["buyer"], order["created_ms"], now_ms],
+                        [message_id, order["buyer"], order["created_ms"], now_ms],
                     )
                     applied += 1
             db.commit()
         except BaseException:
-            db.rollback()
+            with contextlib.suppress(pymysql.MySQLError):
+                db.rollback()
             raise
         self.applied += applied
         self.duplicates += duplicates
         self.refused += refused
 
 
-def _closed(db: Any) -> None:
-    if db is not None:
+def _closed(connection: Any) -> None:
+    if connection is not None:
         with contextlib.suppress(Exception):  # a dead connection: nothing to close
-            db.close()
-
-
-def _closed_amqp(amqp: tuple[Any, Any] | None) -> None:
-    if amqp is not None:
-        with contextlib.suppress(Exception):  # a dead connection: nothing to close
-            amqp[0].close()
+            connection.close()

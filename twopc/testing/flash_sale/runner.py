@@ -42,12 +42,14 @@ from typing import Any
 import pika
 import pymysql
 
+from participants.relay import OutboxRelay, RelayConfig
 from twopc.client import Client, RetryPolicy
 from twopc.logs import configure_logging
 from twopc.testing.flash_sale.gate import StockGate
 from twopc.testing.flash_sale.machine import CpuMeter, bound, time_wait
 from twopc.testing.flash_sale.modes import (
     MODES,
+    ORDERS_QUEUE,
     Mode,
     Outcome,
     gated,
@@ -55,7 +57,7 @@ from twopc.testing.flash_sale.modes import (
     pessimistic,
     queued,
 )
-from twopc.testing.flash_sale.outbox import QUEUE, Consumer, Relay
+from twopc.testing.flash_sale.outbox import Consumer
 from twopc.testing.flash_sale.shop import SKU, Shop
 from twopc.testing.playground.cluster import DATABASE, Cluster
 from twopc.testing.playground.rabbitmq import RabbitMQInstance
@@ -225,7 +227,7 @@ class _Sale:
             deadline = time.monotonic() + _DRAIN_S
             while time.monotonic() < deadline:
                 facts = shop.facts()
-                if facts.distinct_orders >= facts.outbox:
+                if facts.distinct_orders >= facts.sold:
                     break
                 time.sleep(0.05)
         facts = shop.facts()
@@ -247,9 +249,8 @@ class _Sale:
         result.sold_out_p99_ms = _percentile(sold_out, 0.99)
         if sold_out_window > 0:
             result.sold_out_per_s = round(len(sold_out) / min(sold_out_window, self.after_s), 1)
-        sold = facts.outbox if self.mode is Mode.QUEUE else facts.sold
-        result.oversell = max(0, sold - self.stock) + max(0, -facts.stock_left)
-        result.lost = max(0, sold - facts.distinct_orders) + len(acknowledged - in_wallets)
+        result.oversell = max(0, facts.sold - self.stock) + max(0, -facts.stock_left)
+        result.lost = max(0, facts.sold - facts.distinct_orders) + len(acknowledged - in_wallets)
         result.doubled = facts.doubled
         result.unpaid_or_overpaid = abs(facts.paid - shop.price * facts.distinct_orders)
         if self.mode is Mode.QUEUE:
@@ -329,13 +330,30 @@ class _Environment:
         with self.connect(self.shop.stock_region) as conn:
             return _scalar(conn, "SELECT qty FROM sale_stock WHERE sku = %s", SKU)
 
+    def relay_config(self) -> RelayConfig:
+        """twopc's relay on the stock region's outbox, as root (a throwaway server)."""
+        host, port = self.cluster.component(f"mariadb-{self.shop.stock_region}").address.rsplit(
+            ":", 1
+        )
+        assert self.rabbitmq is not None
+        return RelayConfig(
+            mysql_host=host,
+            mysql_port=int(port),
+            mysql_user="root",
+            mysql_database=DATABASE,
+            amqp_url=self.rabbitmq.url,
+            poll_ms=5,
+            retry_ms=100,
+            timeout_s=3.0,
+        )
+
     def purge_queue(self) -> None:
         assert self.rabbitmq is not None
         connection = pika.BlockingConnection(pika.URLParameters(self.rabbitmq.url))
         try:
             channel = connection.channel()
-            channel.queue_declare(QUEUE, durable=True)
-            channel.queue_purge(QUEUE)
+            channel.queue_declare(ORDERS_QUEUE, durable=True)
+            channel.queue_purge(ORDERS_QUEUE)
         finally:
             connection.close()
 
@@ -348,17 +366,22 @@ def _run_mode(
 ) -> ModeResult:
     env.shop.reset(stock, wallet_balance=env.shop.price * 10**6)
     sale = _Sale(env, mode, run=run, stock=stock, duration=duration)
-    relay: Relay | None = None
+    relay: OutboxRelay | None = None
+    relaying: threading.Thread | None = None
     consumer: Consumer | None = None
     gate: StockGate | None = None
     if mode is Mode.QUEUE:
         env.purge_queue()
         assert env.rabbitmq is not None
-        relay = Relay(lambda: env.connection(env.shop.stock_region), env.rabbitmq.url)
+        relay = OutboxRelay(env.relay_config())
+        relaying = threading.Thread(target=relay.run, name="outbox-relay", daemon=True)
         consumer = Consumer(
-            lambda: env.connection(env.shop.wallet_region), env.rabbitmq.url, env.shop.price
+            lambda: env.connection(env.shop.wallet_region),
+            env.rabbitmq.url,
+            ORDERS_QUEUE,
+            env.shop.price,
         )
-        relay.start()
+        relaying.start()
         consumer.start()
         buy = queued(env.shop, lambda: env.connection(env.shop.stock_region))
     elif mode is Mode.GATE:
@@ -383,8 +406,9 @@ def _run_mode(
         sale.result.bound = {name: bound(name, share, CORES) for name, share in shares.items()}
         result = sale.finish(consumer)
     finally:
-        if relay is not None:
+        if relay is not None and relaying is not None:
             relay.stop()
+            relaying.join(10)
         if consumer is not None:
             consumer.stop()
         if gate is not None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twopc.outbox import INBOX_DDL, INBOX_TABLE, OUTBOX_DDL, OUTBOX_TABLE
 from twopc.testing.playground.cluster import Cluster
 
 __all__ = ["SKU", "Facts", "Shop"]
@@ -18,9 +19,7 @@ SKU = 1
 _SCHEMA_STOCK = (
     "CREATE TABLE IF NOT EXISTS sale_stock (sku INT PRIMARY KEY, qty BIGINT NOT NULL, "
     "version BIGINT NOT NULL, CONSTRAINT stock_left CHECK (qty >= 0)) ENGINE=InnoDB",
-    "CREATE TABLE IF NOT EXISTS sale_outbox (id BIGINT AUTO_INCREMENT PRIMARY KEY, "
-    "msg_id CHAR(32) NOT NULL UNIQUE, buyer INT NOT NULL, created_ms BIGINT NOT NULL, "
-    "sent_ms BIGINT NULL, KEY unsent (sent_ms, id)) ENGINE=InnoDB",
+    OUTBOX_DDL,  # the queue mode's outbox: twopc's own, read by twopc's relay
 )
 _SCHEMA_WALLETS = (
     "CREATE TABLE IF NOT EXISTS sale_wallets (id INT PRIMARY KEY, balance BIGINT NOT NULL, "
@@ -28,7 +27,7 @@ _SCHEMA_WALLETS = (
     "CREATE TABLE IF NOT EXISTS sale_orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, "
     "buy_id CHAR(32) NOT NULL, buyer INT NOT NULL, created_ms BIGINT NOT NULL, "
     "applied_ms BIGINT NOT NULL, KEY by_buy (buy_id)) ENGINE=InnoDB",
-    "CREATE TABLE IF NOT EXISTS sale_inbox (msg_id CHAR(32) PRIMARY KEY) ENGINE=InnoDB",
+    INBOX_DDL,  # the queue mode's consumer: each order applied once (first_delivery)
 )
 
 
@@ -38,7 +37,6 @@ class Facts:
 
     stock_left: int
     sold: int  # units gone from the stock row
-    outbox: int  # outbox rows (the queue mode's sales)
     orders: int  # order rows in the wallet region
     distinct_orders: int
     paid: int  # money gone from the wallets
@@ -70,13 +68,17 @@ class Shop:
             self.stock_region,
             [
                 "DELETE FROM sale_stock",
-                "TRUNCATE TABLE sale_outbox",
+                f"TRUNCATE TABLE {OUTBOX_TABLE}",
                 f"INSERT INTO sale_stock (sku, qty, version) VALUES ({SKU}, {stock}, 0)",
             ],
         )
         self._run(
             self.wallet_region,
-            ["DELETE FROM sale_wallets", "TRUNCATE TABLE sale_orders", "TRUNCATE TABLE sale_inbox"],
+            [
+                "DELETE FROM sale_wallets",
+                "TRUNCATE TABLE sale_orders",
+                f"TRUNCATE TABLE {INBOX_TABLE}",
+            ],
         )
         with self.cluster.mysql(self.wallet_region) as conn, conn.cursor() as cursor:
             cursor.executemany(
@@ -89,8 +91,6 @@ class Shop:
             cursor.execute("SELECT qty FROM sale_stock WHERE sku = %s", [SKU])
             row = cursor.fetchone()
             left = int(row[0]) if row else 0
-            cursor.execute("SELECT COUNT(*) FROM sale_outbox")
-            outbox = int(_row(cursor)[0])
         with self.cluster.mysql(self.wallet_region) as conn, conn.cursor() as cursor:
             cursor.execute("SELECT COUNT(*), COUNT(DISTINCT buy_id) FROM sale_orders")
             orders, distinct = (int(v) for v in _row(cursor))
@@ -99,7 +99,6 @@ class Shop:
         return Facts(
             stock_left=left,
             sold=self.initial_stock - left,
-            outbox=outbox,
             orders=orders,
             distinct_orders=distinct,
             paid=self.initial_wallet * self.wallets - balance,

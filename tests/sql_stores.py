@@ -120,6 +120,12 @@ def rows(url: str, query: str, **params: object) -> list[tuple[object, ...]]:
         engine.dispose()
 
 
+# The store ends a transaction idle for IDLE_IN_TRANSACTION_S (5 s); a test that holds a COMMIT
+# in the proxy while it waits for a condition may hold it longer on a loaded machine (a CI run
+# lost its held batch that way): the log or leases whose COMMIT it holds ask for this instead.
+HELD_COMMIT_IDLE_S = 120
+
+
 class CutProxy:
     """A TCP proxy on 127.0.0.1 in front of a store, run by threads.
 
@@ -234,6 +240,7 @@ def proxy_to(target_port: int) -> Iterator[CutProxy]:
 
 
 __all__ = [
+    "HELD_COMMIT_IDLE_S",
     "KINDS",
     "CutProxy",
     "Stores",

@@ -162,6 +162,7 @@ class SqlLeases:
         timeout_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         engine_options: Mapping[str, Any] | None = None,
+        idle_in_transaction_s: int | None = None,
     ) -> None:
         if not 0 <= margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {margin}")
@@ -173,7 +174,11 @@ class SqlLeases:
         self._clock = clock
         self._postgres = self._url.get_backend_name() == "postgresql"
         self._engine: Engine = store_engine(
-            self._url, timeout_s=timeout_s, engine_options=engine_options, poolclass=NullPool
+            self._url,
+            timeout_s=timeout_s,
+            engine_options=engine_options,
+            idle_in_transaction_s=idle_in_transaction_s,
+            poolclass=NullPool,
         )
         self._schema_ready = False
         # The store's "now" (UTC) and "now + :ms milliseconds", per dialect.

@@ -163,15 +163,25 @@ def shown(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def connect_args(*, postgres: bool, timeout_s: float, tls: bool = False) -> dict[str, Any]:
+def connect_args(
+    *,
+    postgres: bool,
+    timeout_s: float,
+    tls: bool = False,
+    idle_in_transaction_s: int | None = None,
+) -> dict[str, Any]:
     """The driver's connect arguments that bound each wait on the store by ``timeout_s``.
 
     On MariaDB/MySQL, TLS is what the URL asks for (``?ssl_ca=...``, ``tls``): without it the
     connection is plain. PyMySQL would otherwise try TLS "if the server offers it", without
     checking the server's certificate, and build a new SSL context with the system's CA bundle
     for every connection: 50-150 ms of CPU each on this machine, which made the lease renewals
-    and the takeover's look, a new connection each, the largest cost of a group member."""
+    and the takeover's look, a new connection each, the largest cost of a group member.
+
+    ``idle_in_transaction_s`` (default ``IDLE_IN_TRANSACTION_S``): the store ends a transaction
+    of these connections idle that long (tests that hold a COMMIT on its way ask for more)."""
     seconds = max(1, round(timeout_s))
+    idle = IDLE_IN_TRANSACTION_S if idle_in_transaction_s is None else idle_in_transaction_s
     if postgres:
         # libpq has no read timeout: unacknowledged data (tcp_user_timeout) and keepalives
         # find a dead peer; the writer's watchdog, a server that stalls.
@@ -182,7 +192,7 @@ def connect_args(*, postgres: bool, timeout_s: float, tls: bool = False) -> dict
             "keepalives_idle": seconds,
             "keepalives_interval": 1,
             "keepalives_count": 3,
-            "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S * 1000}",
+            "options": f"-c idle_in_transaction_session_timeout={idle * 1000}",
         }
     plain = {} if tls else {"ssl_disabled": True}
     return {
@@ -192,8 +202,7 @@ def connect_args(*, postgres: bool, timeout_s: float, tls: bool = False) -> dict
         "charset": "utf8mb4",
         # The limit is MariaDB's (inside /*M! */): MySQL, which has none, runs the rest alone.
         "init_command": (
-            "SET @twopc_store = 1"
-            f"/*M! , SESSION idle_transaction_timeout = {IDLE_IN_TRANSACTION_S} */"
+            f"SET @twopc_store = 1/*M! , SESSION idle_transaction_timeout = {idle} */"
         ),
         **plain,
     }
@@ -211,6 +220,7 @@ def store_engine(
     *,
     timeout_s: float,
     engine_options: Mapping[str, Any] | None = None,
+    idle_in_transaction_s: int | None = None,
     **pool: Any,
 ) -> Engine:
     """An engine for a store's own connections (leases, request claims): its driver's connect
@@ -219,7 +229,12 @@ def store_engine(
     postgres = url.get_backend_name() == "postgresql"
     return create_engine(
         url,
-        connect_args=connect_args(postgres=postgres, timeout_s=timeout_s, tls=asks_for_tls(url)),
+        connect_args=connect_args(
+            postgres=postgres,
+            timeout_s=timeout_s,
+            tls=asks_for_tls(url),
+            idle_in_transaction_s=idle_in_transaction_s,
+        ),
         **pool,
         **dict(engine_options or {}),
     )
@@ -285,9 +300,11 @@ class SqlDecisionLog:
         engine_options: Mapping[str, Any] | None = None,
         lease: Lease | None = None,
         on_fenced: Callable[[str], None] | None = None,
+        idle_in_transaction_s: int | None = None,
     ) -> None:
         if audit_keep < 1:
             raise ValueError(f"audit_keep must be at least 1, got {audit_keep}")
+        self._idle_in_transaction_s = idle_in_transaction_s
         self._url = store_url(url)
         if password is not None:
             self._url = self._url.set(password=password)
@@ -481,7 +498,10 @@ class SqlDecisionLog:
 
     def _connect_args(self) -> dict[str, Any]:
         return connect_args(
-            postgres=self._postgres, timeout_s=self._timeout_s, tls=asks_for_tls(self._url)
+            postgres=self._postgres,
+            timeout_s=self._timeout_s,
+            tls=asks_for_tls(self._url),
+            idle_in_transaction_s=self._idle_in_transaction_s,
         )
 
     def _read(self, conn: Connection) -> Replay:

@@ -18,7 +18,7 @@ import pymysql
 import pytest
 import sqlalchemy
 
-from tests.sql_stores import reachable_tmp_dir
+from tests.sql_stores import HELD_COMMIT_IDLE_S, reachable_tmp_dir
 from twopc.testing.playground.galera import GaleraCluster, GaleraNotInstalled
 
 DATABASE = "galera_test"
@@ -272,7 +272,12 @@ def test_a_batch_in_flight_on_one_node_loses_to_a_takeover_on_another(
         with proxy_to(cluster.node_ports(1).client) as proxy:
             a, b = SqlLeases(node1), SqlLeases(node2)
             lease = await a.acquire("held", "member-a", IN_FLIGHT_MS)
-            log = SqlDecisionLog(via(node1, proxy.port), coordinator_id="held", lease=lease)
+            log = SqlDecisionLog(
+                via(node1, proxy.port),
+                coordinator_id="held",
+                lease=lease,
+                idle_in_transaction_s=HELD_COMMIT_IDLE_S,
+            )
             await log.open()
             proxy.hold_commits = True
             written = asyncio.create_task(log.record_commit(commit("held", 1)))  # lease live

@@ -34,7 +34,16 @@ from coordinator.decision_log.sql_log import (
     connect_args,
     store_url,
 )
-from tests.sql_stores import KINDS, CutProxy, Stores, lock_waits, proxy_to, rows, via
+from tests.sql_stores import (
+    HELD_COMMIT_IDLE_S,
+    KINDS,
+    CutProxy,
+    Stores,
+    lock_waits,
+    proxy_to,
+    rows,
+    via,
+)
 
 T = TypeVar("T")
 SHORT_MS = 300  # a lease that expires within the test
@@ -132,7 +141,9 @@ def test_the_local_deadline_counts_from_the_send_not_from_the_answer(
     local deadline must still count from before the request was sent."""
 
     async def scenario() -> None:
-        leases = SqlLeases(via(url, proxy.port), margin=0.2)
+        leases = SqlLeases(
+            via(url, proxy.port), margin=0.2, idle_in_transaction_s=HELD_COMMIT_IDLE_S
+        )
         await leases.held()  # the schema check's COMMIT is not the one held
         before = time.monotonic()
         proxy.hold_commits = True
@@ -438,7 +449,12 @@ def test_a_batch_in_flight_commits_before_the_takeover_and_its_replay_has_it(
         a = SqlLeases(url)
         b = SqlLeases(url)
         lease = await a.acquire("c1", "member-a", IN_FLIGHT_MS)
-        log = SqlDecisionLog(via(url, proxy.port), coordinator_id="c1", lease=lease)
+        log = SqlDecisionLog(
+            via(url, proxy.port),
+            coordinator_id="c1",
+            lease=lease,
+            idle_in_transaction_s=HELD_COMMIT_IDLE_S,
+        )
         await log.open()
         proxy.hold_commits = True
         written = asyncio.create_task(log.record_commit(commit("c1", 1)))  # the lease is live
@@ -477,7 +493,7 @@ def test_a_takeover_in_flight_commits_before_the_batch_and_the_batch_fails_fence
 
     async def scenario() -> None:
         a = SqlLeases(url)
-        b = SqlLeases(via(url, proxy.port))
+        b = SqlLeases(via(url, proxy.port), idle_in_transaction_s=HELD_COMMIT_IDLE_S)
         lease = await a.acquire("c1", "member-a", SHORT_MS)
         log = SqlDecisionLog(url, coordinator_id="c1", lease=lease)
         await log.open()

@@ -276,6 +276,7 @@ def test_a_batch_in_flight_on_one_node_loses_to_a_takeover_on_another(
                 via(node1, proxy.port),
                 coordinator_id="held",
                 lease=lease,
+                timeout_s=HELD_COMMIT_IDLE_S,  # its COMMIT is held: no watchdog may end it
                 idle_in_transaction_s=HELD_COMMIT_IDLE_S,
             )
             await log.open()

@@ -453,6 +453,7 @@ def test_a_batch_in_flight_commits_before_the_takeover_and_its_replay_has_it(
             via(url, proxy.port),
             coordinator_id="c1",
             lease=lease,
+            timeout_s=HELD_COMMIT_IDLE_S,  # its COMMIT is held: no watchdog may end it
             idle_in_transaction_s=HELD_COMMIT_IDLE_S,
         )
         await log.open()
@@ -493,7 +494,11 @@ def test_a_takeover_in_flight_commits_before_the_batch_and_the_batch_fails_fence
 
     async def scenario() -> None:
         a = SqlLeases(url)
-        b = SqlLeases(via(url, proxy.port), idle_in_transaction_s=HELD_COMMIT_IDLE_S)
+        b = SqlLeases(  # its COMMIT is held: neither its client nor the store may give up
+            via(url, proxy.port),
+            timeout_s=HELD_COMMIT_IDLE_S,
+            idle_in_transaction_s=HELD_COMMIT_IDLE_S,
+        )
         lease = await a.acquire("c1", "member-a", SHORT_MS)
         log = SqlDecisionLog(url, coordinator_id="c1", lease=lease)
         await log.open()

@@ -288,9 +288,16 @@ class GaleraCluster:
         node.kill(signal.SIGKILL)
         node.wait_stopped(timeout)
 
-    def pause(self, i: int) -> None:
-        """SIGSTOP node ``i`` (``resume`` continues it; ``stop`` does too)."""
+    def pause(self, i: int, timeout: float = 10.0) -> None:
+        """SIGSTOP node ``i`` and waits until the kernel shows it stopped (a process of many
+        threads takes a moment to stop them all); ``resume`` continues it, ``stop`` does too."""
         self.node(i).kill(signal.SIGSTOP)
+        pid = self.pids.get(i)
+        deadline = time.monotonic() + timeout
+        while pid is not None and _state(pid) not in ("T", "t", ""):
+            if time.monotonic() > deadline:
+                raise PlaygroundError(f"node {i} (pid {pid}) did not stop within {timeout:g} s")
+            time.sleep(0.005)
 
     def resume(self, i: int) -> None:
         """SIGCONT node ``i``."""
@@ -520,3 +527,11 @@ def _read_from(path: Path, offset: int) -> bytes:
             return file.read()
     except OSError:
         return b""
+
+
+def _state(pid: int) -> str:
+    """The one-letter state of ``pid`` in /proc ("" when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return ""

@@ -119,6 +119,12 @@ class RelayMetrics:
             "Rows the last pass read (batch: a backlog at least that long)",
             registry=self.registry,
         )
+        self.refused = Gauge(
+            "twopc_relay_refused_rows",
+            "Outbox rows the broker refused (a reserved or forbidden queue): left in the table, "
+            "skipped until the relay restarts; an operator's to look at",
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "twopc_relay_batch_seconds",
             "A pass that found rows: read, publish with confirms, delete",
@@ -142,6 +148,7 @@ class OutboxRelay:
         self._declared: set[str] = set()
         self.published = 0
         self.errors = 0
+        self._refused: set[int] = set()  # rows the broker refused: skipped, left in the table
 
     def stop(self) -> None:
         self._stop.set()
@@ -174,9 +181,11 @@ class OutboxRelay:
         """One pass: publish up to ``batch`` committed rows, delete them. False: none."""
         started = time.monotonic()
         db = self._database()
+        refused = ", ".join(str(row_id) for row_id in sorted(self._refused))  # ints, not input
+        skip = f"WHERE id NOT IN ({refused}) " if refused else ""
         with db.cursor() as cursor:
             cursor.execute(
-                f"SELECT id, message_id, queue, msg_key, body FROM {OUTBOX_TABLE} "
+                f"SELECT id, message_id, queue, msg_key, body FROM {OUTBOX_TABLE} {skip}"
                 "ORDER BY id LIMIT %s",
                 [self._config.batch],
             )
@@ -184,30 +193,57 @@ class OutboxRelay:
         self._metrics.last_batch.set(len(rows))
         if not rows:
             return False
-        channel = self._broker()
-        for _, message_id, queue, key, body in rows:
-            if queue not in self._declared:
-                channel.queue_declare(queue, durable=True)
-                self._declared.add(queue)
-            channel.basic_publish(
-                "",
-                queue,
-                bytes(body),
-                pika.BasicProperties(
+        sent = []
+        for row_id, message_id, queue, key, body in rows:
+            try:
+                self._publish(message_id, queue, key, bytes(body))
+            except (
+                pika.exceptions.AMQPChannelError,
+                pika.exceptions.UnroutableError,
+                pika.exceptions.NackError,
+            ) as err:
+                # This message, not the broker: left in the table for an operator, skipped from
+                # now on, so that the rows behind it still go out.
+                self._refused.add(row_id)
+                self._metrics.refused.set(len(self._refused))
+                self._close_broker()  # the broker closed the channel
+                _log.error(
+                    "relay_row_refused",
                     message_id=message_id,
-                    delivery_mode=2,
-                    app_id="twopc-relay",
-                    headers={"twopc-key": key} if key is not None else None,
-                ),
-                mandatory=True,
-            )
-        with db.cursor() as cursor:
-            cursor.execute(f"DELETE FROM {OUTBOX_TABLE} WHERE id IN %s", [[row[0] for row in rows]])
-        self.published += len(rows)
-        self._metrics.published.inc(len(rows))
+                    queue=queue,
+                    error=type(err).__name__,
+                    refused_rows=len(self._refused),
+                )
+                continue
+            sent.append(row_id)
+        if sent:
+            with db.cursor() as cursor:
+                cursor.execute(f"DELETE FROM {OUTBOX_TABLE} WHERE id IN %s", [sent])
+        self.published += len(sent)
+        self._metrics.published.inc(len(sent))
         self._metrics.batch_seconds.observe(time.monotonic() - started)
         _log.debug("relay_batch", published=len(rows))
         return True
+
+    def _publish(self, message_id: str, queue: str, key: str | None, body: bytes) -> None:
+        channel = self._broker()
+        if queue not in self._declared:
+            channel.queue_declare(queue, durable=True)
+            self._declared.add(queue)
+        # With confirms on, this returns once the broker has the message, and raises when it
+        # refuses it (NackError) or cannot route it (UnroutableError).
+        channel.basic_publish(
+            "",
+            queue,
+            body,
+            pika.BasicProperties(
+                message_id=message_id,
+                delivery_mode=2,
+                app_id="twopc-relay",
+                headers={"twopc-key": key} if key is not None else None,
+            ),
+            mandatory=True,
+        )
 
     def _database(self) -> Any:
         if self._db is None:

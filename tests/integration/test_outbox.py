@@ -104,6 +104,13 @@ class Relay:
             text = answer.read().decode()
         return float(re.search(r"^twopc_relay_published_total (\S+)$", text, re.M)[1])  # type: ignore[index]
 
+    def refused(self) -> float:
+        """``twopc_relay_refused_rows`` of the running relay."""
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        found = re.search(r"^twopc_relay_refused_rows (\S+)$", text, re.M)
+        return float(found[1]) if found else 0.0
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.process is not None
         self.process.send_signal(sig)
@@ -238,6 +245,28 @@ def test_a_message_of_a_transaction_that_loses_its_vote_is_never_sent(
     assert lost not in consumer.delivered
 
 
+def test_a_row_the_broker_refuses_blocks_no_other(
+    live_cluster: Cluster, rabbitmq: RabbitMQInstance, relay: Relay, bank: int
+) -> None:
+    """A row written past the SDK (plain SQL in a branch) to a queue RabbitMQ reserves: the
+    broker closes the channel on it. The relay leaves it in the table, counts it, and the
+    messages committed after it still go out."""
+    with live_cluster.mysql("eu") as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO twopc_outbox (message_id, queue, body, created_ms) VALUES "
+            "('c1.poison.1', 'amq.reserved', 'x', 0)"
+        )
+    consumer = Consumer(live_cluster, rabbitmq)
+    with live_cluster.client(outbox="eu") as client, client.begin() as tx:
+        after = tx.publish(QUEUE, "after the refused one")
+    consumer.drain({after})
+    consumer.close()
+    wait_until(lambda: relay.refused() == 1, 10.0, "the refused row counted")
+    with live_cluster.mysql("eu") as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT message_id FROM twopc_outbox")
+        assert cursor.fetchall() == (("c1.poison.1",),)  # left for an operator, not lost
+
+
 def test_publish_refuses_what_it_cannot_send(live_cluster: Cluster, bank: int) -> None:
     with live_cluster.client() as client:
         tx = client.begin()
@@ -245,6 +274,8 @@ def test_publish_refuses_what_it_cannot_send(live_cluster: Cluster, bank: int) -
             tx.publish(QUEUE, "x")
         with pytest.raises(InvalidArgument, match="queue"):
             tx.publish("", "x", participant="eu")
+        with pytest.raises(InvalidArgument, match="RabbitMQ's own"):
+            tx.publish("amq.direct", "x", participant="eu")
         with pytest.raises(InvalidArgument, match="1,048,576"):
             tx.publish(QUEUE, b"x" * (1024 * 1024 + 1), participant="eu")
         tx.rollback()

@@ -56,6 +56,10 @@ def outbox_message(
             f"a message's queue must be a name of 1 to {MAX_NAME_CHARS} characters, "
             f"not {queue!r:.80}"
         )
+    if queue.startswith("amq."):
+        raise InvalidArgument(
+            f"queue {queue!r:.80}: names starting with 'amq.' are RabbitMQ's own; choose another"
+        )
     if key is not None and (not isinstance(key, str) or len(key) > MAX_NAME_CHARS):
         raise InvalidArgument(
             f"a message's key must be a str of at most {MAX_NAME_CHARS} characters"
